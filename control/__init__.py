@@ -1,0 +1,1 @@
+"""control: the KubeSpan control plane (config, identity, discovery, reconcile, routing)."""

@@ -1,0 +1,32 @@
+"""An affiliate: what one node tells the cluster about itself through discovery."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address, IPv4Network, IPv6Network
+
+IPAddress = IPv4Address | IPv6Address
+IPNetwork = IPv4Network | IPv6Network
+Address = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class KubeSpanInfo:
+    """The KubeSpan part of an affiliate (absent when the node runs without KubeSpan)."""
+
+    public_key: str  # WireGuard public key, base64
+    address: IPv6Address  # the node's KubeSpan ULA address
+    additional_addresses: tuple[IPNetwork, ...] = ()  # advertised networks (pod CIDRs)
+    endpoints: tuple[Address, ...] = ()  # candidate WireGuard endpoints (ip, port)
+
+
+@dataclass(frozen=True)
+class Affiliate:
+    node_id: str
+    hostname: str = ""
+    nodename: str = ""
+    machine_type: str = ""
+    operating_system: str = ""
+    addresses: tuple[IPAddress, ...] = ()
+    kubespan: KubeSpanInfo | None = None
+    control_plane_api_port: int | None = None
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
