@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(wireguard-go wireguard-tools iperf3 nftables tcpdump iproute2 libssl-dev
+APT_PACKAGES=(wireguard-go wireguard-tools iperf3 nftables tcpdump iproute2 iputils-ping netcat-openbsd libssl-dev
               python3-dev gcc)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
