@@ -1,0 +1,172 @@
+"""Peer state table, endpoint round robin and harvesting (pure, no I/O)."""
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, strategies as st
+
+from control.backends.base import PeerState
+from control.peerstate import (
+    ENDPOINT_CONNECTION_TIMEOUT,
+    PEER_DOWN_INTERVAL,
+    PeerStateName as S,
+    PeerStatus,
+    calculate_state,
+    harvest_endpoints,
+    pick_next_endpoint,
+    sync_statuses,
+)
+
+NOW = 1_700_000_000.0
+A, B, C = ("192.0.2.1", 51820), ("192.0.2.2", 51820), ("2001:db8::3", 51820)
+
+
+def test_constants_match_talos() -> None:
+    assert PEER_DOWN_INTERVAL == 275.0
+    assert ENDPOINT_CONNECTION_TIMEOUT == 15.0
+
+
+# (seconds since endpoint change or None=never, seconds since handshake or None=never,
+#  has endpoint, expected). Every region of the table and its edges.
+TABLE = [
+    # endpoint changed long ago (> 275 s): only handshake recency matters
+    (300, 10, True, S.UP),
+    (300, 274.9, True, S.UP),
+    (300, 275, True, S.DOWN),
+    (300, 400, True, S.DOWN),  # handshake before the change, and old
+    (300, None, True, S.DOWN),
+    (300, None, False, S.UNKNOWN),  # down without an endpoint is unknown
+    (300, 10, False, S.UP),
+    (None, None, False, S.UNKNOWN),  # brand-new peer, never configured
+    (None, None, True, S.DOWN),
+    (None, 100, True, S.UP),
+    (None, 100, False, S.UP),
+    # just changed (< 15 s): handshake after the change = up, else unknown
+    (0, None, True, S.UNKNOWN),
+    (5, 3, True, S.UP),
+    (5, 5, True, S.UNKNOWN),  # handshake at the very instant is not "after"
+    (5, 10, True, S.UNKNOWN),  # handshake before the change
+    (14.9, None, True, S.UNKNOWN),
+    (14.9, None, False, S.UNKNOWN),
+    # between 15 s and 275 s: handshake after the change = up, else down
+    (15, None, True, S.DOWN),
+    (15, 1, True, S.UP),
+    (100, 99, True, S.UP),
+    (100, 101, True, S.DOWN),  # recent handshake but before the change
+    (100, None, False, S.UNKNOWN),
+    (275, 274, True, S.UP),  # exactly 275 s is still the middle region
+    (275, 276, True, S.DOWN),
+    (275.1, 276, True, S.DOWN),
+    (275.1, 274, True, S.UP),
+]
+
+
+@pytest.mark.parametrize("since_change,since_hs,has_ep,expected", TABLE)
+def test_state_table(since_change, since_hs, has_ep, expected) -> None:
+    change = None if since_change is None else NOW - since_change
+    hs = None if since_hs is None else NOW - since_hs
+    assert calculate_state(NOW, hs, change, has_ep) is expected
+
+
+@given(
+    since_change=st.one_of(st.none(), st.floats(0, 10_000)),
+    since_hs=st.one_of(st.none(), st.floats(0, 10_000)),
+    has_ep=st.booleans(),
+)
+def test_state_properties(since_change, since_hs, has_ep) -> None:
+    change = None if since_change is None else NOW - since_change
+    hs = None if since_hs is None else NOW - since_hs
+    state = calculate_state(NOW, hs, change, has_ep)
+    hs_after = hs is not None and (change is None or hs > change)
+    # A handshake after the last endpoint change within the down interval is always up.
+    if hs_after and since_hs < PEER_DOWN_INTERVAL:
+        assert state is S.UP
+    # Unknown only while waiting on a fresh endpoint, or with no endpoint at all.
+    if state is S.UNKNOWN:
+        assert not has_ep or (since_change is not None and since_change < ENDPOINT_CONNECTION_TIMEOUT)
+    # Down never happens without an endpoint.
+    if not has_ep:
+        assert state is not S.DOWN
+    # No handshake ever is never up.
+    if hs is None:
+        assert state is not S.UP
+
+
+def test_pick_next_endpoint_round_robin() -> None:
+    cands = [A, B, C]
+    assert pick_next_endpoint(cands, None, None) == A
+    assert pick_next_endpoint(cands, A, A) == B
+    assert pick_next_endpoint(cands, B, B) == C
+    assert pick_next_endpoint(cands, C, C) == A  # wraps
+    assert pick_next_endpoint(cands, ("198.51.100.9", 1), None) == A  # vanished -> first
+    assert pick_next_endpoint([], A, A) is None
+    # single candidate in use: nowhere to go; but re-set if WireGuard lost/roamed it
+    assert pick_next_endpoint([A], A, A) is None
+    assert pick_next_endpoint([A], A, None) == A
+    assert pick_next_endpoint([A], A, B) == A
+    assert pick_next_endpoint([A], B, B) == A
+
+
+def test_status_cycles_endpoints_while_down() -> None:
+    st_ = PeerStatus(label="n2")
+    t = NOW
+    st_.update_from_wireguard(None)
+    assert st_.calculate_state(t) is S.UNKNOWN
+    ep, changed = st_.reconcile_endpoint([A, B], t)
+    assert (ep, changed) == (A, True)
+    assert st_.state is S.UNKNOWN and st_.last_endpoint_change == t
+
+    # WireGuard now has A, no handshake: unknown for 15 s, endpoint kept
+    st_.update_from_wireguard(PeerState(b"k" * 32, A, None, 0, 148))
+    assert st_.calculate_state(t + 10) is S.UNKNOWN
+    assert st_.reconcile_endpoint([A, B], t + 10) == (A, False)
+
+    # after 15 s with no handshake: down -> next candidate B
+    assert st_.calculate_state(t + 16) is S.DOWN
+    assert st_.reconcile_endpoint([A, B], t + 16) == (B, True)
+    assert st_.last_used_endpoint == B and st_.last_endpoint_change == t + 16
+
+    # handshake on B: up, nothing changes
+    st_.update_from_wireguard(PeerState(b"k" * 32, B, t + 18, 92, 148))
+    assert st_.calculate_state(t + 20) is S.UP
+    assert st_.reconcile_endpoint([A, B], t + 20) == (B, False)
+
+    # silence for > 275 s after the last handshake: down -> back to A
+    assert st_.calculate_state(t + 18 + 276) is S.DOWN
+    assert st_.reconcile_endpoint([A, B], t + 18 + 276) == (A, True)
+
+
+def test_status_leaves_roamed_endpoint_alone() -> None:
+    st_ = PeerStatus()
+    st_.reconcile_endpoint([A], NOW)
+    roamed = ("203.0.113.7", 40000)
+    st_.update_from_wireguard(PeerState(b"k" * 32, roamed, NOW + 1, 10, 10))
+    assert st_.calculate_state(NOW + 5) is S.UP
+    assert st_.reconcile_endpoint([A], NOW + 5) == (None, False)
+    assert st_.endpoint == roamed
+
+
+def test_status_no_candidates() -> None:
+    st_ = PeerStatus()
+    assert st_.calculate_state(NOW) is S.UNKNOWN
+    assert st_.reconcile_endpoint([], NOW) == (None, False)
+    assert st_.last_endpoint_change is None
+
+
+def test_harvest_only_up_peers_with_endpoint_and_affiliate() -> None:
+    up = PeerStatus(state=S.UP, endpoint=A)
+    down = PeerStatus(state=S.DOWN, endpoint=B)
+    no_ep = PeerStatus(state=S.UP, endpoint=None)
+    stray = PeerStatus(state=S.UP, endpoint=C)
+    got = harvest_endpoints(
+        {"k1": up, "k2": down, "k3": no_ep, "k4": stray},
+        {"k1": "node-1", "k2": "node-2", "k3": "node-3"},
+    )
+    assert {k: (v.affiliate_id, v.endpoint) for k, v in got.items()} == {"k1": ("node-1", A)}
+
+
+def test_sync_statuses() -> None:
+    statuses = {"old": PeerStatus(), "keep": PeerStatus(state=S.UP)}
+    sync_statuses(statuses, ["keep", "new"], {"new": "node-new"})
+    assert set(statuses) == {"keep", "new"}
+    assert statuses["keep"].state is S.UP
+    assert statuses["new"].label == "node-new"
