@@ -1,0 +1,401 @@
+"""The discovery service: gRPC ``sidero.discovery.server.Cluster`` over a State.
+
+Embeddable two ways:
+- inside a running asyncio loop: ``port = await server.start_async(host, port)`` and
+  ``await server.stop_async()``;
+- from synchronous code (tests, CLI): ``port = server.start(host, port)`` runs the
+  service on its own loop in a background thread; ``server.stop()`` ends it.
+
+Everything that touches the State runs on the service's loop, so no locks are needed.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from ipaddress import IPv6Address, ip_address
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+from urllib.parse import unquote
+
+import grpc
+
+from control.discovery import metrics
+from control.discovery.proto import cluster_pb2 as pb
+from control.discovery.proto import cluster_pb2_grpc as pbg
+from control.discovery.ratelimit import IPRateLimiter
+from control.discovery.state import AffiliateView, Limits, LimitError, Notification, State
+
+log = logging.getLogger("control.discovery.server")
+T = TypeVar("T")
+
+
+@dataclass
+class ServerOptions:
+    redirect_endpoint: str = ""  # when set, Hello tells clients to go there
+    disable_client_ip: bool = False
+    trust_x_real_ip: bool = False  # behind a proxy that sets X-Real-IP
+    gc_interval: float = 60.0
+    snapshot_path: str | None = None  # None: no persistence
+    snapshot_interval: float = 600.0
+    tls_cert_file: str | None = None  # both set: TLS; else plain h2c
+    tls_key_file: str | None = None
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None  # None: no metrics endpoint; 0: any free port
+    rate: float = 15.0  # per client IP, requests per second
+    burst: int = 60
+    rate_max_wait: float = 10.0  # longest a rate-limited request is held back
+    limits: Limits = field(default_factory=Limits)
+    max_message_bytes: int = 64 * 1024  # far above any valid request
+    shutdown_grace: float = 1.0
+
+
+def peer_ip(peer: str) -> str | None:
+    """The IP in a gRPC peer string ('ipv4:1.2.3.4:5', 'ipv6:[::1]:5'); None for unix sockets."""
+    peer = unquote(peer)
+    for prefix in ("ipv4:", "ipv6:"):
+        if peer.startswith(prefix):
+            host = peer[len(prefix):].rsplit(":", 1)[0].strip("[]")
+            try:
+                addr = ip_address(host.split("%", 1)[0])
+            except ValueError:
+                return None
+            # A v4 client of a dual-stack listener shows up v4-mapped; report it as v4.
+            if isinstance(addr, IPv6Address) and addr.ipv4_mapped is not None:
+                addr = addr.ipv4_mapped
+            return str(addr)
+    return None
+
+
+def _to_pb(view: AffiliateView) -> pb.Affiliate:
+    return pb.Affiliate(id=view.id, data=view.data, endpoints=list(view.endpoints))
+
+
+def _watch_reply(note: Notification) -> pb.WatchResponse:
+    if note.affiliate is None:
+        return pb.WatchResponse(affiliates=[pb.Affiliate(id=note.affiliate_id)], deleted=True)
+    return pb.WatchResponse(affiliates=[_to_pb(note.affiliate)])
+
+
+def write_atomic(path: Path, blob: bytes) -> None:
+    """Replace ``path`` with ``blob`` so that a crash leaves the old or the new file, whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(blob)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+class _Abort(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _limit_status(err: LimitError) -> grpc.StatusCode:
+    return grpc.StatusCode.RESOURCE_EXHAUSTED if err.exhausted else grpc.StatusCode.INVALID_ARGUMENT
+
+
+class _ClusterService(pbg.ClusterServicer):
+    def __init__(self, owner: "DiscoveryServer") -> None:
+        self._o = owner
+
+    async def _unary(self, method: str, context: grpc.aio.ServicerContext, fn: Callable[[], T]) -> T:
+        code = grpc.StatusCode.OK
+        try:
+            await self._o._admit(context)
+            try:
+                return fn()
+            except LimitError as err:
+                raise _Abort(_limit_status(err), str(err)) from None
+        except _Abort as err:
+            code = err.code
+            await context.abort(err.code, str(err))
+            raise  # not reached: abort raises
+        finally:
+            self._o.requests.record(method, code.name)
+
+    async def Hello(self, request: pb.HelloRequest, context: grpc.aio.ServicerContext) -> pb.HelloResponse:
+        def handle() -> pb.HelloResponse:
+            self._o.state.check_cluster_id(request.cluster_id)
+            resp = pb.HelloResponse()
+            ip = None if self._o.options.disable_client_ip else self._o._client_ip(context)
+            if ip is not None:
+                resp.client_ip = ip_address(ip).packed
+            if self._o.options.redirect_endpoint:
+                resp.redirect.endpoint = self._o.options.redirect_endpoint
+            return resp
+
+        return await self._unary("Hello", context, handle)
+
+    async def AffiliateUpdate(
+        self, request: pb.AffiliateUpdateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AffiliateUpdateResponse:
+        def handle() -> pb.AffiliateUpdateResponse:
+            ttl = request.ttl.seconds + request.ttl.nanos / 1e9
+            data = request.affiliate_data if request.HasField("affiliate_data") else None
+            self._o.state.update(
+                request.cluster_id, request.affiliate_id, data,
+                list(request.affiliate_endpoints), ttl, self._o.clock(),
+            )
+            return pb.AffiliateUpdateResponse()
+
+        return await self._unary("AffiliateUpdate", context, handle)
+
+    async def AffiliateDelete(
+        self, request: pb.AffiliateDeleteRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AffiliateDeleteResponse:
+        def handle() -> pb.AffiliateDeleteResponse:
+            self._o.state.delete(request.cluster_id, request.affiliate_id)
+            return pb.AffiliateDeleteResponse()
+
+        return await self._unary("AffiliateDelete", context, handle)
+
+    async def List(self, request: pb.ListRequest, context: grpc.aio.ServicerContext) -> pb.ListResponse:
+        def handle() -> pb.ListResponse:
+            return pb.ListResponse(affiliates=[_to_pb(v) for v in self._o.state.list(request.cluster_id)])
+
+        return await self._unary("List", context, handle)
+
+    async def Watch(self, request: pb.WatchRequest, context: grpc.aio.ServicerContext):  # type: ignore[override]
+        code = grpc.StatusCode.OK
+        wake = asyncio.Event()
+        sub = None
+        try:
+            await self._o._admit(context)
+            try:
+                snapshot, sub = self._o.state.subscribe(request.cluster_id, wake.set)
+            except LimitError as err:
+                raise _Abort(_limit_status(err), str(err)) from None
+            self._o._watch_wakers.add(wake.set)
+            yield pb.WatchResponse(affiliates=[_to_pb(v) for v in snapshot])
+            while not self._o._stopping:
+                while sub.queue:
+                    yield _watch_reply(sub.queue.popleft())
+                if sub.overflowed:
+                    raise _Abort(grpc.StatusCode.ABORTED, "subscription canceled: lost update")
+                wake.clear()
+                if not sub.queue and not sub.overflowed and not self._o._stopping:
+                    await wake.wait()
+        except _Abort as err:
+            code = err.code
+            await context.abort(err.code, str(err))
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            self._o._watch_wakers.discard(wake.set)
+            if sub is not None:
+                sub.close()
+            self._o.requests.record("Watch", code.name)
+
+
+class DiscoveryServer:
+    def __init__(self, options: ServerOptions | None = None, *, clock: Callable[[], float] = time.monotonic, **overrides: Any) -> None:
+        opts = options or ServerOptions()
+        for key, value in overrides.items():
+            if not hasattr(opts, key):
+                raise TypeError(f"unknown server option {key!r}")
+            setattr(opts, key, value)
+        self.options = opts
+        self.clock = clock
+        self.state = State(opts.limits)
+        self.limiter = IPRateLimiter(opts.rate, opts.burst)
+        self.requests = metrics.RequestCounters()
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._metrics_server: asyncio.AbstractServer | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._stopping = False
+        self._watch_wakers: set[Callable[[], None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- request admission ------------------------------------------------------------
+
+    def _client_ip(self, context: grpc.aio.ServicerContext) -> str | None:
+        if self.options.trust_x_real_ip:
+            for key, value in context.invocation_metadata() or ():
+                if key.lower() == "x-real-ip":
+                    try:
+                        return str(ip_address(value.strip()))
+                    except ValueError:
+                        break
+        return peer_ip(context.peer())
+
+    async def _admit(self, context: grpc.aio.ServicerContext) -> None:
+        ip = self._client_ip(context)
+        if ip is None:
+            return
+        remaining = context.time_remaining()
+        budget = self.options.rate_max_wait if remaining is None else min(remaining, self.options.rate_max_wait)
+        wait = self.limiter.reserve(ip, self.clock(), budget)
+        if wait is None:
+            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "rate limit exceeds request timeout")
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    # -- lifecycle (inside a loop) ----------------------------------------------------
+
+    async def start_async(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        self._loop = asyncio.get_running_loop()
+        self._restore()
+        o = self.options
+        server = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_receive_message_length", o.max_message_bytes),
+                # Talos clients ping every max(10 s, TTL/10); do not punish that.
+                ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
+                ("grpc.keepalive_permit_without_calls", 1),
+            ]
+        )
+        pbg.add_ClusterServicer_to_server(_ClusterService(self), server)
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if o.tls_cert_file and o.tls_key_file:
+            creds = grpc.ssl_server_credentials(
+                [(Path(o.tls_key_file).read_bytes(), Path(o.tls_cert_file).read_bytes())]
+            )
+            bound = server.add_secure_port(address, creds)
+        elif o.tls_cert_file or o.tls_key_file:
+            raise ValueError("TLS needs both a certificate and a key file")
+        else:
+            bound = server.add_insecure_port(address)
+        if not bound:
+            raise OSError(f"cannot listen on {address}")
+        await server.start()
+        self._server, self.port = server, bound
+        if o.metrics_port is not None:
+            self._metrics_server = await metrics.serve_metrics(
+                o.metrics_host, o.metrics_port, lambda: metrics.render(self.state, self.requests)
+            )
+            self.metrics_port = self._metrics_server.sockets[0].getsockname()[1]
+        self._tasks = [asyncio.create_task(self._gc_loop())]
+        if o.snapshot_path:
+            self._tasks.append(asyncio.create_task(self._snapshot_loop()))
+        log.info("discovery service listening on %s (tls=%s)", address.replace(f":{port}", f":{bound}"), bool(o.tls_cert_file))
+        return bound
+
+    async def stop_async(self) -> None:
+        if self._server is None:
+            return
+        self._stopping = True
+        for wake in list(self._watch_wakers):
+            wake()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+            await self._metrics_server.wait_closed()
+        await self._server.stop(self.options.shutdown_grace)
+        self._server = None
+        if self.options.snapshot_path:
+            await self.save_snapshot()
+
+    # -- lifecycle (own thread) -------------------------------------------------------
+
+    def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Run the service on a private loop in a daemon thread; returns the bound port."""
+        ready: "asyncio.Future[int]"
+        started = threading.Event()
+        result: dict[str, Any] = {}
+        loop = asyncio.new_event_loop()
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            try:
+                result["port"] = loop.run_until_complete(self.start_async(host, port))
+            except BaseException as exc:  # reported to the caller of start()
+                result["error"] = exc
+                started.set()
+                loop.close()
+                return
+            started.set()
+            loop.run_forever()
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name="discovery-server", daemon=True)
+        self._thread.start()
+        started.wait()
+        if "error" in result:
+            self._thread.join()
+            raise result["error"]
+        return result["port"]
+
+    def stop(self) -> None:
+        if self._thread is None or self._loop is None:
+            return
+        asyncio.run_coroutine_threadsafe(self.stop_async(), self._loop).result(timeout=30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=30)
+        self._thread = None
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the service's loop (from another thread) and return its result."""
+        if self._loop is None or self._thread is None:
+            return fn()
+
+        async def run() -> T:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout=30)
+
+    # -- housekeeping -----------------------------------------------------------------
+
+    async def _gc_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.gc_interval)
+            try:
+                now = self.clock()
+                clusters, affiliates = self.state.gc(now)
+                self.limiter.gc(now)
+                if clusters or affiliates:
+                    log.info("gc removed %d clusters, %d affiliates", clusters, affiliates)
+            except Exception:  # housekeeping must outlive any single failure
+                log.exception("garbage collection failed")
+
+    async def _snapshot_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.snapshot_interval)
+            try:
+                await self.save_snapshot()
+            except Exception:
+                log.exception("writing the state snapshot failed")
+
+    async def save_snapshot(self) -> None:
+        path = Path(self.options.snapshot_path or "")
+        blob = self.state.export_snapshot(self.clock())
+        await asyncio.to_thread(write_atomic, path, blob)
+        log.debug("state snapshot written to %s (%d bytes)", path, len(blob))
+
+    def _restore(self) -> None:
+        if not self.options.snapshot_path:
+            return
+        path = Path(self.options.snapshot_path)
+        if not path.exists():
+            return
+        try:
+            n = self.state.import_snapshot(path.read_bytes(), self.clock(), time.time())
+        except ValueError as exc:
+            # Keep the unreadable file for inspection instead of overwriting it later.
+            aside = path.with_name(path.name + ".corrupt")
+            os.replace(path, aside)
+            log.error("state snapshot %s unreadable (%s); moved to %s, starting empty", path, exc, aside)
+            return
+        log.info("restored %d affiliates from %s", n, path)
