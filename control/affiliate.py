@@ -17,6 +17,8 @@ class KubeSpanInfo:
     address: IPv6Address  # the node's KubeSpan ULA address
     additional_addresses: tuple[IPNetwork, ...] = ()  # advertised networks (pod CIDRs)
     endpoints: tuple[Address, ...] = ()  # candidate WireGuard endpoints (ip, port)
+    # networks the node asks peers not to route to it (filters.excludeAdvertisedNetworks)
+    exclude_advertised_networks: tuple[IPNetwork, ...] = ()
 
 
 @dataclass(frozen=True)
