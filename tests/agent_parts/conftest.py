@@ -1,0 +1,27 @@
+"""Fixtures for the agent-part tests (routing, backends) in network namespaces."""
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import netns  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_behind() -> Iterator[None]:
+    """After the whole session: no namespace, socket or process we made survives."""
+    yield
+    left = netns.leftovers()
+    assert not left, f"left behind: {left}"
+
+
+@pytest.fixture
+def lab() -> Iterator[netns.Lab]:
+    with netns.Lab() as lab:
+        yield lab
+    assert not lab.errors, f"cleanup errors: {lab.errors}"
