@@ -10,7 +10,7 @@ from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
 
 from google.protobuf.message import DecodeError
 
-from control.affiliate import Address, Affiliate, IPAddress, KubeSpanInfo
+from control.affiliate import Address, Affiliate, IPAddress, IPNetwork, KubeSpanInfo
 from control.discovery.proto import affiliate_pb2 as cpb
 
 
@@ -24,6 +24,18 @@ def _ip_from_bytes(raw: bytes, what: str) -> IPAddress:
     if len(raw) == 16:
         return IPv6Address(raw)
     raise CodecError(f"{what}: IP must be 4 or 16 bytes, got {len(raw)}")
+
+
+def _prefixes(items, what: str) -> tuple[IPNetwork, ...]:
+    out = []
+    for p in items:
+        ip = _ip_from_bytes(p.ip, what)
+        try:
+            # strict=False: Talos sends the prefix as given, host bits and all.
+            out.append(ip_network((ip, p.bits), strict=False))
+        except ValueError as exc:
+            raise CodecError(f"{what}: {exc}") from exc
+    return tuple(out)
 
 
 def encode_affiliate(affiliate: Affiliate) -> bytes:
@@ -41,6 +53,8 @@ def encode_affiliate(affiliate: Affiliate) -> bytes:
         msg.kubespan.address = ks.address.packed
         for net in ks.additional_addresses:
             msg.kubespan.additional_addresses.add(ip=net.network_address.packed, bits=net.prefixlen)
+        for net in ks.exclude_advertised_networks:
+            msg.kubespan.exclude_advertised_addresses.add(ip=net.network_address.packed, bits=net.prefixlen)
     if affiliate.control_plane_api_port is not None:
         msg.control_plane.api_server_port = affiliate.control_plane_api_port
     return msg.SerializeToString(deterministic=True)
@@ -61,19 +75,12 @@ def decode_affiliate(data: bytes, endpoints: list[Address] | tuple[Address, ...]
         address = _ip_from_bytes(ks.address, "kubespan address")
         if not isinstance(address, IPv6Address):
             raise CodecError("kubespan address must be IPv6")
-        prefixes = []
-        for p in ks.additional_addresses:
-            ip = _ip_from_bytes(p.ip, "additional address")
-            try:
-                # strict=False: Talos sends the prefix as given, host bits and all.
-                prefixes.append(ip_network((ip, p.bits), strict=False))
-            except ValueError as exc:
-                raise CodecError(f"additional address: {exc}") from exc
         kubespan = KubeSpanInfo(
             public_key=ks.public_key,
             address=address,
-            additional_addresses=tuple(prefixes),
+            additional_addresses=_prefixes(ks.additional_addresses, "additional address"),
             endpoints=tuple(endpoints),
+            exclude_advertised_networks=_prefixes(ks.exclude_advertised_addresses, "excluded network"),
         )
     api_port = msg.control_plane.api_server_port if msg.HasField("control_plane") else None
     if api_port is not None and api_port > 65535:

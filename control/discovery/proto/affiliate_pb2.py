@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'control/discovery/proto/affiliate.proto\x12\x17sidero.discovery.client\"\x9f\x02\n\tAffiliate\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\taddresses\x18\x02 \x03(\x0c\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x10\n\x08nodename\x18\x04 \x01(\t\x12\x14\n\x0cmachine_type\x18\x05 \x01(\t\x12\x18\n\x10operating_system\x18\x06 \x01(\t\x12\x38\n\x08kubespan\x18\x07 \x01(\x0b\x32!.sidero.discovery.client.KubeSpanH\x00\x88\x01\x01\x12\x41\n\rcontrol_plane\x18\x08 \x01(\x0b\x32%.sidero.discovery.client.ControlPlaneH\x01\x88\x01\x01\x42\x0b\n\t_kubespanB\x10\n\x0e_control_plane\"p\n\x08KubeSpan\x12\x12\n\npublic_key\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\x0c\x12?\n\x14\x61\x64\x64itional_addresses\x18\x03 \x03(\x0b\x32!.sidero.discovery.client.IPPrefix\"$\n\x08IPPrefix\x12\n\n\x02ip\x18\x01 \x01(\x0c\x12\x0c\n\x04\x62its\x18\x02 \x01(\r\"$\n\x08\x45ndpoint\x12\n\n\x02ip\x18\x01 \x01(\x0c\x12\x0c\n\x04port\x18\x02 \x01(\r\"\'\n\x0c\x43ontrolPlane\x12\x17\n\x0f\x61pi_server_port\x18\x01 \x01(\rb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'control/discovery/proto/affiliate.proto\x12\x17sidero.discovery.client\"\x9f\x02\n\tAffiliate\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\taddresses\x18\x02 \x03(\x0c\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x10\n\x08nodename\x18\x04 \x01(\t\x12\x14\n\x0cmachine_type\x18\x05 \x01(\t\x12\x18\n\x10operating_system\x18\x06 \x01(\t\x12\x38\n\x08kubespan\x18\x07 \x01(\x0b\x32!.sidero.discovery.client.KubeSpanH\x00\x88\x01\x01\x12\x41\n\rcontrol_plane\x18\x08 \x01(\x0b\x32%.sidero.discovery.client.ControlPlaneH\x01\x88\x01\x01\x42\x0b\n\t_kubespanB\x10\n\x0e_control_plane\"\xb9\x01\n\x08KubeSpan\x12\x12\n\npublic_key\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\x0c\x12?\n\x14\x61\x64\x64itional_addresses\x18\x03 \x03(\x0b\x32!.sidero.discovery.client.IPPrefix\x12G\n\x1c\x65xclude_advertised_addresses\x18\x04 \x03(\x0b\x32!.sidero.discovery.client.IPPrefix\"$\n\x08IPPrefix\x12\n\n\x02ip\x18\x01 \x01(\x0c\x12\x0c\n\x04\x62its\x18\x02 \x01(\r\"$\n\x08\x45ndpoint\x12\n\n\x02ip\x18\x01 \x01(\x0c\x12\x0c\n\x04port\x18\x02 \x01(\r\"\'\n\x0c\x43ontrolPlane\x12\x17\n\x0f\x61pi_server_port\x18\x01 \x01(\rb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,12 +33,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_AFFILIATE']._serialized_start=69
   _globals['_AFFILIATE']._serialized_end=356
-  _globals['_KUBESPAN']._serialized_start=358
-  _globals['_KUBESPAN']._serialized_end=470
-  _globals['_IPPREFIX']._serialized_start=472
-  _globals['_IPPREFIX']._serialized_end=508
-  _globals['_ENDPOINT']._serialized_start=510
-  _globals['_ENDPOINT']._serialized_end=546
-  _globals['_CONTROLPLANE']._serialized_start=548
-  _globals['_CONTROLPLANE']._serialized_end=587
+  _globals['_KUBESPAN']._serialized_start=359
+  _globals['_KUBESPAN']._serialized_end=544
+  _globals['_IPPREFIX']._serialized_start=546
+  _globals['_IPPREFIX']._serialized_end=582
+  _globals['_ENDPOINT']._serialized_start=584
+  _globals['_ENDPOINT']._serialized_end=620
+  _globals['_CONTROLPLANE']._serialized_start=622
+  _globals['_CONTROLPLANE']._serialized_end=661
 # @@protoc_insertion_point(module_scope)

@@ -27,14 +27,16 @@ class Affiliate(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., addresses: _Optional[_Iterable[bytes]] = ..., hostname: _Optional[str] = ..., nodename: _Optional[str] = ..., machine_type: _Optional[str] = ..., operating_system: _Optional[str] = ..., kubespan: _Optional[_Union[KubeSpan, _Mapping]] = ..., control_plane: _Optional[_Union[ControlPlane, _Mapping]] = ...) -> None: ...
 
 class KubeSpan(_message.Message):
-    __slots__ = ("public_key", "address", "additional_addresses")
+    __slots__ = ("public_key", "address", "additional_addresses", "exclude_advertised_addresses")
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     ADDITIONAL_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_ADVERTISED_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     public_key: str
     address: bytes
     additional_addresses: _containers.RepeatedCompositeFieldContainer[IPPrefix]
-    def __init__(self, public_key: _Optional[str] = ..., address: _Optional[bytes] = ..., additional_addresses: _Optional[_Iterable[_Union[IPPrefix, _Mapping]]] = ...) -> None: ...
+    exclude_advertised_addresses: _containers.RepeatedCompositeFieldContainer[IPPrefix]
+    def __init__(self, public_key: _Optional[str] = ..., address: _Optional[bytes] = ..., additional_addresses: _Optional[_Iterable[_Union[IPPrefix, _Mapping]]] = ..., exclude_advertised_addresses: _Optional[_Iterable[_Union[IPPrefix, _Mapping]]] = ...) -> None: ...
 
 class IPPrefix(_message.Message):
     __slots__ = ("ip", "bits")
