@@ -1,0 +1,78 @@
+"""One measurement each: iperf3 TCP/UDP throughput, ping RTT.  Results are plain
+numbers; the caller repeats and takes medians."""
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass
+
+from bench.netns import Lab, run, wait_for
+
+IPERF_PORT = 5201
+
+
+@dataclass
+class IperfResult:
+    value: float        # bits/s (tcp) or received packets/s (udp)
+    bytes: int          # bytes that reached the receiver
+
+
+class IperfServer:
+    """A long-lived iperf3 server in the receiving namespace."""
+
+    def __init__(self, lab: Lab, ns: str, addr: str) -> None:
+        self.lab, self.ns, self.addr = lab, ns, addr
+        self.proc = lab.spawn(["iperf3", "-s", "-B", addr, "-p", str(IPERF_PORT)], ns)
+        wait_for(self._listening, 10, "iperf3 server")
+
+    def _listening(self) -> bool:
+        out = run("ss", "-Htln", f"sport = :{IPERF_PORT}", ns=self.ns, check=False).stdout
+        return bool(out.strip())
+
+    def close(self) -> None:
+        self.lab.stop(self.proc)
+
+
+def _iperf(ns: str, server: str, args: list[str], duration: float) -> dict:
+    cmd = ["iperf3", "-c", server, "-p", str(IPERF_PORT), "-J", "-t", str(duration), *args]
+    for attempt in range(3):
+        proc = run(*cmd, ns=ns, check=False, timeout=duration + 60)
+        try:
+            data = json.loads(proc.stdout)
+        except json.JSONDecodeError:
+            data = {"error": proc.stderr.decode(errors="replace") or "no output"}
+        if "error" not in data:
+            return data
+        # "the server is busy" right after the previous run: give it a moment.
+        time.sleep(1 + attempt)
+    raise RuntimeError(f"iperf3 failed: {data['error']}")
+
+
+def tcp(ns: str, server: str, duration: float, streams: int) -> IperfResult:
+    data = _iperf(ns, server, ["-P", str(streams)], duration)
+    recv = data["end"]["sum_received"]
+    return IperfResult(recv["bits_per_second"], int(recv["bytes"]))
+
+
+def udp_pps(ns: str, server: str, duration: float, payload: int) -> IperfResult:
+    """Unlimited-rate UDP flood; packets/s that arrived (lost ones excluded)."""
+    data = _iperf(ns, server, ["-u", "-b", "0", "-l", str(payload)], duration)
+    s = data["end"]["sum"]
+    received = s["packets"] - s["lost_packets"]
+    return IperfResult(received / s["seconds"], received * payload)
+
+
+_RTT = re.compile(rb"time=([0-9.]+) ms")
+
+
+def ping_rtt_ms(ns: str, addr: str, count: int = 40) -> float:
+    """Median RTT of ``count`` pings 20 ms apart on an otherwise idle tunnel."""
+    out = run("ping", "-n", "-c", str(count), "-i", "0.02", addr, ns=ns, check=False,
+              timeout=count + 30).stdout
+    rtts = [float(m) for m in _RTT.findall(out)]
+    if len(rtts) < count // 2:
+        raise RuntimeError(f"ping lost too many packets ({len(rtts)}/{count})")
+    return statistics.median(rtts)

@@ -1,0 +1,138 @@
+"""The benchmark: two namespaces over veth, four ways to join them, same measurements.
+
+    .venv/bin/python -m bench [--repeats N] [--duration S] [--only a,b,...]
+
+(a) plain veth, (b) wireguard-go <-> wireguard-go, (c) ours <-> ours,
+(d) ours <-> wireguard-go.  For each: iperf3 TCP 1 and 4 streams, UDP packets/s with
+1420-byte IP packets and with 64-byte payloads, idle ping RTT, and CPU seconds of the
+WireGuard processes per GB moved (during the TCP 1-stream runs).  Each figure is the
+median of ``--repeats`` runs; the table shows ratios to (b).  JSON and a PNG chart go
+to bench/results/.  Every address used lives inside the namespaces this run creates.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from bench import measure, report
+from bench.netns import Lab
+from bench.wireguard import Endpoint, Unavailable, configure_pair, ping_ok, start
+
+RESULTS = Path(__file__).resolve().parent / "results"
+OUTER_A, OUTER_B = "192.168.241.1", "192.168.241.2"
+INNER_A, INNER_B = "10.241.0.1", "10.241.0.2"
+# UDP payload that makes a full 1420-byte inner IPv4 packet (20 IP + 8 UDP header).
+UDP_FULL_PAYLOAD = 1420 - 28
+
+SCENARIOS = {
+    "a": ("plain veth", None, None),
+    "b": ("wireguard-go <-> wireguard-go", "wireguard-go", "wireguard-go"),
+    "c": ("ours <-> ours", "ours", "ours"),
+    "d": ("ours <-> wireguard-go", "ours", "wireguard-go"),
+}
+
+
+def progress(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run_scenario(key: str, repeats: int, duration: float, logdir: Path) -> dict:
+    label, impl_a, impl_b = SCENARIOS[key]
+    lab = Lab()
+    samples: dict[str, list[float]] = {m: [] for m in report.METRICS}
+    try:
+        ns_a, ns_b = lab.namespace("ksba"), lab.namespace("ksbb")
+        lab.veth(ns_a, ns_b, OUTER_A + "/24", OUTER_B + "/24")
+        eps: list[Endpoint] = []
+        target = OUTER_B
+        if impl_a:
+            eps = [start(lab, impl_a, ns_a, INNER_A, logdir),
+                   start(lab, impl_b, ns_b, INNER_B, logdir)]
+            configure_pair(eps[0], eps[1], OUTER_A, OUTER_B)
+            target = INNER_B
+        deadline = time.monotonic() + 30
+        while not ping_ok(ns_a, target):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no ping through {label} within 30 s")
+        server = measure.IperfServer(lab, ns_b, target)
+        for rep in range(1, repeats + 1):
+            tag = f"{key}) {label} [{rep}/{repeats}]"
+            cpu0 = sum(e.cpu() for e in eps)
+            r = measure.tcp(ns_a, target, duration, 1)
+            cpu = sum(e.cpu() for e in eps) - cpu0
+            samples["tcp1"].append(r.value)
+            if eps:
+                samples["cpu_per_gb"].append(cpu / (r.bytes / 1e9))
+            progress(f"{tag} TCP 1 stream {r.value / 1e9:.2f} Gbit/s"
+                     + (f", {cpu / (r.bytes / 1e9):.2f} CPU s/GB" if eps else ""))
+            r = measure.tcp(ns_a, target, duration, 4)
+            samples["tcp4"].append(r.value)
+            progress(f"{tag} TCP 4 streams {r.value / 1e9:.2f} Gbit/s")
+            r = measure.udp_pps(ns_a, target, duration, UDP_FULL_PAYLOAD)
+            samples["udp1420"].append(r.value)
+            progress(f"{tag} UDP 1420 B packets {r.value / 1e3:.1f} kpps")
+            r = measure.udp_pps(ns_a, target, duration, 64)
+            samples["udp64"].append(r.value)
+            progress(f"{tag} UDP 64 B payload {r.value / 1e3:.1f} kpps")
+            rtt = measure.ping_rtt_ms(ns_a, target)
+            samples["ping"].append(rtt)
+            progress(f"{tag} ping {rtt:.3f} ms")
+        server.close()
+        metrics = {m: {"median": statistics.median(v), "samples": v}
+                   for m, v in samples.items() if v}
+        return {"label": label, "status": "ok", "metrics": metrics}
+    except Unavailable as e:
+        progress(f"{key}) {label}: unavailable: {e}")
+        return {"label": label, "status": "unavailable", "reason": str(e)}
+    except Exception as e:  # noqa: BLE001 - one broken scenario must not sink the run
+        progress(f"{key}) {label}: failed: {e}")
+        return {"label": label, "status": "failed", "reason": f"{type(e).__name__}: {e}"}
+    finally:
+        lab.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=3, help="runs per figure (median)")
+    p.add_argument("--duration", type=float, default=4.0, help="seconds per iperf3 run")
+    p.add_argument("--only", default="a,b,c,d", help="comma-separated scenarios")
+    p.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    args = p.parse_args(argv)
+    if os.geteuid() != 0:
+        p.error("needs root (network namespaces)")
+    keys = [k.strip() for k in args.only.split(",") if k.strip()]
+    bad = [k for k in keys if k not in SCENARIOS]
+    if bad or args.repeats < 1 or args.duration <= 0:
+        p.error(f"bad arguments: unknown scenarios {bad}" if bad else "bad repeats/duration")
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    logdir = args.out / f"logs-{stamp}"
+    logdir.mkdir()
+    results = {
+        "timestamp": stamp,
+        "machine": {"cpus": os.cpu_count(), "kernel": platform.release()},
+        "config": {"repeats": args.repeats, "duration_s": args.duration,
+                   "udp_full_payload": UDP_FULL_PAYLOAD},
+        "scenarios": {},
+    }
+    for k in keys:
+        progress(f"{k}) {SCENARIOS[k][0]}: starting")
+        results["scenarios"][k] = run_scenario(k, args.repeats, args.duration, logdir)
+    results["ratios_to_b"] = report.ratios(results)
+    print(report.table(results))
+    jpath = args.out / f"bench-{stamp}.json"
+    report.save_json(results, jpath)
+    png = args.out / f"bench-{stamp}.png"
+    drew = report.chart(results, png)
+    print(f"JSON: {jpath}" + (f"\nchart: {png}" if drew else "\nchart: matplotlib missing"))
+    return 0 if all(s["status"] != "failed" for s in results["scenarios"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

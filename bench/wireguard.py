@@ -1,0 +1,97 @@
+"""Bring up a WireGuard pair across two namespaces with a chosen implementation.
+
+Implementations: "wireguard-go" (Debian's) and "ours" (`kubespan-wg`, our daemon).
+Both are configured the same way, through their UAPI socket with stock `wg`.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.netns import WG_RUN_DIR, Lab, cpu_seconds, descendants, run, suffix, wait_for
+
+REPO = Path(__file__).resolve().parents[1]
+MTU = 1420
+PORT = 51820
+
+
+class Unavailable(Exception):
+    """This implementation cannot run here (e.g. our daemon not built yet)."""
+
+
+def daemon_command(impl: str, ifname: str) -> list[str]:
+    if impl == "wireguard-go":
+        exe = shutil.which("wireguard-go")
+        if exe is None:
+            raise Unavailable("wireguard-go not installed")
+        return [exe, "-f", ifname]
+    if impl == "ours":
+        exe = REPO / ".venv" / "bin" / "kubespan-wg"
+        try:
+            import kubespan_dp.device  # noqa: F401
+            import kubespan_dp.cli  # noqa: F401
+        except Exception as e:  # noqa: BLE001 - any import failure means "not there"
+            raise Unavailable(f"our daemon is not importable: {e}") from None
+        if exe.exists():
+            return [str(exe), "-f", ifname]
+        return [sys.executable, "-m", "kubespan_dp.cli", "-f", ifname]
+    raise ValueError(impl)
+
+
+@dataclass
+class Endpoint:
+    ns: str
+    ifname: str
+    proc: subprocess.Popen
+    inner: str          # tunnel address without prefix length
+
+    def pids(self) -> list[int]:
+        return descendants(self.proc.pid)
+
+    def cpu(self) -> float:
+        total = 0.0
+        for pid in self.pids():
+            try:
+                total += cpu_seconds(pid)
+            except OSError:
+                pass
+        return total
+
+
+def start(lab: Lab, impl: str, ns: str, inner: str, logdir: Path) -> Endpoint:
+    ifname = f"ksb{suffix(8)}"
+    cmd = daemon_command(impl, ifname)
+    sock = WG_RUN_DIR / f"{ifname}.sock"
+    lab.sockets.append(sock)
+    proc = lab.spawn(cmd, ns, env={"LOG_LEVEL": "error"}, log=logdir / f"{impl}-{ifname}.log")
+    try:
+        wait_for(lambda: sock.exists() or proc.poll() is not None, 15, f"{impl} UAPI socket")
+    except TimeoutError:
+        raise Unavailable(f"{impl} did not open its UAPI socket within 15 s") from None
+    if proc.poll() is not None:
+        raise Unavailable(f"{impl} exited with {proc.returncode} (log in {logdir})")
+    run("ip", "link", "set", ifname, "mtu", str(MTU), ns=ns)
+    run("ip", "addr", "add", inner + "/24", "dev", ifname, ns=ns)
+    run("ip", "link", "set", ifname, "up", ns=ns)
+    return Endpoint(ns, ifname, proc, inner)
+
+
+def configure_pair(a: Endpoint, b: Endpoint, outer_a: str, outer_b: str) -> None:
+    keys = {}
+    for ep in (a, b):
+        priv = run("wg", "genkey").stdout.strip()
+        pub = run("wg", "pubkey", input=priv + b"\n").stdout.strip()
+        keys[ep.ifname] = (priv, pub)
+    for me, other, my_outer, their_outer in ((a, b, outer_a, outer_b), (b, a, outer_b, outer_a)):
+        priv, _ = keys[me.ifname]
+        _, their_pub = keys[other.ifname]
+        run("wg", "set", me.ifname, "listen-port", str(PORT), "private-key", "/dev/stdin",
+            "peer", their_pub.decode(), "endpoint", f"{their_outer}:{PORT}",
+            "allowed-ips", other.inner + "/32", ns=me.ns, input=priv + b"\n")
+
+
+def ping_ok(ns: str, addr: str) -> bool:
+    return run("ping", "-c", "1", "-W", "1", addr, ns=ns, check=False).returncode == 0
