@@ -1,0 +1,149 @@
+"""`kubespan-wg [-f|--foreground] IFNAME`: the userspace WireGuard daemon.
+
+Called the way wireguard-go is, so `WG_QUICK_USERSPACE_IMPLEMENTATION=kubespan-wg
+wg-quick up ...` works: the TUN interface and the UAPI socket exist by the time
+the command returns, and the daemon carries on in the background.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+
+from .tun import Tun, valid_ifname
+from .uapisock import listen, socket_path
+
+log = logging.getLogger("kubespan_dp")
+
+DESCRIPTION = """\
+Userspace WireGuard: creates the TUN interface IFNAME, listens on UDP (IPv4 and
+IPv6) and serves the WireGuard configuration protocol on
+/var/run/wireguard/IFNAME.sock, so `wg`, `wg-quick` and `wg syncconf` drive it
+like wireguard-go or the kernel module.
+
+It runs until SIGINT/SIGTERM, until the interface is deleted
+(`ip link del IFNAME`) or until its socket file is removed; then it removes the
+socket and the interface.
+"""
+
+EPILOG = """\
+environment:
+  LOG_LEVEL=verbose|debug|error|silent   how much to log (default: info)
+  WG_PROCESS_FOREGROUND=1                same as --foreground
+  KUBESPAN_WG_LOG_FILE=PATH              log here when running in the background
+
+example:
+  WG_QUICK_USERSPACE_IMPLEMENTATION=kubespan-wg wg-quick up ./wg0.conf
+"""
+
+LEVELS = {"verbose": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO,
+          "error": logging.ERROR, "silent": logging.CRITICAL + 1}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kubespan-wg", description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-f", "--foreground", action="store_true",
+                   help="stay in the foreground (default: detach once the interface is ready)")
+    p.add_argument("--mtu", type=int, default=1420, help="initial MTU of the interface (default 1420)")
+    p.add_argument("--version", action="version", version="kubespan-wg (kubespan-py) 0.1.0")
+    p.add_argument("ifname", metavar="IFNAME", help="interface name (at most 15 characters)")
+    return p
+
+
+def _setup_logging(ifname: str, stream: object) -> None:
+    level = LEVELS.get(os.environ.get("LOG_LEVEL", "info").lower(), logging.INFO)
+    handler = logging.StreamHandler(stream)  # type: ignore[arg-type]
+    handler.setFormatter(logging.Formatter(
+        f"%(asctime)s {ifname} %(levelname)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def _detach() -> bool:
+    """Fork into the background; True in the child, the parent exits 0."""
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    logfile = os.environ.get("KUBESPAN_WG_LOG_FILE")
+    out = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) if logfile else devnull
+    os.dup2(devnull, 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    foreground = args.foreground or os.environ.get("WG_PROCESS_FOREGROUND") == "1"
+    ifname: str = args.ifname
+    _setup_logging(ifname, sys.stderr)
+    if not valid_ifname(ifname):
+        log.error("invalid interface name %r", ifname)
+        return 2
+    if not 68 <= args.mtu <= 65535:
+        log.error("MTU %d out of range", args.mtu)
+        return 2
+    try:
+        tun = Tun(ifname, args.mtu)
+    except OSError as e:
+        log.error("cannot create TUN interface %s: %s", ifname, e.strerror or e)
+        return 1
+    try:
+        uapi = listen(tun.name)
+    except OSError as e:
+        log.error("cannot listen on %s: %s", socket_path(tun.name), e.strerror or e)
+        tun.close()
+        return 1
+    if not foreground:
+        _detach()
+        logging.raiseExceptions = False
+    try:
+        reason = _run(tun, uapi)
+    except Exception:
+        log.exception("the device failed")
+        _remove_socket(tun.name, uapi)
+        tun.close()
+        return 1
+    log.info("shut down (%s)", reason)
+    return 0
+
+
+def _remove_socket(ifname: str, sock: socket.socket) -> None:
+    """After a failed start: the socket file was created by us moments ago."""
+    try:
+        socket_path(ifname).unlink()
+    except OSError:
+        pass
+    sock.close()
+
+
+def _run(tun: Tun, uapi: object) -> str:
+    from .device import Device  # imports the core; keep --help fast and independent
+
+    async def go() -> str:
+        device = Device(tun, uapi)  # type: ignore[arg-type]
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, device.stop, f"signal {signal.Signals(sig).name}")
+        loop.add_signal_handler(signal.SIGHUP, lambda: None)
+        return await device.run()
+
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(go())
+    return uvloop.run(go())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
