@@ -1,0 +1,205 @@
+"""A small client for WireGuard's cross-platform UAPI (wireguard-go, kubespan-wg).
+
+One request per connection on the unix socket /var/run/wireguard/<link>.sock:
+`get=1\\n\\n` answers with key=value lines; `set=1\\n<key=value lines>\\n` applies them as
+one transaction. Every reply ends with `errno=N` and a blank line; N != 0 is a failure.
+Keys travel as lowercase hex. Secrets read back (private and preshared keys) are
+dropped while parsing so they never sit in objects that may be printed or logged.
+"""
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import EllipsisType
+from typing import Iterable, Sequence
+
+from control.backends.base import Address, BackendError, IPNetwork
+
+RUN_DIR = Path("/var/run/wireguard")
+_SECRET_KEYS = {"private_key", "preshared_key"}
+
+
+class UAPIError(BackendError):
+    """The daemon refused a request (errno != 0) or the socket failed."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+@dataclass
+class UAPIPeer:
+    public_key: bytes
+    endpoint: Address | None = None
+    persistent_keepalive: int = 0
+    allowed_ips: list[IPNetwork] = field(default_factory=list)
+    last_handshake: float | None = None  # wall clock; None when 0/0 (never)
+    rx_bytes: int = 0
+    tx_bytes: int = 0
+    protocol_version: int = 1
+    has_preshared_key: bool = False
+
+
+@dataclass
+class UAPIDevice:
+    listen_port: int = 0
+    fwmark: int = 0
+    has_private_key: bool = False
+    peers: list[UAPIPeer] = field(default_factory=list)
+
+
+def socket_path(link: str, run_dir: Path = RUN_DIR) -> Path:
+    return run_dir / f"{link}.sock"
+
+
+def format_endpoint(endpoint: Address) -> str:
+    host, port = endpoint
+    ip = ipaddress.ip_address(host)
+    if not 0 < int(port) < 65536:
+        raise ValueError(f"endpoint port out of range: {port!r}")
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
+def parse_endpoint(text: str) -> Address:
+    host, _, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    host = host.split("%", 1)[0]  # drop an IPv6 zone if present
+    return str(ipaddress.ip_address(host)), int(port)
+
+
+def key_hex(key: bytes) -> str:
+    if not isinstance(key, (bytes, bytearray)) or len(key) != 32:
+        raise ValueError("WireGuard keys are 32 bytes")
+    return bytes(key).hex()
+
+
+class UAPIClient:
+    def __init__(self, path: Path | str, timeout: float = 10.0) -> None:
+        self.path = Path(path)
+        self.timeout = timeout
+
+    def _exchange(self, request: bytes) -> list[tuple[str, str]]:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(self.timeout)
+                sock.connect(str(self.path))
+                sock.sendall(request)
+                buf = bytearray()
+                while not (buf.endswith(b"\n\n") and b"errno=" in buf):
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    buf += chunk
+        except OSError as exc:
+            raise UAPIError(f"UAPI {self.path}: {exc.strerror or exc}") from exc
+        pairs: list[tuple[str, str]] = []
+        for line in buf.decode(errors="replace").splitlines():
+            if not line:
+                continue
+            key, sep, value = line.partition("=")
+            if not sep:
+                raise UAPIError(f"UAPI {self.path}: malformed reply line")
+            pairs.append((key, value))
+        if not pairs or pairs[-1][0] != "errno":
+            raise UAPIError(f"UAPI {self.path}: reply ended without errno")
+        errno = int(pairs[-1][1])
+        if errno != 0:
+            raise UAPIError(f"UAPI {self.path}: request failed with errno={errno}", errno)
+        return pairs[:-1]
+
+    def get(self) -> UAPIDevice:
+        dev = UAPIDevice()
+        peer: UAPIPeer | None = None
+        hs_sec = hs_nsec = 0
+        for key, value in self._exchange(b"get=1\n\n"):
+            if key == "public_key":
+                if peer is not None:
+                    _finish(peer, hs_sec, hs_nsec)
+                peer = UAPIPeer(bytes.fromhex(value))
+                hs_sec = hs_nsec = 0
+                dev.peers.append(peer)
+            elif peer is None:
+                if key == "listen_port":
+                    dev.listen_port = int(value)
+                elif key == "fwmark":
+                    dev.fwmark = int(value)
+                elif key == "private_key":
+                    dev.has_private_key = any(value.strip("0"))
+            elif key == "endpoint":
+                peer.endpoint = parse_endpoint(value)
+            elif key == "persistent_keepalive_interval":
+                peer.persistent_keepalive = int(value)
+            elif key == "allowed_ip":
+                peer.allowed_ips.append(ipaddress.ip_network(value, strict=False))
+            elif key == "last_handshake_time_sec":
+                hs_sec = int(value)
+            elif key == "last_handshake_time_nsec":
+                hs_nsec = int(value)
+            elif key == "rx_bytes":
+                peer.rx_bytes = int(value)
+            elif key == "tx_bytes":
+                peer.tx_bytes = int(value)
+            elif key == "protocol_version":
+                peer.protocol_version = int(value)
+            elif key == "preshared_key":
+                peer.has_preshared_key = any(value.strip("0"))
+        if peer is not None:
+            _finish(peer, hs_sec, hs_nsec)
+        return dev
+
+    def set(self, items: Sequence[tuple[str, str]]) -> None:
+        """Apply key=value items as one transaction (raises UAPIError on errno != 0)."""
+        lines = ["set=1"]
+        for key, value in items:
+            if not key.isidentifier() or any(c in value for c in "\n="):
+                raise ValueError(f"invalid UAPI item {key!r}")
+            lines.append(f"{key}={value}")
+        self._exchange(("\n".join(lines) + "\n\n").encode())
+
+    def ping(self) -> bool:
+        """Whether a daemon answers on the socket."""
+        try:
+            self.get()
+        except UAPIError:
+            return False
+        return True
+
+
+def _finish(peer: UAPIPeer, sec: int, nsec: int) -> None:
+    peer.last_handshake = None if sec == 0 and nsec == 0 else sec + nsec / 1e9
+
+
+def peer_items(
+    public_key: bytes,
+    *,
+    update_only: bool = False,
+    remove: bool = False,
+    preshared_key: bytes | None | EllipsisType = ...,
+    endpoint: Address | None = None,
+    persistent_keepalive: int | None = None,
+    allowed_ips: Iterable[IPNetwork] | None = None,
+) -> list[tuple[str, str]]:
+    """The items for one peer; `...` / None leave a field as it is.
+
+    `allowed_ips` given means "replace the list with exactly these". A preshared key
+    of None clears it (all-zero key).
+    """
+    items = [("public_key", key_hex(public_key))]
+    if remove:
+        return items + [("remove", "true")]
+    if update_only:
+        items.append(("update_only", "true"))
+    if preshared_key is not ...:
+        items.append(("preshared_key", key_hex(preshared_key) if preshared_key else "0" * 64))
+    if endpoint is not None:
+        items.append(("endpoint", format_endpoint(endpoint)))
+    if persistent_keepalive is not None:
+        if not 0 <= persistent_keepalive <= 65535:
+            raise ValueError("persistent keepalive out of range")
+        items.append(("persistent_keepalive_interval", str(persistent_keepalive)))
+    if allowed_ips is not None:
+        items.append(("replace_allowed_ips", "true"))
+        items.extend(("allowed_ip", str(net)) for net in allowed_ips)
+    return items
