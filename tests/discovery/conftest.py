@@ -1,0 +1,98 @@
+"""Fixtures for the discovery tests: an in-process service on loopback, secrets, affiliates."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+from ipaddress import IPv6Address, ip_address, ip_network
+from typing import Any, Awaitable, Callable, Iterator, TypeVar
+
+import grpc
+import pytest
+
+from control.affiliate import Affiliate, KubeSpanInfo
+from control.discovery.proto import cluster_pb2 as pb
+from control.discovery.proto import cluster_pb2_grpc as pbg
+from control.discovery.server import DiscoveryServer
+
+T = TypeVar("T")
+
+
+def run(coro: Awaitable[T], timeout: float = 60.0) -> T:
+    """Run a coroutine on a fresh loop with a hard timeout (tests are sync functions)."""
+
+    async def bounded() -> T:
+        return await asyncio.wait_for(coro, timeout)
+
+    return asyncio.run(bounded())
+
+
+def new_secret() -> str:
+    return base64.b64encode(os.urandom(32)).decode()
+
+
+def make_affiliate(name: str, n: int = 1, endpoints: tuple = ()) -> Affiliate:
+    return Affiliate(
+        node_id=name,
+        hostname=f"{name}.example",
+        nodename=name,
+        machine_type="worker",
+        operating_system="Talos (v1.9.0)",
+        addresses=(ip_address(f"10.5.0.{n}"), ip_address(f"fd00:5::{n:x}")),
+        kubespan=KubeSpanInfo(
+            public_key=base64.b64encode(bytes([n]) * 32).decode(),
+            address=IPv6Address(f"fd7f:175a:b97c:5602::{n:x}"),
+            additional_addresses=(ip_network(f"10.244.{n}.0/24"),),
+            endpoints=endpoints or ((f"10.5.0.{n}", 51820),),
+        ),
+    )
+
+
+@pytest.fixture
+def make_server() -> Iterator[Callable[..., DiscoveryServer]]:
+    """Start services on 127.0.0.1 in background threads; all stopped at teardown."""
+    started: list[DiscoveryServer] = []
+
+    def factory(port: int = 0, **options: Any) -> DiscoveryServer:
+        server = DiscoveryServer(**options)
+        server.start("127.0.0.1", port)
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def server(make_server: Callable[..., DiscoveryServer]) -> DiscoveryServer:
+    return make_server(gc_interval=0.2)
+
+
+def target(server: DiscoveryServer) -> str:
+    return f"127.0.0.1:{server.port}"
+
+
+class Raw:
+    """A plain gRPC stub on its own channel, for speaking the API without our client."""
+
+    def __init__(self, server: DiscoveryServer) -> None:
+        self.channel = grpc.aio.insecure_channel(target(server))
+        self.stub = pbg.ClusterStub(self.channel)
+
+    async def __aenter__(self) -> "Raw":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.channel.close()
+
+    async def update(self, cluster: str, aid: str, data: bytes | None = b"d", endpoints=(), ttl: float = 60.0) -> None:
+        req = pb.AffiliateUpdateRequest(cluster_id=cluster, affiliate_id=aid, affiliate_endpoints=list(endpoints))
+        if data is not None:
+            req.affiliate_data = data
+        req.ttl.FromNanoseconds(int(ttl * 1e9))
+        await self.stub.AffiliateUpdate(req, timeout=10)
+
+    async def list(self, cluster: str) -> dict[str, tuple[bytes, tuple[bytes, ...]]]:
+        resp = await self.stub.List(pb.ListRequest(cluster_id=cluster), timeout=10)
+        return {a.id: (a.data, tuple(a.endpoints)) for a in resp.affiliates}

@@ -1,0 +1,411 @@
+"""End to end: our service in-process on loopback, several DiscoveryClients in two clusters."""
+from __future__ import annotations
+
+import asyncio
+import datetime
+import socket
+import urllib.request
+from dataclasses import replace
+from ipaddress import IPv4Address
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from control.discovery.cipher import AffiliateCipher, secret_key
+from control.discovery.client import Backoff, DiscoveryClient
+from control.discovery.codec import encode_affiliate, encode_endpoint
+
+from .conftest import Raw, make_affiliate, new_secret, run, target
+
+FAST = dict(backoff=Backoff(initial=0.05, maximum=0.5))
+
+
+def client(server, cluster: str, secret: str, name: str, **kw) -> DiscoveryClient:
+    return DiscoveryClient(target(server), cluster, secret, name, insecure=True, **{**FAST, **kw})
+
+
+def test_two_clusters_each_sees_the_others_decrypted_not_itself_not_the_other_cluster(server):
+    async def main() -> None:
+        sx, sy = new_secret(), new_secret()
+        names_x, names_y = ["a", "b", "c"], ["d", "e"]
+        clients = {n: client(server, "cluster-x", sx, n) for n in names_x}
+        clients |= {n: client(server, "cluster-y", sy, n) for n in names_y}
+        for i, (n, c) in enumerate(clients.items(), start=1):
+            c.set_local(make_affiliate(n, i))
+            c.start()
+        expected = {n: make_affiliate(n, i) for i, n in enumerate(clients, start=1)}
+        try:
+            for members in (names_x, names_y):
+                for n in members:
+                    want = {m: expected[m] for m in members if m != n}
+                    got = await clients[n].wait_for(lambda t, want=want: t == want, 20)
+                    assert got == want  # decrypted and decoded field by field
+                    assert n not in got
+            assert clients["a"].public_ip == IPv4Address("127.0.0.1")
+            assert all(c.connected for c in clients.values())
+        finally:
+            for c in clients.values():
+                await c.close()
+
+    run(main())
+
+
+def test_updates_and_deletions_arrive_through_watch(server):
+    async def main() -> None:
+        s = new_secret()
+        a, b, c = (client(server, "k", s, n) for n in "abc")
+        a.set_local(make_affiliate("a", 1))
+        b.set_local(make_affiliate("b", 2))
+        seen: list[set[str]] = []
+        c.on_change = lambda table: seen.append(set(table))
+        for x in (a, b, c):
+            x.start()
+        try:
+            await c.wait_for(lambda t: set(t) == {"a", "b"}, 20)
+            # a changes: hostname and a new endpoint; c sees it without polling.
+            moved = replace(make_affiliate("a", 1, endpoints=(("192.0.2.7", 51820),)), hostname="a-renamed")
+            a.set_local(moved)
+            got = await c.wait_for(lambda t: t.get("a") is not None and t["a"].hostname == "a-renamed", 20)
+            # Endpoints merge on the service: the old one stays until it expires.
+            assert set(got["a"].kubespan.endpoints) == {("10.5.0.1", 51820), ("192.0.2.7", 51820)}
+            # a reports an endpoint it saw working for b (harvesting): merged into b.
+            a.set_local(moved, other_endpoints={"b": [("198.51.100.2", 51820)]})
+            await c.wait_for(lambda t: ("198.51.100.2", 51820) in t["b"].kubespan.endpoints, 20)
+            # b leaves: deleted on the service, c sees it go.
+            await b.close(leave=True)
+            await c.wait_for(lambda t: set(t) == {"a"}, 20)
+            assert {"a", "b"} in seen and seen[-1] == {"a"}
+        finally:
+            for x in (a, b, c):
+                await x.close()
+
+    run(main())
+
+
+def test_affiliate_expires_after_ttl_and_watchers_see_it_deleted(server):
+    async def main() -> None:
+        s = new_secret()
+        cipher = AffiliateCipher(secret_key(s))
+        watcher = client(server, "t", s, "w")
+        watcher.start()
+        try:
+            async with Raw(server) as raw:
+                await watcher.wait_for(lambda t: True, 20)
+                data = cipher.seal_data(encode_affiliate(make_affiliate("short", 3)))
+                ep_old = cipher.seal_endpoint(encode_endpoint(("10.5.0.3", 51820)))
+                ep_new = cipher.seal_endpoint(encode_endpoint(("10.5.0.33", 51820)))
+                # One endpoint with a 1 s TTL, then data + another endpoint for 3 s.
+                await raw.update("t", "short", data=None, endpoints=[ep_old], ttl=1.0)
+                await raw.update("t", "short", data=data, endpoints=[ep_new], ttl=3.0)
+                got = await watcher.wait_for(lambda t: "short" in t, 10)
+                assert set(got["short"].kubespan.endpoints) == {("10.5.0.3", 51820), ("10.5.0.33", 51820)}
+                # Per-endpoint expiry: the 1 s endpoint goes first, the affiliate stays.
+                got = await watcher.wait_for(
+                    lambda t: "short" in t and len(t["short"].kubespan.endpoints) == 1, 10
+                )
+                assert got["short"].kubespan.endpoints == (("10.5.0.33", 51820),)
+                await watcher.wait_for(lambda t: "short" not in t, 10)
+                assert await raw.list("t") == {}
+        finally:
+            await watcher.close()
+
+    run(main())
+
+
+def test_restart_from_snapshot_clients_see_same_affiliates_without_reregistering(make_server, tmp_path):
+    path = tmp_path / "state.binpb"
+    s = new_secret()
+    first = make_server(snapshot_path=str(path), snapshot_interval=3600)
+
+    async def publish() -> dict:
+        cs = [client(first, "snap", s, n) for n in "ab"]
+        for i, c in enumerate(cs, start=1):
+            c.set_local(make_affiliate(c.affiliate_id, i))
+            c.start()
+        await cs[0].wait_for(lambda t: "b" in t, 20)
+        await cs[1].wait_for(lambda t: "a" in t, 20)
+        for c in cs:
+            await c.close(leave=False)  # gone without deleting: only the snapshot remembers
+        async with Raw(first) as raw:
+            return await raw.list("snap")
+
+    before = run(publish())
+    first.stop()
+    assert path.exists() and not (tmp_path / "state.binpb.tmp").exists()
+    second = make_server(snapshot_path=str(path))
+
+    async def observe() -> None:
+        async with Raw(second) as raw:
+            assert await raw.list("snap") == before  # same blobs, byte for byte
+        watcher = client(second, "snap", s, "fresh-node")  # publishes nothing
+        watcher.start()
+        try:
+            got = await watcher.wait_for(lambda t: set(t) == {"a", "b"}, 20)
+            assert got == {"a": make_affiliate("a", 1), "b": make_affiliate("b", 2)}
+        finally:
+            await watcher.close()
+
+    run(observe())
+
+
+def test_snapshot_written_periodically(make_server, tmp_path):
+    path = tmp_path / "periodic.binpb"
+    server = make_server(snapshot_path=str(path), snapshot_interval=0.2)
+
+    async def main() -> None:
+        async with Raw(server) as raw:
+            await raw.update("p", "x", data=b"blob")
+        for _ in range(100):
+            if path.exists() and b"blob" in path.read_bytes():
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError("periodic snapshot never written")
+
+    run(main())
+
+
+def test_corrupt_snapshot_is_kept_aside_and_service_starts_empty(make_server, tmp_path):
+    path = tmp_path / "bad.binpb"
+    path.write_bytes(b"\xff\xff\xff garbage")
+    server = make_server(snapshot_path=str(path))
+    assert (tmp_path / "bad.binpb.corrupt").read_bytes() == b"\xff\xff\xff garbage"
+    assert server.call(lambda: server.state.stats().affiliates) == 0
+
+
+def test_wrong_secret_learns_nothing(server):
+    async def main() -> None:
+        good, bad = new_secret(), new_secret()
+        a = client(server, "w", good, "a")
+        b = client(server, "w", good, "b")
+        spy = client(server, "w", bad, "spy")
+        a.set_local(make_affiliate("a", 1))
+        b.set_local(make_affiliate("b", 2))
+        spy.set_local(make_affiliate("spy", 9))
+        for x in (a, b, spy):
+            x.start()
+        try:
+            await a.wait_for(lambda t: "b" in t, 20)
+            await b.wait_for(lambda t: "a" in t, 20)
+            async with Raw(server) as raw:
+                listed = await raw.list("w")
+            assert set(listed) == {"a", "b", "spy"}  # everyone's blobs are there...
+            for data, endpoints in listed.values():
+                assert b"example" not in data and b"Talos" not in data  # ...but opaque
+            await asyncio.sleep(0.3)
+            assert spy.connected and spy.affiliates == {}  # ...and the spy decrypts none
+            assert "spy" not in a.affiliates and "spy" not in b.affiliates
+        finally:
+            for x in (a, b, spy):
+                await x.close()
+
+    run(main())
+
+
+def test_malformed_affiliates_from_others_are_skipped(server):
+    async def main() -> None:
+        s = new_secret()
+        cipher = AffiliateCipher(secret_key(s))
+        good = client(server, "m", s, "good")
+        watcher = client(server, "m", s, "w")
+        good.set_local(make_affiliate("good", 1))
+        for x in (good, watcher):
+            x.start()
+        try:
+            async with Raw(server) as raw:
+                await raw.update("m", "short", data=b"tiny")
+                await raw.update("m", "notpb", data=cipher.seal_data(b"\xff\xff\xff\xff"))
+                await raw.update("m", "noid", data=cipher.seal_data(b""))
+                # Valid data but one endpoint that does not decrypt: kept, endpoint dropped.
+                await raw.update(
+                    "m", "badep",
+                    data=cipher.seal_data(encode_affiliate(make_affiliate("badep", 4))),
+                    endpoints=[b"\x01" * 15, cipher.seal_endpoint(encode_endpoint(("10.5.0.4", 51820)))],
+                )
+            got = await watcher.wait_for(lambda t: {"good", "badep"} <= set(t), 20)
+            await asyncio.sleep(0.2)
+            assert set(watcher.affiliates) == {"good", "badep"}
+            assert got["badep"].kubespan.endpoints == (("10.5.0.4", 51820),)
+        finally:
+            for x in (good, watcher):
+                await x.close()
+
+    run(main())
+
+
+def test_client_follows_redirect(make_server):
+    real = make_server()
+    front = make_server(redirect_endpoint=f"127.0.0.1:{real.port}")
+
+    async def main() -> None:
+        s = new_secret()
+        a = client(front, "r", s, "a")
+        b = client(real, "r", s, "b")
+        a.set_local(make_affiliate("a", 1))
+        b.set_local(make_affiliate("b", 2))
+        a.start()
+        b.start()
+        try:
+            await a.wait_for(lambda t: "b" in t, 20)
+            assert a.endpoint == f"127.0.0.1:{real.port}"
+            async with Raw(front) as raw:
+                assert await raw.list("r") == {}
+        finally:
+            await a.close()
+            await b.close()
+
+    run(main())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_client_retries_until_service_appears_and_republishes_after_restart(make_server):
+    port = _free_port()
+    s = new_secret()
+
+    async def main() -> None:
+        a = DiscoveryClient(f"127.0.0.1:{port}", "b", s, "a", insecure=True, **FAST)
+        a.set_local(make_affiliate("a", 1))
+        a.start()
+        try:
+            await asyncio.sleep(0.5)
+            assert not a.connected
+            first = await asyncio.to_thread(make_server, port)
+            async with Raw(first) as raw:
+                for _ in range(200):
+                    if "a" in await raw.list("b"):
+                        break
+                    await asyncio.sleep(0.05)
+                else:
+                    raise AssertionError("client never published")
+            await asyncio.to_thread(first.stop)
+            second = await asyncio.to_thread(make_server, port)  # empty state, same port
+            async with Raw(second) as raw:
+                for _ in range(200):
+                    if "a" in await raw.list("b"):
+                        break
+                    await asyncio.sleep(0.05)
+                else:
+                    raise AssertionError("client never republished after restart")
+        finally:
+            await a.close()
+
+    run(main())
+
+
+def _self_signed(tmp_path):
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    from ipaddress import ip_address
+
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.DNSName("localhost"), x509.IPAddress(ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    (tmp_path / "tls.crt").write_bytes(cert_pem)
+    (tmp_path / "tls.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return str(tmp_path / "tls.crt"), str(tmp_path / "tls.key"), cert_pem
+
+
+def test_tls(make_server, tmp_path):
+    cert, key, pem = _self_signed(tmp_path)
+    server = make_server(tls_cert_file=cert, tls_key_file=key)
+
+    async def main() -> None:
+        s = new_secret()
+        a = DiscoveryClient(f"https://localhost:{server.port}/", "tls", s, "a", root_certificates=pem, **FAST)
+        b = DiscoveryClient(f"127.0.0.1:{server.port}", "tls", s, "b", root_certificates=pem, **FAST)
+        plain = DiscoveryClient(f"127.0.0.1:{server.port}", "tls", s, "p", insecure=True, **FAST)
+        a.set_local(make_affiliate("a", 1))
+        b.set_local(make_affiliate("b", 2))
+        for x in (a, b, plain):
+            x.start()
+        try:
+            await a.wait_for(lambda t: "b" in t, 20)
+            await b.wait_for(lambda t: "a" in t, 20)
+            assert not plain.connected  # h2c against a TLS port gets nowhere
+        finally:
+            for x in (a, b, plain):
+                await x.close(leave=x is not plain)
+
+    run(main())
+
+
+def test_metrics_endpoint(make_server):
+    server = make_server(metrics_port=0)
+
+    async def main() -> None:
+        s = new_secret()
+        a = client(server, "met", s, "a")
+        a.set_local(make_affiliate("a", 1))
+        a.start()
+        try:
+            async with Raw(server) as raw:
+                for _ in range(200):
+                    if "a" in await raw.list("met"):
+                        break
+                    await asyncio.sleep(0.05)
+            url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+            text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read().decode())
+        finally:
+            await a.close()
+        assert "discovery_state_clusters 1" in text
+        assert "discovery_state_affiliates 1" in text
+        assert "discovery_state_endpoints 1" in text
+        assert "discovery_state_subscriptions 1" in text
+        assert "discovery_state_gc_runs_total" in text
+        assert 'discovery_server_requests_total{method="Hello",code="OK"}' in text
+        assert 'discovery_server_requests_total{method="AffiliateUpdate",code="OK"}' in text
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/other", timeout=10)
+            raise AssertionError("expected 404")
+        except urllib.error.HTTPError as err:
+            assert err.code == 404
+
+    run(main())
+
+
+def test_updates_iterator_yields_current_set(server):
+    async def main() -> None:
+        s = new_secret()
+        a, b = client(server, "it", s, "a"), client(server, "it", s, "b")
+        a.set_local(make_affiliate("a", 1))
+        b.set_local(make_affiliate("b", 2))
+        a.start()
+        b.start()
+        try:
+            async for table in a.updates():
+                if "b" in table:
+                    assert table["b"] == make_affiliate("b", 2)
+                    break
+        finally:
+            await a.close()
+            await b.close()
+
+    run(main())
+
+
+def test_close_with_leave_when_service_unreachable_does_not_raise():
+    async def main() -> None:
+        a = DiscoveryClient("127.0.0.1:1", "x", new_secret(), "a", insecure=True, rpc_timeout=0.5, **FAST)
+        a.set_local(make_affiliate("a", 1))
+        a.start()
+        await asyncio.sleep(0.2)
+        await a.close(leave=True)
+
+    run(main())
