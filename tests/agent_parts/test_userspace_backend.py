@@ -56,7 +56,7 @@ def pair(request, lab: nx.Lab) -> tuple[Node, Node]:
         nx.add_address(ns, veths[i], f"{nx.OUTER4[i]}/24")
         link = nx.unique_name("ks", 8)
         nx.LEDGER.sockets.add(socket_path(link))
-        backend = UserspaceBackend(argv, netns=ns.name, env={"LOG_LEVEL": "error"})
+        backend = UserspaceBackend(argv, netns=ns.name, env={"LOG_LEVEL": "verbose"})
         lab.defer(backend.down)
         priv, pub = keypair()
         port = 51820 + i
@@ -211,3 +211,24 @@ def test_down_leaves_nothing(pair) -> None:
     a.backend.down()  # idempotent
     with pytest.raises(BackendError):
         a.backend.peer_states()
+
+
+@pytest.mark.netns
+def test_uapi_errors_and_no_keys_in_logs(pair, caplog) -> None:
+    import base64
+    import logging
+
+    from control.backends.uapi_client import UAPIError
+
+    a, b = pair
+    caplog.set_level(logging.DEBUG)
+    a.backend.apply_peers([peer_of(b)])
+    with pytest.raises(UAPIError) as err:
+        UAPIClient(socket_path(a.link)).set([("listen_port", "notaport")])
+    assert err.value.errno not in (None, 0)
+    a.backend.peer_states()
+    a.backend.down()
+    logged = caplog.text + "".join(a.backend._output)
+    for secret in (a.private, PSK):
+        assert secret.hex() not in logged
+        assert base64.b64encode(secret).decode() not in logged
