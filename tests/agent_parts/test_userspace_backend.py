@@ -54,6 +54,7 @@ def pair(request, lab: nx.Lab) -> tuple[Node, Node]:
     nodes = []
     for i, ns in enumerate(nss):
         nx.add_address(ns, veths[i], f"{nx.OUTER4[i]}/24")
+        nx.add_address(ns, veths[i], f"{nx.OUTER6[i]}/64")
         link = nx.unique_name("ks", 8)
         nx.LEDGER.sockets.add(socket_path(link))
         backend = UserspaceBackend(argv, netns=ns.name, env={"LOG_LEVEL": "verbose"})
@@ -232,3 +233,14 @@ def test_uapi_errors_and_no_keys_in_logs(pair, caplog) -> None:
     for secret in (a.private, PSK):
         assert secret.hex() not in logged
         assert base64.b64encode(secret).decode() not in logged
+
+
+@pytest.mark.netns
+def test_ipv6_outer_endpoint(pair) -> None:
+    a, b = pair
+    v6 = PeerConfig(b.public, PSK, (nx.OUTER6[1], b.port), 0, (N(f"{b.inner}/32"),))
+    a.backend.apply_peers([v6])
+    b.backend.apply_peers([peer_of(a, endpoint=False)])
+    nx.ping(a.ns, b.inner, count=1)
+    assert a.backend.peer_states()[b.public].endpoint == (nx.OUTER6[1], b.port)
+    assert b.backend.peer_states()[a.public].endpoint == (nx.OUTER6[0], a.port)
