@@ -209,6 +209,8 @@ def apply_policy(link: str, mtu: int, *, netns: str | None = None) -> None:
             if not found:
                 raise RoutingError(f"link {link!r} does not exist")
             oif = found[0]
+            if not ipr.get_links(oif)[0]["flags"] & 1:  # IFF_UP; IPv6 refuses routes via a down link
+                raise RoutingError(f"link {link!r} is down")
             for family in _FAMILIES:
                 rules = _our_rules(ipr, family)
                 exact = [

@@ -239,6 +239,9 @@ def test_update_is_atomic_and_bad_input_changes_nothing(host: nx.Netns) -> None:
         routing.apply(set_b, "kubespan", 100, netns=host.name)
     with pytest.raises(routing.RoutingError):
         routing.apply(set_b, "nosuchlink", 1420, netns=host.name)
+    host.run("ip", "link", "add", "ksdown", "type", "veth", "peer", "name", "ksdownp")
+    with pytest.raises(routing.RoutingError, match="is down"):
+        routing.apply(set_b, "ksdown", 1420, netns=host.name)
     assert routing.snapshot(netns=host.name) == before
 
 
