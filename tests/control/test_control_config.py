@@ -282,3 +282,28 @@ def test_config_error_lists_every_problem_in_its_message() -> None:
 def test_kubespan_disabled_without_discovery_is_valid() -> None:
     cfg = load_config("version: v1alpha1\nmachine: {}\ncluster: {}\n")
     assert cfg == MachineConfig()
+
+
+# --- arbitrary input never escapes as anything but ConfigError --------------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 70000), st.text(max_size=12),
+                     st.sampled_from(["10.0.0.0/8", "!1.2.3.4", "[::1]:80", "1.2.3.4:5", "abc"]))
+_values = st.recursive(_scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=3), st.dictionaries(st.sampled_from(
+        ["enabled", "mtu", "filters", "endpoints", "excludeAdvertisedNetworks", "service", "kubernetes",
+         "registries", "disabled", "endpoint", "x"]), inner, max_size=4)), max_leaves=12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(kubespan=_values, discovery=_values, ours=_values, secret=_scalars)
+def test_fuzzed_configs_raise_only_config_error(kubespan, discovery, ours, secret) -> None:
+    docs = [{"version": "v1alpha1", "machine": {"network": {"kubespan": kubespan}},
+             "cluster": {"id": "x", "secret": secret, "discovery": discovery}},
+            {"apiVersion": "v1alpha1", "kind": "KubeSpanPyConfig", "podCIDRs": ours, "listenPort": ours},
+            {"apiVersion": "v1alpha1", "kind": "KubeSpanEndpointsConfig", "extraAnnouncedEndpoints": ours}]
+    try:
+        load_config(yaml.safe_dump_all(docs))
+    except ConfigError as exc:
+        assert exc.problems and all(isinstance(p, str) and isinstance(m, str) for p, m in exc.problems)
