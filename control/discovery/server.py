@@ -99,10 +99,33 @@ def write_atomic(path: Path, blob: bytes) -> None:
         os.close(dfd)
 
 
+class _Malformed:
+    """Stands in for a request body that did not deserialize, so the handler can refuse it."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _lenient(message_type: Any) -> Callable[[bytes], Any]:
+    def parse(body: bytes) -> Any:
+        try:
+            return message_type.FromString(body)
+        except Exception as exc:  # DecodeError, or UTF-8 errors in string fields
+            return _Malformed(exc)
+
+    return parse
+
+
 class _Abort(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+def _refuse_malformed(request: Any) -> None:
+    # Same status a Go gRPC server gives for a body it cannot unmarshal.
+    if isinstance(request, _Malformed):
+        raise _Abort(grpc.StatusCode.INTERNAL, f"error unmarshalling request: {request.error}")
 
 
 def _limit_status(err: LimitError) -> grpc.StatusCode:
@@ -113,9 +136,10 @@ class _ClusterService(pbg.ClusterServicer):
     def __init__(self, owner: "DiscoveryServer") -> None:
         self._o = owner
 
-    async def _unary(self, method: str, context: grpc.aio.ServicerContext, fn: Callable[[], T]) -> T:
+    async def _unary(self, method: str, request: Any, context: grpc.aio.ServicerContext, fn: Callable[[], T]) -> T:
         code = grpc.StatusCode.OK
         try:
+            _refuse_malformed(request)
             await self._o._admit(context)
             try:
                 return fn()
@@ -139,7 +163,7 @@ class _ClusterService(pbg.ClusterServicer):
                 resp.redirect.endpoint = self._o.options.redirect_endpoint
             return resp
 
-        return await self._unary("Hello", context, handle)
+        return await self._unary("Hello", request, context, handle)
 
     async def AffiliateUpdate(
         self, request: pb.AffiliateUpdateRequest, context: grpc.aio.ServicerContext
@@ -153,7 +177,7 @@ class _ClusterService(pbg.ClusterServicer):
             )
             return pb.AffiliateUpdateResponse()
 
-        return await self._unary("AffiliateUpdate", context, handle)
+        return await self._unary("AffiliateUpdate", request, context, handle)
 
     async def AffiliateDelete(
         self, request: pb.AffiliateDeleteRequest, context: grpc.aio.ServicerContext
@@ -162,19 +186,20 @@ class _ClusterService(pbg.ClusterServicer):
             self._o.state.delete(request.cluster_id, request.affiliate_id)
             return pb.AffiliateDeleteResponse()
 
-        return await self._unary("AffiliateDelete", context, handle)
+        return await self._unary("AffiliateDelete", request, context, handle)
 
     async def List(self, request: pb.ListRequest, context: grpc.aio.ServicerContext) -> pb.ListResponse:
         def handle() -> pb.ListResponse:
             return pb.ListResponse(affiliates=[_to_pb(v) for v in self._o.state.list(request.cluster_id)])
 
-        return await self._unary("List", context, handle)
+        return await self._unary("List", request, context, handle)
 
     async def Watch(self, request: pb.WatchRequest, context: grpc.aio.ServicerContext):  # type: ignore[override]
         code = grpc.StatusCode.OK
         wake = asyncio.Event()
         sub = None
         try:
+            _refuse_malformed(request)
             await self._o._admit(context)
             try:
                 snapshot, sub = self._o.state.subscribe(request.cluster_id, wake.set)
@@ -201,6 +226,30 @@ class _ClusterService(pbg.ClusterServicer):
             if sub is not None:
                 sub.close()
             self._o.requests.record("Watch", code.name)
+
+
+def _handlers(service: _ClusterService) -> grpc.GenericRpcHandler:
+    """The Cluster service's method table, with request parsing that cannot raise."""
+
+    def unary(fn: Any, req: Any, resp: Any) -> grpc.RpcMethodHandler:
+        return grpc.unary_unary_rpc_method_handler(
+            fn, request_deserializer=_lenient(req), response_serializer=resp.SerializeToString
+        )
+
+    return grpc.method_handlers_generic_handler(
+        "sidero.discovery.server.Cluster",
+        {
+            "Hello": unary(service.Hello, pb.HelloRequest, pb.HelloResponse),
+            "AffiliateUpdate": unary(service.AffiliateUpdate, pb.AffiliateUpdateRequest, pb.AffiliateUpdateResponse),
+            "AffiliateDelete": unary(service.AffiliateDelete, pb.AffiliateDeleteRequest, pb.AffiliateDeleteResponse),
+            "List": unary(service.List, pb.ListRequest, pb.ListResponse),
+            "Watch": grpc.unary_stream_rpc_method_handler(
+                service.Watch,
+                request_deserializer=_lenient(pb.WatchRequest),
+                response_serializer=pb.WatchResponse.SerializeToString,
+            ),
+        },
+    )
 
 
 class DiscoveryServer:
@@ -264,7 +313,7 @@ class DiscoveryServer:
                 ("grpc.keepalive_permit_without_calls", 1),
             ]
         )
-        pbg.add_ClusterServicer_to_server(_ClusterService(self), server)
+        server.add_generic_rpc_handlers((_handlers(_ClusterService(self)),))
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         if o.tls_cert_file and o.tls_key_file:
             creds = grpc.ssl_server_credentials(
