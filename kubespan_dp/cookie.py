@@ -77,7 +77,11 @@ class CookieChecker:
     def check_mac2(self, msg: bytes, source: tuple[str, int], now: float) -> bool:
         if not self._secret_valid(now) or len(msg) < 2 * MAC_SIZE:
             return False
-        cookie = crypto.mac(self._secret, source_bytes(source))
+        try:
+            src = source_bytes(source)
+        except (TypeError, ValueError):
+            return False
+        cookie = crypto.mac(self._secret, src)
         _, smac2 = _mac_offsets(msg)
         return crypto.constant_time_equal(crypto.mac(cookie, msg[:smac2]), msg[smac2:])
 

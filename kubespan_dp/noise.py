@@ -161,12 +161,13 @@ class Handshake:
     """Handshake state kept per peer (wireguard-go's Handshake struct)."""
 
     remote_static: bytes
-    preshared_key: bytes = ZERO_KEY
-    static_static: bytes = ZERO_KEY        # DH(our static, their static); zero = unusable
+    preshared_key: bytes = field(default=ZERO_KEY, repr=False)
+    # DH(our static, their static), precomputed; all zero means unusable.
+    static_static: bytes = field(default=ZERO_KEY, repr=False)
     state: HandshakeState = HandshakeState.ZEROED
-    ck: bytes = ZERO_KEY
-    h: bytes = ZERO_KEY
-    local_ephemeral: bytes = ZERO_KEY
+    ck: bytes = field(default=ZERO_KEY, repr=False)
+    h: bytes = field(default=ZERO_KEY, repr=False)
+    local_ephemeral: bytes = field(default=ZERO_KEY, repr=False)
     local_index: int = 0
     remote_index: int = 0
     remote_ephemeral: bytes = ZERO_KEY
@@ -218,8 +219,8 @@ class ConsumedInitiation(Generic[P]):
 
     peer: P
     handshake: Handshake
-    ck: bytes
-    h: bytes
+    ck: bytes = field(repr=False)
+    h: bytes = field(repr=False)
     sender: int
     ephemeral: bytes
     timestamp: bytes
@@ -284,8 +285,8 @@ def create_response(hs: Handshake, ephemeral_private: bytes, sender_index: int) 
 @dataclass
 class ConsumedResponse:
     handshake: Handshake
-    ck: bytes
-    h: bytes
+    ck: bytes = field(repr=False)
+    h: bytes = field(repr=False)
     sender: int
 
     def commit(self) -> None:
@@ -310,8 +311,8 @@ def consume_response(msg: Response, hs: Handshake, local_private: bytes) -> Cons
 
 @dataclass
 class SessionKeys:
-    send: bytes
-    receive: bytes
+    send: bytes = field(repr=False)
+    receive: bytes = field(repr=False)
     is_initiator: bool
     local_index: int
     remote_index: int

@@ -275,3 +275,23 @@ def test_private_key_change_renegotiates() -> None:
     p.send(p.a, ipv4_packet(A_IP, B_IP, b"after key change"))
     p.deliver()
     assert p.b.inbox[-1][1] == ipv4_packet(A_IP, B_IP, b"after key change")
+
+
+def test_secrets_stay_out_of_reprs() -> None:
+    psk = bytes(range(100, 132))
+    p = Pair(psk=psk)
+    p.handshake()
+    peer = p.peer_of(p.a)
+    kp = peer.keypairs.current
+    text = " ".join(repr(x) for x in (peer, peer.handshake, kp, p.a.events))
+    for secret in (psk, kp.send_key, kp.receive_key, p.a.core.private_key):
+        assert secret.hex() not in text and repr(secret) not in text
+
+
+def test_under_load_with_unparseable_source_does_not_raise() -> None:
+    p = Pair()
+    p.b.core.under_load = True
+    p.send(p.a, ipv4_packet(A_IP, B_IP))
+    init = p.wire[0][0]
+    out = p.b.core.receive_datagram(init, ("not-an-ip", 1), 0.0)
+    assert not out.datagrams and p.b.core.dropped["invalid_source"] == 1
