@@ -81,15 +81,18 @@ def routed_prefixes(
     """
     picked: list[IPNetwork] = []
     for key, nets in allowed_ips.items():
-        if allow_down_peer_bypass and str(getattr(states.get(key), "value", states.get(key))) != "up":
+        state = states.get(key)
+        state_name = getattr(state, "value", state)  # PeerStateName or plain string
+        if allow_down_peer_bypass and state_name != "up":
             continue
         picked.extend(n for n in nets if not is_kubespan_ula(n))
     return _collapse(picked)
 
 
 def _collapse(nets: Iterable[IPNetwork]) -> list[IPNetwork]:
+    nets = list(nets)
     v4 = [n for n in nets if n.version == 4]
-    v6 = [n for n in nets if n.version == 6]  # type: ignore[union-attr]
+    v6 = [n for n in nets if n.version == 6]
     return [*ipaddress.collapse_addresses(v4), *ipaddress.collapse_addresses(v6)]
 
 

@@ -30,6 +30,11 @@ def test_routed_prefixes_bypass_and_ula() -> None:
     only_up = routing.routed_prefixes(allowed, states, allow_down_peer_bypass=True)
     assert [str(n) for n in only_up] == ["10.0.1.0/24", "192.0.2.1/32"]
     assert routing.routed_prefixes({}, {}, False) == []
+    # a peer without a status yet counts as not up; generators are fine as input
+    nostatus = {"new": (n for n in [N("10.9.0.0/16")])}
+    assert routing.routed_prefixes(nostatus, {}, allow_down_peer_bypass=True) == []
+    nostatus = {"new": (n for n in [N("10.9.0.0/16")])}
+    assert routing.routed_prefixes(nostatus, {}, allow_down_peer_bypass=False) == [N("10.9.0.0/16")]
 
 
 def test_kubespan_ula_detection() -> None:
