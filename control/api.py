@@ -18,17 +18,11 @@ import socket
 import struct
 from typing import Any, AsyncIterator, Callable
 
+from control import records
+
 log = logging.getLogger(__name__)
 
-RESOURCE_TYPES = ("kubespanidentities", "kubespanpeerspecs", "kubespanpeerstatuses",
-                  "kubespanendpoints")
-# talosctl accepts singular and short forms too.
-ALIASES = {
-    "kubespanidentity": "kubespanidentities", "ksi": "kubespanidentities",
-    "kubespanpeerspec": "kubespanpeerspecs", "kps": "kubespanpeerspecs",
-    "kubespanpeerstatus": "kubespanpeerstatuses", "kubespanpeerstatuss": "kubespanpeerstatuses",
-    "kubespanendpoint": "kubespanendpoints", "kse": "kubespanendpoints",
-}
+RESOURCE_TYPES = tuple(kind.aliases[0] for kind in records.KINDS)
 MAX_REQUEST = 4096
 
 
@@ -37,10 +31,20 @@ def socket_address(link: str) -> str:
 
 
 def canonical_type(name: str) -> str | None:
-    name = name.lower()
-    if name in RESOURCE_TYPES:
-        return name
-    return ALIASES.get(name)
+    try:
+        return records.kind_by_name(name).aliases[0]
+    except KeyError:
+        return None
+
+
+def record_to_wire(record: records.Record) -> dict[str, Any]:
+    return {"id": record.id, "version": record.version, "namespace": record.namespace,
+            "spec": dict(record.spec)}
+
+
+def record_from_wire(rtype: str, doc: dict[str, Any]) -> records.Record:
+    return records.Record(records.kind_by_name(rtype), doc["id"], doc["spec"], doc["version"],
+                          doc.get("namespace", records.NAMESPACE))
 
 
 class ResourceStore:

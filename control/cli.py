@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import socket
 import sys
 
 DESCRIPTION = """\
@@ -48,8 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def get_main(argv: list[str]) -> int:
-    from control import api
-    from control.records import render
+    from control import api, records
 
     parser = argparse.ArgumentParser(
         prog="kubespan get",
@@ -64,8 +64,11 @@ def get_main(argv: list[str]) -> int:
         parser.error(f"unknown resource type {args.type!r}; known: {', '.join(api.RESOURCE_TYPES)}")
 
     async def show() -> None:
-        async for records in api.query(args.link, rtype, args.watch):
-            print(render(rtype, records, args.output), flush=True)
+        kind = records.kind_by_name(rtype)
+        node = socket.gethostname()
+        async for docs in api.query(args.link, rtype, args.watch):
+            found = [api.record_from_wire(rtype, doc) for doc in docs]
+            print(records.render(found, kind, args.output, node), end="", flush=True)
 
     try:
         asyncio.run(show())

@@ -114,9 +114,11 @@ class Lab:
         self._closed = True
         for host in self.hosts:
             stop_processes(host.processes)
-        for host in self.hosts:
-            run(["ip", "netns", "del", host.netns], check=False)
-        run(["ip", "netns", "del", self.bridge_ns], check=False)
+        namespaces = [host.netns for host in self.hosts] + [self.bridge_ns]
+        for netns in namespaces:
+            kill_namespace_processes(netns)
+        for netns in namespaces:
+            run(["ip", "netns", "del", netns], check=False)
 
 
 def stop_processes(processes: list[subprocess.Popen], grace: float = 5.0) -> None:
@@ -138,6 +140,16 @@ def stop_processes(processes: list[subprocess.Popen], grace: float = 5.0) -> Non
             except ProcessLookupError:
                 pass
             proc.wait(timeout=5)
+
+
+def kill_namespace_processes(netns: str) -> None:
+    """Kill whatever still runs in a namespace (e.g. a daemon whose parent was killed)."""
+    pids = run(["ip", "netns", "pids", netns], check=False).stdout.split()
+    for pid in pids:
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
 
 
 def is_ip(text: str) -> bool:

@@ -1,0 +1,322 @@
+"""The KubeSpan agent: the reconcile loop that a user runs on each node.
+
+On start it loads the machine config and the node's identity, brings up the
+WireGuard link (kernel module or our userspace daemon, whichever the mode picks),
+publishes the local affiliate to the discovery service and watches the others. Every
+discovery change, and every 30 s, it reconciles:
+
+    affiliates -> peer specs -> (WireGuard's view) -> peer states, endpoint choice
+               -> WireGuard peers (a diff) -> routed prefixes -> nftables + rules
+               -> harvested endpoints back to discovery -> records, metrics
+
+Netlink (pyroute2) does not run on uvloop, so this loop is plain asyncio and every
+backend or routing call runs in a worker thread. On stop, or when KubeSpan is
+disabled in a reloaded config (SIGHUP), every rule, route, link and process the agent
+made is removed.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+
+from control import api, records, routing
+from control.affiliate import Affiliate
+from control.backends.base import BackendError, PeerConfig, WireGuardBackend
+from control.backends.select import select_backend
+from control.config import ConfigError, MachineConfig, load_config
+from control.discovery.client import DiscoveryClient
+from control.endpoints import local_affiliate, system_addresses
+from control.identity import IdentityError, KubeSpanIdentity, first_physical_mac, \
+    load_or_create_kubespan_identity, load_or_create_node_id
+from control.keys import decode_key
+from control.link import LinkError, set_link_address
+from control.logsetup import setup_logging
+from control.metrics import Metrics, MetricsServer
+from control.peersync import PeerTracker
+from control.peerspec import PeerSpec, build_peer_specs
+
+log = logging.getLogger("control.agent")
+
+WIREGUARD_FWMARK = 0x20
+PERSISTENT_KEEPALIVE = 25
+RECONCILE_INTERVAL = 30.0
+
+
+class AgentError(RuntimeError):
+    """The agent cannot start; the message says why and what to fix."""
+
+
+@dataclass
+class AgentOptions:
+    config_paths: list[str]
+    reconcile_interval: float = RECONCILE_INTERVAL
+    metrics_listen: str | None = None  # "host:port"; off by default
+    hostname: str | None = None
+
+
+class Agent:
+    def __init__(self, config: MachineConfig, options: AgentOptions) -> None:
+        self.config = config
+        self.options = options
+        self.hostname = options.hostname or socket.gethostname()
+        self.store = records.RecordStore()
+        self.api_store = api.ResourceStore()
+        self.metrics = Metrics()
+        self.backend: WireGuardBackend | None = None
+        self.backend_reason = ""
+        self.identity: KubeSpanIdentity | None = None
+        self.node_id = ""
+        self.client: DiscoveryClient | None = None
+        self.tracker = PeerTracker()
+        self.specs: list[PeerSpec] = []
+        self._kick = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._reload = False
+        self._api: api.ApiServer | None = None
+        self._metrics_server: MetricsServer | None = None
+        self._describe_metrics()
+
+    @property
+    def link(self) -> str:
+        return self.config.local.link_name
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        self._api = api.ApiServer(self.api_store, self.link)
+        await self._api.start()
+        if self.options.metrics_listen:
+            host, _, port = self.options.metrics_listen.rpartition(":")
+            self._metrics_server = MetricsServer(self.metrics)
+            bound = await self._metrics_server.start(host.strip("[]") or "127.0.0.1", int(port))
+            log.info("metrics on http://%s:%d/metrics", host or "127.0.0.1", bound)
+        try:
+            await self._serve()
+        finally:
+            await self._teardown()
+            await self._api.stop()
+            if self._metrics_server:
+                await self._metrics_server.stop()
+
+    def stop(self) -> None:
+        log.info("stopping")
+        self._stopping.set()
+        self._kick.set()
+
+    def request_reload(self) -> None:
+        self._reload = True
+        self._kick.set()
+
+    async def _serve(self) -> None:
+        while not self._stopping.is_set():
+            if self._reload:
+                self._reload = False
+                await self._reload_config()
+            if self.config.kubespan.enabled and self.backend is None:
+                await self._bring_up()
+            if self.backend is not None:
+                started = time.monotonic()
+                try:
+                    await self.reconcile()
+                except (BackendError, routing.RoutingError, OSError) as exc:
+                    log.error("reconcile failed, retrying: %s", exc)
+                self.metrics.set("kubespan_reconcile_duration_seconds", time.monotonic() - started)
+                self.metrics.inc("kubespan_reconcile_total")
+            try:
+                await asyncio.wait_for(self._kick.wait(), self.options.reconcile_interval)
+            except asyncio.TimeoutError:
+                pass
+            self._kick.clear()
+
+    async def _bring_up(self) -> None:
+        cfg = self.config
+        state_dir = cfg.local.state_dir
+        mac = first_physical_mac(exclude=(self.link,), allow_virtual=True)
+        if mac is None:
+            raise AgentError("no Ethernet link with a MAC address: cannot derive the KubeSpan address")
+        self.identity = load_or_create_kubespan_identity(state_dir, cfg.cluster_id, mac)
+        self.node_id = load_or_create_node_id(state_dir)
+        self.backend, self.backend_reason = await asyncio.to_thread(select_backend, cfg.local.wireguard_mode)
+        log.info("node %s: KubeSpan address %s, WireGuard %s (%s)", self.node_id, self.identity.address.ip,
+                 self.backend.mode, self.backend_reason)
+        try:
+            await asyncio.to_thread(self.backend.up, self.link, self.identity.private_key, cfg.local.listen_port,
+                                    WIREGUARD_FWMARK, cfg.kubespan.mtu)
+            await asyncio.to_thread(set_link_address, self.link, self.identity.link_address)
+        except (BackendError, LinkError, ValueError):
+            await asyncio.to_thread(self.backend.down)
+            self.backend = None
+            raise
+        endpoint, insecure = cfg.discovery_target()
+        self.client = DiscoveryClient(endpoint, cfg.cluster_id, cfg.cluster_secret, self.node_id,
+                                      insecure=insecure, on_change=lambda _affiliates: self._kick.set())
+        self.client.start()
+        self.store.put(records.identity_record(self.identity))
+
+    async def _teardown(self) -> None:
+        """Withdraw from discovery, remove routing, link and daemon; leaves nothing behind."""
+        if self.client is not None:
+            await self.client.close(leave=True)
+            self.client = None
+        await asyncio.to_thread(routing.remove)
+        if self.backend is not None:
+            await asyncio.to_thread(self.backend.down)
+            self.backend = None
+        self.tracker = PeerTracker()
+        self.specs = []
+        for kind in records.KINDS:
+            self.store.replace_kind(kind, [])
+        await self._publish_records()
+        log.info("KubeSpan torn down: no link, rules, routes or daemon left")
+
+    async def _reload_config(self) -> None:
+        try:
+            new = load_config(*self.options.config_paths)
+        except (ConfigError, OSError) as exc:
+            log.error("config reload rejected, keeping the running config: %s", exc)
+            return
+        structural = (new.cluster_id, new.cluster_secret, new.local, new.kubespan.mtu, new.discovery) != (
+            self.config.cluster_id, self.config.cluster_secret, self.config.local, self.config.kubespan.mtu,
+            self.config.discovery)
+        if self.backend is not None and (not new.kubespan.enabled or structural):
+            await self._teardown()
+        self.config = new
+        log.info("config reloaded (KubeSpan %s)", "enabled" if new.kubespan.enabled else "disabled")
+
+    # -- reconcile --------------------------------------------------------------------
+
+    async def reconcile(self) -> None:
+        assert self.backend is not None and self.client is not None and self.identity is not None
+        cfg = self.config
+        now = time.time()
+        affiliates = {aid: a for aid, a in self.client.affiliates.items() if aid != self.node_id}
+        self.specs = build_peer_specs(affiliates.values(), self.node_id)
+        wg_states = await asyncio.to_thread(self.backend.peer_states)
+        psk = cfg.secret_bytes
+        configs: list[PeerConfig] = []
+        for spec in self.specs:
+            key = decode_key(spec.public_key)
+            endpoint = self.tracker.observe(spec, wg_states.get(key), now)
+            configs.append(PeerConfig(key, psk, endpoint, PERSISTENT_KEEPALIVE, tuple(spec.allowed_ips)))
+        self.tracker.forget_except({s.public_key for s in self.specs})
+        await asyncio.to_thread(self.backend.apply_peers, configs)
+        routed = routing.routed_prefixes({s.public_key: s.allowed_ips for s in self.specs},
+                                         self.tracker.states(), cfg.kubespan.allow_down_peer_bypass)
+        await asyncio.to_thread(routing.apply, routed, self.link, cfg.kubespan.mtu)
+        await self._publish_local(affiliates)
+        self._update_records(affiliates)
+        await self._publish_records()
+        self._update_metrics()
+
+    async def _publish_local(self, affiliates: dict[str, Affiliate]) -> None:
+        assert self.client is not None
+        addresses = await asyncio.to_thread(system_addresses, None, (self.link,))
+        public_ips = [self.client.public_ip] if self.client.public_ip is not None else []
+        local = local_affiliate(node_id=self.node_id, hostname=self.hostname, addresses=addresses,
+                                config=self.config, identity=self.identity, public_ips=public_ips)
+        harvested: dict[str, list] = {}
+        if self.config.kubespan.harvest_extra_endpoints:
+            for affiliate_id, endpoint in self.tracker.harvest(affiliates).values():
+                harvested.setdefault(affiliate_id, []).append(endpoint)
+        self.client.set_local(local, harvested)
+
+    # -- reporting --------------------------------------------------------------------
+
+    def _update_records(self, affiliates: dict[str, Affiliate]) -> None:
+        self.store.replace_kind(records.PEER_SPEC, [records.peer_spec_record(s) for s in self.specs])
+        self.store.replace_kind(records.PEER_STATUS, self.tracker.status_records())
+        harvested = self.tracker.harvest(affiliates)
+        self.store.replace_kind(records.ENDPOINT, [records.endpoint_record(key, aid, ep)
+                                                   for key, (aid, ep) in harvested.items()])
+
+    async def _publish_records(self) -> None:
+        for kind in records.KINDS:
+            docs = [api.record_to_wire(r) for r in self.store.list(kind)]
+            if kind is records.IDENTITY:
+                for doc in docs:
+                    doc["spec"]["wireguardMode"] = self.backend.mode if self.backend else ""
+            await self.api_store.set(kind.aliases[0], docs)
+
+    def _describe_metrics(self) -> None:
+        m = self.metrics
+        m.describe("kubespan_peer_up", "gauge", "1 when the peer is up, 0 otherwise")
+        m.describe("kubespan_peer_state", "gauge", "peer state (label state=up|down|unknown)")
+        m.describe("kubespan_peer_receive_bytes", "gauge", "bytes received from the peer")
+        m.describe("kubespan_peer_transmit_bytes", "gauge", "bytes sent to the peer")
+        m.describe("kubespan_peer_seconds_since_handshake", "gauge", "seconds since the last handshake (-1: never)")
+        m.describe("kubespan_peer_endpoint_changes_total", "counter", "times the agent switched the peer's endpoint")
+        m.describe("kubespan_reconcile_duration_seconds", "gauge", "duration of the last reconcile")
+        m.describe("kubespan_reconcile_total", "counter", "reconciles run")
+        m.describe("kubespan_peers", "gauge", "peers specified")
+
+    def _update_metrics(self) -> None:
+        now = time.time()
+        rows = self.tracker.rows()
+        m = self.metrics
+        m.replace("kubespan_peer_up", [({"peer": k, "label": r.label}, r.state.value == "up") for k, r in rows])
+        m.replace("kubespan_peer_state", [({"peer": k, "label": r.label, "state": r.state.value}, 1) for k, r in rows])
+        m.replace("kubespan_peer_receive_bytes", [({"peer": k, "label": r.label}, r.rx_bytes) for k, r in rows])
+        m.replace("kubespan_peer_transmit_bytes", [({"peer": k, "label": r.label}, r.tx_bytes) for k, r in rows])
+        m.replace("kubespan_peer_seconds_since_handshake",
+                  [({"peer": k, "label": r.label}, -1 if r.last_handshake is None else now - r.last_handshake)
+                   for k, r in rows])
+        m.replace("kubespan_peer_endpoint_changes_total",
+                  [({"peer": k, "label": r.label}, self.tracker.endpoint_changes.get(k, 0)) for k, r in rows])
+        m.set("kubespan_peers", len(rows))
+
+
+# -- command line ---------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kubespan agent",
+        description="Run the KubeSpan agent: bring up the WireGuard link, publish this node to the "
+                    "discovery service, keep a full mesh with every other node and route traffic "
+                    "for them through it. Needs root. SIGHUP reloads the config; SIGINT/SIGTERM "
+                    "stop the agent and remove everything it set up.")
+    parser.add_argument("--config", "-c", action="append", required=True, metavar="FILE",
+                        help="machine config (Talos multi-document YAML); repeat to combine files")
+    parser.add_argument("--metrics-listen", metavar="HOST:PORT",
+                        help="serve Prometheus metrics at http://HOST:PORT/metrics (off by default)")
+    parser.add_argument("--log-json", action="store_true", help="log JSON lines instead of readable text")
+    parser.add_argument("--hostname", help="the hostname to publish (default: this machine's)")
+    parser.add_argument("--reconcile-interval", type=float, default=RECONCILE_INTERVAL, metavar="SECONDS",
+                        help="periodic reconcile interval (default 30, as Talos)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(json_lines=args.log_json, level=logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        config = load_config(*args.config)
+    except ConfigError as exc:
+        print(f"kubespan agent: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"kubespan agent: cannot read config: {exc}", file=sys.stderr)
+        return 2
+    if not config.kubespan.enabled:
+        log.warning("KubeSpan is disabled in the config: removing anything a previous run left")
+    if config.kubespan.enabled and not config.discovery.service_active:
+        print("kubespan agent: KubeSpan needs the discovery service registry enabled", file=sys.stderr)
+        return 2
+    options = AgentOptions(args.config, args.reconcile_interval, args.metrics_listen, args.hostname)
+    agent = Agent(config, options)
+    try:
+        asyncio.run(agent.run())
+    except (AgentError, IdentityError, BackendError, LinkError) as exc:
+        log.error("%s", exc)
+        return 1
+    return 0

@@ -1,0 +1,205 @@
+"""A KubeSpan cluster in a namespace lab: discovery service plus one agent per host.
+
+Used by the demo and the end-to-end tests. The discovery service runs in the bridge
+namespace on 192.0.2.250:3000 (plain h2c), so every node reaches it over the underlay
+and nothing leaves the lab.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from control.netlab import Host, Lab, run, stop_processes
+
+DISCOVERY_ADDRESS = "192.0.2.250"
+DISCOVERY_PORT = 3000
+
+
+@dataclass
+class NodeOptions:
+    mode: str = "userspace"
+    allow_down_peer_bypass: bool = False
+    harvest_extra_endpoints: bool = False
+    extra_endpoints: tuple[str, ...] = ()
+    endpoint_filters: tuple[str, ...] | None = None
+    listen_port: int = 51820
+
+
+@dataclass
+class Node:
+    host: Host
+    link: str
+    state_dir: Path
+    config_path: Path
+    log_path: Path
+    options: NodeOptions
+    agent: subprocess.Popen | None = None
+
+
+@dataclass
+class LabCluster:
+    lab: Lab
+    workdir: Path
+    cluster_id: str
+    cluster_secret: str
+    reconcile_interval: float = 5.0
+    nodes: list[Node] = field(default_factory=list)
+    discovery: subprocess.Popen | None = None
+
+    @classmethod
+    def create(cls, lab: Lab, workdir: Path, reconcile_interval: float = 5.0) -> "LabCluster":
+        import base64
+        cluster_id = base64.urlsafe_b64encode(os.urandom(32)).decode()
+        secret = base64.b64encode(os.urandom(32)).decode()
+        lab._ns_run(lab.bridge_ns, "ip", "addr", "add", f"{DISCOVERY_ADDRESS}/24", "dev", "br0")
+        return cls(lab, Path(workdir), cluster_id, secret, reconcile_interval)
+
+    # -- discovery service ------------------------------------------------------------
+
+    def start_discovery(self) -> None:
+        log = self.workdir / "discovery.log"
+        argv = ["ip", "netns", "exec", self.lab.bridge_ns, sys.executable, "-m", "control.discovery",
+                "--listen", f"{DISCOVERY_ADDRESS}:{DISCOVERY_PORT}",
+                "--snapshot-path", str(self.workdir / "discovery.snapshot")]
+        with open(log, "ab") as out:
+            self.discovery = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            probe = run(["ip", "netns", "exec", self.lab.bridge_ns, "nc", "-z", "-w1", DISCOVERY_ADDRESS,
+                         str(DISCOVERY_PORT)], check=False)
+            if probe.returncode == 0:
+                return
+            if self.discovery.poll() is not None:
+                break
+            time.sleep(0.2)
+        raise RuntimeError(f"discovery service did not start; see {log}:\n{log.read_text()[-2000:]}")
+
+    def stop_discovery(self) -> None:
+        if self.discovery is not None:
+            stop_processes([self.discovery])
+            self.discovery = None
+
+    # -- nodes ------------------------------------------------------------------------
+
+    def add_node(self, options: NodeOptions | None = None, host: Host | None = None) -> Node:
+        host = host or self.lab.add_host()
+        options = options or NodeOptions()
+        node_dir = self.workdir / host.name
+        node_dir.mkdir(parents=True, exist_ok=True)
+        link = f"ksp{self.lab.tag[2:]}{host.index}"[:15]
+        node = Node(host, link, node_dir / "state", node_dir / "machine.yaml", node_dir / "agent.log", options)
+        self.write_config(node)
+        self.nodes.append(node)
+        return node
+
+    def write_config(self, node: Node, enabled: bool = True) -> None:
+        o = node.options
+        kubespan: dict = {"enabled": enabled, "allowDownPeerBypass": o.allow_down_peer_bypass,
+                          "harvestExtraEndpoints": o.harvest_extra_endpoints}
+        if o.endpoint_filters is not None:
+            kubespan["filters"] = {"endpoints": list(o.endpoint_filters)}
+        docs = [
+            {"version": "v1alpha1",
+             "machine": {"network": {"kubespan": kubespan}},
+             "cluster": {"id": self.cluster_id, "secret": self.cluster_secret,
+                         "discovery": {"enabled": True, "registries": {
+                             "kubernetes": {"disabled": True},
+                             "service": {"endpoint": f"http://{DISCOVERY_ADDRESS}:{DISCOVERY_PORT}"}}}}},
+            {"apiVersion": "v1alpha1", "kind": "KubeSpanPyConfig", "listenPort": o.listen_port,
+             "wireguardMode": o.mode, "stateDir": str(node.state_dir), "linkName": node.link},
+        ]
+        if o.extra_endpoints:
+            docs.append({"apiVersion": "v1alpha1", "kind": "KubeSpanEndpointsConfig",
+                         "extraAnnouncedEndpoints": list(o.extra_endpoints)})
+        node.config_path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+        node.config_path.chmod(0o600)
+
+    def start_agent(self, node: Node) -> None:
+        argv = [sys.executable, "-m", "control.cli", "agent", "-c", str(node.config_path),
+                "--hostname", node.host.name, "--reconcile-interval", str(self.reconcile_interval)]
+        node.agent = node.host.spawn(*argv, log_path=str(node.log_path))
+
+    def stop_agent(self, node: Node, kill: bool = False) -> None:
+        if node.agent is None:
+            return
+        if kill:
+            # Kill the agent and its daemon outright, as a crashed node would.
+            from control.netlab import kill_namespace_processes
+            kill_namespace_processes(node.host.netns)
+            node.agent.wait(timeout=10)
+        else:
+            stop_processes([node.agent], grace=20)
+        node.agent = None
+
+    def agent_log(self, node: Node) -> str:
+        try:
+            return node.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    # -- queries ----------------------------------------------------------------------
+
+    def get(self, node: Node, rtype: str) -> list[dict]:
+        """`kubespan get RTYPE -o json` run inside the node; the documents it prints."""
+        proc = node.host.run(sys.executable, "-m", "control.cli", "get", rtype, "-o", "json",
+                             "--link", node.link, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"kubespan get {rtype} on {node.host.name}: {proc.stderr.strip()}")
+        return _json_stream(proc.stdout)
+
+    def get_table(self, node: Node, rtype: str) -> str:
+        return node.host.run(sys.executable, "-m", "control.cli", "get", rtype, "--link", node.link).stdout
+
+    def peers_up(self, node: Node) -> int:
+        try:
+            return sum(1 for doc in self.get(node, "kubespanpeerstatuses") if doc["spec"]["state"] == "up")
+        except RuntimeError:
+            return 0
+
+    def wait_full_mesh(self, timeout: float = 120.0, progress: Callable[[int, int], None] | None = None,
+                       nodes: list[Node] | None = None) -> None:
+        nodes = nodes if nodes is not None else [n for n in self.nodes if n.agent is not None]
+        want = len(nodes) * (len(nodes) - 1)
+        deadline = time.monotonic() + timeout
+        last = -1
+        while True:
+            up = sum(min(self.peers_up(n), len(nodes) - 1) for n in nodes)
+            if progress and up != last:
+                progress(up, want)
+                last = up
+            if up >= want:
+                return
+            for n in nodes:
+                if n.agent is not None and n.agent.poll() is not None:
+                    raise RuntimeError(f"agent on {n.host.name} exited ({n.agent.returncode}):\n"
+                                       + self.agent_log(n)[-3000:])
+            if time.monotonic() > deadline:
+                logs = "\n".join(f"--- {n.host.name}\n{self.agent_log(n)[-2000:]}" for n in nodes)
+                raise TimeoutError(f"full mesh not reached in {timeout:.0f}s ({up}/{want} peer links up)\n{logs}")
+            time.sleep(1)
+
+    def close(self) -> None:
+        for node in self.nodes:
+            self.stop_agent(node)
+        self.stop_discovery()
+
+
+def _json_stream(text: str) -> list[dict]:
+    decoder = json.JSONDecoder()
+    docs, pos = [], 0
+    text = text.strip()
+    while pos < len(text):
+        doc, end = decoder.raw_decode(text, pos)
+        docs.append(doc)
+        pos = end
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+    return docs

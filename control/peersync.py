@@ -1,0 +1,49 @@
+"""Per-peer status kept across reconciles: WireGuard's view, state, endpoint choice."""
+from __future__ import annotations
+
+from control import records
+from control.affiliate import Address, Affiliate
+from control.backends.base import PeerState
+from control.peerspec import PeerSpec
+from control.peerstate import PeerStateName, PeerStatus, harvest_endpoints
+
+
+class PeerTracker:
+    def __init__(self) -> None:
+        self._statuses: dict[str, PeerStatus] = {}  # by public key (base64)
+        self.endpoint_changes: dict[str, int] = {}
+
+    def observe(self, spec: PeerSpec, wg: PeerState | None, now: float) -> Address | None:
+        """Update one peer from WireGuard; return the endpoint to configure (None: keep WireGuard's)."""
+        status = self._statuses.setdefault(spec.public_key, PeerStatus(label=spec.label))
+        status.label = spec.label
+        status.update_from_wireguard(wg)
+        status.calculate_state(now)
+        endpoint, changed = status.reconcile_endpoint(list(spec.endpoints), now)
+        if changed:
+            self.endpoint_changes[spec.public_key] = self.endpoint_changes.get(spec.public_key, 0) + 1
+        return endpoint
+
+    def forget_except(self, keys: set[str]) -> None:
+        for key in list(self._statuses):
+            if key not in keys:
+                del self._statuses[key]
+                self.endpoint_changes.pop(key, None)
+
+    def states(self) -> dict[str, PeerStateName]:
+        return {key: status.state for key, status in self._statuses.items()}
+
+    def rows(self) -> list[tuple[str, PeerStatus]]:
+        return sorted(self._statuses.items())
+
+    def harvest(self, affiliates: dict[str, Affiliate]) -> dict[str, tuple[str, Address]]:
+        """public key -> (affiliate id, endpoint) for every peer up with a known endpoint."""
+        by_key = {a.kubespan.public_key: a.node_id for a in affiliates.values() if a.kubespan is not None}
+        return {key: (h.affiliate_id, h.endpoint)
+                for key, h in harvest_endpoints(self._statuses, by_key).items()}
+
+    def status_records(self) -> list[records.Record]:
+        return [records.peer_status_record(
+            key, label=s.label, state=s.state.value, endpoint=s.endpoint, rx_bytes=s.rx_bytes,
+            tx_bytes=s.tx_bytes, last_handshake=s.last_handshake, last_used_endpoint=s.last_used_endpoint,
+            last_endpoint_change=s.last_endpoint_change) for key, s in self.rows()]
