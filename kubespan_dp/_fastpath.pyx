@@ -79,6 +79,20 @@ cdef enum:
     ST_EMPTY = 6
 
 
+cdef extern from *:
+    """
+    #define KS_ATOMIC_OR(p, v) __atomic_fetch_or((p), (v), __ATOMIC_RELAXED)
+    #define KS_ATOMIC_XCHG(p, v) __atomic_exchange_n((p), (v), __ATOMIC_RELAXED)
+    #define KS_ATOMIC_ADD64(p, v) __atomic_fetch_add((p), (v), __ATOMIC_RELAXED)
+    #define KS_ATOMIC_LOAD64(p) __atomic_load_n((p), __ATOMIC_RELAXED)
+    #define KS_ATOMIC_STORE64(p, v) __atomic_store_n((p), (v), __ATOMIC_RELAXED)
+    """
+    uint32_t KS_ATOMIC_OR(uint32_t *p, uint32_t v) nogil
+    uint32_t KS_ATOMIC_XCHG(uint32_t *p, uint32_t v) nogil
+    uint64_t KS_ATOMIC_ADD64(uint64_t *p, uint64_t v) nogil
+    uint64_t KS_ATOMIC_LOAD64(uint64_t *p) nogil
+    void KS_ATOMIC_STORE64(uint64_t *p, uint64_t v) nogil
+
 class AuthenticationError(ValueError):
     """The Poly1305 tag did not verify."""
 
@@ -404,6 +418,15 @@ cdef struct keypair_t:
     bint is_initiator
     replay_t replay              # touched by the receiving thread only
     uint64_t rx_packets          # authenticated packets received on this keypair
+    int32_t peer                 # PacketLoop peer slot while installed there
+
+
+cdef inline uint64_t _take_counter(keypair_t *kp) noexcept nogil:
+    # Atomic, so the loop thread and Python (re-sealing the core's keepalives) can
+    # share a keypair without ever reusing a nonce.  Saturates at the limit.
+    if KS_ATOMIC_LOAD64(&kp.send_counter) >= REJECT_AFTER_MESSAGES:
+        return REJECT_AFTER_MESSAGES
+    return KS_ATOMIC_ADD64(&kp.send_counter, 1)
 
 
 cdef int _seal_batch(keypair_t *kp, PacketBatch b, Py_ssize_t mtu, int start,
@@ -420,11 +443,10 @@ cdef int _seal_batch(keypair_t *kp, PacketBatch b, Py_ssize_t mtu, int start,
         if padded + OVERHEAD > b.slot_size:
             b.status[i] = ST_MALFORMED
             continue
-        counter = kp.send_counter
+        counter = _take_counter(kp)
         if counter >= REJECT_AFTER_MESSAGES:
             b.status[i] = ST_EXHAUSTED
             continue
-        kp.send_counter = counter + 1
         if padded > n:
             memset(slot + HEADER_LEN + n, 0, padded - n)
         _put_le32(slot, MSG_TRANSPORT)
@@ -562,6 +584,29 @@ cdef class Keypair:
         """Record ``counter`` as received; False if replayed or too old."""
         return _replay_update(&self.kp.replay, counter)
 
+    def seed_replay(self, uint64_t last) -> None:
+        """Treat every counter up to ``last`` as already received.
+
+        For a keypair whose first packets the Python core opened before handing it
+        over: those (and anything older) must not be accepted a second time.
+        """
+        cdef int k, block = (last >> 6) & (RING_BLOCKS - 1)
+        if last >= REJECT_AFTER_MESSAGES:
+            raise ValueError("counter beyond the limit")
+        for k in range(RING_BLOCKS):
+            self.kp.replay.ring[k] = <uint64_t>0xFFFFFFFFFFFFFFFF
+        # bits above ``last`` in its own block stay clear: those counters are new
+        self.kp.replay.ring[block] = (<uint64_t>0xFFFFFFFFFFFFFFFF) >> (63 - (last & 63))
+        self.kp.replay.last = last
+
+    def reserve_counter(self) -> int:
+        """Take the next send counter (atomically); the limit means exhausted."""
+        return _take_counter(self.kp)
+
+    def expire(self) -> None:
+        """Never send on this keypair again (the core expired it)."""
+        KS_ATOMIC_STORE64(&self.kp.send_counter, REJECT_AFTER_MESSAGES)
+
 
 # ---------------------------------------------------------------------------
 # 4. The crypto limit: a plain EVP loop over the same buffers
@@ -591,3 +636,983 @@ def evp_baseline_open(AEADKey key not None, PacketBatch batch not None) -> int:
             p = batch.slot(i) + HEADER_LEN
             good += _open_one(key._open, <uint64_t>i, p, <int>batch.length[i])
     return good
+
+
+# ---------------------------------------------------------------------------
+# 5. PacketLoop: the data path between TUN and UDP, two C threads
+#
+# TX thread: poll TUN -> read a batch -> allowed-IPs lookup (destination) -> pick the
+#   peer's current keypair -> pad + seal in place -> sendmmsg to the peer's endpoint.
+# RX thread: poll the UDP sockets -> recvmmsg a batch -> receiver-index lookup ->
+#   replay pre-check -> open in place -> replay update -> roam the endpoint -> strip
+#   padding -> source must map to the same peer -> write to TUN.
+#
+# Both run with the GIL released for their whole life.  Anything they cannot finish
+# (handshake and cookie messages, unknown indices, packets for a peer without a
+# usable session, or one packet a second while a rekey is due) goes to the "slow
+# queue" and an eventfd wakes Python, which feeds it to the sans-I/O core.  Python
+# mirrors the core's keypairs, endpoints and allowed IPs into the loop under the
+# write side of one rwlock; the threads hold the read side per batch.
+
+from posix.unistd cimport close as c_close, read as c_read, write as c_write
+
+cdef extern from "<errno.h>" nogil:
+    int errno
+    enum:
+        EAGAIN
+        EINTR
+        EWOULDBLOCK
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+    enum:
+        POLLIN
+        POLLOUT
+        POLLERR
+        POLLHUP
+        POLLNVAL
+
+cdef extern from "<sys/eventfd.h>" nogil:
+    int eventfd(unsigned int initval, int flags)
+    enum:
+        EFD_NONBLOCK
+        EFD_CLOEXEC
+
+cdef extern from "<time.h>" nogil:
+    struct timespec:
+        long tv_sec
+        long tv_nsec
+    int clock_gettime(int clk, timespec *ts)
+    enum:
+        CLOCK_MONOTONIC
+
+cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
+    struct sockaddr:
+        unsigned short sa_family
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+    struct msghdr:
+        void *msg_name
+        socklen_t msg_namelen
+        iovec *msg_iov
+        size_t msg_iovlen
+        void *msg_control
+        size_t msg_controllen
+        int msg_flags
+    struct mmsghdr:
+        msghdr msg_hdr
+        unsigned int msg_len
+    int recvmmsg(int fd, mmsghdr *vec, unsigned int vlen, int flags, timespec *timeout)
+    int sendmmsg(int fd, mmsghdr *vec, unsigned int vlen, int flags)
+    enum:
+        AF_INET
+        AF_INET6
+        MSG_DONTWAIT
+
+cdef extern from "<netinet/in.h>" nogil:
+    struct in6_addr:
+        uint8_t s6_addr[16]
+    struct sockaddr_in6:
+        unsigned short sin6_family
+        uint16_t sin6_port
+        uint32_t sin6_flowinfo
+        in6_addr sin6_addr
+        uint32_t sin6_scope_id
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_rwlock_t:
+        pass
+    ctypedef struct pthread_rwlockattr_t:
+        pass
+    ctypedef struct pthread_mutex_t:
+        pass
+    int pthread_rwlockattr_init(pthread_rwlockattr_t *attr)
+    int pthread_rwlockattr_setkind_np(pthread_rwlockattr_t *attr, int pref)
+    int pthread_rwlock_init(pthread_rwlock_t *lock, const pthread_rwlockattr_t *attr)
+    int pthread_rwlock_destroy(pthread_rwlock_t *lock)
+    int pthread_rwlock_rdlock(pthread_rwlock_t *lock)
+    int pthread_rwlock_wrlock(pthread_rwlock_t *lock)
+    int pthread_rwlock_unlock(pthread_rwlock_t *lock)
+    int pthread_mutex_init(pthread_mutex_t *m, void *attr)
+    int pthread_mutex_destroy(pthread_mutex_t *m)
+    int pthread_mutex_lock(pthread_mutex_t *m)
+    int pthread_mutex_unlock(pthread_mutex_t *m)
+    enum:
+        PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP
+
+# wireguard-go device/constants.go, seconds
+cdef double REKEY_AFTER_TIME = 120.0
+cdef double REJECT_AFTER_TIME = 180.0
+cdef double KEEPALIVE_TIMEOUT = 10.0
+cdef double REKEY_TIMEOUT = 5.0
+cdef double ATTENTION_INTERVAL = 1.0   # at most one "rekey due" hand-off per peer per second
+
+DEF LOOP_BATCH = 64
+DEF SLOT_SIZE = 2048          # a slot holds MTU + 32 + padding; MTU is capped to fit
+DEF SLOW_CAP = 1024
+DEF NO_PEER = -1
+
+# flags a peer collects for Python (read and cleared by Python)
+FLAG_ACTIVITY = 1
+FLAG_ENDPOINT = 2
+FLAG_REKEY_RX = 4
+cdef enum:
+    FL_ACTIVITY = 1
+    FL_ENDPOINT = 2
+    FL_REKEY_RX = 4
+
+# slow-queue kinds
+SLOW_DATAGRAM = 1      # a UDP payload for the core (handshake, cookie, unknown index)
+SLOW_PACKET = 2        # an IP packet from TUN for a peer without a usable session
+cdef enum:
+    SK_DATAGRAM = 1
+    SK_PACKET = 2
+
+# drop counters, by reason (index into loop_t.drops)
+DROP_REASONS = ("no_route", "invalid_packet", "slow_queue_full", "udp_send_failed",
+                "replay", "decrypt_failed", "keypair_expired", "invalid_inner_packet",
+                "source_not_allowed", "tun_write_failed", "no_socket_for_family",
+                "too_big")
+cdef enum:
+    D_NO_ROUTE = 0
+    D_INVALID_PACKET
+    D_SLOW_FULL
+    D_UDP_SEND
+    D_REPLAY
+    D_DECRYPT
+    D_EXPIRED
+    D_INVALID_INNER
+    D_SOURCE
+    D_TUN_WRITE
+    D_NO_SOCKET
+    D_TOO_BIG
+    D_COUNT
+
+
+cdef struct trie_node_t:
+    int32_t child[2]
+    int32_t peer
+
+
+cdef struct peer_t:
+    bint active
+    keypair_t *current
+    keypair_t *previous
+    pthread_mutex_t ep_lock          # the endpoint is written by RX (roaming) and Python
+    sockaddr_in6 ep                  # holds a sockaddr_in too
+    socklen_t ep_len                 # 0: no endpoint
+    uint64_t tx_bytes
+    uint64_t rx_bytes
+    double last_tx_any
+    double last_tx_data
+    double last_rx_any
+    double last_rx_data
+    double next_attention
+    uint32_t flags
+
+
+cdef struct slow_t:
+    uint8_t kind
+    int32_t peer
+    uint32_t length
+    sockaddr_in6 addr
+    socklen_t addrlen
+    uint8_t data[SLOT_SIZE]
+
+
+cdef struct io_t:
+    # per-thread batch buffers
+    uint8_t *buf                     # LOOP_BATCH * SLOT_SIZE
+    uint32_t length[LOOP_BATCH]
+    int32_t peer[LOOP_BATCH]
+    sockaddr_in6 addr[LOOP_BATCH]
+    iovec iov[LOOP_BATCH]
+    mmsghdr msgs[LOOP_BATCH]
+
+
+cdef struct loop_t:
+    int tun_fd
+    int sock4
+    int sock6
+    int stop_fd                      # eventfd: stop the threads
+    int slow_fd                      # eventfd: Python has slow work
+    int mtu
+    volatile bint stopping
+    pthread_rwlock_t lock
+    # peers
+    peer_t *peers
+    int npeers
+    # receiver index -> keypair (open addressing, rebuilt by Python)
+    uint32_t *ix_keys
+    keypair_t **ix_vals
+    int ix_cap                       # power of two; 0 = empty
+    # allowed IPs
+    trie_node_t *nodes
+    int nnodes
+    int32_t root4
+    int32_t root6
+    # slow queue
+    pthread_mutex_t slow_lock
+    slow_t *slow
+    int slow_head
+    int slow_count
+    uint64_t drops[D_COUNT]
+    uint64_t tx_packets
+    uint64_t rx_packets
+
+
+cdef inline double _now() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef inline int32_t _trie_lookup(loop_t *L, const uint8_t *addr, int bits,
+                                 int32_t root) noexcept nogil:
+    cdef int32_t node = root, best = NO_PEER
+    cdef int i = 0
+    while node >= 0:
+        if L.nodes[node].peer != NO_PEER:
+            best = L.nodes[node].peer
+        if i == bits:
+            break
+        node = L.nodes[node].child[(addr[i >> 3] >> (7 - (i & 7))) & 1]
+        i += 1
+    return best
+
+
+cdef inline int32_t _route(loop_t *L, const uint8_t *pkt, uint32_t n, bint source) noexcept nogil:
+    # Peer owning the packet's destination (or source) address; NO_PEER if none or
+    # the header is unusable.
+    cdef int v
+    if n < 1:
+        return NO_PEER
+    v = pkt[0] >> 4
+    if v == 4 and n >= 20:
+        return _trie_lookup(L, pkt + (12 if source else 16), 32, L.root4)
+    if v == 6 and n >= 40:
+        return _trie_lookup(L, pkt + (8 if source else 24), 128, L.root6)
+    return NO_PEER
+
+
+cdef inline int64_t _inner_length(const uint8_t *pkt, uint32_t n) noexcept nogil:
+    # Total length from the IP header (to strip padding); -1 if it cannot be trusted.
+    cdef uint32_t total
+    if n < 1:
+        return -1
+    if pkt[0] >> 4 == 4:
+        if n < 20:
+            return -1
+        total = (<uint32_t>pkt[2] << 8) | pkt[3]
+        if total < 20 or total > n:
+            return -1
+        return total
+    if pkt[0] >> 4 == 6:
+        if n < 40:
+            return -1
+        total = 40 + ((<uint32_t>pkt[4] << 8) | pkt[5])
+        if total > n:
+            return -1
+        return total
+    return -1
+
+
+cdef inline keypair_t *_index_lookup(loop_t *L, uint32_t index) noexcept nogil:
+    cdef uint32_t mask, i
+    if L.ix_cap == 0:
+        return NULL
+    mask = L.ix_cap - 1
+    i = (index * 2654435761u) & mask
+    while L.ix_vals[i] != NULL:
+        if L.ix_keys[i] == index:
+            return L.ix_vals[i]
+        i = (i + 1) & mask
+    return NULL
+
+
+cdef inline void _signal(int fd) noexcept nogil:
+    cdef uint64_t one = 1
+    c_write(fd, &one, 8)
+
+
+cdef void _slow_push(loop_t *L, uint8_t kind, int32_t peer, const uint8_t *data,
+                     uint32_t n, const sockaddr_in6 *addr, socklen_t addrlen) noexcept nogil:
+    cdef slow_t *e
+    cdef bint wake
+    if n > SLOT_SIZE:
+        L.drops[D_TOO_BIG] += 1
+        return
+    pthread_mutex_lock(&L.slow_lock)
+    if L.slow_count >= SLOW_CAP:
+        pthread_mutex_unlock(&L.slow_lock)
+        L.drops[D_SLOW_FULL] += 1
+        return
+    e = &L.slow[(L.slow_head + L.slow_count) % SLOW_CAP]
+    e.kind = kind
+    e.peer = peer
+    e.length = n
+    memcpy(e.data, data, n)
+    e.addrlen = addrlen
+    if addrlen:
+        memcpy(&e.addr, addr, addrlen)
+    wake = L.slow_count == 0
+    L.slow_count += 1
+    pthread_mutex_unlock(&L.slow_lock)
+    if wake:
+        _signal(L.slow_fd)
+
+
+cdef inline bint _wait(loop_t *L, int fd1, int fd2) noexcept nogil:
+    # Block until a data fd is readable; False when stopping.
+    cdef pollfd p[3]
+    cdef int n = 0
+    p[n].fd = L.stop_fd
+    p[n].events = POLLIN
+    n += 1
+    if fd1 >= 0:
+        p[n].fd = fd1
+        p[n].events = POLLIN
+        n += 1
+    if fd2 >= 0:
+        p[n].fd = fd2
+        p[n].events = POLLIN
+        n += 1
+    while not L.stopping:
+        if poll(p, n, 1000) > 0:
+            return not L.stopping
+    return False
+
+
+cdef void _send_run(loop_t *L, int fd, mmsghdr *msgs, int n) noexcept nogil:
+    # sendmmsg all n, waiting for buffer space rather than dropping (backpressure
+    # for TCP inside the tunnel).
+    cdef int done = 0, r, tries = 0
+    cdef pollfd p
+    while done < n:
+        r = sendmmsg(fd, msgs + done, n - done, MSG_DONTWAIT)
+        if r > 0:
+            done += r
+            tries = 0
+            continue
+        if r < 0 and (errno == EAGAIN or errno == EINTR) and tries < 20:   # EWOULDBLOCK == EAGAIN
+            p.fd = fd
+            p.events = POLLOUT
+            poll(&p, 1, 50)
+            tries += 1
+            continue
+        # a datagram the kernel refuses (e.g. unreachable): skip it
+        L.drops[D_UDP_SEND] += 1
+        done += 1
+
+
+cdef void _tx_loop(loop_t *L) noexcept nogil:
+    cdef io_t *io = <io_t *>calloc(1, sizeof(io_t))
+    cdef int i, n, j, fd, run_start, nsend
+    cdef ssize_t r
+    cdef uint8_t *slot
+    cdef int32_t pid
+    cdef peer_t *p
+    cdef keypair_t *kp
+    cdef double now
+    cdef uint64_t counter
+    cdef Py_ssize_t padded
+    cdef int fds[LOOP_BATCH]
+    if io == NULL:
+        return
+    io.buf = <uint8_t *>malloc(LOOP_BATCH * SLOT_SIZE)
+    if io.buf == NULL:
+        free(io)
+        return
+    while _wait(L, L.tun_fd, -1):
+        n = 0
+        while n < LOOP_BATCH:
+            slot = io.buf + n * SLOT_SIZE
+            r = c_read(L.tun_fd, slot + HEADER_LEN, SLOT_SIZE - OVERHEAD - PAD_MULTIPLE)
+            if r <= 0:
+                break
+            io.length[n] = <uint32_t>r
+            n += 1
+        if n == 0:
+            continue
+        now = _now()
+        nsend = 0
+        pthread_rwlock_rdlock(&L.lock)
+        for i in range(n):
+            slot = io.buf + i * SLOT_SIZE
+            pid = _route(L, slot + HEADER_LEN, io.length[i], False)
+            if pid == NO_PEER or pid >= L.npeers or not L.peers[pid].active:
+                L.drops[D_NO_ROUTE] += 1
+                continue
+            if _inner_length(slot + HEADER_LEN, io.length[i]) < 0:
+                L.drops[D_INVALID_PACKET] += 1
+                continue
+            p = &L.peers[pid]
+            kp = p.current
+            if (kp == NULL or p.ep_len == 0 or now - kp.created >= REJECT_AFTER_TIME
+                    or KS_ATOMIC_LOAD64(&kp.send_counter) >= REJECT_AFTER_MESSAGES):
+                # the core stages it and starts a handshake
+                _slow_push(L, SK_PACKET, pid, slot + HEADER_LEN, io.length[i], NULL, 0)
+                continue
+            if ((KS_ATOMIC_LOAD64(&kp.send_counter) > REKEY_AFTER_MESSAGES
+                    or (kp.is_initiator and now - kp.created > REKEY_AFTER_TIME))
+                    and now >= p.next_attention):
+                # one packet through the core lets it start the rekey (send.go keepKeyFresh)
+                p.next_attention = now + ATTENTION_INTERVAL
+                _slow_push(L, SK_PACKET, pid, slot + HEADER_LEN, io.length[i], NULL, 0)
+                continue
+            counter = _take_counter(kp)
+            if counter >= REJECT_AFTER_MESSAGES:
+                _slow_push(L, SK_PACKET, pid, slot + HEADER_LEN, io.length[i], NULL, 0)
+                continue
+            padded = _padded_len(io.length[i], L.mtu)
+            if padded > io.length[i]:
+                memset(slot + HEADER_LEN + io.length[i], 0, padded - io.length[i])
+            _put_le32(slot, MSG_TRANSPORT)
+            _put_le32(slot + 4, kp.remote_index)
+            _put_le64(slot + 8, counter)
+            _seal_one(kp.seal_ctx, counter, slot + HEADER_LEN, <int>padded)
+            io.iov[nsend].iov_base = slot
+            io.iov[nsend].iov_len = padded + OVERHEAD
+            pthread_mutex_lock(&p.ep_lock)
+            memcpy(&io.addr[nsend], &p.ep, p.ep_len)
+            io.msgs[nsend].msg_hdr.msg_namelen = p.ep_len
+            pthread_mutex_unlock(&p.ep_lock)
+            fds[nsend] = L.sock6 if io.addr[nsend].sin6_family == AF_INET6 else L.sock4
+            io.msgs[nsend].msg_hdr.msg_name = &io.addr[nsend]
+            io.msgs[nsend].msg_hdr.msg_iov = &io.iov[nsend]
+            io.msgs[nsend].msg_hdr.msg_iovlen = 1
+            io.msgs[nsend].msg_hdr.msg_control = NULL
+            io.msgs[nsend].msg_hdr.msg_controllen = 0
+            io.msgs[nsend].msg_hdr.msg_flags = 0
+            p.tx_bytes += padded + OVERHEAD
+            p.last_tx_any = now
+            p.last_tx_data = now
+            KS_ATOMIC_OR(&p.flags, FL_ACTIVITY)
+            nsend += 1
+        pthread_rwlock_unlock(&L.lock)
+        # sendmmsg in runs that share a socket (v4 / v6), keeping order
+        run_start = 0
+        for j in range(1, nsend + 1):
+            if j == nsend or fds[j] != fds[run_start]:
+                fd = fds[run_start]
+                if fd < 0:
+                    L.drops[D_NO_SOCKET] += j - run_start
+                else:
+                    _send_run(L, fd, &io.msgs[run_start], j - run_start)
+                run_start = j
+        L.tx_packets += nsend
+    OPENSSL_cleanse(io.buf, LOOP_BATCH * SLOT_SIZE)
+    free(io.buf)
+    free(io)
+
+
+cdef inline bint _same_addr(const sockaddr_in6 *a, socklen_t alen, const sockaddr_in6 *b,
+                            socklen_t blen) noexcept nogil:
+    # family, port and address (v4: the 4 bytes after the port; v6: sin6_addr)
+    cdef const uint8_t *x = <const uint8_t *>a
+    cdef const uint8_t *y = <const uint8_t *>b
+    cdef int k
+    if alen != blen or a.sin6_family != b.sin6_family or a.sin6_port != b.sin6_port:
+        return False
+    if a.sin6_family == AF_INET:
+        for k in range(4, 8):
+            if x[k] != y[k]:
+                return False
+        return True
+    for k in range(16):
+        if a.sin6_addr.s6_addr[k] != b.sin6_addr.s6_addr[k]:
+            return False
+    return a.sin6_scope_id == b.sin6_scope_id
+
+
+cdef int _recv_batch(loop_t *L, io_t *io, int fd, int start) noexcept nogil:
+    cdef int i, r
+    for i in range(start, LOOP_BATCH):
+        io.iov[i].iov_base = io.buf + i * SLOT_SIZE
+        io.iov[i].iov_len = SLOT_SIZE
+        io.msgs[i].msg_hdr.msg_name = &io.addr[i]
+        io.msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_in6)
+        io.msgs[i].msg_hdr.msg_iov = &io.iov[i]
+        io.msgs[i].msg_hdr.msg_iovlen = 1
+        io.msgs[i].msg_hdr.msg_control = NULL
+        io.msgs[i].msg_hdr.msg_controllen = 0
+        io.msgs[i].msg_hdr.msg_flags = 0
+    r = recvmmsg(fd, &io.msgs[start], LOOP_BATCH - start, MSG_DONTWAIT, NULL)
+    if r <= 0:
+        return start
+    for i in range(start, start + r):
+        io.length[i] = io.msgs[i].msg_len
+    return start + r
+
+
+cdef void _rx_loop(loop_t *L) noexcept nogil:
+    cdef io_t *io = <io_t *>calloc(1, sizeof(io_t))
+    cdef int i, n, n4, st
+    cdef uint8_t *slot
+    cdef uint32_t length
+    cdef keypair_t *kp
+    cdef peer_t *p
+    cdef uint64_t counter
+    cdef double now
+    cdef int64_t inner
+    cdef int32_t pid
+    cdef int nwrite
+    cdef uint32_t woff[LOOP_BATCH]
+    cdef uint32_t wlen[LOOP_BATCH]
+    if io == NULL:
+        return
+    io.buf = <uint8_t *>malloc(LOOP_BATCH * SLOT_SIZE)
+    if io.buf == NULL:
+        free(io)
+        return
+    while _wait(L, L.sock4, L.sock6):
+        n4 = _recv_batch(L, io, L.sock4, 0) if L.sock4 >= 0 else 0
+        n = _recv_batch(L, io, L.sock6, n4) if L.sock6 >= 0 else n4
+        if n == 0:
+            continue
+        now = _now()
+        nwrite = 0
+        pthread_rwlock_rdlock(&L.lock)
+        for i in range(n):
+            slot = io.buf + i * SLOT_SIZE
+            length = io.length[i]
+            io.msgs[i].msg_hdr.msg_namelen = io.msgs[i].msg_hdr.msg_namelen
+            if length < OVERHEAD or _get_le32(slot) != MSG_TRANSPORT:
+                _slow_push(L, SK_DATAGRAM, NO_PEER, slot, length, &io.addr[i],
+                           io.msgs[i].msg_hdr.msg_namelen)
+                continue
+            kp = _index_lookup(L, _get_le32(slot + 4))
+            if kp == NULL:
+                # maybe the core's not-yet-confirmed keypair: it decides
+                _slow_push(L, SK_DATAGRAM, NO_PEER, slot, length, &io.addr[i],
+                           io.msgs[i].msg_hdr.msg_namelen)
+                continue
+            if kp.created + REJECT_AFTER_TIME < now:
+                L.drops[D_EXPIRED] += 1
+                continue
+            counter = _get_le64(slot + 8)
+            if not _replay_check(&kp.replay, counter):
+                L.drops[D_REPLAY] += 1
+                continue
+            if _open_one(kp.open_ctx, counter, slot + HEADER_LEN, <int>(length - OVERHEAD)) != 1:
+                L.drops[D_DECRYPT] += 1
+                continue
+            if not _replay_update(&kp.replay, counter):
+                L.drops[D_REPLAY] += 1
+                continue
+            # authenticated from here on
+            kp.rx_packets += 1
+            p = &L.peers[kp.peer]
+            if not _same_addr(&p.ep, p.ep_len, &io.addr[i], io.msgs[i].msg_hdr.msg_namelen):
+                pthread_mutex_lock(&p.ep_lock)
+                memcpy(&p.ep, &io.addr[i], io.msgs[i].msg_hdr.msg_namelen)
+                p.ep_len = io.msgs[i].msg_hdr.msg_namelen
+                pthread_mutex_unlock(&p.ep_lock)
+                KS_ATOMIC_OR(&p.flags, FL_ENDPOINT)
+            p.rx_bytes += length
+            p.last_rx_any = now
+            if (kp.is_initiator and p.current == kp
+                    and now - kp.created > REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT):
+                KS_ATOMIC_OR(&p.flags, FL_REKEY_RX)
+            KS_ATOMIC_OR(&p.flags, FL_ACTIVITY)
+            if length == OVERHEAD:
+                continue                      # keepalive
+            p.last_rx_data = now
+            inner = _inner_length(slot + HEADER_LEN, length - OVERHEAD)
+            if inner < 0:
+                L.drops[D_INVALID_INNER] += 1
+                continue
+            pid = _route(L, slot + HEADER_LEN, <uint32_t>inner, True)
+            if pid != kp.peer:
+                L.drops[D_SOURCE] += 1
+                continue
+            woff[nwrite] = i * SLOT_SIZE + HEADER_LEN
+            wlen[nwrite] = <uint32_t>inner
+            nwrite += 1
+        pthread_rwlock_unlock(&L.lock)
+        for i in range(nwrite):
+            if c_write(L.tun_fd, io.buf + woff[i], wlen[i]) < 0:
+                L.drops[D_TUN_WRITE] += 1
+        L.rx_packets += nwrite
+    OPENSSL_cleanse(io.buf, LOOP_BATCH * SLOT_SIZE)
+    free(io.buf)
+    free(io)
+
+
+import socket as _socket
+import threading as _threading
+
+
+cdef bytes _sockaddr_bytes(object endpoint):
+    """(ip, port) -> a raw sockaddr_in / sockaddr_in6, as the kernel wants it."""
+    ip, port = endpoint
+    if not 0 < port < 65536:
+        raise ValueError("bad port")
+    host, _, zone = str(ip).partition("%")
+    if ":" in host:
+        scope = _socket.if_nametoindex(zone) if zone and not zone.isdigit() else int(zone or 0)
+        return (AF_INET6.to_bytes(2, "little") + port.to_bytes(2, "big") + bytes(4)
+                + _socket.inet_pton(_socket.AF_INET6, host) + scope.to_bytes(4, "little"))
+    return (AF_INET.to_bytes(2, "little") + port.to_bytes(2, "big")
+            + _socket.inet_pton(_socket.AF_INET, host) + bytes(8))
+
+
+cdef object _sockaddr_tuple(const sockaddr_in6 *a, socklen_t n):
+    cdef const uint8_t *b = <const uint8_t *>a
+    if n == 0:
+        return None
+    port = (b[2] << 8) | b[3]
+    if a.sin6_family == AF_INET and n >= 8:
+        return (_socket.inet_ntop(_socket.AF_INET, bytes(b[4:8])), port)
+    if a.sin6_family == AF_INET6 and n >= 24:
+        ip = _socket.inet_ntop(_socket.AF_INET6, bytes(b[8:24]))
+        mapped = ip.startswith("::ffff:") and "." in ip
+        if mapped:
+            ip = ip[7:]
+        if a.sin6_scope_id and not mapped:
+            ip = f"{ip}%{a.sin6_scope_id}"
+        return (ip, port)
+    return None
+
+
+cdef class PacketLoop:
+    """The C data path for one interface: TUN fd and the v4/v6 UDP sockets' fds.
+
+    Python (``kubespan_dp.fastloop``) tells it who the peers are (``add_peer``),
+    where they are (``set_endpoint``), what they route (``set_allowed_ips``) and
+    which keypairs to use (``set_keypairs``); it reads back what happened
+    (``peer_stats``, ``take_slow``, ``drops``).  The fds stay owned by the caller.
+    """
+    cdef loop_t *L
+    cdef object _threads
+    cdef dict _keypairs              # peer id -> (current, previous) kept alive here
+    cdef readonly int max_peers
+
+    def __cinit__(self, int tun_fd, int sock4_fd, int sock6_fd, int mtu=1420,
+                  int max_peers=1024):
+        cdef pthread_rwlockattr_t attr
+        cdef int i
+        if mtu < 576 or mtu > SLOT_SIZE - OVERHEAD - PAD_MULTIPLE:
+            raise ValueError(f"mtu must be 576..{SLOT_SIZE - OVERHEAD - PAD_MULTIPLE} for the fast path")
+        if max_peers < 1 or max_peers > 1 << 20:
+            raise ValueError("max_peers out of range")
+        self.max_peers = max_peers
+        self._keypairs = {}
+        self._threads = []
+        self.L = <loop_t *>calloc(1, sizeof(loop_t))
+        if self.L == NULL:
+            raise MemoryError()
+        self.L.tun_fd, self.L.sock4, self.L.sock6, self.L.mtu = tun_fd, sock4_fd, sock6_fd, mtu
+        self.L.stop_fd = self.L.slow_fd = -1
+        self.L.root4 = self.L.root6 = -1
+        self.L.peers = <peer_t *>calloc(max_peers, sizeof(peer_t))
+        self.L.slow = <slow_t *>calloc(SLOW_CAP, sizeof(slow_t))
+        if self.L.peers == NULL or self.L.slow == NULL:
+            raise MemoryError()
+        for i in range(max_peers):
+            pthread_mutex_init(&self.L.peers[i].ep_lock, NULL)
+        pthread_mutex_init(&self.L.slow_lock, NULL)
+        pthread_rwlockattr_init(&attr)
+        # Python's updates must not starve behind two busy reader threads.
+        pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP)
+        pthread_rwlock_init(&self.L.lock, &attr)
+        self.L.stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        self.L.slow_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        if self.L.stop_fd < 0 or self.L.slow_fd < 0:
+            raise OSError("eventfd failed")
+
+    def __dealloc__(self):
+        cdef int i
+        if self.L == NULL:
+            return
+        # threads hold a reference to self while running, so none is alive here
+        if self.L.stop_fd >= 0:
+            c_close(self.L.stop_fd)
+        if self.L.slow_fd >= 0:
+            c_close(self.L.slow_fd)
+        if self.L.peers != NULL:
+            for i in range(self.max_peers):
+                pthread_mutex_destroy(&self.L.peers[i].ep_lock)
+            OPENSSL_cleanse(self.L.peers, self.max_peers * sizeof(peer_t))
+        if self.L.slow != NULL:
+            OPENSSL_cleanse(self.L.slow, SLOW_CAP * sizeof(slow_t))
+        pthread_rwlock_destroy(&self.L.lock)
+        pthread_mutex_destroy(&self.L.slow_lock)
+        free(self.L.peers)
+        free(self.L.slow)
+        free(self.L.ix_keys)
+        free(self.L.ix_vals)
+        free(self.L.nodes)
+        free(self.L)
+
+    # -- threads ---------------------------------------------------------------
+
+    def _run_tx(self):
+        with nogil:
+            _tx_loop(self.L)
+
+    def _run_rx(self):
+        with nogil:
+            _rx_loop(self.L)
+
+    @property
+    def running(self) -> bool:
+        return bool(self._threads)
+
+    def start(self) -> None:
+        if self._threads:
+            return
+        self.L.stopping = False
+        self._threads = [_threading.Thread(target=self._run_tx, name="ks-fast-tx", daemon=True),
+                         _threading.Thread(target=self._run_rx, name="ks-fast-rx", daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        cdef uint64_t junk
+        if not self._threads:
+            return
+        self.L.stopping = True
+        _signal(self.L.stop_fd)
+        for t in self._threads:
+            t.join()
+        self._threads = []
+        c_read(self.L.stop_fd, &junk, 8)
+
+    def rebind(self, int sock4_fd, int sock6_fd) -> None:
+        """Use other UDP sockets (listen port or fwmark changed)."""
+        was = bool(self._threads)
+        self.stop()
+        self.L.sock4, self.L.sock6 = sock4_fd, sock6_fd
+        if was:
+            self.start()
+
+    # -- peers -----------------------------------------------------------------
+
+    cdef peer_t *_peer(self, int pid) except NULL:
+        if pid < 0 or pid >= self.max_peers:
+            raise ValueError(f"peer id {pid} out of range")
+        return &self.L.peers[pid]
+
+    def add_peer(self, int pid) -> None:
+        """Make slot ``pid`` a live peer with no endpoint, keys or routes yet."""
+        cdef peer_t *p = self._peer(pid)
+        with nogil:
+            pthread_rwlock_wrlock(&self.L.lock)
+        p.active = True
+        p.current = p.previous = NULL
+        p.ep_len = 0
+        p.tx_bytes = p.rx_bytes = 0
+        p.last_tx_any = p.last_tx_data = p.last_rx_any = p.last_rx_data = 0
+        p.next_attention = 0
+        p.flags = 0
+        if pid >= self.L.npeers:
+            self.L.npeers = pid + 1
+        pthread_rwlock_unlock(&self.L.lock)
+
+    def remove_peer(self, int pid) -> None:
+        """Forget a peer; its keypairs leave the index table, its routes must be
+        removed with ``set_allowed_ips`` (until then they lead nowhere)."""
+        cdef peer_t *p = self._peer(pid)
+        with nogil:
+            pthread_rwlock_wrlock(&self.L.lock)
+        p.active = False
+        p.current = p.previous = NULL
+        p.ep_len = 0
+        self._rebuild_index_locked()
+        pthread_rwlock_unlock(&self.L.lock)
+        self._keypairs.pop(pid, None)
+
+    def set_endpoint(self, int pid, object endpoint) -> None:
+        """``(ip, port)`` or None."""
+        cdef peer_t *p = self._peer(pid)
+        cdef bytes raw = _sockaddr_bytes(endpoint) if endpoint is not None else b""
+        with nogil:
+            pthread_mutex_lock(&p.ep_lock)
+        p.ep_len = len(raw)
+        if raw:
+            memcpy(&p.ep, <const char *>raw, len(raw))
+        pthread_mutex_unlock(&p.ep_lock)
+
+    def get_endpoint(self, int pid):
+        cdef peer_t *p = self._peer(pid)
+        cdef sockaddr_in6 ep
+        cdef socklen_t n
+        with nogil:
+            pthread_mutex_lock(&p.ep_lock)
+            memcpy(&ep, &p.ep, sizeof(sockaddr_in6))
+            n = p.ep_len
+            pthread_mutex_unlock(&p.ep_lock)
+        return _sockaddr_tuple(&ep, n)
+
+    def set_keypairs(self, int pid, Keypair current, Keypair previous) -> None:
+        """The keypairs the core has confirmed for this peer (either may be None).
+
+        Sending uses ``current``; receiving accepts both.  The core's unconfirmed
+        ``next`` keypair stays with the core until its first packet promotes it.
+        """
+        cdef peer_t *p = self._peer(pid)
+        if not p.active:
+            raise ValueError(f"peer {pid} is not active")
+        for kp in (current, previous):
+            if kp is not None:
+                for other, pair in self._keypairs.items():
+                    if other != pid and kp in pair:
+                        raise ValueError("keypair already belongs to another peer")
+        with nogil:
+            pthread_rwlock_wrlock(&self.L.lock)
+        p.current = current.kp if current is not None else NULL
+        p.previous = previous.kp if previous is not None else NULL
+        if current is not None:
+            current.kp.peer = pid
+        if previous is not None:
+            previous.kp.peer = pid
+        try:
+            self._rebuild_index_locked()
+        finally:
+            pthread_rwlock_unlock(&self.L.lock)
+        self._keypairs[pid] = (current, previous)
+
+    cdef int _rebuild_index_locked(self) except -1:
+        cdef int i, count = 0, cap = 16
+        cdef keypair_t *k
+        cdef keypair_t *slots[2]
+        cdef uint32_t j, mask
+        cdef uint32_t *keys
+        cdef keypair_t **vals
+        for i in range(self.L.npeers):
+            if self.L.peers[i].active:
+                count += (self.L.peers[i].current != NULL) + (self.L.peers[i].previous != NULL)
+        while cap < 2 * count + 2:
+            cap *= 2
+        keys = <uint32_t *>calloc(cap, sizeof(uint32_t))
+        vals = <keypair_t **>calloc(cap, sizeof(keypair_t *))
+        if keys == NULL or vals == NULL:
+            free(keys)
+            free(vals)
+            raise MemoryError()
+        mask = cap - 1
+        for i in range(self.L.npeers):
+            if not self.L.peers[i].active:
+                continue
+            slots[0], slots[1] = self.L.peers[i].current, self.L.peers[i].previous
+            for k in slots[:2]:
+                if k == NULL:
+                    continue
+                j = (k.local_index * 2654435761u) & mask
+                while vals[j] != NULL and vals[j] != k:
+                    j = (j + 1) & mask
+                keys[j] = k.local_index
+                vals[j] = k
+        free(self.L.ix_keys)
+        free(self.L.ix_vals)
+        self.L.ix_keys, self.L.ix_vals, self.L.ix_cap = keys, vals, cap
+        return 0
+
+    def set_allowed_ips(self, entries) -> None:
+        """Replace the routing table: iterable of (packed network address, prefix
+        length, peer id).  Later entries win on an identical prefix."""
+        cdef list items = []
+        cdef int total = 2, bits, pid, i, b
+        cdef bytes addr
+        for raw, plen, pid in entries:
+            addr = bytes(raw)
+            bits = len(addr) * 8
+            if bits not in (32, 128) or not 0 <= plen <= bits:
+                raise ValueError(f"bad prefix length {plen} for a {len(addr)}-byte address")
+            if pid < 0 or pid >= self.max_peers:
+                raise ValueError(f"peer id {pid} out of range")
+            items.append((addr, plen, pid))
+            total += plen
+        cdef trie_node_t *nodes = <trie_node_t *>malloc(total * sizeof(trie_node_t))
+        cdef int n = 2
+        cdef int32_t node
+        cdef const uint8_t *a
+        if nodes == NULL:
+            raise MemoryError()
+        for i in range(2):
+            nodes[i].child[0] = nodes[i].child[1] = -1
+            nodes[i].peer = NO_PEER
+        for addr, plen, pid in items:
+            a = addr
+            node = 0 if len(addr) == 4 else 1
+            for i in range(plen):
+                b = (a[i >> 3] >> (7 - (i & 7))) & 1
+                if nodes[node].child[b] < 0:
+                    nodes[n].child[0] = nodes[n].child[1] = -1
+                    nodes[n].peer = NO_PEER
+                    nodes[node].child[b] = n
+                    n += 1
+                node = nodes[node].child[b]
+            nodes[node].peer = pid
+        with nogil:
+            pthread_rwlock_wrlock(&self.L.lock)
+        free(self.L.nodes)
+        self.L.nodes, self.L.nnodes, self.L.root4, self.L.root6 = nodes, n, 0, 1
+        pthread_rwlock_unlock(&self.L.lock)
+
+    def route(self, const uint8_t[::1] packet, bint source=False) -> int:
+        """Which peer the packet's destination (or source) belongs to; -1 if none."""
+        cdef int32_t r
+        if self.L.nodes == NULL or packet.shape[0] == 0:
+            return NO_PEER
+        with nogil:
+            pthread_rwlock_rdlock(&self.L.lock)
+            r = _route(self.L, &packet[0], packet.shape[0], source)
+            pthread_rwlock_unlock(&self.L.lock)
+        return r
+
+    # -- what happened ---------------------------------------------------------
+
+    def peer_stats(self, int pid) -> tuple:
+        """(tx_bytes, rx_bytes, last_tx_any, last_tx_data, last_rx_any, last_rx_data,
+        flags); reading clears the flags."""
+        cdef peer_t *p = self._peer(pid)
+        flags = KS_ATOMIC_XCHG(&p.flags, 0)
+        return (p.tx_bytes, p.rx_bytes, p.last_tx_any, p.last_tx_data, p.last_rx_any,
+                p.last_rx_data, flags)
+
+    @property
+    def slow_fd(self) -> int:
+        """Readable (eventfd) when ``take_slow()`` has work."""
+        return self.L.slow_fd
+
+    def take_slow(self, int limit=SLOW_CAP) -> list:
+        """Up to ``limit`` queued items: (kind, bytes, (ip, port) | None, peer id)."""
+        cdef uint64_t junk
+        cdef slow_t *e
+        cdef list out = []
+        c_read(self.L.slow_fd, &junk, 8)
+        while len(out) < limit:
+            with nogil:
+                pthread_mutex_lock(&self.L.slow_lock)
+            if self.L.slow_count == 0:
+                pthread_mutex_unlock(&self.L.slow_lock)
+                break
+            e = &self.L.slow[self.L.slow_head]
+            item = (e.kind, PyBytes_FromStringAndSize(<char *>e.data, e.length),
+                    _sockaddr_tuple(&e.addr, e.addrlen), e.peer)
+            self.L.slow_head = (self.L.slow_head + 1) % SLOW_CAP
+            self.L.slow_count -= 1
+            pthread_mutex_unlock(&self.L.slow_lock)
+            out.append(item)
+        if self.L.slow_count:
+            _signal(self.L.slow_fd)   # more left: wake the caller again
+        return out
+
+    def drops(self) -> dict:
+        return {name: self.L.drops[i] for i, name in enumerate(DROP_REASONS) if self.L.drops[i]}
+
+    @property
+    def tx_packets(self) -> int:
+        return self.L.tx_packets
+
+    @property
+    def rx_packets(self) -> int:
+        return self.L.rx_packets
