@@ -52,6 +52,8 @@ def parse_endpoint(text: str) -> Address:
         number = parse_uint(port, 0xFFFF)
     except ValueError as e:
         raise EndpointError(f"bad endpoint {text!r}: {e}") from None
+    if number == 0:
+        raise EndpointError(f"bad endpoint {text!r}: port 0")
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         return str(addr.ipv4_mapped), number
     return str(addr), number

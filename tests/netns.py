@@ -460,3 +460,65 @@ def build_pair(lab: Lab, kind_a: str, kind_b: str, *, outer: str = "4",
 
 def _endpoint(outer: str, i: int, port: int) -> str:
     return f"{OUTER4[i]}:{port}" if outer == "4" else f"[{OUTER6[i]}]:{port}"
+
+
+# --------------------------------------------------------------------------- traffic
+
+
+def tcp_transfer(server_ns: Netns, client_ns: Netns, server_ip: str, nbytes: int,
+                 port: int = 5201, timeout: float = 300) -> tuple[str, str, float]:
+    """Send `nbytes` of random-looking data over TCP from client_ns to server_ns.
+
+    Returns (sha256 sent, sha256 received, seconds). The sockets live in the two
+    namespaces; the work runs in threads of this process."""
+    import hashlib
+    import threading
+
+    family = socket.AF_INET6 if ":" in server_ip else socket.AF_INET
+    srv = server_ns.socket(family, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((server_ip, port))
+    srv.listen(1)
+    srv.settimeout(timeout)
+    received = hashlib.sha256()
+    result: dict[str, object] = {}
+
+    def serve() -> None:
+        try:
+            conn, _ = srv.accept()
+            with conn:
+                conn.settimeout(timeout)
+                while chunk := conn.recv(1 << 20):
+                    received.update(chunk)
+        except BaseException as e:  # reported by the caller
+            result["error"] = e
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    sent = hashlib.sha256()
+    block = hashlib.shake_256(b"kubespan").digest(1 << 20)
+    start = time.monotonic()
+    try:
+        cli = client_ns.socket(family, socket.SOCK_STREAM)
+        with cli:
+            cli.settimeout(timeout)
+            cli.connect((server_ip, port))
+            left = nbytes
+            i = 0
+            while left:
+                # vary each block so reordering or duplication would change the hash
+                chunk = i.to_bytes(8, "big") + block[8: min(len(block), left)]
+                chunk = chunk[:left]
+                cli.sendall(chunk)
+                sent.update(chunk)
+                left -= len(chunk)
+                i += 1
+        t.join(timeout)
+    finally:
+        srv.close()
+    elapsed = time.monotonic() - start
+    if "error" in result:
+        raise RuntimeError(f"receiver failed: {result['error']!r}")
+    if t.is_alive():
+        raise TimeoutError("receiver did not finish")
+    return sent.hexdigest(), received.hexdigest(), elapsed

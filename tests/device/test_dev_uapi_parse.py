@@ -61,6 +61,7 @@ BAD = [
     ([f"public_key={K2}", "endpoint=1.2.3.4"], -22), ([f"public_key={K2}", "endpoint=host:1"], -22),
     ([f"public_key={K2}", "endpoint=[::1]"], -22), ([f"public_key={K2}", "endpoint=::1:5"], -22),
     ([f"public_key={K2}", "endpoint=1.2.3.4:99999"], -22),
+    ([f"public_key={K2}", "endpoint=1.2.3.4:0"], -22),
     ([f"public_key={K2}", "allowed_ip=10.0.0.0/33"], -22),
     ([f"public_key={K2}", "allowed_ip=10.0.0.0"], -22),
     ([f"public_key={K2}", "allowed_ip=fe80::%eth0/64"], -22),
