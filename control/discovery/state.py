@@ -85,8 +85,11 @@ class Notification:
 class Subscription:
     """One watcher's bounded queue of notifications."""
 
-    def __init__(self, cluster: "_Cluster", buffer: int, wakeup: Callable[[], None]) -> None:
+    def __init__(
+        self, cluster: "_Cluster", buffer: int, wakeup: Callable[[], None], on_close: Callable[[], None]
+    ) -> None:
         self._cluster = cluster
+        self._on_close = on_close
         self._buffer = buffer
         self._wakeup = wakeup
         self.queue: collections.deque[Notification] = collections.deque()
@@ -108,6 +111,7 @@ class Subscription:
         if not self.closed:
             self.closed = True
             self._cluster.subscriptions.discard(self)
+            self._on_close()
 
 
 @dataclass
@@ -236,12 +240,16 @@ class State:
         if self.subscriptions_count() >= self.limits.subscriptions_max:
             raise LimitError("too many watchers", exhausted=True)
         cluster = self._cluster_for_write(cluster_id)
-        sub = Subscription(cluster, self.limits.watch_buffer, wakeup)
+        sub = Subscription(cluster, self.limits.watch_buffer, wakeup, self._subscription_closed)
         cluster.subscriptions.add(sub)
+        self._subscriptions += 1
         return [a.view() for a in cluster.affiliates.values()], sub
 
     def subscriptions_count(self) -> int:
-        return sum(len(c.subscriptions) for c in self._clusters.values())
+        return self._subscriptions  # kept as a counter: Watch must not scan every cluster
+
+    def _subscription_closed(self) -> None:
+        self._subscriptions -= 1
 
     def gc(self, now: float) -> tuple[int, int]:
         """Drop what expired before ``now``; returns (clusters removed, affiliates removed)."""
