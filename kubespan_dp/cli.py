@@ -15,7 +15,7 @@ import socket
 import sys
 
 from .tun import Tun, valid_ifname
-from .uapisock import listen, socket_path
+from .uapisock import listen, socket_identity, socket_path
 
 log = logging.getLogger("kubespan_dp")
 
@@ -82,8 +82,20 @@ def _detach() -> bool:
     return True
 
 
+_early_signal: str | None = None
+
+
+def _remember_signal(signum: int, _frame: object) -> None:
+    """Until the event loop takes over, a stop signal is noted and honoured at start."""
+    global _early_signal
+    _early_signal = _early_signal or f"signal {signal.Signals(signum).name}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _remember_signal)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     foreground = args.foreground or os.environ.get("WG_PROCESS_FOREGROUND") == "1"
     ifname: str = args.ifname
     _setup_logging(ifname, sys.stderr)
@@ -100,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         uapi = listen(tun.name)
+        uapi_id = socket_identity(socket_path(tun.name))
     except OSError as e:
         log.error("cannot listen on %s: %s", socket_path(tun.name), e.strerror or e)
         tun.close()
@@ -108,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         _detach()
         logging.raiseExceptions = False
     try:
-        reason = _run(tun, uapi)
+        reason = _run(tun, uapi, uapi_id)
     except Exception:
         log.exception("the device failed")
         _remove_socket(tun.name, uapi)
@@ -127,15 +140,16 @@ def _remove_socket(ifname: str, sock: socket.socket) -> None:
     sock.close()
 
 
-def _run(tun: Tun, uapi: object) -> str:
+def _run(tun: Tun, uapi: socket.socket, uapi_id: tuple[int, int] | None) -> str:
     from .device import Device  # imports the core; keep --help fast and independent
 
     async def go() -> str:
-        device = Device(tun, uapi)  # type: ignore[arg-type]
+        device = Device(tun, uapi, uapi_id)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, device.stop, f"signal {signal.Signals(sig).name}")
-        loop.add_signal_handler(signal.SIGHUP, lambda: None)
+        if _early_signal is not None:
+            device.stop(_early_signal)
         return await device.run()
 
     try:

@@ -19,6 +19,7 @@ from pathlib import Path
 from . import netutil
 from .core import WireGuardCore
 from .netutil import Address
+from .fastloop import FastDataPath, fastpath_enabled  # the C packet loop (issue 4)
 from .pypath import PyDataPath
 from .tun import Tun
 from .uapi import (
@@ -42,18 +43,22 @@ def short_key(key: bytes) -> str:
 
 
 class Device:
-    def __init__(self, tun: Tun, uapi_sock: socket.socket, core: WireGuardCore | None = None) -> None:
+    def __init__(self, tun: Tun, uapi_sock: socket.socket, uapi_id: tuple[int, int] | None,
+                 core: WireGuardCore | None = None) -> None:
+        """`uapi_id` is the socket file's identity taken right after binding it, so
+        a removal before we got here is still noticed."""
         self.tun = tun
         self.ifname = tun.name
         self.uapi_sock = uapi_sock
         self.uapi_path = socket_path(self.ifname)
-        self.uapi_id = socket_identity(self.uapi_path)
+        self.uapi_id = uapi_id
         self.core = core or WireGuardCore()
         self.requested_port = 0
         self.port = 0
         self.fwmark = 0
         self.sock4, self.sock6, self.port = netutil.bind_pair(0, 0)
-        self.path = PyDataPath(self.core, tun.fd, self._on_handshake, self._arm_timer,
+        path_class = FastDataPath if fastpath_enabled() else PyDataPath
+        self.path = path_class(self.core, tun.fd, self._on_handshake, self._arm_timer,
                                lambda: self.stop("the link was deleted"))
         self.path.rebind(self.sock4, self.sock6)
         self.handshakes: deque[tuple[bytes, Address]] = deque()
@@ -63,6 +68,7 @@ class Device:
         self._timer: asyncio.TimerHandle | None = None
         self._deadline: float | None = None
         self._stopped: asyncio.Future[str] | None = None
+        self._early_stop: str | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -71,6 +77,8 @@ class Device:
         """Serve until stopped; return why. Cleans up everything it owns."""
         self.loop = asyncio.get_running_loop()
         self._stopped = self.loop.create_future()
+        if self._early_stop is not None:
+            self._stopped.set_result(self._early_stop)
         server = await serve(self.uapi_sock, self)
         self.path.attach(self.loop)
         watcher = self.loop.create_task(self._watch())
@@ -85,7 +93,9 @@ class Device:
         return reason
 
     def stop(self, reason: str) -> None:
-        if self._stopped is not None and not self._stopped.done():
+        if self._stopped is None:
+            self._early_stop = self._early_stop or reason
+        elif not self._stopped.done():
             self._stopped.set_result(reason)
 
     async def _watch(self) -> None:
@@ -93,7 +103,7 @@ class Device:
             await asyncio.sleep(WATCH_INTERVAL)
             if not self.tun.exists():
                 self.stop("the link was deleted")
-            elif socket_identity(self.uapi_path) != self.uapi_id:
+            elif self.uapi_id is None or socket_identity(self.uapi_path) != self.uapi_id:
                 self.stop("the UAPI socket was removed")
 
     def _close(self) -> None:
