@@ -241,7 +241,7 @@ class Agent:
 
     async def _publish_records(self) -> None:
         for kind in records.KINDS:
-            docs = [api.record_to_wire(r) for r in self.store.list(kind)]
+            docs = [api.record_to_wire(r, self.hostname) for r in self.store.list(kind)]
             if kind is records.IDENTITY:
                 for doc in docs:
                     doc["spec"]["wireguardMode"] = self.backend.mode if self.backend else ""

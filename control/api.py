@@ -37,14 +37,14 @@ def canonical_type(name: str) -> str | None:
         return None
 
 
-def record_to_wire(record: records.Record) -> dict[str, Any]:
+def record_to_wire(record: records.Record, node: str) -> dict[str, Any]:
     return {"id": record.id, "version": record.version, "namespace": record.namespace,
-            "spec": dict(record.spec)}
+            "node": node, "spec": dict(record.spec)}
 
 
 def record_from_wire(rtype: str, doc: dict[str, Any]) -> records.Record:
     return records.Record(records.kind_by_name(rtype), doc["id"], doc["spec"], doc["version"],
-                          doc.get("namespace", records.NAMESPACE))
+                          doc.get("namespace", records.NAMESPACE), doc.get("node", ""))
 
 
 class ResourceStore:

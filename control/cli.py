@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import sys
 
 DESCRIPTION = """\
@@ -65,10 +64,9 @@ def get_main(argv: list[str]) -> int:
 
     async def show() -> None:
         kind = records.kind_by_name(rtype)
-        node = socket.gethostname()
         async for docs in api.query(args.link, rtype, args.watch):
             found = [api.record_from_wire(rtype, doc) for doc in docs]
-            print(records.render(found, kind, args.output, node), end="", flush=True)
+            print(records.render(found, kind, args.output), end="", flush=True)
 
     try:
         asyncio.run(show())
