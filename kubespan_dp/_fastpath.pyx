@@ -844,6 +844,7 @@ cdef struct loop_t:
     int slow_fd                      # eventfd: Python has slow work
     int mtu
     volatile bint stopping
+    volatile bint link_gone          # TUN reads failed for good (link deleted)
     pthread_rwlock_t lock
     # peers
     peer_t *peers
@@ -1029,11 +1030,16 @@ cdef void _tx_loop(loop_t *L) noexcept nogil:
     if io.buf == NULL:
         free(io)
         return
-    while _wait(L, L.tun_fd, -1):
+    while not L.link_gone and _wait(L, L.tun_fd, -1):
         n = 0
         while n < LOOP_BATCH:
             slot = io.buf + n * SLOT_SIZE
             r = c_read(L.tun_fd, slot + HEADER_LEN, SLOT_SIZE - OVERHEAD - PAD_MULTIPLE)
+            if r < 0 and errno != EAGAIN and errno != EINTR:
+                # EBADFD/EIO: the link is gone; tell Python and stop reading
+                L.link_gone = True
+                _signal(L.slow_fd)
+                break
             if r <= 0:
                 break
             io.length[n] = <uint32_t>r
@@ -1369,6 +1375,7 @@ cdef class PacketLoop:
         if self._threads:
             return
         self.L.stopping = False
+        self.L.link_gone = False
         self._threads = [_threading.Thread(target=self._run_tx, name="ks-fast-tx", daemon=True),
                          _threading.Thread(target=self._run_rx, name="ks-fast-rx", daemon=True)]
         for t in self._threads:
@@ -1568,6 +1575,19 @@ cdef class PacketLoop:
             pthread_rwlock_unlock(&self.L.lock)
         return r
 
+    def mark_received(self, uint32_t local_index, uint64_t counter) -> bool:
+        """Record in the C replay window a counter that the Python core opened and
+        authenticated on an installed keypair (so the loop never accepts it again)."""
+        cdef keypair_t *k
+        cdef bint ok = False
+        with nogil:
+            pthread_rwlock_wrlock(&self.L.lock)
+            k = _index_lookup(self.L, local_index)
+            if k != NULL:
+                ok = _replay_update(&k.replay, counter)
+            pthread_rwlock_unlock(&self.L.lock)
+        return ok
+
     # -- what happened ---------------------------------------------------------
 
     def peer_stats(self, int pid) -> tuple:
@@ -1608,6 +1628,11 @@ cdef class PacketLoop:
 
     def drops(self) -> dict:
         return {name: self.L.drops[i] for i, name in enumerate(DROP_REASONS) if self.L.drops[i]}
+
+    @property
+    def link_gone(self) -> bool:
+        """The TUN device failed for good (deleted); the sending thread stopped."""
+        return self.L.link_gone
 
     @property
     def tx_packets(self) -> int:

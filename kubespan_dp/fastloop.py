@@ -1,0 +1,307 @@
+"""The fast packet path: the C `PacketLoop` moves data packets; the core decides.
+
+A drop-in for `pypath.PyDataPath` (same constructor and methods; see that module
+for the contract with the device).  Division of labour:
+
+- C threads (in `_fastpath.pyx`) read TUN, seal, sendmmsg; recvmmsg, open, check
+  replay and source, write TUN — for every keypair the core has *confirmed*.
+- Everything else reaches Python through the loop's slow queue and goes to the core
+  unchanged: handshake and cookie messages (via the device's handshake queue), data
+  on indices C does not know (the responder's first packet on a fresh keypair), and
+  packets for peers without a usable session.
+
+The core stays the single source of truth.  After every core call and on a short
+tick this module mirrors the core into C (peers, endpoints, allowed IPs, current and
+previous keypairs) and feeds C's activity back to the core (byte counters, roamed
+endpoints, and the timer hooks wireguard-go calls on data sent/received), so
+keepalives, rekeys and expiry keep working exactly as in the pure-Python path.
+
+Nonces: once a keypair is in C, C owns its send counter.  If the core later seals on
+that keypair itself (a keepalive from a timer), we reopen that datagram and reseal it
+with a counter taken from C, so no counter is ever used twice on the wire.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from . import _fastpath as fp
+from .netutil import Address
+from .pypath import PyDataPath
+
+SYNC_INTERVAL = 0.1          # seconds between C -> core activity syncs
+HANDSHAKE_TYPES = frozenset((1, 2, 3))
+_HEADER = struct.Struct("<IIQ")
+REJECT_AFTER_MESSAGES = 2**64 - 2**13 - 1
+
+
+def fastpath_enabled() -> bool:
+    """KUBESPAN_WG_FASTPATH=1 selects the C packet loop (default: pure Python, for now)."""
+    return os.environ.get("KUBESPAN_WG_FASTPATH", "0") == "1"
+
+
+class _Installed:
+    """A core keypair mirrored in C, with what is needed to reseal core output."""
+
+    __slots__ = ("core_kp", "c_kp", "start", "aead")
+
+    def __init__(self, core_kp: Any) -> None:
+        self.core_kp = core_kp
+        self.start = core_kp.send_counter      # the core sealed everything below this
+        self.c_kp = fp.Keypair(core_kp.send_key, core_kp.receive_key, core_kp.local_index,
+                               core_kp.remote_index, is_initiator=core_kp.is_initiator,
+                               created=core_kp.created, send_counter=core_kp.send_counter)
+        window = core_kp.replay
+        if not window.check(window.last):      # the core already opened packets on it
+            self.c_kp.seed_replay(window.last)
+        self.aead = fp.AEADKey(core_kp.send_key)
+
+
+class FastDataPath:
+    def __init__(
+        self,
+        core: Any,
+        tun_fd: int,
+        on_handshake: Callable[[bytes, Address, float], None],
+        on_batch: Callable[[], None],
+        on_link_gone: Callable[[], None],
+    ) -> None:
+        self.core = core
+        # Python-side sends and TUN writes (core output) reuse the plain path's code.
+        self.py = PyDataPath(core, tun_fd, on_handshake, on_batch, on_link_gone)
+        self.on_handshake = on_handshake
+        self.on_batch = on_batch
+        self.on_link_gone = on_link_gone
+        self.c = fp.PacketLoop(tun_fd, -1, -1, core.mtu)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._tick_handle: asyncio.TimerHandle | None = None
+        self._ids: dict[bytes, int] = {}            # peer public key -> C slot
+        self._free: list[int] = []
+        self._next_id = 0
+        self._keypairs: dict[int, tuple[Any, Any]] = {}   # slot -> core (current, previous)
+        self._installed: dict[int, _Installed] = {}       # id(core keypair) -> mirror
+        self._by_remote: dict[int, _Installed] = {}       # remote index -> mirror
+        self._by_local: dict[int, _Installed] = {}        # local index -> mirror
+        self._endpoints: dict[int, Address | None] = {}
+        self._stats: dict[int, tuple] = {}
+        self._routes: object = None
+        self._own_drops: Counter[str] = Counter()
+
+    # ------------------------------------------------------------- the device's contract
+
+    @property
+    def dropped(self) -> Counter[str]:
+        return self.py.dropped + self._own_drops + Counter(self.c.drops())
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.reconcile()
+        loop.add_reader(self.c.slow_fd, self._on_slow)
+        self.c.start()
+        self._tick_handle = loop.call_later(SYNC_INTERVAL, self._tick)
+
+    def detach(self) -> None:
+        if self.loop is None:
+            return
+        self.c.stop()
+        self.loop.remove_reader(self.c.slow_fd)
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+        self.loop = None
+
+    def rebind(self, sock4: Any, sock6: Any) -> None:
+        self.py.rebind(sock4, sock6)   # self.py is never attached: it registers nothing
+        self.c.rebind(sock4.fileno() if sock4 is not None else -1,
+                      sock6.fileno() if sock6 is not None else -1)
+
+    def emit(self, out: Any) -> None:
+        self.reconcile()
+        for data, addr in out.datagrams:
+            data = self._reseal(data)
+            if data is not None:
+                self.py.send(data, addr)
+        if out.packets:
+            self.py._write_tun(out.packets)
+
+    def send(self, data: bytes, addr: Address) -> None:
+        self.py.send(data, addr)
+
+    # ------------------------------------------------------------- slow path
+
+    def _on_slow(self) -> None:
+        if self.c.link_gone:
+            self.on_link_gone()
+            return
+        items = self.c.take_slow()
+        if not items:
+            return
+        now = time.monotonic()
+        self.sync(now)
+        core = self.core
+        for kind, data, source, _peer in items:
+            if kind == fp.SLOW_PACKET:
+                self.emit(core.send_packet(data, now))
+            elif data and data[0] in HANDSHAKE_TYPES:
+                self.on_handshake(data, source, now)
+            else:
+                self.emit(core.receive_datagram(data, source, now))
+                self._mirror_replay(data)
+        self.on_batch()
+
+    def _mirror_replay(self, data: bytes) -> None:
+        # The core opened a data packet on a keypair that is (now) in C too: C's
+        # window must learn the counter, or a replay of it would pass there.
+        if len(data) < 32:
+            return
+        kind, receiver, counter = _HEADER.unpack_from(data)
+        mirror = self._by_local.get(receiver)
+        if kind == 4 and mirror is not None and not mirror.core_kp.replay.check(counter):
+            self.c.mark_received(receiver, counter)
+
+    def _reseal(self, data: bytes) -> bytes | None:
+        """Core output sealed on a keypair C owns gets a counter from C instead."""
+        if len(data) < 32 or data[0] != 4:
+            return data
+        kind, receiver, counter = _HEADER.unpack_from(data)
+        mirror = self._by_remote.get(receiver)
+        if kind != 4 or mirror is None or counter < mirror.start:
+            return data
+        plaintext = mirror.aead.open(counter, data[16:])
+        fresh = mirror.c_kp.reserve_counter()
+        if fresh >= REJECT_AFTER_MESSAGES:
+            self._own_drops["keypair_exhausted"] += 1
+            return None
+        return _HEADER.pack(4, receiver, fresh) + mirror.aead.seal(fresh, plaintext)
+
+    def _tick(self) -> None:
+        self._tick_handle = None
+        if self.loop is None:
+            return
+        now = time.monotonic()
+        self.sync(now)
+        self.reconcile()
+        self.on_batch()
+        self._tick_handle = self.loop.call_later(SYNC_INTERVAL, self._tick)
+
+    # ------------------------------------------------------------- C -> core
+
+    def sync(self, now: float) -> None:
+        """Feed what the C loop did since the last sync into the core's peers."""
+        out = None
+        for key, pid in self._ids.items():
+            peer = self.core.peers.get(key)
+            if peer is None:
+                continue
+            tx, rx, tx_any, tx_data, rx_any, rx_data, flags = self.c.peer_stats(pid)
+            old = self._stats.get(pid, (0, 0, 0.0, 0.0, 0.0, 0.0))
+            self._stats[pid] = (tx, rx, tx_any, tx_data, rx_any, rx_data)
+            peer.tx_bytes += tx - old[0]
+            peer.rx_bytes += rx - old[1]
+            happened = []
+            if tx_any > old[2]:
+                happened.append((tx_any, True, tx_data > old[3]))
+            if rx_any > old[4]:
+                happened.append((rx_any, False, rx_data > old[5]))
+            timers = peer.timers
+            # the hooks wireguard-go's send.go / receive.go call, in time order
+            for t, sent, data in sorted(happened):
+                timers.on_any_authenticated_packet_traversal(t, peer.persistent_keepalive)
+                if sent:
+                    timers.on_any_authenticated_packet_sent()
+                    if data:
+                        timers.on_data_sent(t)
+                else:
+                    timers.on_any_authenticated_packet_received()
+                    if data:
+                        timers.on_data_received(t)
+            if flags & fp.FLAG_ENDPOINT:
+                endpoint = self.c.get_endpoint(pid)
+                peer.endpoint = endpoint
+                self._endpoints[pid] = endpoint
+            if flags & fp.FLAG_REKEY_RX:
+                # receive.go keepKeyFreshReceiving: the core knows whether it is due
+                self.core._keep_key_fresh_receiving(peer, now)
+                out = True
+        if out:
+            self.emit(self.core.on_timer(now))
+
+    # ------------------------------------------------------------- core -> C
+
+    def reconcile(self) -> None:
+        """Make the C loop's peers, endpoints, keypairs and routes match the core."""
+        core = self.core
+        for key in [k for k in self._ids if k not in core.peers]:
+            pid = self._ids.pop(key)
+            self.c.remove_peer(pid)
+            self._forget_keypairs(pid)
+            self._endpoints.pop(pid, None)
+            self._stats.pop(pid, None)
+            self._free.append(pid)
+        for key, peer in core.peers.items():
+            pid = self._ids.get(key)
+            if pid is None:
+                pid = self._free.pop() if self._free else self._take_id()
+                self._ids[key] = pid
+                self.c.add_peer(pid)
+                self._stats[pid] = (0, 0, 0.0, 0.0, 0.0, 0.0)
+                self._endpoints[pid] = None
+            if peer.endpoint != self._endpoints.get(pid):
+                self.c.set_endpoint(pid, peer.endpoint)
+                self._endpoints[pid] = peer.endpoint
+            self._mirror_keypairs(pid, peer)
+        routes = tuple((self._ids[k], tuple(p.allowed_ips)) for k, p in core.peers.items())
+        if routes != self._routes:
+            self.c.set_allowed_ips(
+                (net.network_address.packed, net.prefixlen, pid)
+                for pid, nets in routes for net in nets)
+            self._routes = routes
+
+    def _take_id(self) -> int:
+        pid = self._next_id
+        if pid >= self.c.max_peers:
+            raise RuntimeError("too many peers for the fast path")
+        self._next_id += 1
+        return pid
+
+    def _mirror_keypairs(self, pid: int, peer: Any) -> None:
+        want = (peer.keypairs.current, peer.keypairs.previous)
+        have = self._keypairs.get(pid, (None, None))
+        if want[0] is not have[0] or want[1] is not have[1]:
+            mirrors = [self._mirror(kp) if kp is not None else None for kp in want]
+            self.c.set_keypairs(pid, *(m.c_kp if m is not None else None for m in mirrors))
+            for old in have:
+                if old is not None and old is not want[0] and old is not want[1]:
+                    self._drop_mirror(old)
+            self._keypairs[pid] = want
+        for kp in want:
+            # the core expires keypairs (new private key) by exhausting their counter
+            if kp is not None and kp.send_counter >= REJECT_AFTER_MESSAGES:
+                self._installed[id(kp)].c_kp.expire()
+
+    def _mirror(self, kp: Any) -> _Installed:
+        m = self._installed.get(id(kp))
+        if m is None or m.core_kp is not kp:
+            m = _Installed(kp)
+            self._installed[id(kp)] = m
+            self._by_remote[kp.remote_index] = m
+            self._by_local[kp.local_index] = m
+        return m
+
+    def _drop_mirror(self, kp: Any) -> None:
+        m = self._installed.pop(id(kp), None)
+        if m is None:
+            return
+        if self._by_remote.get(kp.remote_index) is m:
+            del self._by_remote[kp.remote_index]
+        if self._by_local.get(kp.local_index) is m:
+            del self._by_local[kp.local_index]
+
+    def _forget_keypairs(self, pid: int) -> None:
+        for kp in self._keypairs.pop(pid, (None, None)):
+            if kp is not None:
+                self._drop_mirror(kp)
