@@ -103,6 +103,13 @@ class Device:
             await asyncio.sleep(WATCH_INTERVAL)
             if not self.tun.exists():
                 self.stop("the link was deleted")
+                continue
+            try:
+                mtu = self.tun.mtu
+            except OSError:
+                continue
+            if mtu != self.core.mtu:  # padding is capped at the link MTU
+                self.core.mtu = mtu
             elif self.uapi_id is None or socket_identity(self.uapi_path) != self.uapi_id:
                 self.stop("the UAPI socket was removed")
 

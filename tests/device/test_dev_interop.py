@@ -191,3 +191,20 @@ def test_keepalive_holds_nat_mapping(lab: netns.Lab, kinds: tuple[str, str]) -> 
     time.sleep(3 * NAT_TIMEOUT)
     r = b.ns.run("ping", "-c", "2", "-W", "1", INNER4[0], check=False)
     assert r.returncode != 0, "the NAT mapping should have expired without keepalives"
+
+
+@pytest.mark.parametrize("outer", ["4", "6"])
+def test_replies_from_the_address_written_to(lab: netns.Lab, outer: str) -> None:
+    """b knows ours (a) by a secondary address; a must answer from that address, or
+    b (wireguard-go, which roams to the source of what it receives) would move away."""
+    a, b = netns.build_pair(lab, "kubespan-wg", "wireguard-go", outer=outer)
+    second = "192.168.77.11" if outer == "4" else "fd00:77::11"
+    if outer == "4":
+        netns.add_address(a.ns, a.veth, f"{second}/24")
+    else:  # deprecated, so the kernel would never pick it as a source by itself
+        a.ns.run("ip", "addr", "add", f"{second}/64", "dev", a.veth, "nodad", "preferred_lft", "0")
+    endpoint = f"{second}:{a.port}" if outer == "4" else f"[{second}]:{a.port}"
+    b.wg("set", b.ifname, "peer", a.public_key, "endpoint", endpoint)
+    netns.ping(b.ns, INNER4[0])
+    netns.ping(a.ns, INNER6[1])
+    assert peer_row(b, a.public_key)[2] == endpoint
