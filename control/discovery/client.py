@@ -94,6 +94,7 @@ class DiscoveryClient:
         on_change: Callable[[dict[str, Affiliate]], None] | None = None,
         backoff: Backoff | None = None,
         rpc_timeout: float = 30.0,
+        reconnect_grace: float = 60.0,
     ) -> None:
         self._target, self._tls = parse_endpoint(endpoint, insecure)
         self._insecure = insecure
@@ -107,6 +108,12 @@ class DiscoveryClient:
         self.on_change = on_change
         self._backoff = backoff or Backoff()
         self._rpc_timeout = rpc_timeout
+        # After a reconnect, affiliates missing from the new snapshot are kept this long
+        # (unless deleted explicitly): a service that restarted without its state must
+        # not tear down working tunnels while the other nodes register again.
+        self.reconnect_grace = reconnect_grace
+        self._carried: dict[str, float] = {}  # affiliate id -> monotonic drop time
+        self._had_snapshot = False
 
         self.public_ip: IPAddress | None = None
         self.affiliates: dict[str, Affiliate] = {}
@@ -316,9 +323,20 @@ class DiscoveryClient:
 
     async def _apply(self, reply: pb.WatchResponse, snapshot: bool) -> None:
         table = {} if snapshot else dict(self.affiliates)
+        if snapshot and self._had_snapshot and self.reconnect_grace > 0:
+            drop_at = asyncio.get_running_loop().time() + self.reconnect_grace
+            listed = {raw.id for raw in reply.affiliates}
+            for aid, affiliate in self.affiliates.items():
+                if aid not in listed:
+                    table[aid] = affiliate
+                    self._carried.setdefault(aid, drop_at)
+            if self._carried:
+                asyncio.get_running_loop().call_later(self.reconnect_grace, self._schedule_prune)
+        self._had_snapshot = self._had_snapshot or snapshot
         for raw in reply.affiliates:
             if raw.id == self.affiliate_id:
                 continue
+            self._carried.pop(raw.id, None)  # heard of again (or deleted): no longer carried over
             if reply.deleted or not raw.data:
                 table.pop(raw.id, None)
                 continue
@@ -327,7 +345,24 @@ class DiscoveryClient:
             except (CipherError, CodecError) as err:
                 table.pop(raw.id, None)
                 self._warn(raw.id, f"left out: {err}")
-        if snapshot or table != self.affiliates:
+        await self._replace(table, force=snapshot)
+
+    def _schedule_prune(self) -> None:
+        asyncio.ensure_future(self._prune_carried())
+
+    async def _prune_carried(self) -> None:
+        """Drop carried-over affiliates whose grace ran out without news of them."""
+        now = asyncio.get_running_loop().time()
+        expired = [aid for aid, deadline in self._carried.items() if deadline <= now]
+        if not expired:
+            return
+        for aid in expired:
+            del self._carried[aid]
+        log.info("dropping %d affiliate(s) the restarted discovery service no longer knows", len(expired))
+        await self._replace({k: v for k, v in self.affiliates.items() if k not in expired}, force=False)
+
+    async def _replace(self, table: dict[str, Affiliate], force: bool) -> None:
+        if force or table != self.affiliates:
             async with self._changed:
                 self.affiliates = table
                 self.version += 1

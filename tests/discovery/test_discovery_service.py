@@ -298,6 +298,38 @@ def test_client_retries_until_service_appears_and_republishes_after_restart(make
     run(main())
 
 
+def test_affiliates_survive_a_stateless_service_restart_for_the_grace_period(make_server):
+    """A restarted service without its state must not make peers vanish at once."""
+    port = _free_port()
+    s = new_secret()
+
+    async def main() -> None:
+        first = await asyncio.to_thread(make_server, port)
+        watcher = DiscoveryClient(f"127.0.0.1:{port}", "g", s, "w", insecure=True, reconnect_grace=1.5, **FAST)
+        gone = DiscoveryClient(f"127.0.0.1:{port}", "g", s, "gone", insecure=True, **FAST)
+        gone.set_local(make_affiliate("gone", 1))
+        watcher.start()
+        gone.start()
+        try:
+            await watcher.wait_for(lambda t: "gone" in t, 20)
+            await gone.close(leave=False)  # it will not register again
+            version = watcher.version
+            await asyncio.to_thread(first.stop)
+            await asyncio.to_thread(make_server, port)  # empty state, same port
+            for _ in range(200):  # every snapshot bumps the version: wait for the new session's
+                if watcher.version > version:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the watcher never reconnected")
+            assert "gone" in watcher.affiliates  # carried over the restart
+            await watcher.wait_for(lambda t: "gone" not in t, 10)  # then dropped after the grace
+        finally:
+            await watcher.close()
+
+    run(main())
+
+
 def _self_signed(tmp_path):
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
