@@ -65,11 +65,11 @@ def _explain(e: NetlinkError) -> str:
     return f"{text} (errno {e.code})"
 
 
-def _default_userspace() -> WireGuardBackend:
+def _default_userspace(netns: str | None) -> WireGuardBackend:
     # Imported late: the userspace backend pulls in its own daemon machinery.
     from control.backends.userspace import UserspaceBackend
 
-    return UserspaceBackend()
+    return UserspaceBackend(netns=netns)
 
 
 def select_backend(
@@ -81,7 +81,9 @@ def select_backend(
     """Return (backend, reason) for `mode` ("auto" | "kernel" | "userspace")."""
     if mode not in MODES:
         raise InvalidMode(f"unknown WireGuard mode {mode!r}; expected one of {', '.join(MODES)}")
-    make_userspace = userspace_factory or _default_userspace
+    def make_userspace() -> WireGuardBackend:
+        return userspace_factory() if userspace_factory else _default_userspace(netns)
+
     if mode == "userspace":
         reason = "userspace mode requested"
         log.info("WireGuard backend: userspace (%s)", reason)
