@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(wireguard-go wireguard-tools iperf3 nftables tcpdump iproute2 iputils-ping netcat-openbsd libssl-dev
-              python3-dev gcc)
+              python3-dev gcc qemu-system-x86 busybox-static linux-image-amd64)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
