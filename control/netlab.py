@@ -14,6 +14,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
+from typing import Callable
 
 UNDERLAY_V4 = "192.0.2.{}"
 UNDERLAY_V6 = "2001:db8::{:x}"
@@ -81,7 +82,12 @@ class Lab:
     def _ns_run(netns: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
         return run(["ip", "netns", "exec", netns, *argv], check=check)
 
-    def add_host(self, name: str | None = None) -> Host:
+    def add_host(self, name: str | None = None, pre_uplink: Callable[[Host], None] | None = None) -> Host:
+        """A new namespace joined to the bridge as `eth0`.
+
+        `pre_uplink` runs before eth0 exists, to create links that must come first in
+        the namespace's link order (e.g. an address announced ahead of the underlay's).
+        """
         index = len(self.hosts) + 1
         name = name or f"node{index}"
         netns = f"{self.tag}-{name}"
@@ -89,6 +95,8 @@ class Lab:
                     IPv6Address(UNDERLAY_V6.format(index)))
         run(["ip", "netns", "add", netns])
         self.hosts.append(host)
+        if pre_uplink is not None:
+            pre_uplink(host)
         outer = f"v{self.tag[-6:]}{index}"
         run(["ip", "link", "add", outer, "netns", self.bridge_ns, "type", "veth",
              "peer", "name", "eth0", "netns", netns])
