@@ -122,9 +122,9 @@ class LabCluster:
         node.config_path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
         node.config_path.chmod(0o600)
 
-    def start_agent(self, node: Node) -> None:
+    def start_agent(self, node: Node, *extra_args: str) -> None:
         argv = [sys.executable, "-m", "control.cli", "agent", "-c", str(node.config_path),
-                "--hostname", node.host.name, "--reconcile-interval", str(self.reconcile_interval)]
+                "--hostname", node.host.name, "--reconcile-interval", str(self.reconcile_interval), *extra_args]
         node.agent = node.host.spawn(*argv, log_path=str(node.log_path))
 
     def stop_agent(self, node: Node, kill: bool = False) -> None:
