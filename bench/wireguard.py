@@ -66,7 +66,9 @@ def start(lab: Lab, impl: str, ns: str, inner: str, logdir: Path) -> Endpoint:
     cmd = daemon_command(impl, ifname)
     sock = WG_RUN_DIR / f"{ifname}.sock"
     lab.sockets.append(sock)
-    proc = lab.spawn(cmd, ns, env={"LOG_LEVEL": "error"}, log=logdir / f"{impl}-{ifname}.log")
+    # ours: the C packet loop (KUBESPAN_WG_FASTPATH=1), the configuration under test
+    env = {"LOG_LEVEL": "error", "KUBESPAN_WG_FASTPATH": "1"}
+    proc = lab.spawn(cmd, ns, env=env, log=logdir / f"{impl}-{ifname}.log")
     try:
         wait_for(lambda: sock.exists() or proc.poll() is not None, 15, f"{impl} UAPI socket")
     except TimeoutError:

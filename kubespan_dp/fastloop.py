@@ -23,6 +23,7 @@ with a counter taken from C, so no counter is ever used twice on the wire.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import struct
 import time
@@ -38,6 +39,8 @@ SYNC_INTERVAL = 0.1          # seconds between C -> core activity syncs
 HANDSHAKE_TYPES = frozenset((1, 2, 3))
 _HEADER = struct.Struct("<IIQ")
 REJECT_AFTER_MESSAGES = 2**64 - 2**13 - 1
+
+log = logging.getLogger("kubespan_dp.fastloop")
 
 
 def fastpath_enabled() -> bool:
@@ -104,6 +107,7 @@ class FastDataPath:
         loop.add_reader(self.c.slow_fd, self._on_slow)
         self.c.start()
         self._tick_handle = loop.call_later(SYNC_INTERVAL, self._tick)
+        log.info("packet path: C fast path (batched TUN/UDP I/O, OpenSSL ChaCha20-Poly1305)")
 
     def detach(self) -> None:
         if self.loop is None:
