@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -118,9 +119,9 @@ def guest_script(pytest_args: list[str]) -> str:
     )
 
 
-def vng_command(kernel: Path, script: str, memory: str, cpus: int) -> list[str]:
+def vng_command(kernel: Path, script: str, memory: str, cpus: int, name: str) -> list[str]:
     return [
-        str(VENV_BIN / "vng"), "--run", str(kernel),
+        str(VENV_BIN / "vng"), "--run", str(kernel), "--name", name,
         "--disable-kvm",  # KVM fails on this machine with an emulation error
         "--memory", memory, "--cpus", str(cpus),
         "--cwd", str(REPO),
@@ -135,6 +136,7 @@ def run_in_vm(
     memory: str = "2G",
     cpus: int = 2,
     out: TextIO | None = None,
+    name: str | None = None,
 ) -> VmResult:
     """Boot the VM, run pytest inside, stream its output to `out`; raise VmError when
     the VM does not produce a result (tools missing, boot failure, timeout)."""
@@ -142,7 +144,8 @@ def run_in_vm(
         raise VmError("the VM harness needs: " + "; ".join(problems))
     out = out or sys.stdout
     kernel = find_kernel()
-    argv = vng_command(kernel, guest_script(pytest_args), memory, cpus)
+    name = name or f"kubespan-vm-{secrets.token_hex(4)}"  # qemu's -name: findable in ps
+    argv = vng_command(kernel, guest_script(pytest_args), memory, cpus, name)
     env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}")
     print(f"[vm] booting {kernel.name} ({cpus} cpus, {memory}, no KVM); timeout {timeout:.0f}s",
           file=out, flush=True)
