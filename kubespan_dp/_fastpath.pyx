@@ -17,7 +17,7 @@ Layers, top to bottom of this file:
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
-from libc.string cimport memcpy, memset
+from libc.string cimport memcmp, memcpy, memset
 
 cdef extern from "openssl/evp.h" nogil:
     ctypedef struct EVP_CIPHER_CTX
@@ -662,6 +662,9 @@ cdef extern from "<errno.h>" nogil:
         EAGAIN
         EINTR
         EWOULDBLOCK
+        EINVAL
+        EADDRNOTAVAIL
+        ENETUNREACH
 
 cdef extern from "<poll.h>" nogil:
     struct pollfd:
@@ -708,12 +711,46 @@ cdef extern from "<sys/socket.h>" nogil:
     struct mmsghdr:
         msghdr msg_hdr
         unsigned int msg_len
+    struct cmsghdr:
+        size_t cmsg_len
+        int cmsg_level
+        int cmsg_type
     int recvmmsg(int fd, mmsghdr *vec, unsigned int vlen, int flags, timespec *timeout)
     int sendmmsg(int fd, mmsghdr *vec, unsigned int vlen, int flags)
+    int setsockopt(int fd, int level, int name, const void *val, socklen_t len)
+    cmsghdr *CMSG_FIRSTHDR(msghdr *m)
+    cmsghdr *CMSG_NXTHDR(msghdr *m, cmsghdr *c)
+    unsigned char *CMSG_DATA(cmsghdr *c)
+    size_t CMSG_SPACE(size_t n)
+    size_t CMSG_LEN(size_t n)
     enum:
         AF_INET
         AF_INET6
         MSG_DONTWAIT
+
+cdef extern from *:
+    """
+    #ifndef SOL_UDP
+    #define SOL_UDP 17
+    #endif
+    #ifndef UDP_SEGMENT
+    #define UDP_SEGMENT 103
+    #endif
+    #ifndef UDP_GRO
+    #define UDP_GRO 104
+    #endif
+    """
+    enum:
+        SOL_UDP
+        UDP_SEGMENT
+        UDP_GRO
+
+cdef extern from "<netinet/in.h>" nogil:
+    enum:
+        IPPROTO_IP
+        IPPROTO_IPV6
+        IP_PKTINFO
+        IPV6_PKTINFO
 
 cdef extern from "<netinet/in.h>" nogil:
     struct in6_addr:
@@ -807,6 +844,9 @@ cdef struct peer_t:
     pthread_mutex_t ep_lock          # the endpoint is written by RX (roaming) and Python
     sockaddr_in6 ep                  # holds a sockaddr_in too
     socklen_t ep_len                 # 0: no endpoint
+    uint8_t src[16]                  # local address the peer last wrote to (sticky
+    uint8_t src_len                  # source, as wireguard-go): 0, 4 or 16 bytes
+    uint32_t src_ifindex             # for IPv6 link-local only
     uint64_t tx_bytes
     uint64_t rx_bytes
     double last_tx_any
@@ -823,6 +863,9 @@ cdef struct slow_t:
     uint32_t length
     sockaddr_in6 addr
     socklen_t addrlen
+    uint8_t local[16]                # our address it was sent to (for the reply)
+    uint8_t local_len
+    uint32_t local_ifindex
     uint8_t data[SLOT_SIZE]
 
 
@@ -830,10 +873,13 @@ cdef struct io_t:
     # per-thread batch buffers
     uint8_t *buf                     # LOOP_BATCH * SLOT_SIZE
     uint32_t length[LOOP_BATCH]
-    int32_t peer[LOOP_BATCH]
     sockaddr_in6 addr[LOOP_BATCH]
     iovec iov[LOOP_BATCH]
     mmsghdr msgs[LOOP_BATCH]
+    uint8_t src[LOOP_BATCH][16]
+    uint8_t src_len[LOOP_BATCH]
+    uint32_t src_ifindex[LOOP_BATCH]
+    int32_t peer[LOOP_BATCH]
 
 
 cdef struct loop_t:
@@ -845,6 +891,7 @@ cdef struct loop_t:
     int mtu
     volatile bint stopping
     volatile bint link_gone          # TUN reads failed for good (link deleted)
+    bint no_gso                      # UDP_SEGMENT refused once: send one by one
     pthread_rwlock_t lock
     # peers
     peer_t *peers
@@ -943,7 +990,9 @@ cdef inline void _signal(int fd) noexcept nogil:
 
 
 cdef void _slow_push(loop_t *L, uint8_t kind, int32_t peer, const uint8_t *data,
-                     uint32_t n, const sockaddr_in6 *addr, socklen_t addrlen) noexcept nogil:
+                     uint32_t n, const sockaddr_in6 *addr, socklen_t addrlen,
+                     const uint8_t *local=NULL, uint8_t local_len=0,
+                     uint32_t local_ifindex=0) noexcept nogil:
     cdef slow_t *e
     cdef bint wake
     if n > SLOT_SIZE:
@@ -962,6 +1011,10 @@ cdef void _slow_push(loop_t *L, uint8_t kind, int32_t peer, const uint8_t *data,
     e.addrlen = addrlen
     if addrlen:
         memcpy(&e.addr, addr, addrlen)
+    e.local_len = local_len
+    e.local_ifindex = local_ifindex
+    if local_len:
+        memcpy(e.local, local, local_len)
     wake = L.slow_count == 0
     L.slow_count += 1
     pthread_mutex_unlock(&L.slow_lock)
@@ -969,47 +1022,195 @@ cdef void _slow_push(loop_t *L, uint8_t kind, int32_t peer, const uint8_t *data,
         _signal(L.slow_fd)
 
 
-cdef inline bint _wait(loop_t *L, int fd1, int fd2) noexcept nogil:
-    # Block until a data fd is readable; False when stopping.
+cdef inline int _wait(loop_t *L, int fd1, int fd2) noexcept nogil:
+    # Block until a data fd is readable: bit 1 for fd1, bit 2 for fd2; 0 when stopping.
     cdef pollfd p[3]
-    cdef int n = 0
-    p[n].fd = L.stop_fd
-    p[n].events = POLLIN
-    n += 1
+    cdef int n = 1, i1 = -1, i2 = -1, ready
+    p[0].fd = L.stop_fd
+    p[0].events = POLLIN
     if fd1 >= 0:
         p[n].fd = fd1
         p[n].events = POLLIN
+        i1 = n
         n += 1
     if fd2 >= 0:
         p[n].fd = fd2
         p[n].events = POLLIN
+        i2 = n
         n += 1
     while not L.stopping:
         if poll(p, n, 1000) > 0:
-            return not L.stopping
-    return False
+            if L.stopping:
+                return 0
+            ready = 0
+            if i1 >= 0 and p[i1].revents:
+                ready |= 1
+            if i2 >= 0 and p[i2].revents:
+                ready |= 2
+            if ready:
+                return ready
+    return 0
 
 
-cdef void _send_run(loop_t *L, int fd, mmsghdr *msgs, int n) noexcept nogil:
+cdef void _send_plain(loop_t *L, int fd, mmsghdr *gso) noexcept nogil:
+    # Resend one (possibly GSO) message as separate datagrams with no ancillary data.
+    cdef mmsghdr one[LOOP_BATCH]
+    cdef size_t k, n = gso.msg_hdr.msg_iovlen
+    cdef int done = 0, r
+    for k in range(n):
+        memcpy(&one[k], gso, sizeof(mmsghdr))
+        one[k].msg_hdr.msg_iov = gso.msg_hdr.msg_iov + k
+        one[k].msg_hdr.msg_iovlen = 1
+        one[k].msg_hdr.msg_control = NULL
+        one[k].msg_hdr.msg_controllen = 0
+    while done < <int>n:
+        r = sendmmsg(fd, one + done, <int>n - done, 0)
+        if r > 0:
+            done += r
+        else:
+            L.drops[D_UDP_SEND] += 1
+            done += 1
+
+
+cdef void _send_run(loop_t *L, int fd, mmsghdr *msgs, int32_t *peers, bint *pktinfo,
+                    int n) noexcept nogil:
     # sendmmsg all n, waiting for buffer space rather than dropping (backpressure
     # for TCP inside the tunnel).
-    cdef int done = 0, r, tries = 0
+    cdef int done = 0, r, tries = 0, err
     cdef pollfd p
+    cdef peer_t *peer
     while done < n:
         r = sendmmsg(fd, msgs + done, n - done, MSG_DONTWAIT)
         if r > 0:
             done += r
             tries = 0
             continue
-        if r < 0 and (errno == EAGAIN or errno == EINTR) and tries < 20:   # EWOULDBLOCK == EAGAIN
+        err = errno
+        if r < 0 and (err == EAGAIN or err == EINTR) and tries < 20:   # EWOULDBLOCK == EAGAIN
             p.fd = fd
             p.events = POLLOUT
             poll(&p, 1, 50)
             tries += 1
             continue
+        if pktinfo[done] and (err == EINVAL or err == EADDRNOTAVAIL or err == ENETUNREACH):
+            # the local address we answered from is gone: forget it, let the
+            # kernel choose (as wireguard-go's sticky sockets do)
+            peer = &L.peers[peers[done]]
+            pthread_mutex_lock(&peer.ep_lock)
+            peer.src_len = 0
+            pthread_mutex_unlock(&peer.ep_lock)
+            _send_plain(L, fd, &msgs[done])
+            done += 1
+            continue
+        if msgs[done].msg_hdr.msg_iovlen > 1 and not L.no_gso:
+            # the kernel refused UDP_SEGMENT (no GSO here): never again
+            L.no_gso = True
+            _send_plain(L, fd, &msgs[done])
+            done += 1
+            continue
         # a datagram the kernel refuses (e.g. unreachable): skip it
         L.drops[D_UDP_SEND] += 1
         done += 1
+
+
+DEF CONTROL_LEN = 96
+
+
+cdef struct gso_t:
+    mmsghdr msgs[LOOP_BATCH]
+    uint8_t control[LOOP_BATCH][CONTROL_LEN]
+    int32_t peer[LOOP_BATCH]
+    bint pktinfo[LOOP_BATCH]
+
+
+cdef size_t _put_source(uint8_t *control, const uint8_t *src, uint8_t src_len,
+                        uint32_t ifindex) noexcept nogil:
+    # An IP_PKTINFO / IPV6_PKTINFO cmsg asking to send from our address ``src``.
+    cdef cmsghdr *c = <cmsghdr *>control
+    cdef uint8_t *d
+    if src_len == 4:
+        c.cmsg_level = IPPROTO_IP
+        c.cmsg_type = IP_PKTINFO
+        c.cmsg_len = CMSG_LEN(12)          # struct in_pktinfo {ifindex, spec_dst, addr}
+        d = CMSG_DATA(c)
+        memset(d, 0, 12)
+        memcpy(d + 4, src, 4)
+        return CMSG_SPACE(12)
+    c.cmsg_level = IPPROTO_IPV6
+    c.cmsg_type = IPV6_PKTINFO
+    c.cmsg_len = CMSG_LEN(20)              # struct in6_pktinfo {addr, ifindex}
+    d = CMSG_DATA(c)
+    memcpy(d, src, 16)
+    memcpy(d + 16, &ifindex, 4)
+    return CMSG_SPACE(20)
+
+
+cdef inline bint _same_dest(io_t *io, int a, int b) noexcept nogil:
+    cdef const uint8_t *x = <const uint8_t *>&io.addr[a]
+    cdef const uint8_t *y = <const uint8_t *>&io.addr[b]
+    cdef socklen_t n = io.msgs[a].msg_hdr.msg_namelen
+    cdef socklen_t k
+    if n != io.msgs[b].msg_hdr.msg_namelen:
+        return False
+    for k in range(n):
+        if x[k] != y[k]:
+            return False
+    return True
+
+
+cdef void _send_all(loop_t *L, io_t *io, int *fds, int nsend) noexcept nogil:
+    """Send the sealed batch in order.  Consecutive datagrams to one endpoint with
+    one size (the last may be shorter) leave as a single UDP_SEGMENT (GSO) send: one
+    trip through the stack instead of one per packet."""
+    cdef gso_t g
+    cdef int i = 0, j, m = 0, run_start, fd
+    cdef size_t seg, total, ctl
+    cdef cmsghdr *c
+    while i < nsend:
+        j = i + 1
+        seg = io.iov[i].iov_len
+        total = seg
+        if not L.no_gso:
+            while (j < nsend and j - i < 64 and fds[j] == fds[i]
+                   and io.iov[j].iov_len <= seg and total + io.iov[j].iov_len <= 65000
+                   and _same_dest(io, i, j) and io.src_len[j] == io.src_len[i]
+                   and memcmp(io.src[j], io.src[i], io.src_len[i]) == 0):
+                total += io.iov[j].iov_len
+                j += 1
+                if io.iov[j - 1].iov_len < seg:
+                    break          # a short one ends the run
+        memcpy(&g.msgs[m], &io.msgs[i], sizeof(mmsghdr))
+        g.msgs[m].msg_hdr.msg_iov = &io.iov[i]
+        g.msgs[m].msg_hdr.msg_iovlen = j - i
+        g.peer[m] = io.peer[i]
+        g.pktinfo[m] = io.src_len[i] != 0
+        ctl = 0
+        memset(g.control[m], 0, CONTROL_LEN)
+        if io.src_len[i]:
+            ctl = _put_source(g.control[m], io.src[i], io.src_len[i], io.src_ifindex[i])
+        if j - i > 1:
+            c = <cmsghdr *>(g.control[m] + ctl)
+            c.cmsg_level = SOL_UDP
+            c.cmsg_type = UDP_SEGMENT
+            c.cmsg_len = CMSG_LEN(sizeof(uint16_t))
+            (<uint16_t *>CMSG_DATA(c))[0] = <uint16_t>seg
+            ctl += CMSG_SPACE(sizeof(uint16_t))
+        g.msgs[m].msg_hdr.msg_control = g.control[m] if ctl else NULL
+        g.msgs[m].msg_hdr.msg_controllen = ctl
+        fds[m] = fds[i]
+        m += 1
+        i = j
+    # sendmmsg in runs that share a socket (v4 / v6), keeping order
+    run_start = 0
+    for j in range(1, m + 1):
+        if j == m or fds[j] != fds[run_start]:
+            fd = fds[run_start]
+            if fd < 0:
+                L.drops[D_NO_SOCKET] += j - run_start
+            else:
+                _send_run(L, fd, &g.msgs[run_start], &g.peer[run_start],
+                          &g.pktinfo[run_start], j - run_start)
+            run_start = j
 
 
 cdef void _tx_loop(loop_t *L) noexcept nogil:
@@ -1030,7 +1231,7 @@ cdef void _tx_loop(loop_t *L) noexcept nogil:
     if io.buf == NULL:
         free(io)
         return
-    while not L.link_gone and _wait(L, L.tun_fd, -1):
+    while not L.link_gone and _wait(L, L.tun_fd, -1) != 0:
         n = 0
         while n < LOOP_BATCH:
             slot = io.buf + n * SLOT_SIZE
@@ -1088,7 +1289,11 @@ cdef void _tx_loop(loop_t *L) noexcept nogil:
             pthread_mutex_lock(&p.ep_lock)
             memcpy(&io.addr[nsend], &p.ep, p.ep_len)
             io.msgs[nsend].msg_hdr.msg_namelen = p.ep_len
+            memcpy(io.src[nsend], p.src, 16)
+            io.src_len[nsend] = p.src_len
+            io.src_ifindex[nsend] = p.src_ifindex
             pthread_mutex_unlock(&p.ep_lock)
+            io.peer[nsend] = pid
             fds[nsend] = L.sock6 if io.addr[nsend].sin6_family == AF_INET6 else L.sock4
             io.msgs[nsend].msg_hdr.msg_name = &io.addr[nsend]
             io.msgs[nsend].msg_hdr.msg_iov = &io.iov[nsend]
@@ -1102,16 +1307,7 @@ cdef void _tx_loop(loop_t *L) noexcept nogil:
             KS_ATOMIC_OR(&p.flags, FL_ACTIVITY)
             nsend += 1
         pthread_rwlock_unlock(&L.lock)
-        # sendmmsg in runs that share a socket (v4 / v6), keeping order
-        run_start = 0
-        for j in range(1, nsend + 1):
-            if j == nsend or fds[j] != fds[run_start]:
-                fd = fds[run_start]
-                if fd < 0:
-                    L.drops[D_NO_SOCKET] += j - run_start
-                else:
-                    _send_run(L, fd, &io.msgs[run_start], j - run_start)
-                run_start = j
+        _send_all(L, io, fds, nsend)
         L.tx_packets += nsend
     OPENSSL_cleanse(io.buf, LOOP_BATCH * SLOT_SIZE)
     free(io.buf)
@@ -1137,118 +1333,182 @@ cdef inline bint _same_addr(const sockaddr_in6 *a, socklen_t alen, const sockadd
     return a.sin6_scope_id == b.sin6_scope_id
 
 
-cdef int _recv_batch(loop_t *L, io_t *io, int fd, int start) noexcept nogil:
+DEF RX_MSGS = 32
+DEF RX_BUF = 65536            # a GRO-coalesced datagram can be this long
+DEF RX_CONTROL = 128
+DEF RX_SEGS = 2048            # segments per batch (RX_MSGS * 64 at most)
+
+
+cdef struct rx_t:
+    uint8_t *buf                     # RX_MSGS * RX_BUF
+    sockaddr_in6 addr[RX_MSGS]
+    iovec iov[RX_MSGS]
+    mmsghdr msgs[RX_MSGS]
+    uint8_t control[RX_MSGS][RX_CONTROL]
+    uint32_t gso[RX_MSGS]            # segment size (0: not coalesced)
+    uint8_t local[RX_MSGS][16]       # our address the datagram was sent to
+    uint8_t local_len[RX_MSGS]
+    uint32_t local_ifindex[RX_MSGS]
+    uint8_t *wptr[RX_SEGS]           # decrypted packets waiting for the TUN write
+    uint32_t wlen[RX_SEGS]
+
+
+cdef int _recv_batch(loop_t *L, rx_t *rx, int fd, int start) noexcept nogil:
     cdef int i, r
-    for i in range(start, LOOP_BATCH):
-        io.iov[i].iov_base = io.buf + i * SLOT_SIZE
-        io.iov[i].iov_len = SLOT_SIZE
-        io.msgs[i].msg_hdr.msg_name = &io.addr[i]
-        io.msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_in6)
-        io.msgs[i].msg_hdr.msg_iov = &io.iov[i]
-        io.msgs[i].msg_hdr.msg_iovlen = 1
-        io.msgs[i].msg_hdr.msg_control = NULL
-        io.msgs[i].msg_hdr.msg_controllen = 0
-        io.msgs[i].msg_hdr.msg_flags = 0
-    r = recvmmsg(fd, &io.msgs[start], LOOP_BATCH - start, MSG_DONTWAIT, NULL)
+    cdef cmsghdr *c
+    cdef uint8_t *d
+    for i in range(start, RX_MSGS):
+        rx.iov[i].iov_base = rx.buf + i * RX_BUF
+        rx.iov[i].iov_len = RX_BUF
+        rx.msgs[i].msg_hdr.msg_name = &rx.addr[i]
+        rx.msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_in6)
+        rx.msgs[i].msg_hdr.msg_iov = &rx.iov[i]
+        rx.msgs[i].msg_hdr.msg_iovlen = 1
+        rx.msgs[i].msg_hdr.msg_control = rx.control[i]
+        rx.msgs[i].msg_hdr.msg_controllen = RX_CONTROL
+        rx.msgs[i].msg_hdr.msg_flags = 0
+    r = recvmmsg(fd, &rx.msgs[start], RX_MSGS - start, MSG_DONTWAIT, NULL)
     if r <= 0:
         return start
     for i in range(start, start + r):
-        io.length[i] = io.msgs[i].msg_len
+        rx.gso[i] = 0
+        rx.local_len[i] = 0
+        rx.local_ifindex[i] = 0
+        c = CMSG_FIRSTHDR(&rx.msgs[i].msg_hdr)
+        while c != NULL:
+            d = CMSG_DATA(c)
+            if c.cmsg_level == SOL_UDP and c.cmsg_type == UDP_GRO:
+                rx.gso[i] = (<int *>d)[0]
+            elif c.cmsg_level == IPPROTO_IP and c.cmsg_type == IP_PKTINFO and c.cmsg_len >= CMSG_LEN(12):
+                memcpy(rx.local[i], d + 4, 4)          # in_pktinfo.ipi_spec_dst
+                rx.local_len[i] = 4
+            elif c.cmsg_level == IPPROTO_IPV6 and c.cmsg_type == IPV6_PKTINFO and c.cmsg_len >= CMSG_LEN(20):
+                memcpy(rx.local[i], d, 16)             # in6_pktinfo.ipi6_addr
+                rx.local_len[i] = 16
+                if d[0] == 0xFE and (d[1] & 0xC0) == 0x80:   # link-local needs its link
+                    memcpy(&rx.local_ifindex[i], d + 16, 4)
+            c = CMSG_NXTHDR(&rx.msgs[i].msg_hdr, c)
     return start + r
 
 
-cdef void _rx_loop(loop_t *L) noexcept nogil:
-    cdef io_t *io = <io_t *>calloc(1, sizeof(io_t))
-    cdef int i, n, n4, st
-    cdef uint8_t *slot
-    cdef uint32_t length
+cdef inline int _rx_one(loop_t *L, rx_t *rx, int m, uint8_t *slot, uint32_t length,
+                        double now, int nwrite) noexcept nogil:
+    """One datagram (or one GRO segment) from message m; returns the new nwrite."""
     cdef keypair_t *kp
     cdef peer_t *p
     cdef uint64_t counter
-    cdef double now
     cdef int64_t inner
     cdef int32_t pid
-    cdef int nwrite
-    cdef uint32_t woff[LOOP_BATCH]
-    cdef uint32_t wlen[LOOP_BATCH]
-    if io == NULL:
+    cdef socklen_t alen = rx.msgs[m].msg_hdr.msg_namelen
+    if length < OVERHEAD or _get_le32(slot) != MSG_TRANSPORT:
+        _slow_push(L, SK_DATAGRAM, NO_PEER, slot, length, &rx.addr[m], alen,
+                   rx.local[m], rx.local_len[m], rx.local_ifindex[m])
+        return nwrite
+    kp = _index_lookup(L, _get_le32(slot + 4))
+    if kp == NULL:
+        # maybe the core's not-yet-confirmed keypair: it decides
+        _slow_push(L, SK_DATAGRAM, NO_PEER, slot, length, &rx.addr[m], alen,
+                   rx.local[m], rx.local_len[m], rx.local_ifindex[m])
+        return nwrite
+    if kp.created + REJECT_AFTER_TIME < now:
+        L.drops[D_EXPIRED] += 1
+        return nwrite
+    counter = _get_le64(slot + 8)
+    if not _replay_check(&kp.replay, counter):
+        L.drops[D_REPLAY] += 1
+        return nwrite
+    if _open_one(kp.open_ctx, counter, slot + HEADER_LEN, <int>(length - OVERHEAD)) != 1:
+        L.drops[D_DECRYPT] += 1
+        return nwrite
+    if not _replay_update(&kp.replay, counter):
+        L.drops[D_REPLAY] += 1
+        return nwrite
+    # authenticated from here on
+    kp.rx_packets += 1
+    p = &L.peers[kp.peer]
+    if not _same_addr(&p.ep, p.ep_len, &rx.addr[m], alen):
+        pthread_mutex_lock(&p.ep_lock)
+        memcpy(&p.ep, &rx.addr[m], alen)
+        p.ep_len = alen
+        pthread_mutex_unlock(&p.ep_lock)
+        KS_ATOMIC_OR(&p.flags, FL_ENDPOINT)
+    if (rx.local_len[m] != p.src_len or rx.local_ifindex[m] != p.src_ifindex
+            or memcmp(rx.local[m], p.src, rx.local_len[m]) != 0):
+        pthread_mutex_lock(&p.ep_lock)
+        memcpy(p.src, rx.local[m], 16)
+        p.src_len = rx.local_len[m]
+        p.src_ifindex = rx.local_ifindex[m]
+        pthread_mutex_unlock(&p.ep_lock)
+    p.rx_bytes += length
+    p.last_rx_any = now
+    if (kp.is_initiator and p.current == kp
+            and now - kp.created > REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT):
+        KS_ATOMIC_OR(&p.flags, FL_REKEY_RX)
+    KS_ATOMIC_OR(&p.flags, FL_ACTIVITY)
+    if length == OVERHEAD:
+        return nwrite                     # keepalive
+    p.last_rx_data = now
+    inner = _inner_length(slot + HEADER_LEN, length - OVERHEAD)
+    if inner < 0:
+        L.drops[D_INVALID_INNER] += 1
+        return nwrite
+    pid = _route(L, slot + HEADER_LEN, <uint32_t>inner, True)
+    if pid != kp.peer:
+        L.drops[D_SOURCE] += 1
+        return nwrite
+    rx.wptr[nwrite] = slot + HEADER_LEN
+    rx.wlen[nwrite] = <uint32_t>inner
+    return nwrite + 1
+
+
+cdef void _rx_loop(loop_t *L) noexcept nogil:
+    cdef rx_t *rx = <rx_t *>calloc(1, sizeof(rx_t))
+    cdef int i, n, n4, ready, one = 1, nwrite
+    cdef uint32_t off, seg, total
+    cdef double now
+    if rx == NULL:
         return
-    io.buf = <uint8_t *>malloc(LOOP_BATCH * SLOT_SIZE)
-    if io.buf == NULL:
-        free(io)
+    rx.buf = <uint8_t *>malloc(RX_MSGS * RX_BUF)
+    if rx.buf == NULL:
+        free(rx)
         return
-    while _wait(L, L.sock4, L.sock6):
-        n4 = _recv_batch(L, io, L.sock4, 0) if L.sock4 >= 0 else 0
-        n = _recv_batch(L, io, L.sock6, n4) if L.sock6 >= 0 else n4
+    # UDP GRO: the kernel hands over runs of same-size datagrams from one sender as
+    # one buffer (split again below); old kernels refuse and nothing changes.
+    if L.sock4 >= 0:
+        setsockopt(L.sock4, SOL_UDP, UDP_GRO, &one, sizeof(int))
+    if L.sock6 >= 0:
+        setsockopt(L.sock6, SOL_UDP, UDP_GRO, &one, sizeof(int))
+    while True:
+        ready = _wait(L, L.sock4, L.sock6)
+        if ready == 0:
+            break
+        n4 = _recv_batch(L, rx, L.sock4, 0) if ready & 1 else 0
+        n = _recv_batch(L, rx, L.sock6, n4) if ready & 2 else n4
         if n == 0:
             continue
         now = _now()
         nwrite = 0
         pthread_rwlock_rdlock(&L.lock)
         for i in range(n):
-            slot = io.buf + i * SLOT_SIZE
-            length = io.length[i]
-            io.msgs[i].msg_hdr.msg_namelen = io.msgs[i].msg_hdr.msg_namelen
-            if length < OVERHEAD or _get_le32(slot) != MSG_TRANSPORT:
-                _slow_push(L, SK_DATAGRAM, NO_PEER, slot, length, &io.addr[i],
-                           io.msgs[i].msg_hdr.msg_namelen)
-                continue
-            kp = _index_lookup(L, _get_le32(slot + 4))
-            if kp == NULL:
-                # maybe the core's not-yet-confirmed keypair: it decides
-                _slow_push(L, SK_DATAGRAM, NO_PEER, slot, length, &io.addr[i],
-                           io.msgs[i].msg_hdr.msg_namelen)
-                continue
-            if kp.created + REJECT_AFTER_TIME < now:
-                L.drops[D_EXPIRED] += 1
-                continue
-            counter = _get_le64(slot + 8)
-            if not _replay_check(&kp.replay, counter):
-                L.drops[D_REPLAY] += 1
-                continue
-            if _open_one(kp.open_ctx, counter, slot + HEADER_LEN, <int>(length - OVERHEAD)) != 1:
-                L.drops[D_DECRYPT] += 1
-                continue
-            if not _replay_update(&kp.replay, counter):
-                L.drops[D_REPLAY] += 1
-                continue
-            # authenticated from here on
-            kp.rx_packets += 1
-            p = &L.peers[kp.peer]
-            if not _same_addr(&p.ep, p.ep_len, &io.addr[i], io.msgs[i].msg_hdr.msg_namelen):
-                pthread_mutex_lock(&p.ep_lock)
-                memcpy(&p.ep, &io.addr[i], io.msgs[i].msg_hdr.msg_namelen)
-                p.ep_len = io.msgs[i].msg_hdr.msg_namelen
-                pthread_mutex_unlock(&p.ep_lock)
-                KS_ATOMIC_OR(&p.flags, FL_ENDPOINT)
-            p.rx_bytes += length
-            p.last_rx_any = now
-            if (kp.is_initiator and p.current == kp
-                    and now - kp.created > REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT):
-                KS_ATOMIC_OR(&p.flags, FL_REKEY_RX)
-            KS_ATOMIC_OR(&p.flags, FL_ACTIVITY)
-            if length == OVERHEAD:
-                continue                      # keepalive
-            p.last_rx_data = now
-            inner = _inner_length(slot + HEADER_LEN, length - OVERHEAD)
-            if inner < 0:
-                L.drops[D_INVALID_INNER] += 1
-                continue
-            pid = _route(L, slot + HEADER_LEN, <uint32_t>inner, True)
-            if pid != kp.peer:
-                L.drops[D_SOURCE] += 1
-                continue
-            woff[nwrite] = i * SLOT_SIZE + HEADER_LEN
-            wlen[nwrite] = <uint32_t>inner
-            nwrite += 1
+            total = rx.msgs[i].msg_len
+            seg = rx.gso[i] if rx.gso[i] else total
+            if seg == 0:
+                seg = 1     # an empty datagram: handled (dropped) as one segment
+            off = 0
+            while off < total or (total == 0 and off == 0):
+                nwrite = _rx_one(L, rx, i, rx.buf + i * RX_BUF + off,
+                                 seg if total - off > seg else total - off, now, nwrite)
+                off += seg
+                if nwrite >= RX_SEGS:
+                    break
         pthread_rwlock_unlock(&L.lock)
         for i in range(nwrite):
-            if c_write(L.tun_fd, io.buf + woff[i], wlen[i]) < 0:
+            if c_write(L.tun_fd, rx.wptr[i], rx.wlen[i]) < 0:
                 L.drops[D_TUN_WRITE] += 1
         L.rx_packets += nwrite
-    OPENSSL_cleanse(io.buf, LOOP_BATCH * SLOT_SIZE)
-    free(io.buf)
-    free(io)
+    OPENSSL_cleanse(rx.buf, RX_MSGS * RX_BUF)
+    free(rx.buf)
+    free(rx)
 
 
 import socket as _socket
@@ -1443,8 +1703,27 @@ cdef class PacketLoop:
         with nogil:
             pthread_mutex_lock(&p.ep_lock)
         p.ep_len = len(raw)
+        p.src_len = 0          # the address we answered from belonged to the old one
         if raw:
             memcpy(&p.ep, <const char *>raw, len(raw))
+        pthread_mutex_unlock(&p.ep_lock)
+
+    def set_source(self, int pid, object local) -> None:
+        """The local address to send to this peer from: (packed 4/16 bytes, ifindex)
+        or None for the kernel's choice.  Received packets update it on their own."""
+        cdef peer_t *p = self._peer(pid)
+        cdef bytes addr = b""
+        cdef uint32_t ifindex = 0
+        if local is not None:
+            addr, ifindex = bytes(local[0]), local[1]
+            if len(addr) not in (4, 16):
+                raise ValueError("local address must be 4 or 16 bytes")
+        with nogil:
+            pthread_mutex_lock(&p.ep_lock)
+        p.src_len = len(addr)
+        p.src_ifindex = ifindex
+        if addr:
+            memcpy(p.src, <const char *>addr, len(addr))
         pthread_mutex_unlock(&p.ep_lock)
 
     def get_endpoint(self, int pid):
@@ -1604,7 +1883,8 @@ cdef class PacketLoop:
         return self.L.slow_fd
 
     def take_slow(self, int limit=SLOW_CAP) -> list:
-        """Up to ``limit`` queued items: (kind, bytes, (ip, port) | None, peer id)."""
+        """Up to ``limit`` queued items: (kind, bytes, (ip, port) | None, peer id,
+        (packed local address, ifindex) | None)."""
         cdef uint64_t junk
         cdef slow_t *e
         cdef list out = []
@@ -1616,8 +1896,10 @@ cdef class PacketLoop:
                 pthread_mutex_unlock(&self.L.slow_lock)
                 break
             e = &self.L.slow[self.L.slow_head]
+            local = (PyBytes_FromStringAndSize(<char *>e.local, e.local_len), e.local_ifindex) \
+                if e.local_len else None
             item = (e.kind, PyBytes_FromStringAndSize(<char *>e.data, e.length),
-                    _sockaddr_tuple(&e.addr, e.addrlen), e.peer)
+                    _sockaddr_tuple(&e.addr, e.addrlen), e.peer, local)
             self.L.slow_head = (self.L.slow_head + 1) % SLOW_CAP
             self.L.slow_count -= 1
             pthread_mutex_unlock(&self.L.slow_lock)

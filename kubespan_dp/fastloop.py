@@ -33,7 +33,7 @@ from typing import Any
 
 from . import _fastpath as fp
 from .netutil import Address
-from .pypath import PyDataPath
+from .pypath import MAX_SOURCES, PyDataPath
 
 SYNC_INTERVAL = 0.1          # seconds between C -> core activity syncs
 HANDSHAKE_TYPES = frozenset((1, 2, 3))
@@ -91,6 +91,7 @@ class FastDataPath:
         self._by_remote: dict[int, _Installed] = {}       # remote index -> mirror
         self._by_local: dict[int, _Installed] = {}        # local index -> mirror
         self._endpoints: dict[int, Address | None] = {}
+        self._sources: dict[int, tuple[bytes, int]] = {}   # sticky source pushed to C
         self._stats: dict[int, tuple] = {}
         self._routes: object = None
         self._own_drops: Counter[str] = Counter()
@@ -99,6 +100,10 @@ class FastDataPath:
 
     @property
     def dropped(self) -> Counter[str]:
+        # whatever the C loop queued for Python is handled first, so the counts
+        # cover every datagram received so far
+        if self.loop is not None:
+            self._on_slow()
         return self.py.dropped + self._own_drops + Counter(self.c.drops())
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -124,7 +129,14 @@ class FastDataPath:
                       sock6.fileno() if sock6 is not None else -1)
 
     def emit(self, out: Any) -> None:
-        self.reconcile()
+        self._send_output(out)
+        # a handshake may have produced a keypair: hand it to C at once
+        self.reconcile(routes=False)
+
+    def _send_output(self, out: Any) -> None:
+        # Datagrams go before reconcile(): a keypair the core made in this very call
+        # is not in C yet, so its datagrams keep the core's counters, and the mirror
+        # starts after them.
         for data, addr in out.datagrams:
             data = self._reseal(data)
             if data is not None:
@@ -147,14 +159,21 @@ class FastDataPath:
         now = time.monotonic()
         self.sync(now)
         core = self.core
-        for kind, data, source, _peer in items:
+        sources = self.py.sources
+        for kind, data, source, _peer, local in items:
+            if local is not None and source is not None and sources.get(source) != local:
+                # answer handshakes from the address the peer wrote to (sticky source)
+                if len(sources) >= MAX_SOURCES:
+                    sources.clear()
+                sources[source] = local
             if kind == fp.SLOW_PACKET:
-                self.emit(core.send_packet(data, now))
+                self._send_output(core.send_packet(data, now))
             elif data and data[0] in HANDSHAKE_TYPES:
                 self.on_handshake(data, source, now)
             else:
-                self.emit(core.receive_datagram(data, source, now))
+                self._send_output(core.receive_datagram(data, source, now))
                 self._mirror_replay(data)
+        self.reconcile(routes=False)
         self.on_batch()
 
     def _mirror_replay(self, data: bytes) -> None:
@@ -236,14 +255,19 @@ class FastDataPath:
 
     # ------------------------------------------------------------- core -> C
 
-    def reconcile(self) -> None:
-        """Make the C loop's peers, endpoints, keypairs and routes match the core."""
+    def reconcile(self, routes: bool = True) -> None:
+        """Make the C loop's peers, endpoints, keypairs and routes match the core.
+
+        Routes are compared only when asked (the tick and attach): walking every
+        peer's allowed IPs is the costly part, and they change only by UAPI set.
+        """
         core = self.core
         for key in [k for k in self._ids if k not in core.peers]:
             pid = self._ids.pop(key)
             self.c.remove_peer(pid)
             self._forget_keypairs(pid)
             self._endpoints.pop(pid, None)
+            self._sources.pop(pid, None)
             self._stats.pop(pid, None)
             self._free.append(pid)
         for key, peer in core.peers.items():
@@ -257,13 +281,22 @@ class FastDataPath:
             if peer.endpoint != self._endpoints.get(pid):
                 self.c.set_endpoint(pid, peer.endpoint)
                 self._endpoints[pid] = peer.endpoint
+                self._sources.pop(pid, None)
+            # the core may have heard from this peer first (handshake, first data):
+            # C must answer from the same local address the Python path would use
+            local = self.py.sources.get(peer.endpoint) if peer.endpoint else None
+            if local is not None and local != self._sources.get(pid):
+                self.c.set_source(pid, local)
+                self._sources[pid] = local
             self._mirror_keypairs(pid, peer)
-        routes = tuple((self._ids[k], tuple(p.allowed_ips)) for k, p in core.peers.items())
-        if routes != self._routes:
+        if not routes:
+            return
+        table = tuple((self._ids[k], tuple(p.allowed_ips)) for k, p in core.peers.items())
+        if table != self._routes:
             self.c.set_allowed_ips(
                 (net.network_address.packed, net.prefixlen, pid)
-                for pid, nets in routes for net in nets)
-            self._routes = routes
+                for pid, nets in table for net in nets)
+            self._routes = table
 
     def _take_id(self) -> int:
         pid = self._next_id

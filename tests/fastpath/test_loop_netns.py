@@ -26,6 +26,7 @@ class Side:
         with ns.entered():
             self.tun = Tun(netns.unique_name("kf", 6))
             self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.sock.setsockopt(socket.IPPROTO_IP, 8, 1)     # IP_PKTINFO, as the device
             self.sock.bind(("0.0.0.0", PORT))
             self.sock.setblocking(False)
             self.tun.set_up()
@@ -91,7 +92,7 @@ def test_no_keypair_goes_to_the_slow_queue(pair: tuple[Side, Side]) -> None:
     a, b = pair
     a.ns.run("ping", "-c", "1", "-W", "1", INNER[1], check=False)
     items = _wait(a.loop.take_slow)
-    kind, data, addr, peer = items[0]
+    kind, data, addr, peer, _local = items[0]
     assert (kind, addr, peer) == (fp.SLOW_PACKET, None, 0)
     assert data[0] >> 4 == 4 and socket.inet_ntoa(data[16:20]) == INNER[1]
 
@@ -107,7 +108,8 @@ def test_handshake_datagrams_go_to_the_slow_queue_with_their_source(pair) -> Non
         items = _wait(b.loop.take_slow)
     finally:
         s.close()
-    assert items == [(fp.SLOW_DATAGRAM, msg, (OUTER[0], 40000), -1)]
+    assert items == [(fp.SLOW_DATAGRAM, msg, (OUTER[0], 40000), -1,
+                      (socket.inet_aton(OUTER[1]), 0))]
 
 
 def test_wrong_source_and_forged_packets_dropped_and_endpoint_roams(pair) -> None:
