@@ -791,8 +791,8 @@ cdef double REKEY_TIMEOUT = 5.0
 cdef double ATTENTION_INTERVAL = 1.0   # at most one "rekey due" hand-off per peer per second
 
 DEF LOOP_BATCH = 64
-DEF SLOT_SIZE = 2048          # a slot holds MTU + 32 + padding; MTU is capped to fit
-DEF SLOW_CAP = 1024
+DEF SLOT_SIZE = 9216          # a slot holds a jumbo packet + 32 + padding
+DEF SLOW_CAP = 512
 DEF NO_PEER = -1
 
 # flags a peer collects for Python (read and cleared by Python)
@@ -1243,6 +1243,9 @@ cdef void _tx_loop(loop_t *L) noexcept nogil:
                 break
             if r <= 0:
                 break
+            if r >= SLOT_SIZE - OVERHEAD - PAD_MULTIPLE:
+                L.drops[D_TOO_BIG] += 1     # maybe truncated: larger than a slot
+                continue
             io.length[n] = <uint32_t>r
             n += 1
         if n == 0:
@@ -1564,8 +1567,8 @@ cdef class PacketLoop:
                   int max_peers=1024):
         cdef pthread_rwlockattr_t attr
         cdef int i
-        if mtu < 576 or mtu > SLOT_SIZE - OVERHEAD - PAD_MULTIPLE:
-            raise ValueError(f"mtu must be 576..{SLOT_SIZE - OVERHEAD - PAD_MULTIPLE} for the fast path")
+        if mtu < 0 or mtu > 65535:
+            raise ValueError("mtu must be 0..65535")
         if max_peers < 1 or max_peers > 1 << 20:
             raise ValueError("max_peers out of range")
         self.max_peers = max_peers
@@ -1651,6 +1654,13 @@ cdef class PacketLoop:
             t.join()
         self._threads = []
         c_read(self.L.stop_fd, &junk, 8)
+
+    def set_mtu(self, int mtu) -> None:
+        """Padding is capped at the link MTU; follow it when it changes.  Packets
+        longer than a slot (9152 bytes) are dropped and counted as "too_big"."""
+        if mtu < 0 or mtu > 65535:
+            raise ValueError("mtu must be 0..65535")
+        self.L.mtu = mtu
 
     def rebind(self, int sock4_fd, int sock6_fd) -> None:
         """Use other UDP sockets (listen port or fwmark changed)."""

@@ -44,8 +44,8 @@ log = logging.getLogger("kubespan_dp.fastloop")
 
 
 def fastpath_enabled() -> bool:
-    """KUBESPAN_WG_FASTPATH=1 selects the C packet loop (default: pure Python, for now)."""
-    return os.environ.get("KUBESPAN_WG_FASTPATH", "0") == "1"
+    """The C packet loop is used unless KUBESPAN_WG_FASTPATH=0 asks for pure Python."""
+    return os.environ.get("KUBESPAN_WG_FASTPATH", "1") != "0"
 
 
 class _Installed:
@@ -81,6 +81,7 @@ class FastDataPath:
         self.on_batch = on_batch
         self.on_link_gone = on_link_gone
         self.c = fp.PacketLoop(tun_fd, -1, -1, core.mtu)
+        self._mtu = core.mtu
         self.loop: asyncio.AbstractEventLoop | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
         self._ids: dict[bytes, int] = {}            # peer public key -> C slot
@@ -262,6 +263,9 @@ class FastDataPath:
         peer's allowed IPs is the costly part, and they change only by UAPI set.
         """
         core = self.core
+        if core.mtu != self._mtu:          # the device follows the link MTU
+            self.c.set_mtu(core.mtu)
+            self._mtu = core.mtu
         for key in [k for k in self._ids if k not in core.peers]:
             pid = self._ids.pop(key)
             self.c.remove_peer(pid)

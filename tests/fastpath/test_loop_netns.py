@@ -155,6 +155,16 @@ def test_bad_configuration_rejected(pair) -> None:
     with pytest.raises(ValueError):
         a.loop.set_keypairs(5, None, None)          # not an active peer
     with pytest.raises(ValueError):
-        fp.PacketLoop(-1, -1, -1, 100)
+        fp.PacketLoop(-1, -1, -1, 70000)
     # the routing table is unchanged by the rejected calls
     assert a.loop.route(socket.inet_aton("0.0.0.0") * 4 + socket.inet_aton(INNER[1]) + bytes(8)) == -1
+
+
+def test_jumbo_mtu_followed(pair) -> None:
+    a, b = pair
+    _keys(a, b)
+    for side in (a, b):
+        side.ns.run("ip", "link", "set", side.tun.name, "mtu", "4000")
+        side.loop.set_mtu(4000)
+    a.ns.run("ping", "-c", "2", "-i", "0.2", "-W", "2", "-M", "do", "-s", "3900", INNER[1])
+    assert "too_big" not in a.loop.drops() and "too_big" not in b.loop.drops()
