@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from ipaddress import IPv4Address, IPv6Address, ip_address, ip_interface
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Sequence
 
 from control.affiliate import Address, Affiliate, IPAddress, IPNetwork, KubeSpanInfo
 from control.config import KUBESPAN_DEFAULT_PORT, MachineConfig, parse_subnet_or_address
@@ -113,22 +113,6 @@ def local_affiliate(*, node_id: str, hostname: str, addresses: Sequence[IPAddres
                      machine_type=machine_type, operating_system=OPERATING_SYSTEM,
                      addresses=tuple(ip for ip in addresses if not is_ula(ip, ULA_SIDEROLINK)),
                      kubespan=kubespan)
-
-
-def harvest_endpoints(peer_states: Mapping[str, tuple[str, Address | None]],
-                      affiliates: Iterable[Affiliate]) -> dict[str, tuple[str, Address]]:
-    """Observed endpoints to report (harvestExtraEndpoints).
-
-    peer_states: public key (base64) -> (state, current endpoint). For each peer that
-    is up with an endpoint and belongs to a known affiliate: public key ->
-    (affiliate id, endpoint).
-    """
-    by_key = {a.kubespan.public_key: a.node_id for a in affiliates if a.kubespan is not None}
-    out: dict[str, tuple[str, Address]] = {}
-    for key, (state, endpoint) in peer_states.items():
-        if state == "up" and endpoint is not None and key in by_key:
-            out[key] = (by_key[key], endpoint)
-    return out
 
 
 def system_addresses(netns: str | None = None, exclude_links: Iterable[str] = ()) -> list[IPAddress]:

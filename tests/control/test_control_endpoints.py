@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from control.affiliate import Affiliate, KubeSpanInfo
 from control.config import load_config
-from control.endpoints import (announced_endpoints, filter_ips, harvest_endpoints, local_affiliate,
+from control.endpoints import (announced_endpoints, filter_ips, local_affiliate,
                                node_addresses, system_addresses)
 from control.identity import load_or_create_kubespan_identity
 
@@ -104,14 +103,6 @@ def test_filter_order_decides_output_order() -> None:
     assert filter_ips(ips, ["!10.0.0.0/8", "10.0.0.1"]) == [ips[0]]  # negation only removes what is in
     assert filter_ips(ips, ["0.0.0.0/0", "!10.0.0.1", "10.0.0.0/8"]) == [ips[2], ips[0]]
     assert filter_ips(ips, []) == []
-
-
-def test_harvest_only_up_peers_of_known_affiliates() -> None:
-    affs = [Affiliate("a1", kubespan=KubeSpanInfo("K1", KS_ADDRESS)),
-            Affiliate("a2", kubespan=KubeSpanInfo("K2", KS_ADDRESS)), Affiliate("a3")]
-    states = {"K1": ("up", ("10.0.0.1", 51820)), "K2": ("down", ("10.0.0.2", 51820)),
-              "K3": ("up", ("10.0.0.3", 51820))}
-    assert harvest_endpoints(states, affs) == {"K1": ("a1", ("10.0.0.1", 51820))}
 
 
 @pytest.mark.netns
