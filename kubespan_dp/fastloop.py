@@ -36,7 +36,7 @@ from .netutil import Address
 from .pypath import MAX_SOURCES, PyDataPath
 
 SYNC_INTERVAL = 0.1          # seconds between C -> core activity syncs
-HANDSHAKE_TYPES = frozenset((1, 2, 3))
+HANDSHAKE_SIZES = {1: 148, 2: 92}     # initiation, response (cookie replies need no DH)
 _HEADER = struct.Struct("<IIQ")
 REJECT_AFTER_MESSAGES = 2**64 - 2**13 - 1
 
@@ -169,7 +169,10 @@ class FastDataPath:
                 sources[source] = local
             if kind == fp.SLOW_PACKET:
                 self._send_output(core.send_packet(data, now))
-            elif data and data[0] in HANDSHAKE_TYPES:
+            elif (data and data[0] in HANDSHAKE_SIZES and len(data) == HANDSHAKE_SIZES[data[0]]
+                  and core.cookie_checker.check_mac1(data)):
+                # only work worth queueing (a DH) waits in the device's handshake
+                # queue; everything else is settled (and counted) by the core at once
                 self.on_handshake(data, source, now)
             else:
                 self._send_output(core.receive_datagram(data, source, now))

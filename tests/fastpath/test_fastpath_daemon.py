@@ -68,3 +68,33 @@ def test_roaming_port_change_through_c_loop(lab: netns.Lab) -> None:
     a.wg("set", a.ifname, "listen-port", "51999")      # A's source port changes
     netns.ping(a.ns, INNER4[1])
     assert _row(b, a.public_key)[2].endswith(":51999")
+
+
+@pytest.mark.parametrize("kinds", [("kubespan-wg", "kubespan-wg"), ("kubespan-wg", "wireguard-go")],
+                         ids=["ours-ours", "ours-wggo"])
+def test_core_keepalives_resealed_on_c_keypairs(lab: netns.Lab, kinds: tuple[str, str]) -> None:
+    """Persistent keepalives come from the core's timers but the keypair's counter
+    lives in C: they must be resealed with C's counters (else the peer's replay
+    window or our own nonce discipline would break) and keep the session alive."""
+    a, b = netns.build_pair(lab, *kinds, keepalive=1)
+    netns.ping(a.ns, INNER4[1])                    # session up, keypair handed to C
+    sent, got, _ = netns.tcp_transfer(b.ns, a.ns, INNER4[1], 2 << 20)   # C counters move
+    assert sent == got
+    def rx() -> int:
+        return int(_row(b, a.public_key)[5])      # b's rx from a
+    before = rx()
+    while True:                                    # the transfer's tail lands first
+        time.sleep(0.3)
+        if rx() == before:
+            break
+        before = rx()
+    time.sleep(3.5)                                # idle: only a's keepalives flow
+    grown = rx() - before
+    assert grown >= 2 * 32 and grown % 32 == 0, grown
+    netns.ping(a.ns, INNER4[1])
+    netns.ping(b.ns, INNER4[0])
+    stats = netns.uapi_request(a.ifname, "stats=1\n\n")
+    assert "replay" not in stats and "decrypt_failed" not in stats, stats
+    if kinds[1] == "kubespan-wg":
+        stats = netns.uapi_request(b.ifname, "stats=1\n\n")
+        assert "replay" not in stats and "decrypt_failed" not in stats, stats
