@@ -25,7 +25,7 @@ DISCOVERY_PORT = 3000
 
 @dataclass
 class NodeOptions:
-    mode: str = "userspace"
+    mode: str | None = None  # WireGuard mode; None: the cluster's default_mode
     allow_down_peer_bypass: bool = False
     harvest_extra_endpoints: bool = False
     extra_endpoints: tuple[str, ...] = ()
@@ -51,16 +51,18 @@ class LabCluster:
     cluster_id: str
     cluster_secret: str
     reconcile_interval: float = 5.0
+    default_mode: str = "userspace"
     nodes: list[Node] = field(default_factory=list)
     discovery: subprocess.Popen | None = None
 
     @classmethod
-    def create(cls, lab: Lab, workdir: Path, reconcile_interval: float = 5.0) -> "LabCluster":
+    def create(cls, lab: Lab, workdir: Path, reconcile_interval: float = 5.0,
+               default_mode: str = "userspace") -> "LabCluster":
         import base64
         cluster_id = base64.urlsafe_b64encode(os.urandom(32)).decode()
         secret = base64.b64encode(os.urandom(32)).decode()
         lab._ns_run(lab.bridge_ns, "ip", "addr", "add", f"{DISCOVERY_ADDRESS}/24", "dev", "br0")
-        return cls(lab, Path(workdir), cluster_id, secret, reconcile_interval)
+        return cls(lab, Path(workdir), cluster_id, secret, reconcile_interval, default_mode)
 
     # -- discovery service ------------------------------------------------------------
 
@@ -114,7 +116,7 @@ class LabCluster:
                              "kubernetes": {"disabled": True},
                              "service": {"endpoint": f"http://{DISCOVERY_ADDRESS}:{DISCOVERY_PORT}"}}}}},
             {"apiVersion": "v1alpha1", "kind": "KubeSpanPyConfig", "listenPort": o.listen_port,
-             "wireguardMode": o.mode, "stateDir": str(node.state_dir), "linkName": node.link},
+             "wireguardMode": o.mode or self.default_mode, "stateDir": str(node.state_dir), "linkName": node.link},
         ]
         if o.extra_endpoints:
             docs.append({"apiVersion": "v1alpha1", "kind": "KubeSpanEndpointsConfig",
