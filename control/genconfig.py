@@ -38,7 +38,7 @@ def generate_config(*, discovery_endpoint: str = DEFAULT_DISCOVERY_SERVICE_ENDPO
             "mtu": mtu,
         }}},
         "cluster": {
-            "id": base64.b64encode(os.urandom(CLUSTER_ID_SIZE)).decode(),
+            "id": base64.urlsafe_b64encode(os.urandom(CLUSTER_ID_SIZE)).decode(),
             "secret": base64.b64encode(os.urandom(CLUSTER_SECRET_SIZE)).decode(),
             "discovery": {"enabled": True, "registries": {
                 "kubernetes": {"disabled": True},
