@@ -155,7 +155,7 @@ def add_nat_node(cluster: LabCluster) -> tuple[Node, Host]:
 
 
 def test_node_behind_snat_is_reached_through_its_public_address(cluster: LabCluster) -> None:
-    public = start_nodes(cluster, 2)
+    public = start_nodes(cluster, 2, harvest_extra_endpoints=True)
     natted, router = add_nat_node(cluster)
     cluster.start_agent(natted)
     cluster.wait_full_mesh(timeout=120)
@@ -169,6 +169,12 @@ def test_node_behind_snat_is_reached_through_its_public_address(cluster: LabClus
         assert f"{router.address4}:51820" in spec["endpoints"], spec
         assert "198.51.100.2:51820" in spec["endpoints"], spec
     assert ping(public[0].host, kubespan_address(cluster, natted))
+    # harvestExtraEndpoints: the public nodes report the endpoints they see working.
+    natted_key = cluster.get(natted, "kubespanidentities")[0]["spec"]["publicKey"]
+    harvested = wait_until(lambda: {d["metadata"]["id"]: d["spec"] for d in cluster.get(public[0], "kubespanendpoints")
+                                    if d["metadata"]["id"] == natted_key}, 30, "a harvested endpoint")
+    assert harvested[natted_key]["endpoint"].startswith(f"{router.address4}:")
+    assert harvested[natted_key]["affiliateID"]
 
 
 # -- a node dies, then comes back ---------------------------------------------------------
