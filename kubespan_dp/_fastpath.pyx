@@ -68,7 +68,6 @@ STATUS_REPLAY = 2
 STATUS_MALFORMED = 3
 STATUS_WRONG_INDEX = 4
 STATUS_EXHAUSTED = 5
-STATUS_EMPTY = 6
 cdef enum:
     ST_OK = 0
     ST_BAD_TAG = 1
@@ -76,7 +75,6 @@ cdef enum:
     ST_MALFORMED = 3
     ST_WRONG_INDEX = 4
     ST_EXHAUSTED = 5
-    ST_EMPTY = 6
 
 
 cdef extern from *:
@@ -642,10 +640,13 @@ def evp_baseline_open(AEADKey key not None, PacketBatch batch not None) -> int:
 # 5. PacketLoop: the data path between TUN and UDP, two C threads
 #
 # TX thread: poll TUN -> read a batch -> allowed-IPs lookup (destination) -> pick the
-#   peer's current keypair -> pad + seal in place -> sendmmsg to the peer's endpoint.
-# RX thread: poll the UDP sockets -> recvmmsg a batch -> receiver-index lookup ->
-#   replay pre-check -> open in place -> replay update -> roam the endpoint -> strip
-#   padding -> source must map to the same peer -> write to TUN.
+#   peer's current keypair -> pad + seal in place -> sendmmsg to the peer's endpoint,
+#   runs of same-size datagrams to one endpoint as one UDP GSO send, from the local
+#   address the peer last wrote to (sticky source, IP_PKTINFO).
+# RX thread: poll the UDP sockets -> recvmmsg a batch (UDP GRO on: one buffer may hold
+#   many datagrams, split here) -> receiver-index lookup -> replay pre-check -> open
+#   in place -> replay update -> roam the endpoint -> strip padding -> source must map
+#   to the same peer -> write to TUN.
 #
 # Both run with the GIL released for their whole life.  Anything they cannot finish
 # (handshake and cookie messages, unknown indices, packets for a peer without a
