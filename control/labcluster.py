@@ -66,14 +66,15 @@ class LabCluster:
 
     # -- discovery service ------------------------------------------------------------
 
-    def start_discovery(self) -> None:
+    def start_discovery(self, timeout: float = 90.0) -> None:
+        """Start the service and wait until it accepts connections (slow in an emulated VM)."""
         log = self.workdir / "discovery.log"
         argv = ["ip", "netns", "exec", self.lab.bridge_ns, sys.executable, "-m", "control.discovery",
                 "--listen", f"{DISCOVERY_ADDRESS}:{DISCOVERY_PORT}",
                 "--snapshot-path", str(self.workdir / "discovery.snapshot")]
         with open(log, "ab") as out:
             self.discovery = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             probe = run(["ip", "netns", "exec", self.lab.bridge_ns, "nc", "-z", "-w1", DISCOVERY_ADDRESS,
                          str(DISCOVERY_PORT)], check=False)
