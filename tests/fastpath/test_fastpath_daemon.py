@@ -98,3 +98,14 @@ def test_core_keepalives_resealed_on_c_keypairs(lab: netns.Lab, kinds: tuple[str
     if kinds[1] == "kubespan-wg":
         stats = netns.uapi_request(b.ifname, "stats=1\n\n")
         assert "replay" not in stats and "decrypt_failed" not in stats, stats
+
+
+def test_pure_python_path_still_selectable(lab: netns.Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    """KUBESPAN_WG_FASTPATH=0 keeps the pure-Python packet path (the reference)."""
+    monkeypatch.setenv("KUBESPAN_WG_FASTPATH", "0")
+    a, b = netns.build_pair(lab, "kubespan-wg", "kubespan-wg")
+    netns.ping(a.ns, INNER4[1])
+    sent, got, _ = netns.tcp_transfer(b.ns, a.ns, INNER4[1], 2 << 20)
+    assert sent == got
+    a.daemon.stop()
+    assert "C fast path" not in a.daemon.output()
