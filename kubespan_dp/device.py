@@ -14,7 +14,6 @@ import logging
 import socket
 import time
 from collections import Counter, deque
-from pathlib import Path
 
 from . import netutil
 from .core import WireGuardCore

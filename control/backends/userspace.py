@@ -29,7 +29,7 @@ from typing import Sequence
 from pyroute2 import IPRoute
 
 from control.backends.base import BackendError, PeerConfig, PeerState
-from control.backends.uapi_client import RUN_DIR, UAPIClient, UAPIError, format_endpoint, key_hex, peer_items, socket_path
+from control.backends.uapi_client import RUN_DIR, UAPIClient, format_endpoint, key_hex, peer_items, socket_path
 
 log = logging.getLogger(__name__)
 

@@ -360,7 +360,6 @@ class DiscoveryServer:
 
     def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         """Run the service on a private loop in a daemon thread; returns the bound port."""
-        ready: "asyncio.Future[int]"
         started = threading.Event()
         result: dict[str, Any] = {}
         loop = asyncio.new_event_loop()

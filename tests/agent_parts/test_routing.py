@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
-import time
 from ipaddress import ip_network as N
 
 import pytest

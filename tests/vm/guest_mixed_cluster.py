@@ -7,7 +7,6 @@ both modes; here that is compared on the live nodes, not assumed.
 """
 from __future__ import annotations
 
-import os
 import re
 import time
 from pathlib import Path
