@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_generated_config_loads_and_is_random() -> None:
     a, b = load_config(generate_config()), load_config(generate_config())
     assert a.kubespan.enabled and a.discovery.service_active
-    assert len(base64.b64decode(a.cluster_id)) == 32 and len(a.secret_bytes) == 32
+    assert len(base64.urlsafe_b64decode(a.cluster_id)) == 32 and len(a.secret_bytes) == 32
     assert a.cluster_id != b.cluster_id and a.cluster_secret != b.cluster_secret
 
 
