@@ -17,7 +17,7 @@ from typing import Callable
 
 import yaml
 
-from control.netlab import Host, Lab, run, stop_processes
+from control.netlab import Host, Lab, kill_namespace_processes, run, stop_processes
 
 DISCOVERY_ADDRESS = "192.0.2.250"
 DISCOVERY_PORT = 3000
@@ -134,10 +134,12 @@ class LabCluster:
         if node.agent is None:
             return
         if kill:
-            # Kill the agent and its daemon outright, as a crashed node would.
-            from control.netlab import kill_namespace_processes
+            # Kill the agent and its daemon outright, as a crashed node would. A kernel
+            # WireGuard link outlives its agent (a crashed machine's would not), so it
+            # goes too; a userspace one is already gone with its daemon.
             kill_namespace_processes(node.host.netns)
             node.agent.wait(timeout=10)
+            node.host.run("ip", "link", "del", node.link, check=False)
         else:
             stop_processes([node.agent], grace=20)
         node.agent = None
