@@ -1,4 +1,5 @@
-"""Fixtures for the userspace WireGuard device tests (network namespaces)."""
+"""Fixtures shared by every test directory: the netns helpers on the import path, a
+namespace lab per test, and a session-end check that nothing we made survives."""
 from __future__ import annotations
 
 import sys
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import netns  # noqa: E402
 
