@@ -118,6 +118,8 @@ class Agent:
         self._kick.set()
 
     async def _serve(self) -> None:
+        if not self.config.kubespan.enabled:
+            await asyncio.to_thread(routing.remove)  # what a previous run may have left
         while not self._stopping.is_set():
             if self._reload:
                 self._reload = False
@@ -128,8 +130,10 @@ class Agent:
                 started = time.monotonic()
                 try:
                     await self.reconcile()
-                except (BackendError, routing.RoutingError, OSError) as exc:
+                except (BackendError, routing.RoutingError, OSError, ValueError) as exc:
                     log.error("reconcile failed, retrying: %s", exc)
+                except Exception:  # a bug or bad data from a peer must not kill the node's mesh
+                    log.exception("reconcile failed unexpectedly, retrying")
                 self.metrics.set("kubespan_reconcile_duration_seconds", time.monotonic() - started)
                 self.metrics.inc("kubespan_reconcile_total")
             try:
