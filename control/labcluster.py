@@ -11,9 +11,10 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import yaml
 
@@ -195,6 +196,19 @@ class LabCluster:
         for node in self.nodes:
             self.stop_agent(node)
         self.stop_discovery()
+
+
+@contextmanager
+def running_cluster(workdir: Path, prefix: str, reconcile_interval: float = 5.0,
+                    default_mode: str = "userspace") -> Iterator[LabCluster]:
+    """A lab with the discovery service running; agents, service and namespaces go on exit."""
+    with Lab(prefix) as lab:
+        cluster = LabCluster.create(lab, workdir, reconcile_interval, default_mode)
+        try:
+            cluster.start_discovery()
+            yield cluster
+        finally:
+            cluster.close()
 
 
 def _json_stream(text: str) -> list[dict]:

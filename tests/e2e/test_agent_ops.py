@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from control.labcluster import LabCluster, NodeOptions
-from control.netlab import Lab
+from control.labcluster import LabCluster, NodeOptions, running_cluster
 
 pytestmark = pytest.mark.netns
 REPO = Path(__file__).resolve().parents[2]
@@ -23,13 +22,8 @@ REPO = Path(__file__).resolve().parents[2]
 def cluster(tmp_path: Path):
     if os.geteuid() != 0:
         pytest.fail("end-to-end tests need root (network namespaces, TUN, nftables)")
-    with Lab("kso") as lab:
-        c = LabCluster.create(lab, tmp_path, reconcile_interval=2)
-        try:
-            c.start_discovery()
-            yield c
-        finally:
-            c.close()
+    with running_cluster(tmp_path, "kso", reconcile_interval=2) as c:
+        yield c
 
 
 def test_get_formats_watch_metrics_json_logs_and_root_only_api(cluster: LabCluster) -> None:

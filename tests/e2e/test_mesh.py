@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from control import routing
-from control.labcluster import LabCluster, Node, NodeOptions
-from control.netlab import Host, Lab, run
+from control.labcluster import LabCluster, Node, NodeOptions, running_cluster
+from control.netlab import Host, run
 
 pytestmark = pytest.mark.netns
 
@@ -33,13 +33,8 @@ def wg_mode() -> str:
 def cluster(tmp_path: Path, wg_mode: str):
     if os.geteuid() != 0:
         pytest.fail("end-to-end tests need root (network namespaces, TUN, nftables)")
-    with Lab("kse") as lab:
-        c = LabCluster.create(lab, tmp_path, reconcile_interval=3, default_mode=wg_mode)
-        try:
-            c.start_discovery()
-            yield c
-        finally:
-            c.close()
+    with running_cluster(tmp_path, "kse", reconcile_interval=3, default_mode=wg_mode) as c:
+        yield c
 
 
 def start_nodes(cluster: LabCluster, count: int, **options) -> list[Node]:

@@ -14,21 +14,16 @@ from pathlib import Path
 import pytest
 
 from control import routing
-from control.labcluster import LabCluster, Node, NodeOptions
-from control.netlab import Host, Lab
+from control.labcluster import LabCluster, Node, NodeOptions, running_cluster
+from control.netlab import Host
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(900)]
 
 
 @pytest.fixture
 def cluster(tmp_path: Path):
-    with Lab("ksv") as lab:
-        c = LabCluster.create(lab, tmp_path, reconcile_interval=3)
-        try:
-            c.start_discovery()
-            yield c
-        finally:
-            c.close()
+    with running_cluster(tmp_path, "ksv", reconcile_interval=3) as c:
+        yield c
 
 
 def ping(host: Host, target: str) -> bool:
