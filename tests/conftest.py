@@ -1,16 +1,12 @@
-"""Fixtures shared by every test directory: the netns helpers on the import path, a
+"""Fixtures shared by every test directory: a
 namespace lab per test, and a session-end check that nothing we made survives."""
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import netns  # noqa: E402
+from tests import netns
 
 
 @pytest.fixture(scope="session", autouse=True)

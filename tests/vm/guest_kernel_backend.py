@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import pytest
 from pyroute2 import WireGuard
 
-import netns as nx
+from tests import netns as nx
 from control.backends.base import BackendError, PeerConfig
 from control.backends.kernel import InvalidConfig, KernelBackend
 from control.keys import generate_private_key, public_key

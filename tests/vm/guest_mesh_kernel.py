@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from e2e import test_mesh as scenarios
-from e2e.test_mesh import cluster  # noqa: F401,F811  (the fixture, resolved with our wg_mode)
+from tests.e2e import test_mesh as scenarios
+from tests.e2e.test_mesh import cluster  # noqa: F401,F811  (the fixture, resolved with our wg_mode)
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(1200)]
 

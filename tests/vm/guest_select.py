@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-import netns as nx
+from tests import netns as nx
 from control.backends.kernel import KernelBackend
 from control.backends.select import PROBE_PREFIX, probe_kernel_wireguard, select_backend
 from control.backends.userspace import UserspaceBackend

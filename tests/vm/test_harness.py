@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vm import harness
+from tests.vm import harness
 
 pytestmark = pytest.mark.vm
 

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-import netns as nx
+from tests import netns as nx
 from control.backends.base import BackendError
 from control.backends.kernel import KernelBackend
 from control.backends.select import (

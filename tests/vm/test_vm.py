@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from vm import harness
+from tests.vm import harness
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(harness.DEFAULT_TIMEOUT + 120)]
 

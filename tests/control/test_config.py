@@ -1,0 +1,332 @@
+"""Machine config loading: Talos samples, defaults, and every validation message."""
+from __future__ import annotations
+
+import textwrap
+from ipaddress import ip_network
+from pathlib import Path
+
+import pytest
+import yaml
+
+from control.config import ConfigError, MachineConfig, load_config, normalize_endpoint
+
+TALOS = Path(__file__).resolve().parents[1] / "data" / "talos"
+SECRET = "BVpg0EsnQ5vfvHvMN5Yc2+qyzbvJpLNokgdNqmYRxEU="
+
+
+def sample(name: str) -> Path:
+    """A Talos sample from tests/data/talos (see its README for where each comes from)."""
+    for folder in (TALOS, TALOS / "network", TALOS / "cluster"):
+        if (folder / name).is_file():
+            return folder / name
+    raise AssertionError(f"Talos sample config missing: {name} (expected in {TALOS})")
+
+
+def base(kubespan: str = "enabled: true", discovery: str = "enabled: true", extra: str = "") -> str:
+    """A minimal v1alpha1 document; pieces are indented into place."""
+    return textwrap.dedent("""\
+        version: v1alpha1
+        machine:
+          network:
+            kubespan:
+        {ks}
+        cluster:
+          id: 8XuV9TZHW08DOk3bVxQjH9ih_TBKjnh-j44tsCLSBzo=
+          secret: {secret}
+          discovery:
+        {disc}
+        """).format(ks=textwrap.indent(kubespan, " " * 6), disc=textwrap.indent(discovery, " " * 4),
+                    secret=SECRET) + extra
+
+
+def problems(*sources: str) -> list[tuple[str, str]]:
+    with pytest.raises(ConfigError) as info:
+        load_config(*sources)
+    return info.value.problems
+
+
+# --- the Talos samples ------------------------------------------------------------------
+
+def test_worker_sample_loads_with_talos_defaults() -> None:
+    cfg = load_config(sample("worker.yaml"))
+    assert cfg.cluster_id == "jW8IQKoSCDbhlCNm5K59er5jawHVIechsTuLNZ2_0Z8="
+    assert len(cfg.secret_bytes) == 32
+    ks = cfg.kubespan
+    assert ks.enabled and ks.mtu == 1420 and ks.force_routing
+    assert not ks.advertise_kubernetes_networks and not ks.harvest_extra_endpoints
+    assert ks.endpoint_filters is None and ks.exclude_advertised_networks == ()
+    assert cfg.discovery.enabled and cfg.discovery.service_active and cfg.discovery.kubernetes_enabled
+    assert cfg.discovery_endpoint == "https://discovery.talos.dev/"
+    assert cfg.discovery_target() == ("discovery.talos.dev:443", False)
+    assert cfg.local.listen_port == 51820 and cfg.local.link_name == "kubespan"
+    assert cfg.local.wireguard_mode == "auto"
+
+
+def test_worker_sample_with_endpoints_document() -> None:
+    cfg = load_config(sample("worker.yaml"), sample("kubespanendpointsconfig.yaml"))
+    assert cfg.kubespan.extra_announced_endpoints == (("3.4.5.6", 123), ("10.11.12.13", 456))
+
+
+def test_standalone_kubespan_document_with_cluster_from_v1alpha1() -> None:
+    """Newer Talos layout: KubeSpan settings in their own document."""
+    worker = yaml.safe_load(sample("worker.yaml").read_text())
+    del worker["machine"]["network"]["kubespan"]
+    cfg = load_config(yaml.safe_dump(worker), sample("kubespanconfig.yaml"), sample("kubespanendpointsconfig.yaml"))
+    assert cfg.kubespan.enabled and cfg.kubespan.mtu == 1420
+    assert cfg.kubespan.exclude_advertised_networks == (ip_network("2007::/64"),)
+    assert cfg.kubespan.extra_announced_endpoints == (("3.4.5.6", 123), ("10.11.12.13", 456))
+
+
+def test_kubespan_document_conflicts_with_v1alpha1_section() -> None:
+    assert problems(sample("worker.yaml"), sample("kubespanconfig.yaml")) == [
+        ("KubeSpanConfig", "kubespan is already configured in v1alpha1 machine.network.kubespan")]
+
+
+def test_kubespan_document_alone_lacks_cluster_identity_and_discovery() -> None:
+    assert problems(sample("kubespanconfig.yaml")) == [
+        ("cluster.id", "cluster discovery service requires .cluster.id"),
+        ("cluster.secret", "cluster discovery service requires .cluster.secret"),
+        ("cluster.discovery.enabled", "KubeSpan requires cluster discovery to be enabled (with the service registry)"),
+    ]
+
+
+OTHER_NETWORK_DOCUMENTS = sorted(
+    p.name for p in (TALOS / "network").glob("*.yaml") if not p.name.startswith("kubespan")
+)
+
+
+@pytest.mark.parametrize("name", OTHER_NETWORK_DOCUMENTS)
+def test_current_talos_network_documents_we_do_not_own_are_ignored(name: str) -> None:
+    """A real config carries many other documents (links, bonds, routes...): they load untouched."""
+    alone = load_config(sample("worker.yaml"))
+    cfg = load_config(sample("worker.yaml"), sample(name))
+    assert cfg == alone
+
+
+def test_samples_are_all_there() -> None:
+    assert len(OTHER_NETWORK_DOCUMENTS) >= 20
+    assert {p.name for p in (TALOS / "cluster").glob("*.yaml")} == {
+        "discoveryidentityconfig.yaml",
+        "discoveryserviceconfig.yaml",
+        "discoveryserviceconfig-multiple.yaml",
+    }
+
+
+def test_guide_spelling_of_endpoints_kind_is_accepted() -> None:
+    doc = "---\napiVersion: v1alpha1\nkind: KubespanEndpointsConfig\nextraAnnouncedEndpoints: ['[2001:db8::1]:51820']\n"
+    cfg = load_config(base() + doc)
+    assert cfg.kubespan.extra_announced_endpoints == (("2001:db8::1", 51820),)
+
+
+# --- our document and the full field set ------------------------------------------------------
+
+def test_all_fields_and_our_document() -> None:
+    ks = textwrap.dedent("""\
+        enabled: true
+        advertiseKubernetesNetworks: true
+        allowDownPeerBypass: true
+        harvestExtraEndpoints: true
+        mtu: 1500
+        filters:
+          endpoints: ["0.0.0.0/0", "!192.168.0.0/16", "2001::/16", "10.1.2.3"]
+          excludeAdvertisedNetworks: [10.244.3.128/25]""")
+    disc = "enabled: true\nregistries:\n  kubernetes: {disabled: true}\n  service: {endpoint: 'https://d.example:3000/'}"
+    ours = textwrap.dedent("""\
+        ---
+        apiVersion: v1alpha1
+        kind: KubeSpanPyConfig
+        listenPort: 51821
+        wireguardMode: userspace
+        podCIDRs: [10.244.1.0/24, "fd00:10::/64"]
+        stateDir: /tmp/x
+        linkName: ks0
+        discoveryEndpoint: http://10.0.0.1:3001
+        """)
+    cfg = load_config(base(ks, disc) + ours)
+    k = cfg.kubespan
+    assert (k.advertise_kubernetes_networks, k.allow_down_peer_bypass, k.harvest_extra_endpoints) == (True,) * 3
+    assert not k.force_routing and k.mtu == 1500
+    assert k.endpoint_filters == ("0.0.0.0/0", "!192.168.0.0/16", "2001::/16", "10.1.2.3")
+    assert k.exclude_advertised_networks == (ip_network("10.244.3.128/25"),)
+    assert not cfg.discovery.kubernetes_enabled
+    assert cfg.discovery.service_endpoint == "https://d.example:3000/"
+    loc = cfg.local
+    assert (loc.listen_port, loc.wireguard_mode, loc.state_dir, loc.link_name) == (51821, "userspace", "/tmp/x", "ks0")
+    assert loc.pod_cidrs == (ip_network("10.244.1.0/24"), ip_network("fd00:10::/64"))
+    assert cfg.discovery_target() == ("10.0.0.1:3001", True)
+
+
+def test_other_talos_sections_and_kinds_are_ignored() -> None:
+    extra = "---\napiVersion: v1alpha1\nkind: HostnameConfig\nwhatever: {deep: [1]}\n"
+    text = base().replace("machine:\n", "machine:\n  install: {disk: /dev/sda, bogus: 1}\n") + extra
+    assert load_config(text).kubespan.enabled
+
+
+def test_normalize_endpoint() -> None:
+    assert normalize_endpoint("http://[fd00::1]:3000/") == ("[fd00::1]:3000", True)
+    assert normalize_endpoint("http://host") == ("host:80", True)
+
+
+# --- every validation problem, with its path ------------------------------------------------
+
+def test_mtu_below_minimum() -> None:
+    assert problems(base("enabled: true\nmtu: 1279")) == [
+        ("machine.network.kubespan.mtu", "kubespan link MTU must be at least 1280")]
+
+
+def test_kubespan_without_discovery() -> None:
+    assert problems(base(discovery="enabled: false")) == [
+        ("cluster.discovery.enabled", "KubeSpan requires cluster discovery to be enabled (with the service registry)")]
+
+
+def test_kubespan_with_service_registry_disabled() -> None:
+    disc = "enabled: true\nregistries:\n  service:\n    disabled: true"
+    assert problems(base(discovery=disc)) == [
+        ("cluster.discovery.registries.service.disabled",
+         "KubeSpan requires cluster discovery to be enabled (with the service registry)")]
+
+
+def test_malformed_filter_cidr_and_extra_endpoint() -> None:
+    ks = "enabled: true\nfilters:\n  endpoints: ['0.0.0.0/0', '!300.1.0.0/16', 'nope']\n  excludeAdvertisedNetworks: ['10.0.0.0/33', '10.0.0.1']"
+    eps = "---\napiVersion: v1alpha1\nkind: KubeSpanEndpointsConfig\nextraAnnouncedEndpoints: ['1.2.3.4', '1.2.3.4:0', '::1:80', '[1.2.3.4]:5', '1.2.3.4:51820']\n"
+    got = problems(base(ks) + eps)
+    paths = [p for p, _ in got]
+    assert paths == [
+        "machine.network.kubespan.filters.endpoints[1]",
+        "machine.network.kubespan.filters.endpoints[2]",
+        "machine.network.kubespan.filters.excludeAdvertisedNetworks[0]",
+        "machine.network.kubespan.filters.excludeAdvertisedNetworks[1]",
+        "KubeSpanEndpointsConfig.extraAnnouncedEndpoints[0]",
+        "KubeSpanEndpointsConfig.extraAnnouncedEndpoints[1]",
+        "KubeSpanEndpointsConfig.extraAnnouncedEndpoints[2]",
+        "KubeSpanEndpointsConfig.extraAnnouncedEndpoints[3]",
+    ]
+    assert got[0][1] == "KubeSpan endpoint filter is not valid: '!300.1.0.0/16'"
+    assert got[2][1].startswith("KubeSpan exclude advertised networks filter is not valid: '10.0.0.0/33'")
+    assert got[3][1].startswith("KubeSpan exclude advertised networks filter is not valid: '10.0.0.1'")
+    assert got[4][1].startswith("extra announced endpoint is not valid: '1.2.3.4'")
+    assert "port '0' is not in 1-65535" in got[5][1]
+
+
+@pytest.mark.parametrize("secret, message", [
+    ("not base64!!", "cluster secret must be base64 of 32 bytes: not valid base64"),
+    ("c2hvcnQ=", "cluster secret must be base64 of 32 bytes: decodes to 5 bytes"),
+])
+def test_bad_secret(secret: str, message: str) -> None:
+    assert problems(base().replace(SECRET, secret)) == [("cluster.secret", message)]
+
+
+def test_unknown_keys_in_owned_sections() -> None:
+    ks = "enabled: true\nmtus: 1400\nfilters: {endpoint: []}"
+    disc = "enabled: true\nregistry: {}\nregistries: {service: {url: x}, kubernetes: {enabled: true}}"
+    ours = "---\napiVersion: v1alpha1\nkind: KubeSpanPyConfig\nlistenport: 1\n"
+    eps = "---\napiVersion: v1alpha1\nkind: KubeSpanEndpointsConfig\nextra: []\n"
+    got = problems(base(ks, disc) + ours + eps)
+    assert sorted(got) == sorted([
+        ("machine.network.kubespan.mtus", "unknown key"),
+        ("machine.network.kubespan.filters.endpoint", "unknown key"),
+        ("cluster.discovery.registry", "unknown key"),
+        ("cluster.discovery.registries.service.url", "unknown key"),
+        ("cluster.discovery.registries.kubernetes.enabled", "unknown key"),
+        ("KubeSpanPyConfig.listenport", "unknown key"),
+        ("KubeSpanEndpointsConfig.extra", "unknown key"),
+    ])
+
+
+def test_wrong_types() -> None:
+    ks = "enabled: 'yes'\nmtu: '1420'\nfilters: {endpoints: '0.0.0.0/0', excludeAdvertisedNetworks: [1]}"
+    disc = "enabled: true\nregistries: {service: []}"
+    got = problems(base(ks, disc).replace(f"secret: {SECRET}", "secret: 12"))
+    assert sorted(got) == sorted([
+        ("machine.network.kubespan.enabled", "expected a boolean, got string"),
+        ("machine.network.kubespan.mtu", "expected an integer, got string"),
+        ("machine.network.kubespan.filters.endpoints", "expected a list, got string"),
+        ("machine.network.kubespan.filters.excludeAdvertisedNetworks[0]", "expected a string, got integer"),
+        ("cluster.secret", "expected a string, got integer"),
+        ("cluster.discovery.registries.service", "expected a mapping, got list"),
+        ("cluster.secret", "cluster discovery service requires .cluster.secret"),
+    ])
+
+
+def test_our_document_values() -> None:
+    ours = textwrap.dedent("""\
+        ---
+        apiVersion: v1alpha1
+        kind: KubeSpanPyConfig
+        listenPort: 70000
+        wireguardMode: fast
+        podCIDRs: [10.244.1.0]
+        stateDir: ""
+        linkName: this-name-is-too-long
+        discoveryEndpoint: ftp://x/
+        """)
+    assert problems(base() + ours) == [
+        ("KubeSpanPyConfig.listenPort", "listen port must be in 1-65535, got 70000"),
+        ("KubeSpanPyConfig.wireguardMode", "must be one of auto, kernel, userspace, got 'fast'"),
+        ("KubeSpanPyConfig.podCIDRs[0]", "pod CIDR is not valid: '10.244.1.0' (missing /prefix-length)"),
+        ("KubeSpanPyConfig.stateDir", "must not be empty"),
+        ("KubeSpanPyConfig.linkName", "not a valid Linux interface name: 'this-name-is-too-long'"),
+        ("KubeSpanPyConfig.discoveryEndpoint",
+         "cluster discovery service registry endpoint is invalid: 'ftp://x/' (expected http(s)://host[:port])"),
+    ]
+
+
+def test_service_endpoint_with_path() -> None:
+    disc = "enabled: true\nregistries: {service: {endpoint: 'https://d.example/api'}}"
+    assert problems(base(discovery=disc)) == [
+        ("cluster.discovery.registries.service.endpoint", "cluster discovery service path should be empty")]
+
+
+def test_structure_errors() -> None:
+    assert problems("version: v1alpha1\nmachine: [1]\ncluster: 3\n") == [
+        ("machine", "expected a mapping, got list"), ("cluster", "expected a mapping, got integer")]
+    assert problems("- 1\n") == [("<document 1>", "expected a mapping, got list")]
+    got = problems("version: v1alpha1\nmachine: {network: {kubespan: {enabled: [}}}\n")
+    assert got[0][0] == "<yaml>" and got[0][1].startswith("not valid YAML")
+    assert problems(base() + "---\n" + base()) == [("<document 2>", "duplicate v1alpha1 document")]
+    assert problems(base() + "---\napiVersion: v2\nkind: KubeSpanPyConfig\n") == [
+        ("KubeSpanPyConfig.apiVersion", "unsupported apiVersion 'v2' (expected v1alpha1)")]
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    got = problems(str(tmp_path / "absent.yaml"))
+    assert got[0][0] == str(tmp_path / "absent.yaml") and got[0][1].startswith("cannot read config file")
+
+
+def test_config_error_lists_every_problem_in_its_message() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(base("enabled: true\nmtu: 100\nbad: 1"))
+    text = str(info.value)
+    assert "machine.network.kubespan.mtu: kubespan link MTU must be at least 1280" in text
+    assert "machine.network.kubespan.bad: unknown key" in text
+    assert SECRET not in text
+
+
+def test_kubespan_disabled_without_discovery_is_valid() -> None:
+    cfg = load_config("version: v1alpha1\nmachine: {}\ncluster: {}\n")
+    assert cfg == MachineConfig()
+
+
+# --- arbitrary input never escapes as anything but ConfigError --------------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 70000), st.text(max_size=12),
+                     st.sampled_from(["10.0.0.0/8", "!1.2.3.4", "[::1]:80", "1.2.3.4:5", "abc"]))
+_values = st.recursive(_scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=3), st.dictionaries(st.sampled_from(
+        ["enabled", "mtu", "filters", "endpoints", "excludeAdvertisedNetworks", "service", "kubernetes",
+         "registries", "disabled", "endpoint", "x"]), inner, max_size=4)), max_leaves=12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(kubespan=_values, discovery=_values, ours=_values, secret=_scalars)
+def test_fuzzed_configs_raise_only_config_error(kubespan, discovery, ours, secret) -> None:
+    docs = [{"version": "v1alpha1", "machine": {"network": {"kubespan": kubespan}},
+             "cluster": {"id": "x", "secret": secret, "discovery": discovery}},
+            {"apiVersion": "v1alpha1", "kind": "KubeSpanPyConfig", "podCIDRs": ours, "listenPort": ours},
+            {"apiVersion": "v1alpha1", "kind": "KubeSpanEndpointsConfig", "extraAnnouncedEndpoints": ours}]
+    try:
+        load_config(yaml.safe_dump_all(docs))
+    except ConfigError as exc:
+        assert exc.problems and all(isinstance(p, str) and isinstance(m, str) for p, m in exc.problems)
