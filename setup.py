@@ -1,4 +1,5 @@
 """Build the Cython fast path against the system OpenSSL libcrypto."""
+
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 

@@ -15,6 +15,7 @@ are its own. This process seeds 1024 affiliates in one cluster plus many small c
 Reports server RSS (current and peak). The load generator is one Python process, so on a
 small machine it, not the service, may be the limit; the CPU split is printed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,7 +63,9 @@ def payload(tag: int) -> bytes:
 
 def request(cluster: str, aid: str, tag: int) -> pb.AffiliateUpdateRequest:
     req = pb.AffiliateUpdateRequest(
-        cluster_id=cluster, affiliate_id=aid, affiliate_data=payload(tag),
+        cluster_id=cluster,
+        affiliate_id=aid,
+        affiliate_data=payload(tag),
         affiliate_endpoints=[os.urandom(16), os.urandom(32)],
     )
     req.ttl.seconds = TTL
@@ -112,7 +115,9 @@ async def seed(stubs: list[pbg.ClusterStub], small_clusters: int) -> int:
     return len(jobs)
 
 
-async def hammer(stubs, duration: float, concurrency: int, small_clusters: int, paced_rate: float | None) -> int:
+async def hammer(
+    stubs, duration: float, concurrency: int, small_clusters: int, paced_rate: float | None
+) -> int:
     done = 0
     deadline = time.monotonic() + duration
     interval = concurrency / paced_rate if paced_rate else 0.0
@@ -150,8 +155,10 @@ async def bench(args: argparse.Namespace, port: int, pid: int) -> None:
     t0 = time.monotonic()
     n = await seed(stubs, args.small_clusters)
     took = time.monotonic() - t0
-    print(f"seeded {n} affiliates (1024 in one cluster + {args.small_clusters} x 5) in {took:.1f} s "
-          f"({n / took:.0f} updates/s, no watchers)")
+    print(
+        f"seeded {n} affiliates (1024 in one cluster + {args.small_clusters} x 5) in {took:.1f} s "
+        f"({n / took:.0f} updates/s, no watchers)"
+    )
 
     watchers = [Watcher(stubs[i % len(stubs)]) for i in range(args.watchers)]
     tasks = [asyncio.create_task(w.run()) for w in watchers]
@@ -163,24 +170,32 @@ async def bench(args: argparse.Namespace, port: int, pid: int) -> None:
     done = await hammer(stubs, args.duration, args.concurrency, args.small_clusters, None)
     wall = time.monotonic() - t0
     msgs = sum(w.messages for w in watchers) - msgs0
-    print(f"throughput: {done / wall:.0f} updates/s sustained over {wall:.1f} s "
-          f"({args.concurrency} concurrent callers); {msgs / wall:.0f} watch messages/s delivered; "
-          f"watch overflows (ABORTED, reconnected): {sum(w.aborted for w in watchers)}")
-    print(f"  CPU: service {100 * (proc_cpu(pid) - cpu0) / wall:.0f}%, load generator "
-          f"{100 * (time.process_time() - me0) / wall:.0f}% of one core")
+    print(
+        f"throughput: {done / wall:.0f} updates/s sustained over {wall:.1f} s "
+        f"({args.concurrency} concurrent callers); {msgs / wall:.0f} watch messages/s delivered; "
+        f"watch overflows (ABORTED, reconnected): {sum(w.aborted for w in watchers)}"
+    )
+    print(
+        f"  CPU: service {100 * (proc_cpu(pid) - cpu0) / wall:.0f}%, load generator "
+        f"{100 * (time.process_time() - me0) / wall:.0f}% of one core"
+    )
 
     await asyncio.sleep(1.0)  # drain
     for w in watchers:
         w.record = True
     aborted0 = sum(w.aborted for w in watchers)
-    done = await hammer(stubs, args.duration, min(args.concurrency, 16), args.small_clusters, args.paced_rate)
+    done = await hammer(
+        stubs, args.duration, min(args.concurrency, 16), args.small_clusters, args.paced_rate
+    )
     await asyncio.sleep(1.0)
     lat = [x for w in watchers for x in w.latencies]
-    print(f"fan-out latency at {args.paced_rate:.0f} updates/s paced ({done} updates, "
-          f"{len(lat)} deliveries to {args.watchers} watchers): "
-          f"p50 {1000 * pct(lat, 0.50):.1f} ms, p99 {1000 * pct(lat, 0.99):.1f} ms, "
-          f"max {1000 * max(lat, default=float('nan')):.1f} ms; "
-          f"overflows {sum(w.aborted for w in watchers) - aborted0}")
+    print(
+        f"fan-out latency at {args.paced_rate:.0f} updates/s paced ({done} updates, "
+        f"{len(lat)} deliveries to {args.watchers} watchers): "
+        f"p50 {1000 * pct(lat, 0.50):.1f} ms, p99 {1000 * pct(lat, 0.99):.1f} ms, "
+        f"max {1000 * max(lat, default=float('nan')):.1f} ms; "
+        f"overflows {sum(w.aborted for w in watchers) - aborted0}"
+    )
     st = proc_status(pid)
     print(f"server RSS {st['VmRSS'] / 1024:.1f} MiB (peak {st['VmHWM'] / 1024:.1f} MiB)")
     for t in tasks:
@@ -199,16 +214,31 @@ def main() -> int:
     p.add_argument("--paced-rate", type=float, default=200.0)
     args = p.parse_args()
     server = subprocess.Popen(
-        [sys.executable, "-m", "control.discovery", "--listen", "127.0.0.1:0",
-         "--rate", "1e9", "--burst", "1000000000", "--log-level", "warning"],
-        cwd=REPO, stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "control.discovery",
+            "--listen",
+            "127.0.0.1:0",
+            "--rate",
+            "1e9",
+            "--burst",
+            "1000000000",
+            "--log-level",
+            "warning",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         line = server.stdout.readline()
         m = re.search(r":(\d+)$", line.strip())
         if not m:
             raise SystemExit(f"service did not start: {line!r}")
-        asyncio.run(asyncio.wait_for(bench(args, int(m.group(1)), server.pid), 10 * args.duration + 120))
+        asyncio.run(
+            asyncio.wait_for(bench(args, int(m.group(1)), server.pid), 10 * args.duration + 120)
+        )
     finally:
         server.send_signal(signal.SIGTERM)
         try:

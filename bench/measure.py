@@ -1,5 +1,6 @@
 """One measurement each: iperf3 TCP/UDP throughput, ping RTT.  Results are plain
 numbers; the caller repeats and takes medians."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,8 @@ IPERF_PORT = 5201
 
 @dataclass
 class IperfResult:
-    value: float        # bits/s (tcp) or received packets/s (udp)
-    bytes: int          # bytes that reached the receiver
+    value: float  # bits/s (tcp) or received packets/s (udp)
+    bytes: int  # bytes that reached the receiver
 
 
 class IperfServer:
@@ -69,8 +70,9 @@ _RTT = re.compile(rb"time=([0-9.]+) ms")
 
 def ping_rtt_ms(ns: str, addr: str, count: int = 40) -> float:
     """Median RTT of ``count`` pings 20 ms apart on an otherwise idle tunnel."""
-    out = run("ping", "-n", "-c", str(count), "-i", "0.02", addr, ns=ns, check=False,
-              timeout=count + 30).stdout
+    out = run(
+        "ping", "-n", "-c", str(count), "-i", "0.02", addr, ns=ns, check=False, timeout=count + 30
+    ).stdout
     rtts = [float(m) for m in _RTT.findall(out)]
     if len(rtts) < count // 2:
         raise RuntimeError(f"ping lost too many packets ({len(rtts)}/{count})")

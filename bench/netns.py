@@ -2,6 +2,7 @@
 
 Everything carries a random suffix; nothing gets a route out of the namespaces.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,13 @@ def suffix(n: int = 5) -> str:
     return secrets.token_hex(n)[:n]
 
 
-def run(*args: str, ns: str | None = None, check: bool = True, timeout: float = 60,
-        input: bytes | None = None) -> subprocess.CompletedProcess:
+def run(
+    *args: str,
+    ns: str | None = None,
+    check: bool = True,
+    timeout: float = 60,
+    input: bytes | None = None,
+) -> subprocess.CompletedProcess:
     cmd = (["ip", "netns", "exec", ns] if ns else []) + list(args)
     return subprocess.run(cmd, capture_output=True, check=check, timeout=timeout, input=input)
 
@@ -47,12 +53,17 @@ class Lab:
             run("ip", "link", "set", dev, "up", ns=ns)
         return a, b
 
-    def spawn(self, args: list[str], ns: str, env: dict[str, str] | None = None,
-              log: Path | None = None) -> subprocess.Popen:
+    def spawn(
+        self, args: list[str], ns: str, env: dict[str, str] | None = None, log: Path | None = None
+    ) -> subprocess.Popen:
         out = open(log, "ab") if log else subprocess.DEVNULL
-        proc = subprocess.Popen(["ip", "netns", "exec", ns, *args], stdout=out,
-                                stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
         self.procs.append(proc)
         return proc
 

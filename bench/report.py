@@ -1,4 +1,5 @@
 """Turn medians into the printed table, the JSON file and the PNG chart."""
+
 from __future__ import annotations
 
 import json
@@ -63,6 +64,7 @@ def chart(results: dict, path: Path) -> bool:
     """Grouped bars of each scenario's ratio to (b).  False if matplotlib is missing."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -77,10 +79,12 @@ def chart(results: dict, path: Path) -> bool:
         ys = [rat.get(k, {}).get(m, float("nan")) for m in metrics]
         ax.bar(xs, ys, width, label=f"{k}) {results['scenarios'][k]['label']}")
     ax.axhline(1.0, color="grey", linewidth=0.8)
-    ax.set_yscale("log")   # plain veth is tens of times the tunnels
+    ax.set_yscale("log")  # plain veth is tens of times the tunnels
     ax.set_xticks([j + width * (len(keys) - 1) / 2 for j in range(len(metrics))])
-    ax.set_xticklabels([METRICS[m][0] + ("\n(lower better)" if not METRICS[m][3] else "")
-                        for m in metrics], fontsize=8)
+    ax.set_xticklabels(
+        [METRICS[m][0] + ("\n(lower better)" if not METRICS[m][3] else "") for m in metrics],
+        fontsize=8,
+    )
     ax.set_ylabel("ratio to wireguard-go <-> wireguard-go")
     ax.set_title(f"kubespan-py benchmark {results['timestamp']}")
     ax.legend(fontsize=8)

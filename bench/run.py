@@ -9,6 +9,7 @@ WireGuard processes per GB moved (during the TCP 1-stream runs).  Each figure is
 median of ``--repeats`` runs; the table shows ratios to (b).  JSON and a PNG chart go
 to bench/results/.  Every address used lives inside the namespaces this run creates.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,10 @@ def run_scenario(key: str, repeats: int, duration: float, logdir: Path) -> dict:
         eps: list[Endpoint] = []
         target = OUTER_B
         if impl_a:
-            eps = [start(lab, impl_a, ns_a, INNER_A, logdir),
-                   start(lab, impl_b, ns_b, INNER_B, logdir)]
+            eps = [
+                start(lab, impl_a, ns_a, INNER_A, logdir),
+                start(lab, impl_b, ns_b, INNER_B, logdir),
+            ]
             configure_pair(eps[0], eps[1], OUTER_A, OUTER_B)
             target = INNER_B
         deadline = time.monotonic() + 30
@@ -68,8 +71,10 @@ def run_scenario(key: str, repeats: int, duration: float, logdir: Path) -> dict:
             samples["tcp1"].append(r.value)
             if eps:
                 samples["cpu_per_gb"].append(cpu / (r.bytes / 1e9))
-            progress(f"{tag} TCP 1 stream {r.value / 1e9:.2f} Gbit/s"
-                     + (f", {cpu / (r.bytes / 1e9):.2f} CPU s/GB" if eps else ""))
+            progress(
+                f"{tag} TCP 1 stream {r.value / 1e9:.2f} Gbit/s"
+                + (f", {cpu / (r.bytes / 1e9):.2f} CPU s/GB" if eps else "")
+            )
             r = measure.tcp(ns_a, target, duration, 4)
             samples["tcp4"].append(r.value)
             progress(f"{tag} TCP 4 streams {r.value / 1e9:.2f} Gbit/s")
@@ -83,8 +88,9 @@ def run_scenario(key: str, repeats: int, duration: float, logdir: Path) -> dict:
             samples["ping"].append(rtt)
             progress(f"{tag} ping {rtt:.3f} ms")
         server.close()
-        metrics = {m: {"median": statistics.median(v), "samples": v}
-                   for m, v in samples.items() if v}
+        metrics = {
+            m: {"median": statistics.median(v), "samples": v} for m, v in samples.items() if v
+        }
         return {"label": label, "status": "ok", "metrics": metrics}
     except Unavailable as e:
         progress(f"{key}) {label}: unavailable: {e}")
@@ -97,8 +103,11 @@ def run_scenario(key: str, repeats: int, duration: float, logdir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--repeats", type=int, default=3, help="runs per figure (median)")
     p.add_argument("--duration", type=float, default=4.0, help="seconds per iperf3 run")
     p.add_argument("--only", default="a,b,c,d", help="comma-separated scenarios")
@@ -117,8 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "timestamp": stamp,
         "machine": {"cpus": os.cpu_count(), "kernel": platform.release()},
-        "config": {"repeats": args.repeats, "duration_s": args.duration,
-                   "udp_full_payload": UDP_FULL_PAYLOAD},
+        "config": {
+            "repeats": args.repeats,
+            "duration_s": args.duration,
+            "udp_full_payload": UDP_FULL_PAYLOAD,
+        },
         "scenarios": {},
     }
     for k in keys:

@@ -3,6 +3,7 @@
 Implementations: "wireguard-go" (Debian's) and "ours" (`kubespan-wg`, our daemon).
 Both are configured the same way, through their UAPI socket with stock `wg`.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -31,8 +32,8 @@ def daemon_command(impl: str, ifname: str) -> list[str]:
     if impl == "ours":
         exe = REPO / ".venv" / "bin" / "kubespan-wg"
         try:
-            import kubespan_dp.device  # noqa: F401
             import kubespan_dp.cli  # noqa: F401
+            import kubespan_dp.device  # noqa: F401
         except Exception as e:  # noqa: BLE001 - any import failure means "not there"
             raise Unavailable(f"our daemon is not importable: {e}") from None
         if exe.exists():
@@ -46,7 +47,7 @@ class Endpoint:
     ns: str
     ifname: str
     proc: subprocess.Popen
-    inner: str          # tunnel address without prefix length
+    inner: str  # tunnel address without prefix length
 
     def pids(self) -> list[int]:
         return descendants(self.proc.pid)
@@ -90,9 +91,23 @@ def configure_pair(a: Endpoint, b: Endpoint, outer_a: str, outer_b: str) -> None
     for me, other, my_outer, their_outer in ((a, b, outer_a, outer_b), (b, a, outer_b, outer_a)):
         priv, _ = keys[me.ifname]
         _, their_pub = keys[other.ifname]
-        run("wg", "set", me.ifname, "listen-port", str(PORT), "private-key", "/dev/stdin",
-            "peer", their_pub.decode(), "endpoint", f"{their_outer}:{PORT}",
-            "allowed-ips", other.inner + "/32", ns=me.ns, input=priv + b"\n")
+        run(
+            "wg",
+            "set",
+            me.ifname,
+            "listen-port",
+            str(PORT),
+            "private-key",
+            "/dev/stdin",
+            "peer",
+            their_pub.decode(),
+            "endpoint",
+            f"{their_outer}:{PORT}",
+            "allowed-ips",
+            other.inner + "/32",
+            ns=me.ns,
+            input=priv + b"\n",
+        )
 
 
 def ping_ok(ns: str, addr: str) -> bool:

@@ -14,6 +14,7 @@ backend or routing call runs in a worker thread. On stop, or when KubeSpan is
 disabled in a reloaded config (SIGHUP), every rule, route, link and process the agent
 made is removed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,14 +33,19 @@ from control.backends.select import select_backend
 from control.config import ConfigError, MachineConfig, load_config
 from control.discovery.client import DiscoveryClient
 from control.endpoints import local_affiliate, system_addresses
-from control.identity import IdentityError, KubeSpanIdentity, first_physical_mac, \
-    load_or_create_kubespan_identity, load_or_create_node_id
+from control.identity import (
+    IdentityError,
+    KubeSpanIdentity,
+    first_physical_mac,
+    load_or_create_kubespan_identity,
+    load_or_create_node_id,
+)
 from control.keys import decode_key
 from control.link import LinkError, set_link_address
 from control.logsetup import setup_logging
 from control.metrics import Metrics, MetricsServer
-from control.peersync import PeerTracker
 from control.peerspec import PeerSpec, build_peer_specs
+from control.peersync import PeerTracker
 
 log = logging.getLogger("control.agent")
 
@@ -138,7 +144,7 @@ class Agent:
                 self.metrics.inc("kubespan_reconcile_total")
             try:
                 await asyncio.wait_for(self._kick.wait(), self.options.reconcile_interval)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._kick.clear()
 
@@ -147,23 +153,44 @@ class Agent:
         state_dir = cfg.local.state_dir
         mac = first_physical_mac(exclude=(self.link,), allow_virtual=True)
         if mac is None:
-            raise AgentError("no Ethernet link with a MAC address: cannot derive the KubeSpan address")
+            raise AgentError(
+                "no Ethernet link with a MAC address: cannot derive the KubeSpan address"
+            )
         self.identity = load_or_create_kubespan_identity(state_dir, cfg.cluster_id, mac)
         self.node_id = load_or_create_node_id(state_dir)
-        self.backend, self.backend_reason = await asyncio.to_thread(select_backend, cfg.local.wireguard_mode)
-        log.info("node %s: KubeSpan address %s, WireGuard %s (%s)", self.node_id, self.identity.address.ip,
-                 self.backend.mode, self.backend_reason)
+        self.backend, self.backend_reason = await asyncio.to_thread(
+            select_backend, cfg.local.wireguard_mode
+        )
+        log.info(
+            "node %s: KubeSpan address %s, WireGuard %s (%s)",
+            self.node_id,
+            self.identity.address.ip,
+            self.backend.mode,
+            self.backend_reason,
+        )
         try:
-            await asyncio.to_thread(self.backend.up, self.link, self.identity.private_key, cfg.local.listen_port,
-                                    WIREGUARD_FWMARK, cfg.kubespan.mtu)
+            await asyncio.to_thread(
+                self.backend.up,
+                self.link,
+                self.identity.private_key,
+                cfg.local.listen_port,
+                WIREGUARD_FWMARK,
+                cfg.kubespan.mtu,
+            )
             await asyncio.to_thread(set_link_address, self.link, self.identity.link_address)
         except (BackendError, LinkError, ValueError):
             await asyncio.to_thread(self.backend.down)
             self.backend = None
             raise
         endpoint, insecure = cfg.discovery_target()
-        self.client = DiscoveryClient(endpoint, cfg.cluster_id, cfg.cluster_secret, self.node_id,
-                                      insecure=insecure, on_change=lambda _affiliates: self._kick.set())
+        self.client = DiscoveryClient(
+            endpoint,
+            cfg.cluster_id,
+            cfg.cluster_secret,
+            self.node_id,
+            insecure=insecure,
+            on_change=lambda _affiliates: self._kick.set(),
+        )
         self.client.start()
         self.store.put(records.identity_record(self.identity))
 
@@ -189,9 +216,19 @@ class Agent:
         except (ConfigError, OSError) as exc:
             log.error("config reload rejected, keeping the running config: %s", exc)
             return
-        structural = (new.cluster_id, new.cluster_secret, new.local, new.kubespan.mtu, new.discovery) != (
-            self.config.cluster_id, self.config.cluster_secret, self.config.local, self.config.kubespan.mtu,
-            self.config.discovery)
+        structural = (
+            new.cluster_id,
+            new.cluster_secret,
+            new.local,
+            new.kubespan.mtu,
+            new.discovery,
+        ) != (
+            self.config.cluster_id,
+            self.config.cluster_secret,
+            self.config.local,
+            self.config.kubespan.mtu,
+            self.config.discovery,
+        )
         if self.backend is not None and (not new.kubespan.enabled or structural):
             await self._teardown()
         self.config = new
@@ -211,11 +248,16 @@ class Agent:
         for spec in self.specs:
             key = decode_key(spec.public_key)
             endpoint = self.tracker.observe(spec, wg_states.get(key), now)
-            configs.append(PeerConfig(key, psk, endpoint, PERSISTENT_KEEPALIVE, tuple(spec.allowed_ips)))
+            configs.append(
+                PeerConfig(key, psk, endpoint, PERSISTENT_KEEPALIVE, tuple(spec.allowed_ips))
+            )
         self.tracker.forget_except({s.public_key for s in self.specs})
         await asyncio.to_thread(self.backend.apply_peers, configs)
-        routed = routing.routed_prefixes({s.public_key: s.allowed_ips for s in self.specs},
-                                         self.tracker.states(), cfg.kubespan.allow_down_peer_bypass)
+        routed = routing.routed_prefixes(
+            {s.public_key: s.allowed_ips for s in self.specs},
+            self.tracker.states(),
+            cfg.kubespan.allow_down_peer_bypass,
+        )
         await asyncio.to_thread(routing.apply, routed, self.link, cfg.kubespan.mtu)
         await self._publish_local(affiliates)
         self._update_records(affiliates)
@@ -226,8 +268,14 @@ class Agent:
         assert self.client is not None
         addresses = await asyncio.to_thread(system_addresses, None, (self.link,))
         public_ips = [self.client.public_ip] if self.client.public_ip is not None else []
-        local = local_affiliate(node_id=self.node_id, hostname=self.hostname, addresses=addresses,
-                                config=self.config, identity=self.identity, public_ips=public_ips)
+        local = local_affiliate(
+            node_id=self.node_id,
+            hostname=self.hostname,
+            addresses=addresses,
+            config=self.config,
+            identity=self.identity,
+            public_ips=public_ips,
+        )
         harvested: dict[str, list] = {}
         if self.config.kubespan.harvest_extra_endpoints:
             for affiliate_id, endpoint in self.tracker.harvest(affiliates).values():
@@ -237,11 +285,15 @@ class Agent:
     # -- reporting --------------------------------------------------------------------
 
     def _update_records(self, affiliates: dict[str, Affiliate]) -> None:
-        self.store.replace_kind(records.PEER_SPEC, [records.peer_spec_record(s) for s in self.specs])
+        self.store.replace_kind(
+            records.PEER_SPEC, [records.peer_spec_record(s) for s in self.specs]
+        )
         self.store.replace_kind(records.PEER_STATUS, self.tracker.status_records())
         harvested = self.tracker.harvest(affiliates)
-        self.store.replace_kind(records.ENDPOINT, [records.endpoint_record(key, aid, ep)
-                                                   for key, (aid, ep) in harvested.items()])
+        self.store.replace_kind(
+            records.ENDPOINT,
+            [records.endpoint_record(key, aid, ep) for key, (aid, ep) in harvested.items()],
+        )
 
     async def _publish_records(self) -> None:
         for kind in records.KINDS:
@@ -257,8 +309,16 @@ class Agent:
         m.describe("kubespan_peer_state", "gauge", "peer state (label state=up|down|unknown)")
         m.describe("kubespan_peer_receive_bytes", "gauge", "bytes received from the peer")
         m.describe("kubespan_peer_transmit_bytes", "gauge", "bytes sent to the peer")
-        m.describe("kubespan_peer_seconds_since_handshake", "gauge", "seconds since the last handshake (-1: never)")
-        m.describe("kubespan_peer_endpoint_changes_total", "counter", "times the agent switched the peer's endpoint")
+        m.describe(
+            "kubespan_peer_seconds_since_handshake",
+            "gauge",
+            "seconds since the last handshake (-1: never)",
+        )
+        m.describe(
+            "kubespan_peer_endpoint_changes_total",
+            "counter",
+            "times the agent switched the peer's endpoint",
+        )
         m.describe("kubespan_reconcile_duration_seconds", "gauge", "duration of the last reconcile")
         m.describe("kubespan_reconcile_total", "counter", "reconciles run")
         m.describe("kubespan_peers", "gauge", "peers specified")
@@ -267,35 +327,77 @@ class Agent:
         now = time.time()
         rows = self.tracker.rows()
         m = self.metrics
-        m.replace("kubespan_peer_up", [({"peer": k, "label": r.label}, r.state.value == "up") for k, r in rows])
-        m.replace("kubespan_peer_state", [({"peer": k, "label": r.label, "state": r.state.value}, 1) for k, r in rows])
-        m.replace("kubespan_peer_receive_bytes", [({"peer": k, "label": r.label}, r.rx_bytes) for k, r in rows])
-        m.replace("kubespan_peer_transmit_bytes", [({"peer": k, "label": r.label}, r.tx_bytes) for k, r in rows])
-        m.replace("kubespan_peer_seconds_since_handshake",
-                  [({"peer": k, "label": r.label}, -1 if r.last_handshake is None else now - r.last_handshake)
-                   for k, r in rows])
-        m.replace("kubespan_peer_endpoint_changes_total",
-                  [({"peer": k, "label": r.label}, self.tracker.endpoint_changes.get(k, 0)) for k, r in rows])
+        m.replace(
+            "kubespan_peer_up",
+            [({"peer": k, "label": r.label}, r.state.value == "up") for k, r in rows],
+        )
+        m.replace(
+            "kubespan_peer_state",
+            [({"peer": k, "label": r.label, "state": r.state.value}, 1) for k, r in rows],
+        )
+        m.replace(
+            "kubespan_peer_receive_bytes",
+            [({"peer": k, "label": r.label}, r.rx_bytes) for k, r in rows],
+        )
+        m.replace(
+            "kubespan_peer_transmit_bytes",
+            [({"peer": k, "label": r.label}, r.tx_bytes) for k, r in rows],
+        )
+        m.replace(
+            "kubespan_peer_seconds_since_handshake",
+            [
+                (
+                    {"peer": k, "label": r.label},
+                    -1 if r.last_handshake is None else now - r.last_handshake,
+                )
+                for k, r in rows
+            ],
+        )
+        m.replace(
+            "kubespan_peer_endpoint_changes_total",
+            [
+                ({"peer": k, "label": r.label}, self.tracker.endpoint_changes.get(k, 0))
+                for k, r in rows
+            ],
+        )
         m.set("kubespan_peers", len(rows))
 
 
 # -- command line ---------------------------------------------------------------------------
 
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kubespan agent",
         description="Run the KubeSpan agent: bring up the WireGuard link, publish this node to the "
-                    "discovery service, keep a full mesh with every other node and route traffic "
-                    "for them through it. Needs root. SIGHUP reloads the config; SIGINT/SIGTERM "
-                    "stop the agent and remove everything it set up.")
-    parser.add_argument("--config", "-c", action="append", required=True, metavar="FILE",
-                        help="machine config (Talos multi-document YAML); repeat to combine files")
-    parser.add_argument("--metrics-listen", metavar="HOST:PORT",
-                        help="serve Prometheus metrics at http://HOST:PORT/metrics (off by default)")
-    parser.add_argument("--log-json", action="store_true", help="log JSON lines instead of readable text")
+        "discovery service, keep a full mesh with every other node and route traffic "
+        "for them through it. Needs root. SIGHUP reloads the config; SIGINT/SIGTERM "
+        "stop the agent and remove everything it set up.",
+    )
+    parser.add_argument(
+        "--config",
+        "-c",
+        action="append",
+        required=True,
+        metavar="FILE",
+        help="machine config (Talos multi-document YAML); repeat to combine files",
+    )
+    parser.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (off by default)",
+    )
+    parser.add_argument(
+        "--log-json", action="store_true", help="log JSON lines instead of readable text"
+    )
     parser.add_argument("--hostname", help="the hostname to publish (default: this machine's)")
-    parser.add_argument("--reconcile-interval", type=float, default=RECONCILE_INTERVAL, metavar="SECONDS",
-                        help="periodic reconcile interval (default 30, as Talos)")
+    parser.add_argument(
+        "--reconcile-interval",
+        type=float,
+        default=RECONCILE_INTERVAL,
+        metavar="SECONDS",
+        help="periodic reconcile interval (default 30, as Talos)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -314,7 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     if not config.kubespan.enabled:
         log.warning("KubeSpan is disabled in the config: removing anything a previous run left")
     if config.kubespan.enabled and not config.discovery.service_active:
-        print("kubespan agent: KubeSpan needs the discovery service registry enabled", file=sys.stderr)
+        print(
+            "kubespan agent: KubeSpan needs the discovery service registry enabled", file=sys.stderr
+        )
         return 2
     options = AgentOptions(args.config, args.reconcile_interval, args.metrics_listen, args.hostname)
     agent = Agent(config, options)

@@ -9,6 +9,7 @@ Protocol: one JSON request line `{"get": TYPE, "watch": bool}`; the server answe
 JSON lines `{"type": TYPE, "records": [...]}` (one, or one per change with watch) or
 `{"error": "..."}`.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -16,7 +17,8 @@ import json
 import logging
 import socket
 import struct
-from typing import Any, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from control import records
 
@@ -38,13 +40,24 @@ def canonical_type(name: str) -> str | None:
 
 
 def record_to_wire(record: records.Record, node: str) -> dict[str, Any]:
-    return {"id": record.id, "version": record.version, "namespace": record.namespace,
-            "node": node, "spec": dict(record.spec)}
+    return {
+        "id": record.id,
+        "version": record.version,
+        "namespace": record.namespace,
+        "node": node,
+        "spec": dict(record.spec),
+    }
 
 
 def record_from_wire(rtype: str, doc: dict[str, Any]) -> records.Record:
-    return records.Record(records.kind_by_name(rtype), doc["id"], doc["spec"], doc["version"],
-                          doc.get("namespace", records.NAMESPACE), doc.get("node", ""))
+    return records.Record(
+        records.kind_by_name(rtype),
+        doc["id"],
+        doc["spec"],
+        doc["version"],
+        doc.get("namespace", records.NAMESPACE),
+        doc.get("node", ""),
+    )
 
 
 class ResourceStore:
@@ -70,7 +83,13 @@ class ResourceStore:
 
 
 class ApiServer:
-    def __init__(self, store: ResourceStore, link: str, *, allow_uid: Callable[[int], bool] = lambda uid: uid == 0) -> None:
+    def __init__(
+        self,
+        store: ResourceStore,
+        link: str,
+        *,
+        allow_uid: Callable[[int], bool] = lambda uid: uid == 0,
+    ) -> None:
         self.store = store
         self.address = socket_address(link)
         self._allow_uid = allow_uid
@@ -92,7 +111,9 @@ class ApiServer:
             creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
             _pid, uid, _gid = struct.unpack("3i", creds)
             if not self._allow_uid(uid):
-                await self._send(writer, {"error": "permission denied: the KubeSpan API serves root only"})
+                await self._send(
+                    writer, {"error": "permission denied: the KubeSpan API serves root only"}
+                )
                 return
             line = await reader.readline()
             request = _parse_request(line)
@@ -126,7 +147,9 @@ def _parse_request(line: bytes) -> dict[str, Any]:
         return {"error": 'request must be {"get": TYPE, "watch": bool}'}
     rtype = canonical_type(request["get"])
     if rtype is None:
-        return {"error": f"unknown resource type {request['get']!r}; known: {', '.join(RESOURCE_TYPES)}"}
+        return {
+            "error": f"unknown resource type {request['get']!r}; known: {', '.join(RESOURCE_TYPES)}"
+        }
     return {"get": rtype, "watch": bool(request.get("watch", False))}
 
 
@@ -137,7 +160,9 @@ async def query(link: str, rtype: str, watch: bool = False) -> AsyncIterator[lis
         sock.connect(socket_address(link))
     except OSError as exc:
         sock.close()
-        raise ConnectionError(f"no KubeSpan agent answers for link {link!r} in this network namespace ({exc.strerror})") from None
+        raise ConnectionError(
+            f"no KubeSpan agent answers for link {link!r} in this network namespace ({exc.strerror})"
+        ) from None
     reader, writer = await asyncio.open_unix_connection(sock=sock)
     try:
         writer.write(json.dumps({"get": rtype, "watch": watch}).encode() + b"\n")

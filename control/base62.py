@@ -4,6 +4,7 @@ Not a big-number base conversion: the bit string is consumed 6 bits at a time fr
 least significant end; a 6-bit group whose bits 1-4 are all set (values 30, 31, 62, 63)
 can't be a digit (only 62 symbols), so just its low 5 bits are emitted and consumed.
 """
+
 from __future__ import annotations
 
 ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"

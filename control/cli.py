@@ -1,4 +1,5 @@
 """`kubespan`: the command line of the KubeSpan agent and its tools."""
+
 from __future__ import annotations
 
 import argparse
@@ -28,20 +29,24 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "agent":
         from control.agent import main as agent_main
+
         return agent_main(rest)
     if command == "get":
         return get_main(rest)
     if command == "discovery-service":
         from control.discovery.service_cli import main as service_main
+
         return service_main(rest)
     if command == "gen":
         if not rest or rest[0] != "config":
             print("usage: kubespan gen config [OPTIONS]", file=sys.stderr)
             return 2
         from control.genconfig import main as gen_main
+
         return gen_main(rest[1:])
     if command == "demo":
         from control.demo import main as demo_main
+
         return demo_main(rest)
     print(f"kubespan: unknown command {command!r}\n\n{DESCRIPTION}", file=sys.stderr)
     return 2
@@ -52,11 +57,14 @@ def get_main(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(
         prog="kubespan get",
-        description="Show a resource of the KubeSpan agent running in this network namespace.")
+        description="Show a resource of the KubeSpan agent running in this network namespace.",
+    )
     parser.add_argument("type", help=", ".join(api.RESOURCE_TYPES))
     parser.add_argument("-o", "--output", choices=("table", "yaml", "json"), default="table")
     parser.add_argument("-w", "--watch", action="store_true", help="print again on every change")
-    parser.add_argument("--link", default="kubespan", help="the agent's link name (default kubespan)")
+    parser.add_argument(
+        "--link", default="kubespan", help="the agent's link name (default kubespan)"
+    )
     args = parser.parse_args(argv)
     rtype = api.canonical_type(args.type)
     if rtype is None:

@@ -24,15 +24,17 @@ Everything else in the stream (other sections, other kinds) is ignored. Inside t
 sections we own, unknown keys and wrong types are errors. Every problem is collected
 with its YAML path and raised at once as one ``ConfigError``.
 """
+
 from __future__ import annotations
 
 import base64
 import binascii
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from ipaddress import ip_address, ip_network
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
@@ -146,8 +148,14 @@ Problems = list[tuple[str, str]]
 def _type_name(value: Any) -> str:
     if value is None:
         return "null"
-    return {bool: "boolean", int: "integer", str: "string", list: "list", dict: "mapping",
-            float: "number"}.get(type(value), type(value).__name__)
+    return {
+        bool: "boolean",
+        int: "integer",
+        str: "string",
+        list: "list",
+        dict: "mapping",
+        float: "number",
+    }.get(type(value), type(value).__name__)
 
 
 class _Section:
@@ -179,7 +187,9 @@ class _Section:
         return self._get(key, lambda v: isinstance(v, bool), "a boolean")
 
     def integer(self, key: str) -> int | None:
-        return self._get(key, lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer")
+        return self._get(
+            key, lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"
+        )
 
     def string(self, key: str) -> str | None:
         return self._get(key, lambda v: isinstance(v, str), "a string")
@@ -224,7 +234,7 @@ def parse_subnet_or_address(text: str) -> IPNetwork:
 
 
 def parse_addr_port(text: str) -> Address:
-    """"1.2.3.4:5678" or "[2001:db8::1]:51820" -> (ip, port)."""
+    """ "1.2.3.4:5678" or "[2001:db8::1]:51820" -> (ip, port)."""
     if text.startswith("["):
         host, sep, port = text[1:].partition("]:")
         if not sep:
@@ -241,7 +251,9 @@ def parse_addr_port(text: str) -> Address:
     return (str(addr), int(port))
 
 
-def _parse_list(section: _Section, key: str, parse: Callable[[str], Any], what: str) -> tuple | None:
+def _parse_list(
+    section: _Section, key: str, parse: Callable[[str], Any], what: str
+) -> tuple | None:
     items = section.strings(key)
     if items is None:
         return None
@@ -262,21 +274,29 @@ def _check_service_url(problems: Problems, path: str, url: str) -> None:
         problems.append((path, f"cluster discovery service registry endpoint is invalid: {exc}"))
         return
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        problems.append((path, f"cluster discovery service registry endpoint is invalid: {url!r} "
-                               "(expected http(s)://host[:port])"))
+        problems.append(
+            (
+                path,
+                f"cluster discovery service registry endpoint is invalid: {url!r} "
+                "(expected http(s)://host[:port])",
+            )
+        )
     elif parts.path not in ("", "/") or parts.query or parts.fragment:
         problems.append((path, "cluster discovery service path should be empty"))
 
 
 # --- the documents ----------------------------------------------------------------------
 
+
 def _read_kubespan(s: _Section) -> dict:
     """Keys shared by machine.network.kubespan and the KubeSpanConfig document."""
     out: dict[str, Any] = {}
-    for key, attr in (("enabled", "enabled"),
-                      ("advertiseKubernetesNetworks", "advertise_kubernetes_networks"),
-                      ("allowDownPeerBypass", "allow_down_peer_bypass"),
-                      ("harvestExtraEndpoints", "harvest_extra_endpoints")):
+    for key, attr in (
+        ("enabled", "enabled"),
+        ("advertiseKubernetesNetworks", "advertise_kubernetes_networks"),
+        ("allowDownPeerBypass", "allow_down_peer_bypass"),
+        ("harvestExtraEndpoints", "harvest_extra_endpoints"),
+    ):
         value = s.boolean(key)
         if value is not None:
             out[attr] = value
@@ -299,8 +319,12 @@ def _read_kubespan(s: _Section) -> dict:
                 except ValueError:
                     s.problems.append((path, f"KubeSpan endpoint filter is not valid: {text!r}"))
             out["endpoint_filters"] = tuple(good)
-        nets = _parse_list(filters, "excludeAdvertisedNetworks", parse_cidr,
-                           "KubeSpan exclude advertised networks filter")
+        nets = _parse_list(
+            filters,
+            "excludeAdvertisedNetworks",
+            parse_cidr,
+            "KubeSpan exclude advertised networks filter",
+        )
         if nets is not None:
             out["exclude_advertised_networks"] = nets
         filters.finish()
@@ -343,7 +367,10 @@ def _read_v1alpha1(doc: dict, problems: Problems, state: dict) -> None:
             c.error("secret", "cluster secret must be base64 of 32 bytes: not valid base64")
         else:
             if len(raw) != CLUSTER_SECRET_SIZE:
-                c.error("secret", f"cluster secret must be base64 of 32 bytes: decodes to {len(raw)} bytes")
+                c.error(
+                    "secret",
+                    f"cluster secret must be base64 of 32 bytes: decodes to {len(raw)} bytes",
+                )
     disc = c.section("discovery")
     if disc is None:
         return
@@ -405,8 +432,11 @@ def _read_py_doc(s: _Section, state: dict) -> None:
             s.error("stateDir", "must not be empty")
     link = s.string("linkName")
     if link is not None:
-        if 1 <= len(link.encode()) <= 15 and link not in (".", "..") and \
-                not any(ch in link for ch in "/: \t\n"):
+        if (
+            1 <= len(link.encode()) <= 15
+            and link not in (".", "..")
+            and not any(ch in link for ch in "/: \t\n")
+        ):
             out["link_name"] = link
         else:
             s.error("linkName", f"not a valid Linux interface name: {link!r}")
@@ -421,7 +451,9 @@ def _read_meta_doc(doc: dict, kind: str, problems: Problems, state: dict) -> Non
     s = _Section(doc, kind, problems)
     s.known.update(("apiVersion", "kind"))
     if doc.get("apiVersion") != "v1alpha1":
-        s.error("apiVersion", f"unsupported apiVersion {doc.get('apiVersion')!r} (expected v1alpha1)")
+        s.error(
+            "apiVersion", f"unsupported apiVersion {doc.get('apiVersion')!r} (expected v1alpha1)"
+        )
         return
     seen = state.setdefault("seen_kinds", set())
     canonical = ENDPOINTS_KINDS[0] if kind in ENDPOINTS_KINDS else kind
@@ -448,7 +480,9 @@ def _read_stream(text: str, problems: Problems, state: dict) -> None:
         if doc is None:
             continue
         if not isinstance(doc, dict):
-            problems.append((f"<document {index + 1}>", f"expected a mapping, got {_type_name(doc)}"))
+            problems.append(
+                (f"<document {index + 1}>", f"expected a mapping, got {_type_name(doc)}")
+            )
             continue
         kind = doc.get("kind")
         if kind is None and doc.get("version") == "v1alpha1":
@@ -466,7 +500,12 @@ def _build(state: dict, problems: Problems) -> MachineConfig:
     ks_fields = state.get("kubespan")
     if "kubespan_doc" in state:
         if ks_fields is not None:
-            problems.append((KUBESPAN_KIND, "kubespan is already configured in v1alpha1 machine.network.kubespan"))
+            problems.append(
+                (
+                    KUBESPAN_KIND,
+                    "kubespan is already configured in v1alpha1 machine.network.kubespan",
+                )
+            )
         ks_fields = state["kubespan_doc"]
     ks_fields = dict(ks_fields or {})
     if "extra_endpoints" in state:
@@ -477,9 +516,13 @@ def _build(state: dict, problems: Problems) -> MachineConfig:
     endpoint_path = d.pop("service_endpoint_path", None)
     discovery = DiscoverySettings(**d)
     local = LocalSettings(**state.get("local", {}))
-    cfg = MachineConfig(cluster_id=state.get("cluster_id", ""),
-                        cluster_secret=state.get("cluster_secret", ""),
-                        kubespan=kubespan, discovery=discovery, local=local)
+    cfg = MachineConfig(
+        cluster_id=state.get("cluster_id", ""),
+        cluster_secret=state.get("cluster_secret", ""),
+        kubespan=kubespan,
+        discovery=discovery,
+        local=local,
+    )
 
     if discovery.service_active and endpoint_path:
         _check_service_url(problems, endpoint_path, discovery.service_endpoint)
@@ -487,18 +530,26 @@ def _build(state: dict, problems: Problems) -> MachineConfig:
         if not cfg.cluster_id:
             problems.append(("cluster.id", "cluster discovery service requires .cluster.id"))
         if not cfg.cluster_secret:
-            problems.append(("cluster.secret", "cluster discovery service requires .cluster.secret"))
+            problems.append(
+                ("cluster.secret", "cluster discovery service requires .cluster.secret")
+            )
     if kubespan.enabled and not discovery.service_active:
-        where = "cluster.discovery.enabled" if not discovery.enabled else \
-            "cluster.discovery.registries.service.disabled"
-        problems.append((where, "KubeSpan requires cluster discovery to be enabled "
-                                "(with the service registry)"))
+        where = (
+            "cluster.discovery.enabled"
+            if not discovery.enabled
+            else "cluster.discovery.registries.service.disabled"
+        )
+        problems.append(
+            (where, "KubeSpan requires cluster discovery to be enabled (with the service registry)")
+        )
     return cfg
 
 
 def _source_text(source: str | os.PathLike) -> str:
     """A PathLike or a one-line string without ": " is a file path; anything else is YAML."""
-    if isinstance(source, str) and ("\n" in source or ": " in source or source.lstrip().startswith("{")):
+    if isinstance(source, str) and (
+        "\n" in source or ": " in source or source.lstrip().startswith("{")
+    ):
         return source
     path = Path(source)
     try:

@@ -6,6 +6,7 @@ agent per node, waits for the full mesh, prints the peer table from node 1, then
 that traffic between the nodes goes through the tunnel. Everything is removed on exit
 or Ctrl-C.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,13 +28,24 @@ def step(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kubespan demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="kubespan demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("-n", "--nodes", type=int, default=3, help="number of nodes (default 3)")
-    parser.add_argument("--mode", choices=("auto", "kernel", "userspace"), default="auto",
-                        help="WireGuard mode of every node (default auto: kernel if the module is there)")
-    parser.add_argument("--timeout", type=float, default=120, help="seconds to wait for the full mesh")
-    parser.add_argument("--iperf-seconds", type=int, default=3, help="length of the throughput check")
+    parser.add_argument(
+        "--mode",
+        choices=("auto", "kernel", "userspace"),
+        default="auto",
+        help="WireGuard mode of every node (default auto: kernel if the module is there)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=120, help="seconds to wait for the full mesh"
+    )
+    parser.add_argument(
+        "--iperf-seconds", type=int, default=3, help="length of the throughput check"
+    )
     args = parser.parse_args(argv)
     if args.nodes < 2:
         parser.error("a mesh needs at least 2 nodes")
@@ -42,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     missing = [tool for tool in REQUIRED_TOOLS if shutil.which(tool) is None]
     if missing:
-        print(f"kubespan demo: missing tools: {', '.join(missing)} (./run demo installs them)", file=sys.stderr)
+        print(
+            f"kubespan demo: missing tools: {', '.join(missing)} (./run demo installs them)",
+            file=sys.stderr,
+        )
         return 1
 
     workdir = Path(tempfile.mkdtemp(prefix="kubespan-demo-"))
@@ -69,8 +84,10 @@ def run_demo(cluster: LabCluster, args: argparse.Namespace) -> int:
     step(f"building {args.nodes} nodes as network namespaces on a bridge")
     nodes = [cluster.add_node(NodeOptions(mode=args.mode)) for _ in range(args.nodes)]
     for node in nodes:
-        print(f"    {node.host.name}: netns {node.host.netns}, underlay {node.host.address4} "
-              f"and {node.host.address6}, link {node.link}")
+        print(
+            f"    {node.host.name}: netns {node.host.netns}, underlay {node.host.address4} "
+            f"and {node.host.address6}, link {node.link}"
+        )
     step("starting the discovery service (192.0.2.250:3000, in the bridge namespace)")
     cluster.start_discovery()
     step("starting one KubeSpan agent per node")
@@ -93,24 +110,41 @@ def run_demo(cluster: LabCluster, args: argparse.Namespace) -> int:
     step(f"ping {second.host.name} from {first.host.name}: ordinary address and KubeSpan address")
     for target in (str(second.host.address4), identity["address"].split("/")[0]):
         out = first.host.run("ping", "-c", "3", "-i", "0.2", "-W", "2", target, check=False)
-        summary = [line for line in out.stdout.splitlines() if "packet loss" in line or "rtt" in line]
+        summary = [
+            line for line in out.stdout.splitlines() if "packet loss" in line or "rtt" in line
+        ]
         print(f"    {target}: " + (" | ".join(summary) or out.stderr.strip()))
         if out.returncode != 0:
             raise RuntimeError(f"ping {target} failed")
 
-    step(f"iperf3 {first.host.name} -> {second.host.name} for {args.iperf_seconds}s through the tunnel")
+    step(
+        f"iperf3 {first.host.name} -> {second.host.name} for {args.iperf_seconds}s through the tunnel"
+    )
     server = second.host.spawn("iperf3", "-s", "-1", "-B", str(second.host.address4))
     time.sleep(0.5)
-    out = first.host.run("iperf3", "-c", str(second.host.address4), "-t", str(args.iperf_seconds), "-f", "m",
-                         timeout=args.iperf_seconds + 30, check=False)
+    out = first.host.run(
+        "iperf3",
+        "-c",
+        str(second.host.address4),
+        "-t",
+        str(args.iperf_seconds),
+        "-f",
+        "m",
+        timeout=args.iperf_seconds + 30,
+        check=False,
+    )
     server.wait(timeout=10)
     lines = [line for line in out.stdout.splitlines() if "receiver" in line or "sender" in line]
     print("\n".join(f"    {line.strip()}" for line in lines) or out.stderr)
 
-    counters = [(d["spec"]["label"], d["spec"]["receiveBytes"], d["spec"]["transmitBytes"])
-                for d in cluster.get(first, "kubespanpeerstatuses")]
-    print(f"    WireGuard byte counters on {first.host.name}: "
-          + ", ".join(f"{label} rx {rx} tx {tx}" for label, rx, tx in counters))
+    counters = [
+        (d["spec"]["label"], d["spec"]["receiveBytes"], d["spec"]["transmitBytes"])
+        for d in cluster.get(first, "kubespanpeerstatuses")
+    ]
+    print(
+        f"    WireGuard byte counters on {first.host.name}: "
+        + ", ".join(f"{label} rx {rx} tx {tx}" for label, rx, tx in counters)
+    )
     step("the mesh works")
     return 0 if out.returncode == 0 else 1
 

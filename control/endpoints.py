@@ -11,11 +11,12 @@ Order matters everywhere here, because peers try endpoints in the order given:
 4. each IP gets the KubeSpan port (51820, or ours when configured);
 5. ``extraAnnouncedEndpoints`` appended, skipping ones already present.
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Sequence
 from ipaddress import IPv4Address, IPv6Address, ip_address, ip_interface
-from typing import Iterable, Sequence
 
 from control.affiliate import Address, Affiliate, IPAddress, IPNetwork, KubeSpanInfo
 from control.config import KUBESPAN_DEFAULT_PORT, MachineConfig, parse_subnet_or_address
@@ -41,7 +42,9 @@ def is_ula(ip: IPAddress, space: int) -> bool:
     return ip.version == 6 and ip.packed[0] == 0xFD and ip.packed[7] == space
 
 
-def node_addresses(addresses: Iterable[object], exclude_networks: Iterable[IPNetwork] = ()) -> list[IPAddress]:
+def node_addresses(
+    addresses: Iterable[object], exclude_networks: Iterable[IPNetwork] = ()
+) -> list[IPAddress]:
     """Usable node IPs from interface addresses ("1.2.3.4/24", IPv4Interface, ip), in order."""
     excluded = list(exclude_networks)
     out: list[IPAddress] = []
@@ -72,10 +75,15 @@ def filter_ips(ips: Sequence[IPAddress], filters: Sequence[str]) -> list[IPAddre
     return result
 
 
-def announced_endpoints(addresses: Sequence[IPAddress], *, kubespan_address: IPAddress | None,
-                        public_ips: Iterable[IPAddress] = (), filters: Sequence[str] | None = None,
-                        extra_endpoints: Iterable[Address] = (),
-                        port: int = KUBESPAN_DEFAULT_PORT) -> list[Address]:
+def announced_endpoints(
+    addresses: Sequence[IPAddress],
+    *,
+    kubespan_address: IPAddress | None,
+    public_ips: Iterable[IPAddress] = (),
+    filters: Sequence[str] | None = None,
+    extra_endpoints: Iterable[Address] = (),
+    port: int = KUBESPAN_DEFAULT_PORT,
+) -> list[Address]:
     """The endpoints this node offers to peers, in the order peers should try them."""
     ips = [ip for ip in addresses if ip != kubespan_address and not is_ula(ip, ULA_SIDEROLINK)]
     for public in public_ips:
@@ -91,10 +99,17 @@ def announced_endpoints(addresses: Sequence[IPAddress], *, kubespan_address: IPA
     return endpoints
 
 
-def local_affiliate(*, node_id: str, hostname: str, addresses: Sequence[IPAddress],
-                    config: MachineConfig, identity: KubeSpanIdentity | None,
-                    public_ips: Iterable[IPAddress] = (), nodename: str | None = None,
-                    machine_type: str = "worker") -> Affiliate:
+def local_affiliate(
+    *,
+    node_id: str,
+    hostname: str,
+    addresses: Sequence[IPAddress],
+    config: MachineConfig,
+    identity: KubeSpanIdentity | None,
+    public_ips: Iterable[IPAddress] = (),
+    nodename: str | None = None,
+    machine_type: str = "worker",
+) -> Affiliate:
     """What this node publishes to discovery (Talos's LocalAffiliateController)."""
     kubespan = None
     ks = config.kubespan
@@ -102,20 +117,35 @@ def local_affiliate(*, node_id: str, hostname: str, addresses: Sequence[IPAddres
         kubespan = KubeSpanInfo(
             public_key=identity.public_key_b64,
             address=identity.address.ip,
-            additional_addresses=tuple(config.local.pod_cidrs) if ks.advertise_kubernetes_networks else (),
-            endpoints=tuple(announced_endpoints(
-                addresses, kubespan_address=identity.address.ip, public_ips=public_ips,
-                filters=ks.endpoint_filters, extra_endpoints=ks.extra_announced_endpoints,
-                port=config.local.listen_port)),
+            additional_addresses=tuple(config.local.pod_cidrs)
+            if ks.advertise_kubernetes_networks
+            else (),
+            endpoints=tuple(
+                announced_endpoints(
+                    addresses,
+                    kubespan_address=identity.address.ip,
+                    public_ips=public_ips,
+                    filters=ks.endpoint_filters,
+                    extra_endpoints=ks.extra_announced_endpoints,
+                    port=config.local.listen_port,
+                )
+            ),
             exclude_advertised_networks=tuple(ks.exclude_advertised_networks),
         )
-    return Affiliate(node_id=node_id, hostname=hostname, nodename=nodename or hostname,
-                     machine_type=machine_type, operating_system=OPERATING_SYSTEM,
-                     addresses=tuple(ip for ip in addresses if not is_ula(ip, ULA_SIDEROLINK)),
-                     kubespan=kubespan)
+    return Affiliate(
+        node_id=node_id,
+        hostname=hostname,
+        nodename=nodename or hostname,
+        machine_type=machine_type,
+        operating_system=OPERATING_SYSTEM,
+        addresses=tuple(ip for ip in addresses if not is_ula(ip, ULA_SIDEROLINK)),
+        kubespan=kubespan,
+    )
 
 
-def system_addresses(netns: str | None = None, exclude_links: Iterable[str] = ()) -> list[IPAddress]:
+def system_addresses(
+    netns: str | None = None, exclude_links: Iterable[str] = ()
+) -> list[IPAddress]:
     """Current node addresses read from the kernel (links up, scope below link) in link order."""
     from pyroute2 import IPRoute, NetNS  # imported here: only callers with a kernel need it
 

@@ -5,78 +5,126 @@ with a random cluster id and secret (32 bytes each, base64), KubeSpan and discov
 enabled, plus our KubeSpanPyConfig document. Every node of the cluster uses the same
 file (the id and secret are what make them one cluster).
 """
+
 from __future__ import annotations
 
 import argparse
 import base64
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import yaml
 
-from control.config import (DEFAULT_DISCOVERY_SERVICE_ENDPOINT, DEFAULT_STATE_DIR, KUBESPAN_DEFAULT_PORT,
-                            KUBESPAN_LINK_MTU, PY_KIND, WIREGUARD_MODES, ConfigError, load_config)
+from control.config import (
+    DEFAULT_DISCOVERY_SERVICE_ENDPOINT,
+    DEFAULT_STATE_DIR,
+    KUBESPAN_DEFAULT_PORT,
+    KUBESPAN_LINK_MTU,
+    PY_KIND,
+    WIREGUARD_MODES,
+    ConfigError,
+    load_config,
+)
 
 CLUSTER_ID_SIZE = 32
 CLUSTER_SECRET_SIZE = 32
 
 
-def generate_config(*, discovery_endpoint: str = DEFAULT_DISCOVERY_SERVICE_ENDPOINT,
-                    listen_port: int = KUBESPAN_DEFAULT_PORT, wireguard_mode: str = "auto",
-                    pod_cidrs: Sequence[str] = (), state_dir: str = DEFAULT_STATE_DIR,
-                    mtu: int = KUBESPAN_LINK_MTU, advertise_kubernetes_networks: bool = False,
-                    extra_endpoints: Sequence[str] = ()) -> str:
+def generate_config(
+    *,
+    discovery_endpoint: str = DEFAULT_DISCOVERY_SERVICE_ENDPOINT,
+    listen_port: int = KUBESPAN_DEFAULT_PORT,
+    wireguard_mode: str = "auto",
+    pod_cidrs: Sequence[str] = (),
+    state_dir: str = DEFAULT_STATE_DIR,
+    mtu: int = KUBESPAN_LINK_MTU,
+    advertise_kubernetes_networks: bool = False,
+    extra_endpoints: Sequence[str] = (),
+) -> str:
     """YAML text of a fresh, valid config (validated before it is returned)."""
     v1alpha1 = {
         "version": "v1alpha1",
-        "machine": {"network": {"kubespan": {
-            "enabled": True,
-            "advertiseKubernetesNetworks": advertise_kubernetes_networks,
-            "allowDownPeerBypass": False,
-            "harvestExtraEndpoints": False,
-            "mtu": mtu,
-        }}},
+        "machine": {
+            "network": {
+                "kubespan": {
+                    "enabled": True,
+                    "advertiseKubernetesNetworks": advertise_kubernetes_networks,
+                    "allowDownPeerBypass": False,
+                    "harvestExtraEndpoints": False,
+                    "mtu": mtu,
+                }
+            }
+        },
         "cluster": {
             "id": base64.urlsafe_b64encode(os.urandom(CLUSTER_ID_SIZE)).decode(),
             "secret": base64.b64encode(os.urandom(CLUSTER_SECRET_SIZE)).decode(),
-            "discovery": {"enabled": True, "registries": {
-                "kubernetes": {"disabled": True},
-                "service": {"endpoint": discovery_endpoint},
-            }},
+            "discovery": {
+                "enabled": True,
+                "registries": {
+                    "kubernetes": {"disabled": True},
+                    "service": {"endpoint": discovery_endpoint},
+                },
+            },
         },
     }
-    ours = {"apiVersion": "v1alpha1", "kind": PY_KIND, "listenPort": listen_port,
-            "wireguardMode": wireguard_mode, "podCIDRs": list(pod_cidrs), "stateDir": state_dir}
+    ours = {
+        "apiVersion": "v1alpha1",
+        "kind": PY_KIND,
+        "listenPort": listen_port,
+        "wireguardMode": wireguard_mode,
+        "podCIDRs": list(pod_cidrs),
+        "stateDir": state_dir,
+    }
     docs = [v1alpha1, ours]
     if extra_endpoints:
-        docs.append({"apiVersion": "v1alpha1", "kind": "KubeSpanEndpointsConfig",
-                     "extraAnnouncedEndpoints": list(extra_endpoints)})
+        docs.append(
+            {
+                "apiVersion": "v1alpha1",
+                "kind": "KubeSpanEndpointsConfig",
+                "extraAnnouncedEndpoints": list(extra_endpoints),
+            }
+        )
     text = "---\n".join(yaml.safe_dump(d, sort_keys=False) for d in docs)
     load_config(text)  # never hand out a config we would refuse
     return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kubespan gen config",
-                                     description="Generate a new cluster's KubeSpan machine config.")
-    parser.add_argument("-o", "--output", default="-", help="file to write (default: stdout); never overwritten")
-    parser.add_argument("--discovery-endpoint", default=DEFAULT_DISCOVERY_SERVICE_ENDPOINT,
-                        help="discovery service URL (http:// = plaintext)")
+    parser = argparse.ArgumentParser(
+        prog="kubespan gen config", description="Generate a new cluster's KubeSpan machine config."
+    )
+    parser.add_argument(
+        "-o", "--output", default="-", help="file to write (default: stdout); never overwritten"
+    )
+    parser.add_argument(
+        "--discovery-endpoint",
+        default=DEFAULT_DISCOVERY_SERVICE_ENDPOINT,
+        help="discovery service URL (http:// = plaintext)",
+    )
     parser.add_argument("--listen-port", type=int, default=KUBESPAN_DEFAULT_PORT)
     parser.add_argument("--wireguard-mode", choices=WIREGUARD_MODES, default="auto")
-    parser.add_argument("--pod-cidr", action="append", default=[], help="network to advertise (repeatable)")
+    parser.add_argument(
+        "--pod-cidr", action="append", default=[], help="network to advertise (repeatable)"
+    )
     parser.add_argument("--advertise-kubernetes-networks", action="store_true")
     parser.add_argument("--state-dir", default=DEFAULT_STATE_DIR)
     parser.add_argument("--mtu", type=int, default=KUBESPAN_LINK_MTU)
-    parser.add_argument("--extra-endpoint", action="append", default=[], help="ip:port to announce (repeatable)")
+    parser.add_argument(
+        "--extra-endpoint", action="append", default=[], help="ip:port to announce (repeatable)"
+    )
     args = parser.parse_args(argv)
     try:
-        text = generate_config(discovery_endpoint=args.discovery_endpoint, listen_port=args.listen_port,
-                               wireguard_mode=args.wireguard_mode, pod_cidrs=args.pod_cidr,
-                               state_dir=args.state_dir, mtu=args.mtu,
-                               advertise_kubernetes_networks=args.advertise_kubernetes_networks,
-                               extra_endpoints=args.extra_endpoint)
+        text = generate_config(
+            discovery_endpoint=args.discovery_endpoint,
+            listen_port=args.listen_port,
+            wireguard_mode=args.wireguard_mode,
+            pod_cidrs=args.pod_cidr,
+            state_dir=args.state_dir,
+            mtu=args.mtu,
+            advertise_kubernetes_networks=args.advertise_kubernetes_networks,
+            extra_endpoints=args.extra_endpoint,
+        )
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

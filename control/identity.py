@@ -12,16 +12,18 @@ then hard-linked to the final name. link(2) fails if the name exists, so a secon
 process never clobbers the first one's file; the loser reads the winner's file.
 A file that exists but can't be read or parsed is an IdentityError naming it.
 """
+
 from __future__ import annotations
 
 import hashlib
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv6Address, IPv6Interface, IPv6Network
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -41,6 +43,7 @@ class IdentityError(Exception):
 
 
 # --- address derivation -----------------------------------------------------------------
+
 
 def ula_prefix(cluster_id: str, space: int = ULA_KUBESPAN) -> IPv6Network:
     """Talos's ULA /64: bytes 16..31 of sha256(cluster id), byte 0 = 0xfd, byte 7 = space."""
@@ -69,6 +72,7 @@ def eui64_address(subnet: IPv6Network, mac: str | bytes) -> IPv6Address:
 
 # --- first MAC ------------------------------------------------------------------------------
 
+
 def _read(path: Path) -> str:
     try:
         return path.read_text().strip()
@@ -76,9 +80,12 @@ def _read(path: Path) -> str:
         return ""
 
 
-def first_physical_mac(sys_class_net: str | Path = "/sys/class/net", *,
-                       exclude: tuple[str, ...] = ("kubespan",),
-                       allow_virtual: bool = False) -> str | None:
+def first_physical_mac(
+    sys_class_net: str | Path = "/sys/class/net",
+    *,
+    exclude: tuple[str, ...] = ("kubespan",),
+    allow_virtual: bool = False,
+) -> str | None:
     """The MAC of the first physical Ethernet link by name, as Talos's "first MAC".
 
     Physical = backed by a device (``device`` entry) and of type Ethernet (1). With
@@ -106,6 +113,7 @@ def first_physical_mac(sys_class_net: str | Path = "/sys/class/net", *,
 
 
 # --- atomic create-once files ---------------------------------------------------------------
+
 
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
@@ -153,8 +161,9 @@ def _load_yaml_mapping(path: Path) -> dict:
     return data
 
 
-def _load_or_create(path: Path, generate: Callable[[], dict],
-                    parse: Callable[[Path, dict], Any]) -> Any:
+def _load_or_create(
+    path: Path, generate: Callable[[], dict], parse: Callable[[Path, dict], Any]
+) -> Any:
     if not path.exists():
         content = yaml.safe_dump(generate(), sort_keys=False).encode()
         create_exclusive(path, content)  # if we lost the race, the winner's file is read below
@@ -162,6 +171,7 @@ def _load_or_create(path: Path, generate: Callable[[], dict],
 
 
 # --- KubeSpan identity ----------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class KubeSpanIdentity:
@@ -183,7 +193,9 @@ class KubeSpanIdentity:
         return IPv6Interface((self.address.ip, self.subnet.prefixlen))
 
 
-def _parse_kubespan_identity(path: Path, data: dict, cluster_id: str, mac: str | bytes) -> KubeSpanIdentity:
+def _parse_kubespan_identity(
+    path: Path, data: dict, cluster_id: str, mac: str | bytes
+) -> KubeSpanIdentity:
     try:
         private = keys.decode_key(data.get("privateKey"))
         public = keys.decode_key(data.get("publicKey"))
@@ -192,11 +204,14 @@ def _parse_kubespan_identity(path: Path, data: dict, cluster_id: str, mac: str |
     if keys.public_key(private) != public:
         raise IdentityError(f"{path}: publicKey does not match privateKey")
     subnet = ula_prefix(cluster_id)
-    return KubeSpanIdentity(IPv6Interface((eui64_address(subnet, mac), 128)), subnet, private, public)
+    return KubeSpanIdentity(
+        IPv6Interface((eui64_address(subnet, mac), 128)), subnet, private, public
+    )
 
 
-def load_or_create_kubespan_identity(state_dir: str | Path, cluster_id: str,
-                                     mac: str | bytes) -> KubeSpanIdentity:
+def load_or_create_kubespan_identity(
+    state_dir: str | Path, cluster_id: str, mac: str | bytes
+) -> KubeSpanIdentity:
     """The node's KubeSpan identity; the keypair is created on first use only."""
     if not cluster_id:
         raise ValueError("cluster id is required for the KubeSpan address")
@@ -206,14 +221,20 @@ def load_or_create_kubespan_identity(state_dir: str | Path, cluster_id: str,
     def generate() -> dict:
         private = keys.generate_private_key()
         subnet = ula_prefix(cluster_id)
-        return {"address": f"{eui64_address(subnet, mac)}/128", "subnet": str(subnet),
-                "privateKey": keys.encode_key(private),
-                "publicKey": keys.encode_key(keys.public_key(private))}
+        return {
+            "address": f"{eui64_address(subnet, mac)}/128",
+            "subnet": str(subnet),
+            "privateKey": keys.encode_key(private),
+            "publicKey": keys.encode_key(keys.public_key(private)),
+        }
 
-    return _load_or_create(path, generate, lambda p, d: _parse_kubespan_identity(p, d, cluster_id, mac))
+    return _load_or_create(
+        path, generate, lambda p, d: _parse_kubespan_identity(p, d, cluster_id, mac)
+    )
 
 
 # --- node id ------------------------------------------------------------------------------
+
 
 def generate_node_id() -> str:
     return base62.encode(os.urandom(NODE_ID_SIZE))

@@ -1,4 +1,5 @@
 """WireGuard keys: generation, derivation and the base64 text form used in config files."""
+
 from __future__ import annotations
 
 import base64
@@ -28,8 +29,11 @@ def generate_private_key() -> bytes:
 
 
 def public_key(private: bytes) -> bytes:
-    return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes(
-        Encoding.Raw, PublicFormat.Raw)
+    return (
+        X25519PrivateKey.from_private_bytes(private)
+        .public_key()
+        .public_bytes(Encoding.Raw, PublicFormat.Raw)
+    )
 
 
 def encode_key(key: bytes) -> str:

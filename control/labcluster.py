@@ -4,6 +4,7 @@ Used by the demo and the end-to-end tests. The discovery service runs in the bri
 namespace on 192.0.2.250:3000 (plain h2c), so every node reaches it over the underlay
 and nothing leaves the lab.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,10 +12,10 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import yaml
 
@@ -57,9 +58,15 @@ class LabCluster:
     discovery: subprocess.Popen | None = None
 
     @classmethod
-    def create(cls, lab: Lab, workdir: Path, reconcile_interval: float = 5.0,
-               default_mode: str = "userspace") -> "LabCluster":
+    def create(
+        cls,
+        lab: Lab,
+        workdir: Path,
+        reconcile_interval: float = 5.0,
+        default_mode: str = "userspace",
+    ) -> LabCluster:
         import base64
+
         cluster_id = base64.urlsafe_b64encode(os.urandom(32)).decode()
         secret = base64.b64encode(os.urandom(32)).decode()
         lab._ns_run(lab.bridge_ns, "ip", "addr", "add", f"{DISCOVERY_ADDRESS}/24", "dev", "br0")
@@ -70,21 +77,47 @@ class LabCluster:
     def start_discovery(self, timeout: float = 90.0) -> None:
         """Start the service and wait until it accepts connections (slow in an emulated VM)."""
         log = self.workdir / "discovery.log"
-        argv = ["ip", "netns", "exec", self.lab.bridge_ns, sys.executable, "-m", "control.discovery",
-                "--listen", f"{DISCOVERY_ADDRESS}:{DISCOVERY_PORT}",
-                "--snapshot-path", str(self.workdir / "discovery.snapshot")]
+        argv = [
+            "ip",
+            "netns",
+            "exec",
+            self.lab.bridge_ns,
+            sys.executable,
+            "-m",
+            "control.discovery",
+            "--listen",
+            f"{DISCOVERY_ADDRESS}:{DISCOVERY_PORT}",
+            "--snapshot-path",
+            str(self.workdir / "discovery.snapshot"),
+        ]
         with open(log, "ab") as out:
-            self.discovery = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self.discovery = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            probe = run(["ip", "netns", "exec", self.lab.bridge_ns, "nc", "-z", "-w1", DISCOVERY_ADDRESS,
-                         str(DISCOVERY_PORT)], check=False)
+            probe = run(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    self.lab.bridge_ns,
+                    "nc",
+                    "-z",
+                    "-w1",
+                    DISCOVERY_ADDRESS,
+                    str(DISCOVERY_PORT),
+                ],
+                check=False,
+            )
             if probe.returncode == 0:
                 return
             if self.discovery.poll() is not None:
                 break
             time.sleep(0.2)
-        raise RuntimeError(f"discovery service did not start; see {log}:\n{log.read_text()[-2000:]}")
+        raise RuntimeError(
+            f"discovery service did not start; see {log}:\n{log.read_text()[-2000:]}"
+        )
 
     def stop_discovery(self) -> None:
         if self.discovery is not None:
@@ -99,36 +132,77 @@ class LabCluster:
         node_dir = self.workdir / host.name
         node_dir.mkdir(parents=True, exist_ok=True)
         link = f"ksp{self.lab.tag[2:]}{host.index}"[:15]
-        node = Node(host, link, node_dir / "state", node_dir / "machine.yaml", node_dir / "agent.log", options)
+        node = Node(
+            host,
+            link,
+            node_dir / "state",
+            node_dir / "machine.yaml",
+            node_dir / "agent.log",
+            options,
+        )
         self.write_config(node)
         self.nodes.append(node)
         return node
 
     def write_config(self, node: Node, enabled: bool = True) -> None:
         o = node.options
-        kubespan: dict = {"enabled": enabled, "allowDownPeerBypass": o.allow_down_peer_bypass,
-                          "harvestExtraEndpoints": o.harvest_extra_endpoints}
+        kubespan: dict = {
+            "enabled": enabled,
+            "allowDownPeerBypass": o.allow_down_peer_bypass,
+            "harvestExtraEndpoints": o.harvest_extra_endpoints,
+        }
         if o.endpoint_filters is not None:
             kubespan["filters"] = {"endpoints": list(o.endpoint_filters)}
         docs = [
-            {"version": "v1alpha1",
-             "machine": {"network": {"kubespan": kubespan}},
-             "cluster": {"id": self.cluster_id, "secret": self.cluster_secret,
-                         "discovery": {"enabled": True, "registries": {
-                             "kubernetes": {"disabled": True},
-                             "service": {"endpoint": f"http://{DISCOVERY_ADDRESS}:{DISCOVERY_PORT}"}}}}},
-            {"apiVersion": "v1alpha1", "kind": "KubeSpanPyConfig", "listenPort": o.listen_port,
-             "wireguardMode": o.mode or self.default_mode, "stateDir": str(node.state_dir), "linkName": node.link},
+            {
+                "version": "v1alpha1",
+                "machine": {"network": {"kubespan": kubespan}},
+                "cluster": {
+                    "id": self.cluster_id,
+                    "secret": self.cluster_secret,
+                    "discovery": {
+                        "enabled": True,
+                        "registries": {
+                            "kubernetes": {"disabled": True},
+                            "service": {"endpoint": f"http://{DISCOVERY_ADDRESS}:{DISCOVERY_PORT}"},
+                        },
+                    },
+                },
+            },
+            {
+                "apiVersion": "v1alpha1",
+                "kind": "KubeSpanPyConfig",
+                "listenPort": o.listen_port,
+                "wireguardMode": o.mode or self.default_mode,
+                "stateDir": str(node.state_dir),
+                "linkName": node.link,
+            },
         ]
         if o.extra_endpoints:
-            docs.append({"apiVersion": "v1alpha1", "kind": "KubeSpanEndpointsConfig",
-                         "extraAnnouncedEndpoints": list(o.extra_endpoints)})
+            docs.append(
+                {
+                    "apiVersion": "v1alpha1",
+                    "kind": "KubeSpanEndpointsConfig",
+                    "extraAnnouncedEndpoints": list(o.extra_endpoints),
+                }
+            )
         node.config_path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
         node.config_path.chmod(0o600)
 
     def start_agent(self, node: Node, *extra_args: str) -> None:
-        argv = [sys.executable, "-m", "control.cli", "agent", "-c", str(node.config_path),
-                "--hostname", node.host.name, "--reconcile-interval", str(self.reconcile_interval), *extra_args]
+        argv = [
+            sys.executable,
+            "-m",
+            "control.cli",
+            "agent",
+            "-c",
+            str(node.config_path),
+            "--hostname",
+            node.host.name,
+            "--reconcile-interval",
+            str(self.reconcile_interval),
+            *extra_args,
+        ]
         node.agent = node.host.spawn(*argv, log_path=str(node.log_path))
 
     def stop_agent(self, node: Node, kill: bool = False) -> None:
@@ -155,23 +229,41 @@ class LabCluster:
 
     def get(self, node: Node, rtype: str) -> list[dict]:
         """`kubespan get RTYPE -o json` run inside the node; the documents it prints."""
-        proc = node.host.run(sys.executable, "-m", "control.cli", "get", rtype, "-o", "json",
-                             "--link", node.link, check=False)
+        proc = node.host.run(
+            sys.executable,
+            "-m",
+            "control.cli",
+            "get",
+            rtype,
+            "-o",
+            "json",
+            "--link",
+            node.link,
+            check=False,
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"kubespan get {rtype} on {node.host.name}: {proc.stderr.strip()}")
         return _json_stream(proc.stdout)
 
     def get_table(self, node: Node, rtype: str) -> str:
-        return node.host.run(sys.executable, "-m", "control.cli", "get", rtype, "--link", node.link).stdout
+        return node.host.run(
+            sys.executable, "-m", "control.cli", "get", rtype, "--link", node.link
+        ).stdout
 
     def peers_up(self, node: Node) -> int:
         try:
-            return sum(1 for doc in self.get(node, "kubespanpeerstatuses") if doc["spec"]["state"] == "up")
+            return sum(
+                1 for doc in self.get(node, "kubespanpeerstatuses") if doc["spec"]["state"] == "up"
+            )
         except RuntimeError:
             return 0
 
-    def wait_full_mesh(self, timeout: float = 120.0, progress: Callable[[int, int], None] | None = None,
-                       nodes: list[Node] | None = None) -> None:
+    def wait_full_mesh(
+        self,
+        timeout: float = 120.0,
+        progress: Callable[[int, int], None] | None = None,
+        nodes: list[Node] | None = None,
+    ) -> None:
         nodes = nodes if nodes is not None else [n for n in self.nodes if n.agent is not None]
         want = len(nodes) * (len(nodes) - 1)
         deadline = time.monotonic() + timeout
@@ -185,11 +277,15 @@ class LabCluster:
                 return
             for n in nodes:
                 if n.agent is not None and n.agent.poll() is not None:
-                    raise RuntimeError(f"agent on {n.host.name} exited ({n.agent.returncode}):\n"
-                                       + self.agent_log(n)[-3000:])
+                    raise RuntimeError(
+                        f"agent on {n.host.name} exited ({n.agent.returncode}):\n"
+                        + self.agent_log(n)[-3000:]
+                    )
             if time.monotonic() > deadline:
                 logs = "\n".join(f"--- {n.host.name}\n{self.agent_log(n)[-2000:]}" for n in nodes)
-                raise TimeoutError(f"full mesh not reached in {timeout:.0f}s ({up}/{want} peer links up)\n{logs}")
+                raise TimeoutError(
+                    f"full mesh not reached in {timeout:.0f}s ({up}/{want} peer links up)\n{logs}"
+                )
             time.sleep(1)
 
     def close(self) -> None:
@@ -199,8 +295,9 @@ class LabCluster:
 
 
 @contextmanager
-def running_cluster(workdir: Path, prefix: str, reconcile_interval: float = 5.0,
-                    default_mode: str = "userspace") -> Iterator[LabCluster]:
+def running_cluster(
+    workdir: Path, prefix: str, reconcile_interval: float = 5.0, default_mode: str = "userspace"
+) -> Iterator[LabCluster]:
     """A lab with the discovery service running; agents, service and namespaces go on exit."""
     with Lab(prefix) as lab:
         cluster = LabCluster.create(lab, workdir, reconcile_interval, default_mode)

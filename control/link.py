@@ -1,4 +1,5 @@
 """The KubeSpan link's own address: the node's ULA address with its /64."""
+
 from __future__ import annotations
 
 from ipaddress import IPv6Interface
@@ -32,7 +33,12 @@ def set_link_address(link: str, address: IPv6Interface) -> None:
                 ipr.addr("del", index=index, address=ip, prefixlen=prefixlen)
         if not present:
             try:
-                ipr.addr("add", index=index, address=str(address.ip), prefixlen=address.network.prefixlen,
-                         flags=IFA_F_NODAD)
+                ipr.addr(
+                    "add",
+                    index=index,
+                    address=str(address.ip),
+                    prefixlen=address.network.prefixlen,
+                    flags=IFA_F_NODAD,
+                )
             except NetlinkError as exc:
                 raise LinkError(f"cannot add {address} to {link}: {exc}") from None

@@ -2,6 +2,7 @@
 
 Gauges are set by the agent after each reconcile; the HTTP server only serialises them.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -80,9 +81,11 @@ class MetricsServer:
             else:
                 body = b"not found\n"
                 head = "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\n"
-            writer.write(f"{head}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+            writer.write(
+                f"{head}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body
+            )
             await writer.drain()
-        except (asyncio.TimeoutError, ConnectionError):
+        except (TimeoutError, ConnectionError):
             pass
         finally:
             writer.close()

@@ -5,6 +5,7 @@ touches the root namespace's links and no host has a route to the outside. Under
 addresses come from the documentation ranges (192.0.2.0/24, 2001:db8::/64), which are
 never routed anywhere real.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,9 +13,9 @@ import secrets
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
-from typing import Callable
 
 UNDERLAY_V4 = "192.0.2.{}"
 UNDERLAY_V6 = "2001:db8::{:x}"
@@ -47,14 +48,19 @@ class Host:
     def cmd(self, *argv: str) -> list[str]:
         return ["ip", "netns", "exec", self.netns, *argv]
 
-    def run(self, *argv: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
+    def run(
+        self, *argv: str, check: bool = True, timeout: float = 30
+    ) -> subprocess.CompletedProcess:
         return run(self.cmd(*argv), check=check, timeout=timeout)
 
-    def spawn(self, *argv: str, log_path: str | None = None, env: dict | None = None) -> subprocess.Popen:
+    def spawn(
+        self, *argv: str, log_path: str | None = None, env: dict | None = None
+    ) -> subprocess.Popen:
         """Start a long-running process inside the host; the lab stops it on close."""
         out = open(log_path, "ab") if log_path else subprocess.DEVNULL
-        proc = subprocess.Popen(self.cmd(*argv), stdout=out, stderr=subprocess.STDOUT,
-                                env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            self.cmd(*argv), stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         self.processes.append(proc)
         return proc
 
@@ -72,7 +78,7 @@ class Lab:
         self._ns_run(self.bridge_ns, "ip", "link", "add", "br0", "type", "bridge")
         self._ns_run(self.bridge_ns, "ip", "link", "set", "br0", "up")
 
-    def __enter__(self) -> "Lab":
+    def __enter__(self) -> Lab:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -82,7 +88,9 @@ class Lab:
     def _ns_run(netns: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
         return run(["ip", "netns", "exec", netns, *argv], check=check)
 
-    def add_host(self, name: str | None = None, pre_uplink: Callable[[Host], None] | None = None) -> Host:
+    def add_host(
+        self, name: str | None = None, pre_uplink: Callable[[Host], None] | None = None
+    ) -> Host:
         """A new namespace joined to the bridge as `eth0`.
 
         `pre_uplink` runs before eth0 exists, to create links that must come first in
@@ -91,15 +99,35 @@ class Lab:
         index = len(self.hosts) + 1
         name = name or f"node{index}"
         netns = f"{self.tag}-{name}"
-        host = Host(name, netns, index, IPv4Address(UNDERLAY_V4.format(index)),
-                    IPv6Address(UNDERLAY_V6.format(index)))
+        host = Host(
+            name,
+            netns,
+            index,
+            IPv4Address(UNDERLAY_V4.format(index)),
+            IPv6Address(UNDERLAY_V6.format(index)),
+        )
         run(["ip", "netns", "add", netns])
         self.hosts.append(host)
         if pre_uplink is not None:
             pre_uplink(host)
         outer = f"v{self.tag[-6:]}{index}"
-        run(["ip", "link", "add", outer, "netns", self.bridge_ns, "type", "veth",
-             "peer", "name", "eth0", "netns", netns])
+        run(
+            [
+                "ip",
+                "link",
+                "add",
+                outer,
+                "netns",
+                self.bridge_ns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                netns,
+            ]
+        )
         self._ns_run(self.bridge_ns, "ip", "link", "set", outer, "master", "br0", "up")
         host.run("ip", "link", "set", "lo", "up")
         host.run("ip", "link", "set", "eth0", "up")

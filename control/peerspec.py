@@ -9,12 +9,13 @@ Affiliates are taken in ID order; whatever overlaps an earlier peer's allowed se
 removed from the later one (first come, first served) with a warning, because
 WireGuard routes each IP to a single peer.
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address, summarize_address_range
-from typing import Iterable
 
 from control.affiliate import Address, Affiliate, IPAddress, IPNetwork
 
@@ -131,20 +132,38 @@ def build_peer_specs(affiliates: Iterable[Affiliate], local_node_id: str) -> lis
             continue
         label = affiliate.nodename or affiliate.hostname
         if ks.public_key in taken:
-            log.warning("duplicate peer public key, ignoring affiliate %s (label %s, key %s)",
-                        affiliate.node_id, label, ks.public_key)
+            log.warning(
+                "duplicate peer public key, ignoring affiliate %s (label %s, key %s)",
+                affiliate.node_id,
+                label,
+                ks.public_key,
+            )
             continue
         ipset = _allowed_set(affiliate)
         for other_key, other in taken.items():
             if other.overlaps(ipset):
-                log.warning("peer address overlap: this_peer=%s other_peer=%s this_ips=%s other_ips=%s",
-                            ks.public_key, other_key, ipset.ranges(), other.ranges())
+                log.warning(
+                    "peer address overlap: this_peer=%s other_peer=%s this_ips=%s other_ips=%s",
+                    ks.public_key,
+                    other_key,
+                    ipset.ranges(),
+                    other.ranges(),
+                )
                 ipset.remove_set(other)
                 if ipset.is_empty():
-                    log.warning("conflict resolution removed all ranges: this_peer=%s other_peer=%s",
-                                ks.public_key, other_key)
+                    log.warning(
+                        "conflict resolution removed all ranges: this_peer=%s other_peer=%s",
+                        ks.public_key,
+                        other_key,
+                    )
         taken[ks.public_key] = ipset
-        specs.append(PeerSpec(public_key=ks.public_key, address=ip_address(ks.address),
-                              allowed_ips=tuple(ipset.prefixes()), endpoints=tuple(ks.endpoints),
-                              label=label))
+        specs.append(
+            PeerSpec(
+                public_key=ks.public_key,
+                address=ip_address(ks.address),
+                allowed_ips=tuple(ipset.prefixes()),
+                endpoints=tuple(ks.endpoints),
+                label=label,
+            )
+        )
     return specs

@@ -21,11 +21,12 @@ next candidate endpoint, round robin.
 Everything here is pure: `now` is passed in, as wall-clock seconds on the same clock
 as WireGuard's last-handshake time (`PeerState.last_handshake`). None means "never".
 """
+
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
 
 from control.backends.base import Address, PeerState
 
@@ -133,7 +134,9 @@ class PeerStatus:
         self.last_endpoint_change = now
         self.state = PeerStateName.UNKNOWN
 
-    def reconcile_endpoint(self, candidates: Sequence[Address], now: float) -> tuple[Address | None, bool]:
+    def reconcile_endpoint(
+        self, candidates: Sequence[Address], now: float
+    ) -> tuple[Address | None, bool]:
         """One reconcile step for the endpoint, after `calculate_state(now)`.
 
         Returns (endpoint to configure in WireGuard or None to leave WireGuard's own,
@@ -179,7 +182,11 @@ def harvest_endpoints(
     return out
 
 
-def sync_statuses(statuses: dict[str, PeerStatus], spec_keys: Iterable[str], labels: Mapping[str, str] | None = None) -> None:
+def sync_statuses(
+    statuses: dict[str, PeerStatus],
+    spec_keys: Iterable[str],
+    labels: Mapping[str, str] | None = None,
+) -> None:
     """Drop statuses of peers no longer specified; create missing ones (in place)."""
     wanted = set(spec_keys)
     for key in list(statuses):

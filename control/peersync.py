@@ -1,4 +1,5 @@
 """Per-peer status kept across reconciles: WireGuard's view, state, endpoint choice."""
+
 from __future__ import annotations
 
 from control import records
@@ -21,7 +22,9 @@ class PeerTracker:
         status.calculate_state(now)
         endpoint, changed = status.reconcile_endpoint(list(spec.endpoints), now)
         if changed:
-            self.endpoint_changes[spec.public_key] = self.endpoint_changes.get(spec.public_key, 0) + 1
+            self.endpoint_changes[spec.public_key] = (
+                self.endpoint_changes.get(spec.public_key, 0) + 1
+            )
         return endpoint
 
     def forget_except(self, keys: set[str]) -> None:
@@ -38,12 +41,26 @@ class PeerTracker:
 
     def harvest(self, affiliates: dict[str, Affiliate]) -> dict[str, tuple[str, Address]]:
         """public key -> (affiliate id, endpoint) for every peer up with a known endpoint."""
-        by_key = {a.kubespan.public_key: a.node_id for a in affiliates.values() if a.kubespan is not None}
-        return {key: (h.affiliate_id, h.endpoint)
-                for key, h in harvest_endpoints(self._statuses, by_key).items()}
+        by_key = {
+            a.kubespan.public_key: a.node_id for a in affiliates.values() if a.kubespan is not None
+        }
+        return {
+            key: (h.affiliate_id, h.endpoint)
+            for key, h in harvest_endpoints(self._statuses, by_key).items()
+        }
 
     def status_records(self) -> list[records.Record]:
-        return [records.peer_status_record(
-            key, label=s.label, state=s.state.value, endpoint=s.endpoint, rx_bytes=s.rx_bytes,
-            tx_bytes=s.tx_bytes, last_handshake=s.last_handshake, last_used_endpoint=s.last_used_endpoint,
-            last_endpoint_change=s.last_endpoint_change) for key, s in self.rows()]
+        return [
+            records.peer_status_record(
+                key,
+                label=s.label,
+                state=s.state.value,
+                endpoint=s.endpoint,
+                rx_bytes=s.rx_bytes,
+                tx_bytes=s.tx_bytes,
+                last_handshake=s.last_handshake,
+                last_used_endpoint=s.last_used_endpoint,
+                last_endpoint_change=s.last_endpoint_change,
+            )
+            for key, s in self.rows()
+        ]

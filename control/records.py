@@ -5,12 +5,14 @@ spec changes) and a spec whose keys are spelled as Talos's YAML tags. The table 
 has Talos's columns: NODE NAMESPACE TYPE ID VERSION, then the resource's own print
 columns (values of lists rendered as JSON, as talosctl's jsonpath does).
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
 
 import yaml
 
@@ -30,26 +32,47 @@ class Kind:
     aliases: tuple[str, ...]  # names accepted by `get`
 
 
-IDENTITY = Kind("KubeSpanIdentities.kubespan.talos.dev", "KubeSpanIdentity",
-                (("ADDRESS", "address"), ("PUBLICKEY", "publicKey")),
-                ("kubespanidentities", "kubespanidentity"))
-PEER_SPEC = Kind("KubeSpanPeerSpecs.kubespan.talos.dev", "KubeSpanPeerSpec",
-                 (("LABEL", "label"), ("ENDPOINTS", "endpoints")),
-                 ("kubespanpeerspecs", "kubespanpeerspec"))
-PEER_STATUS = Kind("KubeSpanPeerStatuses.kubespan.talos.dev", "KubeSpanPeerStatus",
-                   (("LABEL", "label"), ("ENDPOINT", "endpoint"), ("STATE", "state"),
-                    ("RX", "receiveBytes"), ("TX", "transmitBytes")),
-                   ("kubespanpeerstatuses", "kubespanpeerstatus"))
-ENDPOINT = Kind("KubeSpanEndpoints.kubespan.talos.dev", "KubeSpanEndpoint",
-                (("ENDPOINT", "endpoint"), ("AFFILIATE ID", "affiliateID")),
-                ("kubespanendpoints", "kubespanendpoint"))
+IDENTITY = Kind(
+    "KubeSpanIdentities.kubespan.talos.dev",
+    "KubeSpanIdentity",
+    (("ADDRESS", "address"), ("PUBLICKEY", "publicKey")),
+    ("kubespanidentities", "kubespanidentity"),
+)
+PEER_SPEC = Kind(
+    "KubeSpanPeerSpecs.kubespan.talos.dev",
+    "KubeSpanPeerSpec",
+    (("LABEL", "label"), ("ENDPOINTS", "endpoints")),
+    ("kubespanpeerspecs", "kubespanpeerspec"),
+)
+PEER_STATUS = Kind(
+    "KubeSpanPeerStatuses.kubespan.talos.dev",
+    "KubeSpanPeerStatus",
+    (
+        ("LABEL", "label"),
+        ("ENDPOINT", "endpoint"),
+        ("STATE", "state"),
+        ("RX", "receiveBytes"),
+        ("TX", "transmitBytes"),
+    ),
+    ("kubespanpeerstatuses", "kubespanpeerstatus"),
+)
+ENDPOINT = Kind(
+    "KubeSpanEndpoints.kubespan.talos.dev",
+    "KubeSpanEndpoint",
+    (("ENDPOINT", "endpoint"), ("AFFILIATE ID", "affiliateID")),
+    ("kubespanendpoints", "kubespanendpoint"),
+)
 KINDS = (IDENTITY, PEER_SPEC, PEER_STATUS, ENDPOINT)
 
 
 def kind_by_name(name: str) -> Kind:
     lowered = name.lower()
     for kind in KINDS:
-        if lowered in kind.aliases or lowered == kind.type.lower() or lowered == kind.display.lower():
+        if (
+            lowered in kind.aliases
+            or lowered == kind.type.lower()
+            or lowered == kind.display.lower()
+        ):
             return kind
     raise KeyError(f"unknown resource type {name!r}")
 
@@ -66,6 +89,7 @@ class Record:
 
 # --- formatting helpers ---------------------------------------------------------------------
 
+
 def format_endpoint(endpoint: Address | None) -> str:
     if endpoint is None:
         return ""
@@ -78,54 +102,77 @@ def format_time(when: datetime | float | None) -> str:
     if when is None:
         return "0001-01-01T00:00:00Z"
     if not isinstance(when, datetime):
-        when = datetime.fromtimestamp(when, tz=timezone.utc)
-    return when.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+        when = datetime.fromtimestamp(when, tz=UTC)
+    return when.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 # --- constructors ---------------------------------------------------------------------------
 
+
 def identity_record(identity: KubeSpanIdentity, *, reveal_private_key: bool = False) -> Record:
-    return Record(IDENTITY, "local", {
-        "address": str(identity.address),
-        "subnet": str(identity.subnet),
-        "privateKey": identity.private_key_b64 if reveal_private_key else REDACTED,
-        "publicKey": identity.public_key_b64,
-    })
+    return Record(
+        IDENTITY,
+        "local",
+        {
+            "address": str(identity.address),
+            "subnet": str(identity.subnet),
+            "privateKey": identity.private_key_b64 if reveal_private_key else REDACTED,
+            "publicKey": identity.public_key_b64,
+        },
+    )
 
 
 def peer_spec_record(spec: PeerSpec) -> Record:
-    return Record(PEER_SPEC, spec.public_key, {
-        "address": str(spec.address),
-        "allowedIPs": [str(net) for net in spec.allowed_ips],
-        "endpoints": [format_endpoint(e) for e in spec.endpoints],
-        "label": spec.label,
-    })
+    return Record(
+        PEER_SPEC,
+        spec.public_key,
+        {
+            "address": str(spec.address),
+            "allowedIPs": [str(net) for net in spec.allowed_ips],
+            "endpoints": [format_endpoint(e) for e in spec.endpoints],
+            "label": spec.label,
+        },
+    )
 
 
-def peer_status_record(public_key: str, *, label: str, state: str, endpoint: Address | None,
-                       rx_bytes: int = 0, tx_bytes: int = 0,
-                       last_handshake: datetime | float | None = None,
-                       last_used_endpoint: Address | None = None,
-                       last_endpoint_change: datetime | float | None = None) -> Record:
+def peer_status_record(
+    public_key: str,
+    *,
+    label: str,
+    state: str,
+    endpoint: Address | None,
+    rx_bytes: int = 0,
+    tx_bytes: int = 0,
+    last_handshake: datetime | float | None = None,
+    last_used_endpoint: Address | None = None,
+    last_endpoint_change: datetime | float | None = None,
+) -> Record:
     if state not in ("unknown", "up", "down"):
         raise ValueError(f"peer state must be unknown, up or down, not {state!r}")
-    return Record(PEER_STATUS, public_key, {
-        "endpoint": format_endpoint(endpoint),
-        "label": label,
-        "state": state,
-        "receiveBytes": rx_bytes,
-        "transmitBytes": tx_bytes,
-        "lastHandshakeTime": format_time(last_handshake),
-        "lastUsedEndpoint": format_endpoint(last_used_endpoint),
-        "lastEndpointChange": format_time(last_endpoint_change),
-    })
+    return Record(
+        PEER_STATUS,
+        public_key,
+        {
+            "endpoint": format_endpoint(endpoint),
+            "label": label,
+            "state": state,
+            "receiveBytes": rx_bytes,
+            "transmitBytes": tx_bytes,
+            "lastHandshakeTime": format_time(last_handshake),
+            "lastUsedEndpoint": format_endpoint(last_used_endpoint),
+            "lastEndpointChange": format_time(last_endpoint_change),
+        },
+    )
 
 
 def endpoint_record(public_key: str, affiliate_id: str, endpoint: Address) -> Record:
-    return Record(ENDPOINT, public_key, {"affiliateID": affiliate_id, "endpoint": format_endpoint(endpoint)})
+    return Record(
+        ENDPOINT, public_key, {"affiliateID": affiliate_id, "endpoint": format_endpoint(endpoint)}
+    )
 
 
 # --- store ----------------------------------------------------------------------------------
+
 
 class RecordStore:
     """Current records by (type, id); a changed spec bumps the version."""
@@ -159,6 +206,7 @@ class RecordStore:
 
 # --- rendering ------------------------------------------------------------------------------
 
+
 def _cell(value: Any) -> str:
     if isinstance(value, (list, dict)):
         return json.dumps(value, separators=(",", ":"))
@@ -169,8 +217,10 @@ def render_table(records: Sequence[Record], kind: Kind, node: str = "") -> str:
     """talosctl's table: tab-aligned columns, three spaces of padding."""
     rows = [["NODE", "NAMESPACE", "TYPE", "ID", "VERSION"] + [h for h, _ in kind.columns]]
     for r in records:
-        rows.append([r.node or node, r.namespace, kind.display, r.id, str(r.version)]
-                    + [_cell(r.spec.get(key, "")) for _, key in kind.columns])
+        rows.append(
+            [r.node or node, r.namespace, kind.display, r.id, str(r.version)]
+            + [_cell(r.spec.get(key, "")) for _, key in kind.columns]
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
     for row in rows:
@@ -180,10 +230,17 @@ def render_table(records: Sequence[Record], kind: Kind, node: str = "") -> str:
 
 
 def _document(record: Record, node: str) -> dict[str, Any]:
-    return {"node": record.node or node,
-            "metadata": {"namespace": record.namespace, "type": record.kind.type,
-                         "id": record.id, "version": record.version, "phase": "running"},
-            "spec": record.spec}
+    return {
+        "node": record.node or node,
+        "metadata": {
+            "namespace": record.namespace,
+            "type": record.kind.type,
+            "id": record.id,
+            "version": record.version,
+            "phase": "running",
+        },
+        "spec": record.spec,
+    }
 
 
 def render_yaml(records: Sequence[Record], node: str = "") -> str:

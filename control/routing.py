@@ -16,15 +16,16 @@ from a plain thread, not from a uvloop loop.
 Every function takes `netns`: the name of a network namespace (as `ip netns` knows it)
 to act in, or None for the caller's own.
 """
+
 from __future__ import annotations
 
 import ipaddress
 import json
 import socket
 import subprocess
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
-from typing import Iterable, Mapping
 
 from pyroute2 import IPRoute
 
@@ -165,7 +166,11 @@ def _check_mtu(mtu: int) -> None:
 
 
 def _check_link(link: str) -> None:
-    if not isinstance(link, str) or not 0 < len(link) <= 15 or any(c in link for c in "/ \t\n\"'\0"):
+    if (
+        not isinstance(link, str)
+        or not 0 < len(link) <= 15
+        or any(c in link for c in "/ \t\n\"'\0")
+    ):
         raise ValueError(f"invalid link name {link!r}")
 
 
@@ -212,7 +217,9 @@ def apply_policy(link: str, mtu: int, *, netns: str | None = None) -> None:
             if not found:
                 raise RoutingError(f"link {link!r} does not exist")
             oif = found[0]
-            if not ipr.get_links(oif)[0]["flags"] & 1:  # IFF_UP; IPv6 refuses routes via a down link
+            if (
+                not ipr.get_links(oif)[0]["flags"] & 1
+            ):  # IFF_UP; IPv6 refuses routes via a down link
                 raise RoutingError(f"link {link!r} is down")
             for family in _FAMILIES:
                 rules = _our_rules(ipr, family)
@@ -226,12 +233,20 @@ def apply_policy(link: str, mtu: int, *, netns: str | None = None) -> None:
                         _del_rule(ipr, r)
                 if not exact:
                     ipr.rule(
-                        "add", family=family, table=ROUTE_TABLE, priority=RULE_PRIORITY,
-                        fwmark=FORCE_MARK, fwmask=MARK_MASK,
+                        "add",
+                        family=family,
+                        table=ROUTE_TABLE,
+                        priority=RULE_PRIORITY,
+                        fwmark=FORCE_MARK,
+                        fwmask=MARK_MASK,
                     )
                 dst = "0.0.0.0/0" if family == socket.AF_INET else "::/0"
                 ipr.route(
-                    "replace", family=family, dst=dst, oif=oif, table=ROUTE_TABLE,
+                    "replace",
+                    family=family,
+                    dst=dst,
+                    oif=oif,
+                    table=ROUTE_TABLE,
                     metrics={"mtu": mtu},
                 )
     except RoutingError:
@@ -242,8 +257,12 @@ def apply_policy(link: str, mtu: int, *, netns: str | None = None) -> None:
 
 def _del_rule(ipr: IPRoute, r) -> None:
     ipr.rule(
-        "del", family=r["family"], table=r.get("FRA_TABLE"), priority=r.get("FRA_PRIORITY"),
-        fwmark=r.get("FRA_FWMARK"), fwmask=r.get("FRA_FWMASK"),
+        "del",
+        family=r["family"],
+        table=r.get("FRA_TABLE"),
+        priority=r.get("FRA_PRIORITY"),
+        fwmark=r.get("FRA_FWMARK"),
+        fwmask=r.get("FRA_FWMASK"),
     )
 
 
@@ -255,15 +274,24 @@ def remove_policy(*, netns: str | None = None) -> None:
                     _del_rule(ipr, r)
                 for route in _table_routes(ipr, family):
                     ipr.route(
-                        "del", family=family, dst=route.get("RTA_DST"), dst_len=route["dst_len"],
-                        oif=route.get("RTA_OIF"), table=ROUTE_TABLE, priority=route.get("RTA_PRIORITY"),
+                        "del",
+                        family=family,
+                        dst=route.get("RTA_DST"),
+                        dst_len=route["dst_len"],
+                        oif=route.get("RTA_OIF"),
+                        table=ROUTE_TABLE,
+                        priority=route.get("RTA_PRIORITY"),
                     )
     except Exception as exc:
         raise RoutingError(f"policy routing removal failed: {exc}") from exc
 
 
 def _table_routes(ipr: IPRoute, family: int) -> list:
-    return [r for r in ipr.get_routes(family=family, table=ROUTE_TABLE) if r.get("RTA_TABLE") == ROUTE_TABLE]
+    return [
+        r
+        for r in ipr.get_routes(family=family, table=ROUTE_TABLE)
+        if r.get("RTA_TABLE") == ROUTE_TABLE
+    ]
 
 
 # ---------------------------------------------------------------------------
@@ -327,13 +355,16 @@ def snapshot(*, netns: str | None = None) -> RoutingSnapshot:
 def _read_nft(netns: str | None) -> tuple[str | None, tuple[str, ...]]:
     listing = json.loads(_nft(["-j", "list", "tables"], netns) or "{}")
     present = any(
-        item.get("table", {}).get("family") == "inet" and item.get("table", {}).get("name") == NFT_TABLE
+        item.get("table", {}).get("family") == "inet"
+        and item.get("table", {}).get("name") == NFT_TABLE
         for item in listing.get("nftables", [])
     )
     if not present:
         return None, ()
     text = _nft(["list", "table", "inet", NFT_TABLE], netns)
-    norm = "\n".join(line.split(" # handle")[0].strip() for line in text.splitlines() if line.strip())
+    norm = "\n".join(
+        line.split(" # handle")[0].strip() for line in text.splitlines() if line.strip()
+    )
     data = json.loads(_nft(["-j", "list", "table", "inet", NFT_TABLE], netns))
     nets: list[IPNetwork] = []
     for item in data.get("nftables", []):

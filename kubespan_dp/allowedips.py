@@ -101,7 +101,9 @@ class AllowedIPs:
         """Peer for the source of an IP packet; None if malformed or unrouted."""
         return self._lookup_header_address(packet, 12, 8)
 
-    def _lookup_header_address(self, packet: bytes, v4_offset: int, v6_offset: int) -> object | None:
+    def _lookup_header_address(
+        self, packet: bytes, v4_offset: int, v6_offset: int
+    ) -> object | None:
         """Look up the address at the given IPv4/IPv6 header offset (4 or 16 bytes)."""
         if not packet:
             return None
@@ -109,11 +111,13 @@ class AllowedIPs:
         if version == 4:
             if len(packet) < 20:
                 return None
-            return _lookup(self._roots[4], int.from_bytes(packet[v4_offset:v4_offset + 4], "big"))
+            return _lookup(self._roots[4], int.from_bytes(packet[v4_offset : v4_offset + 4], "big"))
         if version == 6:
             if len(packet) < 40:
                 return None
-            return _lookup(self._roots[6], int.from_bytes(packet[v6_offset:v6_offset + 16], "big"))
+            return _lookup(
+                self._roots[6], int.from_bytes(packet[v6_offset : v6_offset + 16], "big")
+            )
         return None
 
     # -- changes -----------------------------------------------------------

@@ -4,6 +4,7 @@ Called the way wireguard-go is, so `WG_QUICK_USERSPACE_IMPLEMENTATION=kubespan-w
 wg-quick up ...` works: the TUN interface and the UAPI socket exist by the time
 the command returns, and the daemon carries on in the background.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,17 +41,31 @@ example:
   WG_QUICK_USERSPACE_IMPLEMENTATION=kubespan-wg wg-quick up ./wg0.conf
 """
 
-LEVELS = {"verbose": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO,
-          "error": logging.ERROR, "silent": logging.CRITICAL + 1}
+LEVELS = {
+    "verbose": logging.DEBUG,
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "error": logging.ERROR,
+    "silent": logging.CRITICAL + 1,
+}
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="kubespan-wg", description=DESCRIPTION, epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-f", "--foreground", action="store_true",
-                   help="stay in the foreground (default: detach once the interface is ready)")
-    p.add_argument("--mtu", type=int, default=1420, help="initial MTU of the interface (default 1420)")
+        prog="kubespan-wg",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "-f",
+        "--foreground",
+        action="store_true",
+        help="stay in the foreground (default: detach once the interface is ready)",
+    )
+    p.add_argument(
+        "--mtu", type=int, default=1420, help="initial MTU of the interface (default 1420)"
+    )
     p.add_argument("--version", action="version", version="kubespan-wg (kubespan-py) 0.1.0")
     p.add_argument("ifname", metavar="IFNAME", help="interface name (at most 15 characters)")
     return p
@@ -59,8 +74,9 @@ def _parser() -> argparse.ArgumentParser:
 def _setup_logging(ifname: str, stream: object) -> None:
     level = LEVELS.get(os.environ.get("LOG_LEVEL", "info").lower(), logging.INFO)
     handler = logging.StreamHandler(stream)  # type: ignore[arg-type]
-    handler.setFormatter(logging.Formatter(
-        f"%(asctime)s {ifname} %(levelname)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
+    handler.setFormatter(
+        logging.Formatter(f"%(asctime)s {ifname} %(levelname)s: %(message)s", "%Y-%m-%d %H:%M:%S")
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -12,11 +12,12 @@ The source address bytes are those of Go's ``netip.AddrPort.MarshalBinary``
 (the 4 or 16 address bytes, then the port little endian), as wireguard-go uses.
 Time (``now``, seconds) and randomness are passed in.
 """
+
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from . import crypto
 from .messages import MAC_SIZE, CookieReply
@@ -85,8 +86,7 @@ class CookieChecker:
         _, smac2 = _mac_offsets(msg)
         return crypto.constant_time_equal(crypto.mac(cookie, msg[:smac2]), msg[smac2:])
 
-    def create_reply(self, msg: bytes, receiver: int, source: tuple[str, int],
-                     now: float) -> bytes:
+    def create_reply(self, msg: bytes, receiver: int, source: tuple[str, int], now: float) -> bytes:
         """A cookie reply (64 bytes) to the handshake message ``msg`` from ``source``."""
         if not self._secret_valid(now):
             self._secret = self._rng(32)

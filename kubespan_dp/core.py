@@ -24,29 +24,45 @@ keypairs are announced). That output is held and returned by the next call of
 any of the three input methods; ``next_deadline()`` then reports ``now`` so
 the device calls ``on_timer`` promptly.
 """
+
 from __future__ import annotations
 
 import collections
 import os
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network, ip_network
-from typing import Callable, Iterable
 
 from . import crypto, messages, noise
 from .allowedips import AllowedIPs
 from .cookie import CookieChecker, RateLimiter
-from .keypair import (HandshakeCompleted, Keypair, KeypairExpired, KeypairInstalled,
-                      KeypairRetired)
+from .keypair import HandshakeCompleted, Keypair, KeypairExpired, KeypairInstalled, KeypairRetired
 from .noise import Handshake, HandshakeError, IndexTable
 from .padding import ip_packet_length, pad_plaintext
 from .peer import MAX_STAGED_PACKETS, Address, Peer
-from .timers import (KEEPALIVE_TIMEOUT, MAX_TIMER_HANDSHAKES, REJECT_AFTER_MESSAGES,
-                     REJECT_AFTER_TIME, REKEY_AFTER_MESSAGES, REKEY_AFTER_TIME, REKEY_TIMEOUT,
-                     Timers, jitter_from)
+from .timers import (
+    KEEPALIVE_TIMEOUT,
+    MAX_TIMER_HANDSHAKES,
+    REJECT_AFTER_MESSAGES,
+    REJECT_AFTER_TIME,
+    REKEY_AFTER_MESSAGES,
+    REKEY_AFTER_TIME,
+    REKEY_TIMEOUT,
+    Timers,
+    jitter_from,
+)
 
-__all__ = ["Address", "Output", "Peer", "WireGuardCore", "KeypairInstalled", "KeypairRetired",
-           "KeypairExpired", "HandshakeCompleted"]
+__all__ = [
+    "Address",
+    "Output",
+    "Peer",
+    "WireGuardCore",
+    "KeypairInstalled",
+    "KeypairRetired",
+    "KeypairExpired",
+    "HandshakeCompleted",
+]
 
 DEFAULT_MTU = 1420
 KEEPALIVE_SIZE = messages.KEEPALIVE_SIZE
@@ -69,10 +85,14 @@ class Output:
 
 
 class WireGuardCore:
-    def __init__(self, private_key: bytes | None = None, *,
-                 rng: Callable[[int], bytes] = os.urandom,
-                 wall_clock: Callable[[], float] = time.time,
-                 mtu: int = DEFAULT_MTU) -> None:
+    def __init__(
+        self,
+        private_key: bytes | None = None,
+        *,
+        rng: Callable[[int], bytes] = os.urandom,
+        wall_clock: Callable[[], float] = time.time,
+        mtu: int = DEFAULT_MTU,
+    ) -> None:
         self._rng = rng
         self._wall_clock = wall_clock
         self._jitter = jitter_from(rng)
@@ -111,12 +131,17 @@ class WireGuardCore:
             self._expire_current_keypairs(peer)
         self._mark_pending(now)
 
-    def set_peer(self, public_key: bytes, now: float, *,
-                 preshared_key: bytes | None = _UNCHANGED,  # type: ignore[assignment]
-                 endpoint: Address | None = _UNCHANGED,  # type: ignore[assignment]
-                 persistent_keepalive: int | None = _UNCHANGED,  # type: ignore[assignment]
-                 allowed_ips: Iterable[IPNetwork | str] | None = None,
-                 replace_allowed_ips: bool = False) -> Peer:
+    def set_peer(
+        self,
+        public_key: bytes,
+        now: float,
+        *,
+        preshared_key: bytes | None = _UNCHANGED,  # type: ignore[assignment]
+        endpoint: Address | None = _UNCHANGED,  # type: ignore[assignment]
+        persistent_keepalive: int | None = _UNCHANGED,  # type: ignore[assignment]
+        allowed_ips: Iterable[IPNetwork | str] | None = None,
+        replace_allowed_ips: bool = False,
+    ) -> Peer:
         """Create or update a peer. Everything is validated before anything changes."""
         if not isinstance(public_key, bytes) or len(public_key) != 32:
             raise ValueError("peer public key must be 32 bytes")
@@ -240,7 +265,7 @@ class WireGuardCore:
 
     def _stage(self, peer: Peer, packet: bytes) -> None:
         if len(peer.staged) >= MAX_STAGED_PACKETS:
-            peer.staged.popleft()   # the oldest makes room, as wireguard-go does
+            peer.staged.popleft()  # the oldest makes room, as wireguard-go does
             self.dropped["staged_overflow"] += 1
         peer.staged.append(packet)
 
@@ -253,8 +278,11 @@ class WireGuardCore:
         if not peer.staged:
             return
         kp = peer.keypairs.current
-        if (kp is None or kp.send_counter >= REJECT_AFTER_MESSAGES
-                or now - kp.created >= REJECT_AFTER_TIME):
+        if (
+            kp is None
+            or kp.send_counter >= REJECT_AFTER_MESSAGES
+            or now - kp.created >= REJECT_AFTER_TIME
+        ):
             self._send_handshake_initiation(peer, now, is_retry=False)
             return
         batch: list[bytes] = []
@@ -273,7 +301,7 @@ class WireGuardCore:
             peer.timers.on_data_sent(now)
         if sent:
             self._keep_key_fresh_sending(peer, now)
-        if peer.staged:   # the keypair ran out of counters: a new handshake is needed
+        if peer.staged:  # the keypair ran out of counters: a new handshake is needed
             self._send_handshake_initiation(peer, now, is_retry=False)
 
     def _keep_key_fresh_sending(self, peer: Peer, now: float) -> None:
@@ -281,14 +309,18 @@ class WireGuardCore:
         if kp is None:
             return
         if kp.send_counter > REKEY_AFTER_MESSAGES or (
-                kp.is_initiator and now - kp.created > REKEY_AFTER_TIME):
+            kp.is_initiator and now - kp.created > REKEY_AFTER_TIME
+        ):
             self._send_handshake_initiation(peer, now, is_retry=False)
 
     def _send_handshake_initiation(self, peer: Peer, now: float, is_retry: bool) -> None:
         if not is_retry:
             peer.timers.handshake_attempts = 0
         hs = peer.handshake
-        if hs.last_sent_handshake is not None and now - hs.last_sent_handshake < REKEY_TIMEOUT - _EPS:
+        if (
+            hs.last_sent_handshake is not None
+            and now - hs.last_sent_handshake < REKEY_TIMEOUT - _EPS
+        ):
             return
         if self.private_key is None:
             return
@@ -297,8 +329,12 @@ class WireGuardCore:
         new_index = self._new_index(peer, hs)
         try:
             msg = noise.create_initiation(
-                hs, self.private_key, crypto.generate_private_key(self._rng(32)),
-                crypto.tai64n(self._wall_clock()), new_index)
+                hs,
+                self.private_key,
+                crypto.generate_private_key(self._rng(32)),
+                crypto.tai64n(self._wall_clock()),
+                new_index,
+            )
         except HandshakeError:
             self.index_table.delete(new_index)
             self.dropped["handshake_not_possible"] += 1
@@ -341,14 +377,23 @@ class WireGuardCore:
 
     def _begin_symmetric_session(self, peer: Peer, now: float) -> None:
         keys = noise.derive_keypair(peer.handshake)
-        kp = Keypair(keys.send, keys.receive, keys.local_index, keys.remote_index,
-                     keys.is_initiator, now)
+        kp = Keypair(
+            keys.send, keys.receive, keys.local_index, keys.remote_index, keys.is_initiator, now
+        )
         self.index_table.replace(keys.local_index, (peer, kp))
         for old in peer.keypairs.install(kp):
             self._retire(peer, old)
-        self._out.events.append(KeypairInstalled(
-            peer.public_key, kp.local_index, kp.remote_index, keys.send, keys.receive,
-            kp.is_initiator, now))
+        self._out.events.append(
+            KeypairInstalled(
+                peer.public_key,
+                kp.local_index,
+                kp.remote_index,
+                keys.send,
+                keys.receive,
+                kp.is_initiator,
+                now,
+            )
+        )
 
     def _retire(self, peer: Peer, kp: Keypair) -> None:
         entry = self.index_table.get(kp.local_index)
@@ -420,8 +465,9 @@ class WireGuardCore:
         if not entry[0].cookie_generator.consume_reply(msg.nonce, msg.cookie, now):
             self.dropped["invalid_cookie_reply"] += 1
 
-    def _receive_handshake(self, msg: messages.Initiation | messages.Response, data: bytes,
-                           source: Address, now: float) -> None:
+    def _receive_handshake(
+        self, msg: messages.Initiation | messages.Response, data: bytes, source: Address, now: float
+    ) -> None:
         if not self.cookie_checker.check_mac1(data):
             self.dropped["invalid_mac1"] += 1
             return
@@ -443,8 +489,9 @@ class WireGuardCore:
         else:
             self._receive_response(msg, data, source, now)
 
-    def _receive_initiation(self, msg: messages.Initiation, data: bytes, source: Address,
-                            now: float) -> None:
+    def _receive_initiation(
+        self, msg: messages.Initiation, data: bytes, source: Address, now: float
+    ) -> None:
         if self.private_key is None:
             self.dropped["no_private_key"] += 1
             return
@@ -466,8 +513,9 @@ class WireGuardCore:
         peer.rx_bytes += len(data)
         self._send_handshake_response(peer, now)
 
-    def _receive_response(self, msg: messages.Response, data: bytes, source: Address,
-                          now: float) -> None:
+    def _receive_response(
+        self, msg: messages.Response, data: bytes, source: Address, now: float
+    ) -> None:
         entry = self.index_table.get(msg.receiver)
         if entry is None or not isinstance(entry[1], Handshake) or self.private_key is None:
             self.dropped["unknown_index"] += 1
@@ -488,8 +536,9 @@ class WireGuardCore:
         self._handshake_complete(peer, now)
         self._send_keepalive(peer, now)
 
-    def _receive_transport(self, msg: messages.Transport, data: bytes, source: Address,
-                           now: float) -> None:
+    def _receive_transport(
+        self, msg: messages.Transport, data: bytes, source: Address, now: float
+    ) -> None:
         entry = self.index_table.get(msg.receiver)
         if entry is None or not isinstance(entry[1], Keypair):
             self.dropped["unknown_index"] += 1
@@ -532,7 +581,7 @@ class WireGuardCore:
     def _inner_packet(self, peer: Peer, plaintext: bytes) -> bytes | None:
         """The IP packet inside, padding stripped, if its source is the peer's."""
         if not plaintext:
-            return None   # keepalive
+            return None  # keepalive
         length = ip_packet_length(plaintext)
         if length is None:
             self.dropped["invalid_inner_packet"] += 1
@@ -547,14 +596,18 @@ class WireGuardCore:
         if peer.timers.sent_last_minute_handshake:
             return
         kp = peer.keypairs.current
-        if kp is not None and kp.is_initiator and (
-                now - kp.created > REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT):
+        if (
+            kp is not None
+            and kp.is_initiator
+            and (now - kp.created > REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT)
+        ):
             peer.timers.sent_last_minute_handshake = True
             self._send_handshake_initiation(peer, now, is_retry=False)
 
 
 def _check_endpoint(endpoint: Address) -> Address:
     import ipaddress
+
     try:
         ip, port = endpoint
         addr = ipaddress.ip_address(ip)
@@ -567,8 +620,11 @@ def _check_endpoint(endpoint: Address) -> Address:
 
 def _handshake_reason(exc: HandshakeError, default: str) -> str:
     text = str(exc)
-    for word, reason in (("replay", "handshake_replay"), ("flood", "handshake_flood"),
-                         ("unknown", "unknown_peer")):
+    for word, reason in (
+        ("replay", "handshake_replay"),
+        ("flood", "handshake_flood"),
+        ("unknown", "unknown_peer"),
+    ):
         if word in text:
             return reason
     return default

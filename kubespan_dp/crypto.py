@@ -4,6 +4,7 @@ Everything here works on raw ``bytes``. The AEAD helpers raise
 ``AuthenticationError`` when a tag does not verify, so callers can treat any
 failure as "drop the datagram".
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -39,6 +40,7 @@ class InvalidPublicKey(ValueError):
 
 
 # --- hashing -----------------------------------------------------------------
+
 
 def hash_(*parts: bytes) -> bytes:
     """HASH(a || b || ...) = BLAKE2s-256."""
@@ -86,6 +88,7 @@ def kdf3(key: bytes, data: bytes) -> tuple[bytes, bytes, bytes]:
 
 # --- X25519 ------------------------------------------------------------------
 
+
 def clamp(private_key: bytes) -> bytes:
     k = bytearray(private_key)
     k[0] &= 248
@@ -112,7 +115,8 @@ def dh(private_key: bytes, peer_public: bytes) -> bytes:
         raise ValueError("X25519 keys must be 32 bytes")
     try:
         shared = X25519PrivateKey.from_private_bytes(private_key).exchange(
-            X25519PublicKey.from_public_bytes(peer_public))
+            X25519PublicKey.from_public_bytes(peer_public)
+        )
     except ValueError as exc:  # OpenSSL refuses low-order points itself
         raise InvalidPublicKey("X25519 result is all zero") from exc
     if not any(shared):
@@ -121,6 +125,7 @@ def dh(private_key: bytes, peer_public: bytes) -> bytes:
 
 
 # --- AEADs -------------------------------------------------------------------
+
 
 def nonce(counter: int) -> bytes:
     """WireGuard's 96-bit nonce: 4 zero bytes then the counter, little endian."""
@@ -184,6 +189,7 @@ def xaead_open(key: bytes, xnonce: bytes, ciphertext: bytes, ad: bytes) -> bytes
 
 
 # --- TAI64N ------------------------------------------------------------------
+
 
 def tai64n(unix_time: float) -> bytes:
     """12-byte TAI64N label of a wall-clock time, whitened like wireguard-go."""

@@ -4,6 +4,7 @@ Shows the sans-I/O core on its own: a handshake, packets both ways, a rekey
 after REKEY_AFTER_TIME, and the passive keepalive, all on a simulated clock.
 No sockets, no TUN device, nothing leaves the process.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,22 @@ _KIND = {1: "initiation", 2: "response", 3: "cookie-reply", 4: "transport"}
 
 
 def _ipv4(src: str, dst: str, payload: bytes) -> bytes:
-    return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 0, 0, 64, 17, 0,
-                       ip_address(src).packed, ip_address(dst).packed) + payload
+    return (
+        struct.pack(
+            "!BBHHHBBH4s4s",
+            0x45,
+            0,
+            20 + len(payload),
+            0,
+            0,
+            64,
+            17,
+            0,
+            ip_address(src).packed,
+            ip_address(dst).packed,
+        )
+        + payload
+    )
 
 
 class Demo:
@@ -57,10 +72,14 @@ class Demo:
         for event in out.events:
             if isinstance(event, KeypairInstalled):
                 role = "initiator" if event.is_initiator else "responder"
-                print(f"  t={self.now:7.2f}s {name:>5}    keypair {event.local_index:#010x} "
-                      f"installed ({role})")
+                print(
+                    f"  t={self.now:7.2f}s {name:>5}    keypair {event.local_index:#010x} "
+                    f"installed ({role})"
+                )
             elif isinstance(event, KeypairRetired):
-                print(f"  t={self.now:7.2f}s {name:>5}    keypair {event.local_index:#010x} retired")
+                print(
+                    f"  t={self.now:7.2f}s {name:>5}    keypair {event.local_index:#010x} retired"
+                )
             elif isinstance(event, HandshakeCompleted):
                 print(f"  t={self.now:7.2f}s {name:>5}    handshake complete")
 
@@ -78,8 +97,11 @@ class Demo:
 
     def advance(self, until: float) -> None:
         while True:
-            due = [(d, n) for n, (c, _, _) in self.nodes.items()
-                   if (d := c.next_deadline()) is not None and d <= until]
+            due = [
+                (d, n)
+                for n, (c, _, _) in self.nodes.items()
+                if (d := c.next_deadline()) is not None and d <= until
+            ]
             if not due:
                 break
             self.now, name = min(due)
@@ -108,8 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     demo.send("bob", "alice", b"ack")
     for name, (core, _, _) in demo.nodes.items():
         peer = next(iter(core.peers.values()))
-        print(f"{name}: rx {peer.rx_bytes} B, tx {peer.tx_bytes} B, endpoint {peer.endpoint}, "
-              f"drops {dict(core.dropped) or 'none'}")
+        print(
+            f"{name}: rx {peer.rx_bytes} B, tx {peer.tx_bytes} B, endpoint {peer.endpoint}, "
+            f"drops {dict(core.dropped) or 'none'}"
+        )
     return 0
 
 

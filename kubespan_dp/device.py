@@ -6,6 +6,7 @@ moves packets; this module does everything else: UAPI get/set, binding, the
 handshake queue and its "under load" signal, the timer, and noticing when the
 link or the UAPI socket is removed so the daemon can stop.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -17,22 +18,29 @@ from collections import Counter, deque
 
 from . import netutil
 from .core import WireGuardCore
-from .netutil import Address
 from .fastloop import FastDataPath, fastpath_enabled  # the C packet loop (issue 4)
+from .netutil import Address
 from .pypath import PyDataPath
 from .tun import Tun
 from .uapi import (
-    EADDRINUSE, EIO, UNSET, DeviceInfo, PeerInfo, SetRequest, UapiError, format_get,
+    EADDRINUSE,
+    EIO,
+    UNSET,
+    DeviceInfo,
+    PeerInfo,
+    SetRequest,
+    UapiError,
+    format_get,
 )
 from .uapisock import serve, socket_identity, socket_path
 
 log = logging.getLogger("kubespan_dp.device")
 
-HANDSHAKE_QUEUE = 1024            # as wireguard-go's QueueHandshakeSize
+HANDSHAKE_QUEUE = 1024  # as wireguard-go's QueueHandshakeSize
 UNDER_LOAD_QUEUE = HANDSHAKE_QUEUE // 8
-UNDER_LOAD_AFTER = 1.0            # stay "under load" this long after the backlog clears
-HANDSHAKE_BUDGET = 32             # handshakes per loop turn, so data keeps flowing
-WATCH_INTERVAL = 0.5              # how often to check that link and socket still exist
+UNDER_LOAD_AFTER = 1.0  # stay "under load" this long after the backlog clears
+HANDSHAKE_BUDGET = 32  # handshakes per loop turn, so data keeps flowing
+WATCH_INTERVAL = 0.5  # how often to check that link and socket still exist
 
 
 def short_key(key: bytes) -> str:
@@ -42,8 +50,13 @@ def short_key(key: bytes) -> str:
 
 
 class Device:
-    def __init__(self, tun: Tun, uapi_sock: socket.socket, uapi_id: tuple[int, int] | None,
-                 core: WireGuardCore | None = None) -> None:
+    def __init__(
+        self,
+        tun: Tun,
+        uapi_sock: socket.socket,
+        uapi_id: tuple[int, int] | None,
+        core: WireGuardCore | None = None,
+    ) -> None:
         """`uapi_id` is the socket file's identity taken right after binding it, so
         a removal before we got here is still noticed."""
         self.tun = tun
@@ -57,8 +70,13 @@ class Device:
         self.fwmark = 0
         self.sock4, self.sock6, self.port = netutil.bind_pair(0, 0)
         path_class = FastDataPath if fastpath_enabled() else PyDataPath
-        self.path = path_class(self.core, tun.fd, self._on_handshake, self._arm_timer,
-                               lambda: self.stop("the link was deleted"))
+        self.path = path_class(
+            self.core,
+            tun.fd,
+            self._on_handshake,
+            self._arm_timer,
+            lambda: self.stop("the link was deleted"),
+        )
         self.path.rebind(self.sock4, self.sock6)
         self.handshakes: deque[tuple[bytes, Address]] = deque()
         self.dropped: Counter[str] = Counter()
@@ -182,12 +200,18 @@ class Device:
         for key, peer in core.peers.items():
             lh = peer.last_handshake
             lh_wall = 0 if lh is None else wall_ns - (mono_ns - int(lh * 1e9))
-            peers.append(PeerInfo(
-                public_key=key, preshared_key=peer.preshared_key, endpoint=peer.endpoint,
-                last_handshake_ns=max(0, lh_wall), tx_bytes=peer.tx_bytes,
-                rx_bytes=peer.rx_bytes, persistent_keepalive=peer.persistent_keepalive,
-                allowed_ips=list(peer.allowed_ips),
-            ))
+            peers.append(
+                PeerInfo(
+                    public_key=key,
+                    preshared_key=peer.preshared_key,
+                    endpoint=peer.endpoint,
+                    last_handshake_ns=max(0, lh_wall),
+                    tx_bytes=peer.tx_bytes,
+                    rx_bytes=peer.rx_bytes,
+                    persistent_keepalive=peer.persistent_keepalive,
+                    allowed_ips=list(peer.allowed_ips),
+                )
+            )
         return format_get(DeviceInfo(core.private_key, self.port, self.fwmark, peers))
 
     def uapi_stats(self) -> str:
@@ -197,7 +221,7 @@ class Device:
         return "".join(line + "\n" for line in lines)
 
     def uapi_set(self, req: SetRequest) -> None:
-        self._apply_binding(req)   # the only step that can fail: first, all or nothing
+        self._apply_binding(req)  # the only step that can fail: first, all or nothing
         try:
             self._apply_config(req)
         except Exception as e:  # a bug, not bad input (that was rejected by parsing)

@@ -20,6 +20,7 @@ Nonces: once a keypair is in C, C owns its send counter.  If the core later seal
 that keypair itself (a keepalive from a timer), we reopen that datagram and reseal it
 with a counter taken from C, so no counter is ever used twice on the wire.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -35,8 +36,8 @@ from . import _fastpath as fp
 from .netutil import Address
 from .pypath import MAX_SOURCES, PyDataPath
 
-SYNC_INTERVAL = 0.1          # seconds between C -> core activity syncs
-HANDSHAKE_SIZES = {1: 148, 2: 92}     # initiation, response (cookie replies need no DH)
+SYNC_INTERVAL = 0.1  # seconds between C -> core activity syncs
+HANDSHAKE_SIZES = {1: 148, 2: 92}  # initiation, response (cookie replies need no DH)
 _HEADER = struct.Struct("<IIQ")
 REJECT_AFTER_MESSAGES = 2**64 - 2**13 - 1
 
@@ -55,12 +56,18 @@ class _Installed:
 
     def __init__(self, core_kp: Any) -> None:
         self.core_kp = core_kp
-        self.start = core_kp.send_counter      # the core sealed everything below this
-        self.c_kp = fp.Keypair(core_kp.send_key, core_kp.receive_key, core_kp.local_index,
-                               core_kp.remote_index, is_initiator=core_kp.is_initiator,
-                               created=core_kp.created, send_counter=core_kp.send_counter)
+        self.start = core_kp.send_counter  # the core sealed everything below this
+        self.c_kp = fp.Keypair(
+            core_kp.send_key,
+            core_kp.receive_key,
+            core_kp.local_index,
+            core_kp.remote_index,
+            is_initiator=core_kp.is_initiator,
+            created=core_kp.created,
+            send_counter=core_kp.send_counter,
+        )
         window = core_kp.replay
-        if not window.check(window.last):      # the core already opened packets on it
+        if not window.check(window.last):  # the core already opened packets on it
             self.c_kp.seed_replay(window.last)
         self.aead = fp.AEADKey(core_kp.send_key)
 
@@ -84,15 +91,15 @@ class FastDataPath:
         self._mtu = core.mtu
         self.loop: asyncio.AbstractEventLoop | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
-        self._ids: dict[bytes, int] = {}            # peer public key -> C slot
+        self._ids: dict[bytes, int] = {}  # peer public key -> C slot
         self._free: list[int] = []
         self._next_id = 0
-        self._keypairs: dict[int, tuple[Any, Any]] = {}   # slot -> core (current, previous)
-        self._installed: dict[int, _Installed] = {}       # id(core keypair) -> mirror
-        self._by_remote: dict[int, _Installed] = {}       # remote index -> mirror
-        self._by_local: dict[int, _Installed] = {}        # local index -> mirror
+        self._keypairs: dict[int, tuple[Any, Any]] = {}  # slot -> core (current, previous)
+        self._installed: dict[int, _Installed] = {}  # id(core keypair) -> mirror
+        self._by_remote: dict[int, _Installed] = {}  # remote index -> mirror
+        self._by_local: dict[int, _Installed] = {}  # local index -> mirror
         self._endpoints: dict[int, Address | None] = {}
-        self._sources: dict[int, tuple[bytes, int]] = {}   # sticky source pushed to C
+        self._sources: dict[int, tuple[bytes, int]] = {}  # sticky source pushed to C
         self._stats: dict[int, tuple] = {}
         self._routes: object = None
         self._own_drops: Counter[str] = Counter()
@@ -125,9 +132,10 @@ class FastDataPath:
         self.loop = None
 
     def rebind(self, sock4: Any, sock6: Any) -> None:
-        self.py.rebind(sock4, sock6)   # self.py is never attached: it registers nothing
-        self.c.rebind(sock4.fileno() if sock4 is not None else -1,
-                      sock6.fileno() if sock6 is not None else -1)
+        self.py.rebind(sock4, sock6)  # self.py is never attached: it registers nothing
+        self.c.rebind(
+            sock4.fileno() if sock4 is not None else -1, sock6.fileno() if sock6 is not None else -1
+        )
 
     def emit(self, out: Any) -> None:
         self._send_output(out)
@@ -169,8 +177,12 @@ class FastDataPath:
                 sources[source] = local
             if kind == fp.SLOW_PACKET:
                 self._send_output(core.send_packet(data, now))
-            elif (data and data[0] in HANDSHAKE_SIZES and len(data) == HANDSHAKE_SIZES[data[0]]
-                  and core.cookie_checker.check_mac1(data)):
+            elif (
+                data
+                and data[0] in HANDSHAKE_SIZES
+                and len(data) == HANDSHAKE_SIZES[data[0]]
+                and core.cookie_checker.check_mac1(data)
+            ):
                 # only work worth queueing (a DH) waits in the device's handshake
                 # queue; everything else is settled (and counted) by the core at once
                 self.on_handshake(data, source, now)
@@ -266,7 +278,7 @@ class FastDataPath:
         peer's allowed IPs is the costly part, and they change only by UAPI set.
         """
         core = self.core
-        if core.mtu != self._mtu:          # the device follows the link MTU
+        if core.mtu != self._mtu:  # the device follows the link MTU
             self.c.set_mtu(core.mtu)
             self._mtu = core.mtu
         for key in [k for k in self._ids if k not in core.peers]:
@@ -302,7 +314,9 @@ class FastDataPath:
         if table != self._routes:
             self.c.set_allowed_ips(
                 (net.network_address.packed, net.prefixlen, pid)
-                for pid, nets in table for net in nets)
+                for pid, nets in table
+                for net in nets
+            )
             self._routes = table
 
     def _take_id(self) -> int:

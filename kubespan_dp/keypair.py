@@ -12,6 +12,7 @@ A peer holds up to three keypairs (wireguard-go keypair.go / noise-protocol.go):
 Installing or promoting a keypair retires others; the caller removes retired
 keypairs from the index table and reports them as ``KeypairRetired``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -80,6 +81,7 @@ class Keypairs:
 
 
 # --- events (for a fast path that keeps its own copy of the keys) -------------
+
 
 @dataclass(frozen=True)
 class KeypairInstalled:

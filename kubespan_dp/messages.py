@@ -11,6 +11,7 @@ whose three high bytes are reserved and must be zero; reading the whole u32
 
 ``decode`` raises ``MessageError`` for anything that is not one of these.
 """
+
 from __future__ import annotations
 
 import struct
@@ -25,7 +26,7 @@ INITIATION_SIZE = 148
 RESPONSE_SIZE = 92
 COOKIE_REPLY_SIZE = 64
 TRANSPORT_HEADER_SIZE = 16
-TRANSPORT_MIN_SIZE = 32          # header + Poly1305 tag: a keepalive
+TRANSPORT_MIN_SIZE = 32  # header + Poly1305 tag: a keepalive
 KEEPALIVE_SIZE = TRANSPORT_MIN_SIZE
 MAX_MESSAGE_SIZE = (1 << 16) - 1  # largest UDP payload
 
@@ -54,8 +55,15 @@ class Initiation:
     mac2: bytes = bytes(16)
 
     def encode(self) -> bytes:
-        return _INIT.pack(INITIATION, self.sender, self.ephemeral, self.static,
-                          self.timestamp, self.mac1, self.mac2)
+        return _INIT.pack(
+            INITIATION,
+            self.sender,
+            self.ephemeral,
+            self.static,
+            self.timestamp,
+            self.mac1,
+            self.mac2,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,8 +76,9 @@ class Response:
     mac2: bytes = bytes(16)
 
     def encode(self) -> bytes:
-        return _RESP.pack(RESPONSE, self.sender, self.receiver, self.ephemeral,
-                          self.empty, self.mac1, self.mac2)
+        return _RESP.pack(
+            RESPONSE, self.sender, self.receiver, self.ephemeral, self.empty, self.mac1, self.mac2
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,11 +150,17 @@ def decode(data: bytes) -> Message:
 def encode(message: Message) -> bytes:
     """Serialise a message, checking field sizes (MessageError if wrong)."""
     if isinstance(message, Initiation):
-        _check_fields((message.ephemeral, 32), (message.static, 48), (message.timestamp, 28),
-                      (message.mac1, 16), (message.mac2, 16))
+        _check_fields(
+            (message.ephemeral, 32),
+            (message.static, 48),
+            (message.timestamp, 28),
+            (message.mac1, 16),
+            (message.mac2, 16),
+        )
     elif isinstance(message, Response):
-        _check_fields((message.ephemeral, 32), (message.empty, 16),
-                      (message.mac1, 16), (message.mac2, 16))
+        _check_fields(
+            (message.ephemeral, 32), (message.empty, 16), (message.mac1, 16), (message.mac2, 16)
+        )
     elif isinstance(message, CookieReply):
         _check_fields((message.nonce, 24), (message.cookie, 32))
     elif isinstance(message, Transport):

@@ -4,6 +4,7 @@ WireGuard answers a peer from the local address the peer wrote to (otherwise a
 multi-homed host replies from the "wrong" address and NATs drop it). We learn that
 address from IP_PKTINFO / IPV6_PKTINFO on receive and pass it back on send.
 """
+
 from __future__ import annotations
 
 import errno
@@ -79,8 +80,10 @@ def parse_prefix(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 
 def _tune(sock: socket.socket, fwmark: int) -> None:
     sock.setblocking(False)
-    for force, plain in ((getattr(socket, "SO_RCVBUFFORCE", 33), socket.SO_RCVBUF),
-                         (getattr(socket, "SO_SNDBUFFORCE", 32), socket.SO_SNDBUF)):
+    for force, plain in (
+        (getattr(socket, "SO_RCVBUFFORCE", 33), socket.SO_RCVBUF),
+        (getattr(socket, "SO_SNDBUFFORCE", 32), socket.SO_SNDBUF),
+    ):
         try:
             sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
         except OSError:

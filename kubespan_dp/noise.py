@@ -18,11 +18,13 @@ Two layers:
 
 Randomness (ephemerals, indices) and the wall clock (TAI64N) are passed in.
 """
+
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from . import crypto
 from .messages import Initiation, Response
@@ -81,8 +83,15 @@ class SymmetricState:
 
 # --- plain Noise_IKpsk2 messages --------------------------------------------
 
-def write_first(st: SymmetricState, s_priv: bytes, rs: bytes, e_priv: bytes,
-                payload: bytes, static_static: bytes | None = None) -> tuple[bytes, bytes, bytes]:
+
+def write_first(
+    st: SymmetricState,
+    s_priv: bytes,
+    rs: bytes,
+    e_priv: bytes,
+    payload: bytes,
+    static_static: bytes | None = None,
+) -> tuple[bytes, bytes, bytes]:
     """Initiator: -> e, es, s, ss, {payload}. Returns (e_pub, enc_static, enc_payload).
 
     ``static_static`` is DH(s, rs) when the caller keeps it precomputed.
@@ -98,8 +107,7 @@ def write_first(st: SymmetricState, s_priv: bytes, rs: bytes, e_priv: bytes,
     return e_pub, enc_static, enc_payload
 
 
-def read_first_static(st: SymmetricState, s_priv: bytes, e_pub: bytes,
-                      enc_static: bytes) -> bytes:
+def read_first_static(st: SymmetricState, s_priv: bytes, e_pub: bytes, enc_static: bytes) -> bytes:
     """Responder, first half of the first message: returns the initiator's static key."""
     st.mix_hash(crypto.public_key(s_priv))
     st.mix_key(e_pub)
@@ -114,8 +122,9 @@ def read_first_payload(st: SymmetricState, static_static: bytes, enc_payload: by
     return st.decrypt_and_hash(key, enc_payload)
 
 
-def write_second(st: SymmetricState, e_priv: bytes, re: bytes, rs: bytes, psk: bytes,
-                 payload: bytes) -> tuple[bytes, bytes]:
+def write_second(
+    st: SymmetricState, e_priv: bytes, re: bytes, rs: bytes, psk: bytes, payload: bytes
+) -> tuple[bytes, bytes]:
     """Responder: <- e, ee, se, psk, {payload}. Returns (e_pub, enc_payload)."""
     e_pub = crypto.public_key(e_priv)
     st.mix_hash(e_pub)
@@ -126,8 +135,9 @@ def write_second(st: SymmetricState, e_priv: bytes, re: bytes, rs: bytes, psk: b
     return e_pub, st.encrypt_and_hash(key, payload)
 
 
-def read_second(st: SymmetricState, e_priv: bytes, s_priv: bytes, re: bytes, psk: bytes,
-                enc_payload: bytes) -> bytes:
+def read_second(
+    st: SymmetricState, e_priv: bytes, s_priv: bytes, re: bytes, psk: bytes, enc_payload: bytes
+) -> bytes:
     """Initiator: reads <- e, ee, se, psk, {payload}."""
     st.mix_hash(re)
     st.mix_key(re)
@@ -143,6 +153,7 @@ def split(ck: bytes) -> tuple[bytes, bytes]:
 
 
 # --- WireGuard's per-peer handshake -----------------------------------------
+
 
 class HandshakeState(enum.Enum):
     ZEROED = 0
@@ -171,14 +182,15 @@ class Handshake:
     local_index: int = 0
     remote_index: int = 0
     remote_ephemeral: bytes = ZERO_KEY
-    last_timestamp: bytes = bytes(12)      # newest TAI64N accepted from this peer
+    last_timestamp: bytes = bytes(12)  # newest TAI64N accepted from this peer
     last_initiation_consumption: float | None = None
     last_sent_handshake: float | None = None
 
     def precompute(self, local_private: bytes | None) -> None:
         try:
-            self.static_static = (crypto.dh(local_private, self.remote_static)
-                                  if local_private else ZERO_KEY)
+            self.static_static = (
+                crypto.dh(local_private, self.remote_static) if local_private else ZERO_KEY
+            )
         except crypto.InvalidPublicKey:
             self.static_static = ZERO_KEY
 
@@ -191,16 +203,22 @@ class Handshake:
         self.state = HandshakeState.ZEROED
 
 
-def create_initiation(hs: Handshake, local_private: bytes, ephemeral_private: bytes,
-                      timestamp: bytes, sender_index: int) -> Initiation:
+def create_initiation(
+    hs: Handshake,
+    local_private: bytes,
+    ephemeral_private: bytes,
+    timestamp: bytes,
+    sender_index: int,
+) -> Initiation:
     """Build the first message (macs zero; the cookie generator adds them)."""
     if hs.static_static == ZERO_KEY:
         raise HandshakeError("no usable static-static secret for this peer")
     ck, h = initial_state()
     st = SymmetricState(ck, h)
     try:
-        e_pub, enc_static, enc_ts = write_first(st, local_private, hs.remote_static,
-                                                ephemeral_private, timestamp, hs.static_static)
+        e_pub, enc_static, enc_ts = write_first(
+            st, local_private, hs.remote_static, ephemeral_private, timestamp, hs.static_static
+        )
     except crypto.InvalidPublicKey as exc:
         raise HandshakeError(str(exc)) from None
     hs.ck, hs.h = st.ck, st.h
@@ -238,9 +256,12 @@ class ConsumedInitiation(Generic[P]):
         hs.state = HandshakeState.INITIATION_CONSUMED
 
 
-def consume_initiation(msg: Initiation, local_private: bytes,
-                       lookup_peer: Callable[[bytes], tuple[P, Handshake] | None],
-                       now: float) -> ConsumedInitiation[P]:
+def consume_initiation(
+    msg: Initiation,
+    local_private: bytes,
+    lookup_peer: Callable[[bytes], tuple[P, Handshake] | None],
+    now: float,
+) -> ConsumedInitiation[P]:
     """Verify an initiation; raises HandshakeError. Changes nothing until commit()."""
     ck, h = initial_state()
     st = SymmetricState(ck, h)
@@ -260,8 +281,10 @@ def consume_initiation(msg: Initiation, local_private: bytes,
         raise HandshakeError("initiation: timestamp did not decrypt") from None
     if not crypto.tai64n_after(timestamp, hs.last_timestamp):
         raise HandshakeError("initiation replay: timestamp not newer")
-    if (hs.last_initiation_consumption is not None
-            and now - hs.last_initiation_consumption <= HANDSHAKE_INITIATION_RATE):
+    if (
+        hs.last_initiation_consumption is not None
+        and now - hs.last_initiation_consumption <= HANDSHAKE_INITIATION_RATE
+    ):
         raise HandshakeError("initiation flood")
     return ConsumedInitiation(peer, hs, st.ck, st.h, msg.sender, msg.ephemeral, timestamp, now)
 
@@ -271,8 +294,9 @@ def create_response(hs: Handshake, ephemeral_private: bytes, sender_index: int) 
         raise HandshakeError("response before an initiation was consumed")
     st = SymmetricState(hs.ck, hs.h)
     try:
-        e_pub, empty = write_second(st, ephemeral_private, hs.remote_ephemeral,
-                                    hs.remote_static, hs.preshared_key, b"")
+        e_pub, empty = write_second(
+            st, ephemeral_private, hs.remote_ephemeral, hs.remote_static, hs.preshared_key, b""
+        )
     except crypto.InvalidPublicKey as exc:
         raise HandshakeError(str(exc)) from None
     hs.ck, hs.h = st.ck, st.h
@@ -302,8 +326,9 @@ def consume_response(msg: Response, hs: Handshake, local_private: bytes) -> Cons
         raise HandshakeError("response without an outstanding initiation")
     st = SymmetricState(hs.ck, hs.h)
     try:
-        read_second(st, hs.local_ephemeral, local_private, msg.ephemeral,
-                    hs.preshared_key, msg.empty)
+        read_second(
+            st, hs.local_ephemeral, local_private, msg.ephemeral, hs.preshared_key, msg.empty
+        )
     except (crypto.InvalidPublicKey, crypto.AuthenticationError):
         raise HandshakeError("response did not authenticate") from None
     return ConsumedResponse(hs, st.ck, st.h, msg.sender)

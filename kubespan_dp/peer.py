@@ -3,6 +3,7 @@
 The protocol logic that drives these fields lives in ``core.py``; a Peer is the
 record of one remote public key.
 """
+
 from __future__ import annotations
 
 import collections
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from .cookie import CookieGenerator
 from .keypair import Keypairs
-from .noise import Handshake, ZERO_KEY
+from .noise import ZERO_KEY, Handshake
 from .timers import Timers
 
 if TYPE_CHECKING:
@@ -23,7 +24,7 @@ MAX_STAGED_PACKETS = 128
 
 
 class Peer:
-    def __init__(self, public_key: bytes, trie: "AllowedIPs", timers: Timers) -> None:
+    def __init__(self, public_key: bytes, trie: AllowedIPs, timers: Timers) -> None:
         self.public_key = public_key
         self.endpoint: Address | None = None
         self.persistent_keepalive = 0

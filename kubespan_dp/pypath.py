@@ -14,6 +14,7 @@ device (`device.py`):
 Every readiness callback drains up to BATCH packets: one event-loop wakeup per
 burst, not per packet.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -167,7 +168,10 @@ class PyDataPath:
                 # e.g. ICMP port unreachable reported on the socket: nothing to do
                 self.dropped["udp_receive_error"] += 1
                 continue
-            source: Address = (raw[0] if len(raw) == 2 or not raw[3] else f"{raw[0]}%{raw[3]}", raw[1])
+            source: Address = (
+                raw[0] if len(raw) == 2 or not raw[3] else f"{raw[0]}%{raw[3]}",
+                raw[1],
+            )
             local = local_from_ancillary(anc)
             if local is not None and sources.get(source) != local:
                 if len(sources) >= MAX_SOURCES:

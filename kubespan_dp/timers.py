@@ -15,10 +15,11 @@ Five timers, each either unset (None) or a deadline in the caller's clock:
 The ``on_*`` hooks are the events wireguard-go calls the timers from; the core
 calls them at the same points and runs the handlers of expired timers.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 REKEY_AFTER_MESSAGES = 1 << 60
 REJECT_AFTER_MESSAGES = (1 << 64) - (1 << 13) - 1
@@ -30,8 +31,13 @@ KEEPALIVE_TIMEOUT = 10.0
 MAX_TIMER_HANDSHAKES = int(REKEY_ATTEMPT_TIME / REKEY_TIMEOUT)  # 18
 REKEY_TIMEOUT_JITTER_MAX_MS = 334
 
-TIMER_NAMES = ("retransmit_handshake", "send_keepalive", "new_handshake",
-               "zero_key_material", "persistent_keepalive")
+TIMER_NAMES = (
+    "retransmit_handshake",
+    "send_keepalive",
+    "new_handshake",
+    "zero_key_material",
+    "persistent_keepalive",
+)
 
 
 def jitter_from(rng: Callable[[int], bytes]) -> Callable[[], float]:

@@ -4,6 +4,7 @@ The interface exists as long as our file descriptor is open (not persistent), so
 closing the fd removes the link. When someone deletes the link (`ip link del`),
 reads fail with EBADFD: that is how the device learns it must stop.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -24,8 +25,12 @@ DEFAULT_MTU = 1420
 
 
 def valid_ifname(name: str) -> bool:
-    return (0 < len(name.encode()) < IFNAMSIZ and name not in (".", "..")
-            and not any(c in name for c in "/: \t\n%") and name.isprintable())
+    return (
+        0 < len(name.encode()) < IFNAMSIZ
+        and name not in (".", "..")
+        and not any(c in name for c in "/: \t\n%")
+        and name.isprintable()
+    )
 
 
 class Tun:

@@ -11,6 +11,7 @@ Semantics of a peer section are those of applying its lines in order: a later
 `update_only` anywhere in the section decide for the whole section, and a repeated
 key keeps its last value.
 """
+
 from __future__ import annotations
 
 import errno
@@ -19,7 +20,14 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Final
 
-from .netutil import Address, EndpointError, format_endpoint, parse_endpoint, parse_prefix, parse_uint
+from .netutil import (
+    Address,
+    EndpointError,
+    format_endpoint,
+    parse_endpoint,
+    parse_prefix,
+    parse_uint,
+)
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -51,7 +59,7 @@ class PeerUpdate:
     public_key: bytes
     remove: bool = False
     update_only: bool = False
-    preshared_key: bytes | None | _Unset = UNSET     # None: all-zero, i.e. no PSK
+    preshared_key: bytes | None | _Unset = UNSET  # None: all-zero, i.e. no PSK
     endpoint: Address | _Unset = UNSET
     persistent_keepalive: int | _Unset = UNSET
     replace_allowed_ips: bool = False
@@ -60,7 +68,7 @@ class PeerUpdate:
 
 @dataclass
 class SetRequest:
-    private_key: bytes | None | _Unset = UNSET       # None: all-zero, i.e. no key
+    private_key: bytes | None | _Unset = UNSET  # None: all-zero, i.e. no key
     listen_port: int | _Unset = UNSET
     fwmark: int | _Unset = UNSET
     replace_peers: bool = False
@@ -160,7 +168,7 @@ class PeerInfo:
     public_key: bytes
     preshared_key: bytes | None
     endpoint: Address | None
-    last_handshake_ns: int            # wall clock, 0 = never
+    last_handshake_ns: int  # wall clock, 0 = never
     tx_bytes: int
     rx_bytes: int
     persistent_keepalive: int

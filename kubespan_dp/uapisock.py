@@ -5,6 +5,7 @@ our extension `stats=1\\n\\n` (drop counters). Any other operation closes the
 connection, as wireguard-go does. Requests are read whole before the device sees
 them, so a malformed one changes nothing.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -111,7 +112,7 @@ async def _read_body(reader: asyncio.StreamReader) -> list[str]:
     """Lines up to the blank line (or EOF, which ends a request as wireguard-go does)."""
     lines: list[str] = []
     size = 0
-    while (line := await _readline(reader)):
+    while line := await _readline(reader):
         size += len(line) + 1
         if size > MAX_REQUEST:
             raise _Unreadable(EINVAL, "request too large")
@@ -119,8 +120,9 @@ async def _read_body(reader: asyncio.StreamReader) -> list[str]:
     return lines
 
 
-async def _connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                      handler: UapiHandler) -> None:
+async def _connection(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, handler: UapiHandler
+) -> None:
     while True:
         try:
             op = await _readline(reader)

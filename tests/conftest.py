@@ -1,5 +1,6 @@
 """Fixtures shared by every test directory: a
 namespace lab per test, and a session-end check that nothing we made survives."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator

@@ -11,6 +11,7 @@ this interpreter, so a session finalizer can prove nothing was left behind
 
 Other parts of the project may append helpers at the end of this file.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -130,8 +131,12 @@ class Netns:
         input: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
-            self.argv(args), capture_output=True, text=True, timeout=timeout,
-            env=_env(env), input=input,
+            self.argv(args),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=_env(env),
+            input=input,
         )
         if check and proc.returncode != 0:
             raise RuntimeError(
@@ -143,7 +148,9 @@ class Netns:
     def sh(self, script: str, **kw) -> subprocess.CompletedProcess[str]:
         return self.run("sh", "-c", script, **kw)
 
-    def popen(self, args: Sequence[str], env: dict[str, str] | None = None, **kw) -> subprocess.Popen:
+    def popen(
+        self, args: Sequence[str], env: dict[str, str] | None = None, **kw
+    ) -> subprocess.Popen:
         kw.setdefault("stdout", subprocess.PIPE)
         kw.setdefault("stderr", subprocess.STDOUT)
         proc = subprocess.Popen(self.argv(args), env=_env(env), start_new_session=True, **kw)
@@ -319,16 +326,31 @@ class Lab:
         name_a = name_a or unique_name("va", 6)
         name_b = name_b or unique_name("vb", 6)
         subprocess.run(
-            ["ip", "link", "add", name_a, "netns", a.name, "type", "veth",
-             "peer", "name", name_b, "netns", b.name],
-            check=True, capture_output=True,
+            [
+                "ip",
+                "link",
+                "add",
+                name_a,
+                "netns",
+                a.name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                name_b,
+                "netns",
+                b.name,
+            ],
+            check=True,
+            capture_output=True,
         )
         a.run("ip", "link", "set", name_a, "up")
         b.run("ip", "link", "set", name_b, "up")
         return name_a, name_b
 
-    def daemon(self, ns: Netns, kind: str, ifname: str | None = None,
-               env: dict[str, str] | None = None) -> Daemon:
+    def daemon(
+        self, ns: Netns, kind: str, ifname: str | None = None, env: dict[str, str] | None = None
+    ) -> Daemon:
         ifname = ifname or unique_name("wg", 8)
         d = start_daemon(ns, ifname, kind, env)
         self.defer(d.stop)
@@ -336,6 +358,7 @@ class Lab:
 
     def tempdir(self) -> Path:
         import tempfile
+
         path = Path(tempfile.mkdtemp(prefix="ks-lab-"))
         self.defer(lambda: shutil.rmtree(path, ignore_errors=True))
         return path
@@ -364,8 +387,9 @@ def wg(ns: Netns, *args: str, input: str | None = None) -> str:
     return ns.run("wg", *args, input=input).stdout
 
 
-def wait_until(pred: Callable[[], object], timeout: float = 20, interval: float = 0.1,
-               what: str = "condition") -> object:
+def wait_until(
+    pred: Callable[[], object], timeout: float = 20, interval: float = 0.1, what: str = "condition"
+) -> object:
     deadline = time.monotonic() + timeout
     while True:
         value = pred()
@@ -378,9 +402,11 @@ def wait_until(pred: Callable[[], object], timeout: float = 20, interval: float 
 
 def ping(ns: Netns, address: str, count: int = 3, timeout: float = 30) -> None:
     """Ping until `count` replies arrive in a row; raise if it never works."""
+
     def ok() -> bool:
         r = ns.run("ping", "-c", "1", "-W", "1", address, check=False, timeout=10)
         return r.returncode == 0
+
     wait_until(ok, timeout=timeout, interval=0.2, what=f"ping {address} from {ns.name}")
     ns.run("ping", "-c", str(count), "-i", "0.2", "-W", "2", address, timeout=timeout)
 
@@ -397,7 +423,7 @@ OUTER6 = ("fd00:77::1", "fd00:77::2")
 class WgHost:
     ns: Netns
     daemon: Daemon
-    private_key: str          # base64, as `wg` wants it
+    private_key: str  # base64, as `wg` wants it
     public_key: str
     port: int
     veth: str
@@ -420,9 +446,16 @@ def genkey(ns: Netns) -> tuple[str, str]:
     return private, public
 
 
-def build_pair(lab: Lab, kind_a: str, kind_b: str, *, outer: str = "4",
-               psk: str | None = None, keepalive: int = 0,
-               ports: tuple[int, int] = (51820, 51821)) -> tuple[WgHost, WgHost]:
+def build_pair(
+    lab: Lab,
+    kind_a: str,
+    kind_b: str,
+    *,
+    outer: str = "4",
+    psk: str | None = None,
+    keepalive: int = 0,
+    ports: tuple[int, int] = (51820, 51821),
+) -> tuple[WgHost, WgHost]:
     """Two namespaces joined by a veth (v4+v6 outer addresses), each with a WireGuard
     daemon of the given kind, configured with stock `wg` as peers of each other, with
     inner addresses INNER4/INNER6. `outer` ("4" or "6") picks the endpoint family."""
@@ -441,10 +474,20 @@ def build_pair(lab: Lab, kind_a: str, kind_b: str, *, outer: str = "4",
         other = hosts[1 - i]
         keyfile = tmp / f"key{i}"
         keyfile.write_text(h.private_key + "\n")
-        args = ["set", h.ifname, "private-key", str(keyfile), "listen-port", str(h.port),
-                "peer", other.public_key,
-                "allowed-ips", f"{INNER4[1 - i]}/32,{INNER6[1 - i]}/128",
-                "endpoint", _endpoint(outer, 1 - i, other.port)]
+        args = [
+            "set",
+            h.ifname,
+            "private-key",
+            str(keyfile),
+            "listen-port",
+            str(h.port),
+            "peer",
+            other.public_key,
+            "allowed-ips",
+            f"{INNER4[1 - i]}/32,{INNER6[1 - i]}/128",
+            "endpoint",
+            _endpoint(outer, 1 - i, other.port),
+        ]
         if psk:
             pskfile = tmp / "psk"
             pskfile.write_text(psk + "\n")
@@ -465,8 +508,14 @@ def _endpoint(outer: str, i: int, port: int) -> str:
 # --------------------------------------------------------------------------- traffic
 
 
-def tcp_transfer(server_ns: Netns, client_ns: Netns, server_ip: str, nbytes: int,
-                 port: int = 5201, timeout: float = 300) -> tuple[str, str, float]:
+def tcp_transfer(
+    server_ns: Netns,
+    client_ns: Netns,
+    server_ip: str,
+    nbytes: int,
+    port: int = 5201,
+    timeout: float = 300,
+) -> tuple[str, str, float]:
     """Send `nbytes` of random-looking data over TCP from client_ns to server_ns.
 
     Returns (sha256 sent, sha256 received, seconds). The sockets live in the two
@@ -507,7 +556,7 @@ def tcp_transfer(server_ns: Netns, client_ns: Netns, server_ip: str, nbytes: int
             i = 0
             while left:
                 # vary each block so reordering or duplication would change the hash
-                chunk = i.to_bytes(8, "big") + block[8: min(len(block), left)]
+                chunk = i.to_bytes(8, "big") + block[8 : min(len(block), left)]
                 chunk = chunk[:left]
                 cli.sendall(chunk)
                 sent.update(chunk)

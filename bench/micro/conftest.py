@@ -2,6 +2,7 @@
 
 Run: .venv/bin/python -m pytest bench/micro -p no:cacheprovider
 """
+
 from __future__ import annotations
 
 import pytest
@@ -15,11 +16,13 @@ PAIRS = [("seal", "ours_seal", "evp_seal"), ("open", "ours_open", "evp_open")]
 def record_median():
     def record(name: str, benchmark) -> None:
         MEDIANS[name] = benchmark.stats.stats.median
+
     return record
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
     from bench.micro.test_crypto_batch import BATCH, SIZE
+
     if not MEDIANS:
         return
     tr = terminalreporter
@@ -30,4 +33,5 @@ def pytest_terminal_summary(terminalreporter) -> None:
             gbps_base = BATCH * SIZE * 8 / MEDIANS[base] / 1e9
             tr.write_line(
                 f"{label}: ours {gbps_ours:6.2f} Gbit/s  plain EVP {gbps_base:6.2f} Gbit/s"
-                f"  ratio {MEDIANS[base] / MEDIANS[ours]:.3f}x")
+                f"  ratio {MEDIANS[base] / MEDIANS[ours]:.3f}x"
+            )

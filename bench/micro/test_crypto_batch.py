@@ -5,6 +5,7 @@ open the header checks, replay pre-check, tag, replay update); the baseline is t
 EVP calls on the same buffers with nothing around them.  Setup work (restoring the
 buffers, a fresh replay window) happens outside the timed region.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,16 +27,26 @@ def _keypair() -> fp.Keypair:
 
 def test_ours_seal(benchmark, record_median) -> None:
     kp, batch = _keypair(), fp.PacketBatch(BATCH)
-    benchmark.pedantic(kp.seal_batch, args=(batch, SIZE),
-                       setup=lambda: batch.copy_from(PLAIN), rounds=ROUNDS, warmup_rounds=50)
+    benchmark.pedantic(
+        kp.seal_batch,
+        args=(batch, SIZE),
+        setup=lambda: batch.copy_from(PLAIN),
+        rounds=ROUNDS,
+        warmup_rounds=50,
+    )
     assert batch.statuses() == [fp.STATUS_OK] * BATCH
     record_median("ours_seal", benchmark)
 
 
 def test_evp_seal(benchmark, record_median) -> None:
     key, batch = fp.AEADKey(KEY), fp.PacketBatch(BATCH)
-    benchmark.pedantic(fp.evp_baseline_seal, args=(key, batch),
-                       setup=lambda: batch.copy_from(PLAIN), rounds=ROUNDS, warmup_rounds=50)
+    benchmark.pedantic(
+        fp.evp_baseline_seal,
+        args=(key, batch),
+        setup=lambda: batch.copy_from(PLAIN),
+        rounds=ROUNDS,
+        warmup_rounds=50,
+    )
     record_median("evp_seal", benchmark)
 
 
@@ -48,11 +59,10 @@ def test_ours_open(benchmark, record_median) -> None:
 
     def setup():
         batch.copy_from(sealed)
-        state["kp"] = _keypair()       # a fresh replay window each round
+        state["kp"] = _keypair()  # a fresh replay window each round
         return (state["kp"], batch), {}
 
-    benchmark.pedantic(lambda kp, b: kp.open_batch(b), setup=setup, rounds=ROUNDS,
-                       warmup_rounds=50)
+    benchmark.pedantic(lambda kp, b: kp.open_batch(b), setup=setup, rounds=ROUNDS, warmup_rounds=50)
     assert batch.statuses() == [fp.STATUS_OK] * BATCH
     record_median("ours_open", benchmark)
 
@@ -63,7 +73,12 @@ def test_evp_open(benchmark, record_median) -> None:
     sealed.copy_from(PLAIN)
     fp.evp_baseline_seal(key, sealed)
     batch = fp.PacketBatch(BATCH)
-    benchmark.pedantic(fp.evp_baseline_open, args=(key, batch),
-                       setup=lambda: batch.copy_from(sealed), rounds=ROUNDS, warmup_rounds=50)
+    benchmark.pedantic(
+        fp.evp_baseline_open,
+        args=(key, batch),
+        setup=lambda: batch.copy_from(sealed),
+        rounds=ROUNDS,
+        warmup_rounds=50,
+    )
     assert fp.evp_baseline_open(key, sealed) == BATCH
     record_median("evp_open", benchmark)

@@ -1,4 +1,5 @@
 """WireGuard backends: kernel (pyroute2 netlink) and userspace (our daemon over UAPI)."""
+
 from control.backends.base import (
     Address,
     BackendError,

@@ -4,11 +4,13 @@ Both backends (kernel module over netlink, our userspace daemon over UAPI) expos
 same synchronous interface; the agent never needs to know which one runs underneath.
 Keys are raw 32-byte values here; hex and base64 appear only at the edges.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 Address = tuple[str, int]  # (ip, port); IPv6 ip without brackets
 IPNetwork = IPv4Network | IPv6Network
@@ -41,7 +43,9 @@ class PeerState:
 class WireGuardBackend(Protocol):
     mode: str  # "kernel" | "userspace"
 
-    def up(self, link: str, private_key: bytes, listen_port: int, fwmark: int, mtu: int) -> None: ...
+    def up(
+        self, link: str, private_key: bytes, listen_port: int, fwmark: int, mtu: int
+    ) -> None: ...
 
     def apply_peers(self, peers: Sequence[PeerConfig]) -> None:
         """Make the device's peers exactly `peers`, touching only those that changed."""

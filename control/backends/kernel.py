@@ -13,6 +13,7 @@ merges them back.
 Synchronous, and it opens a netlink socket per operation: pyroute2's sync sockets run
 their own asyncio loop and must not be used on a uvloop loop or shared across threads.
 """
+
 from __future__ import annotations
 
 import base64
@@ -114,23 +115,33 @@ class KernelBackend:
                 try:
                     ipr.link("add", ifname=link, kind="wireguard")
                 except NetlinkError as e:
-                    raise BackendError(f"cannot create wireguard link {link}: {_strerror(e)}") from None
+                    raise BackendError(
+                        f"cannot create wireguard link {link}: {_strerror(e)}"
+                    ) from None
                 created = True
                 index = _lookup(ipr, link)
                 if index is None:
                     raise BackendError(f"wireguard link {link} vanished right after creation")
             try:
                 with self._wg() as wg:
-                    wg.set(link, private_key=_b64(private_key), listen_port=listen_port,
-                           fwmark=fwmark)
+                    wg.set(
+                        link, private_key=_b64(private_key), listen_port=listen_port, fwmark=fwmark
+                    )
                 ipr.link("set", index=index, mtu=mtu, state="up")
             except NetlinkError as e:
                 if created:
                     _delete_quietly(ipr, index)
-                raise BackendError(f"cannot configure wireguard link {link}: {_strerror(e)}") from None
+                raise BackendError(
+                    f"cannot configure wireguard link {link}: {_strerror(e)}"
+                ) from None
         self.link = link
-        log.info("kernel wireguard link %s up (port %d, fwmark %#x, mtu %d)",
-                 link, listen_port, fwmark, mtu)
+        log.info(
+            "kernel wireguard link %s up (port %d, fwmark %#x, mtu %d)",
+            link,
+            listen_port,
+            fwmark,
+            mtu,
+        )
 
     def down(self) -> None:
         if self.link is None:
@@ -142,7 +153,9 @@ class KernelBackend:
                     ipr.link("del", index=index)
                 except NetlinkError as e:
                     if e.code != errno.ENODEV:
-                        raise BackendError(f"cannot delete link {self.link}: {_strerror(e)}") from None
+                        raise BackendError(
+                            f"cannot delete link {self.link}: {_strerror(e)}"
+                        ) from None
         log.info("kernel wireguard link %s removed", self.link)
         self.link = None
 
@@ -161,8 +174,13 @@ class KernelBackend:
             for p in changes:
                 _wg_set(wg, link, _peer_request(p, current.get(p.public_key)))
         if removals or changes:
-            log.info("%s: %d peers added or changed, %d removed, %d untouched", link,
-                     len(changes), len(removals), len(wanted) - len(changes))
+            log.info(
+                "%s: %d peers added or changed, %d removed, %d untouched",
+                link,
+                len(changes),
+                len(removals),
+                len(wanted) - len(changes),
+            )
 
     def peer_states(self) -> dict[bytes, PeerState]:
         return {
@@ -173,8 +191,9 @@ class KernelBackend:
     def device_peers(self) -> dict[bytes, PeerConfig]:
         """The peers' configuration as the kernel holds it (for status and tests)."""
         return {
-            key: PeerConfig(key, p.preshared_key, p.endpoint, p.persistent_keepalive,
-                            tuple(p.allowed_ips))
+            key: PeerConfig(
+                key, p.preshared_key, p.endpoint, p.persistent_keepalive, tuple(p.allowed_ips)
+            )
             for key, p in self.read_device().peers.items()
         }
 
@@ -185,7 +204,9 @@ class KernelBackend:
                 try:
                     messages = wg.info(link)
                 except NetlinkError as e:
-                    raise BackendError(f"cannot read wireguard link {link}: {_strerror(e)}") from None
+                    raise BackendError(
+                        f"cannot read wireguard link {link}: {_strerror(e)}"
+                    ) from None
             if not any(m["header"]["flags"] & NLM_F_DUMP_INTR for m in messages):
                 return merge_dump(link, messages)
         raise BackendError(f"the dump of {link} kept changing under us ({DUMP_RETRIES} tries)")
@@ -252,13 +273,17 @@ def _peer_request(want: PeerConfig, have: _DevicePeer | None) -> dict:
         "allowed_ips": [str(n) for n in want.allowed_ips],
     }
     # Write the endpoint only when it changes: the kernel's may have roamed on purpose.
-    if want.endpoint is not None and (have is None or not _same_endpoint(want.endpoint, have.endpoint)):
+    if want.endpoint is not None and (
+        have is None or not _same_endpoint(want.endpoint, have.endpoint)
+    ):
         req["endpoint_addr"], req["endpoint_port"] = want.endpoint
     return req
 
 
 def _same_endpoint(a: Address, b: Address | None) -> bool:
-    return b is not None and a[1] == b[1] and ipaddress.ip_address(a[0]) == ipaddress.ip_address(b[0])
+    return (
+        b is not None and a[1] == b[1] and ipaddress.ip_address(a[0]) == ipaddress.ip_address(b[0])
+    )
 
 
 # ---------------------------------------------------------------------- validation
@@ -288,8 +313,9 @@ def _validate_peers(peers: Sequence[PeerConfig]) -> dict[bytes, PeerConfig]:
             owner[n] = i
             nets.append(n)
         psk = None if p.preshared_key == ZERO_KEY else p.preshared_key
-        wanted[p.public_key] = PeerConfig(p.public_key, psk, endpoint, p.persistent_keepalive,
-                                          tuple(dict.fromkeys(nets)))
+        wanted[p.public_key] = PeerConfig(
+            p.public_key, psk, endpoint, p.persistent_keepalive, tuple(dict.fromkeys(nets))
+        )
     return wanted
 
 
@@ -317,8 +343,12 @@ def _check_int(value: object, lo: int, hi: int, what: str) -> None:
 
 
 def _check_ifname(name: object) -> None:
-    if (not isinstance(name, str) or not 0 < len(name) <= IFNAMSIZ or name in (".", "..")
-            or any(c in name for c in "/: \t\n")):
+    if (
+        not isinstance(name, str)
+        or not 0 < len(name) <= IFNAMSIZ
+        or name in (".", "..")
+        or any(c in name for c in "/: \t\n")
+    ):
         raise InvalidConfig(f"invalid interface name {name!r}")
 
 

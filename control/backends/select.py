@@ -7,6 +7,7 @@ restrictions included). Success means kernel mode, anything else means userspace
 the reason is logged and returned either way. `kernel` demands the module and raises
 `KernelWireGuardUnavailable` (leaving nothing behind) when the probe fails.
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,8 +37,9 @@ class InvalidMode(BackendError, ValueError):
 
 def probe_kernel_wireguard(netns: str | None = None) -> tuple[bool, str]:
     """(available, why): try to create and delete a temporary wireguard link."""
-    name = PROBE_PREFIX + "".join(secrets.choice(string.ascii_lowercase + string.digits)
-                                  for _ in range(6))
+    name = PROBE_PREFIX + "".join(
+        secrets.choice(string.ascii_lowercase + string.digits) for _ in range(6)
+    )
     try:
         ipr = IPRoute(netns=netns) if netns else IPRoute()
     except OSError as e:
@@ -81,6 +83,7 @@ def select_backend(
     """Return (backend, reason) for `mode` ("auto" | "kernel" | "userspace")."""
     if mode not in MODES:
         raise InvalidMode(f"unknown WireGuard mode {mode!r}; expected one of {', '.join(MODES)}")
+
     def make_userspace() -> WireGuardBackend:
         return userspace_factory() if userspace_factory else _default_userspace(netns)
 
@@ -93,7 +96,8 @@ def select_backend(
         if not available:
             raise KernelWireGuardUnavailable(
                 f"kernel WireGuard mode requested but unavailable: {why}; "
-                "use mode 'auto' or 'userspace' to run on the userspace dataplane")
+                "use mode 'auto' or 'userspace' to run on the userspace dataplane"
+            )
         reason = f"kernel mode requested and {why}"
         log.info("WireGuard backend: kernel (%s)", reason)
         return KernelBackend(netns=netns), reason

@@ -6,14 +6,15 @@ one transaction. Every reply ends with `errno=N` and a blank line; N != 0 is a f
 Keys travel as lowercase hex. Secrets read back (private and preshared keys) are
 dropped while parsing so they never sit in objects that may be printed or logged.
 """
+
 from __future__ import annotations
 
 import ipaddress
 import socket
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import EllipsisType
-from typing import Iterable, Sequence
 
 from control.backends.base import Address, BackendError, IPNetwork
 

@@ -11,6 +11,7 @@ which a fresh handshake restores).
 transaction: new peers are created, vanished ones removed, and changed ones updated
 with `update_only` so their sessions and counters survive.
 """
+
 from __future__ import annotations
 
 import collections
@@ -23,13 +24,20 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from pyroute2 import IPRoute
 
 from control.backends.base import BackendError, PeerConfig, PeerState
-from control.backends.uapi_client import RUN_DIR, UAPIClient, format_endpoint, key_hex, peer_items, socket_path
+from control.backends.uapi_client import (
+    RUN_DIR,
+    UAPIClient,
+    format_endpoint,
+    key_hex,
+    peer_items,
+    socket_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +115,13 @@ def diff_items(old: dict[bytes, PeerConfig], new: dict[bytes, PeerConfig]) -> li
 def _merge_endpoint(old: PeerConfig | None, new: PeerConfig) -> PeerConfig:
     """Remember the endpoint last set when the new config leaves it alone (None)."""
     if new.endpoint is None and old is not None and old.endpoint is not None:
-        return PeerConfig(new.public_key, new.preshared_key, old.endpoint, new.persistent_keepalive, new.allowed_ips)
+        return PeerConfig(
+            new.public_key,
+            new.preshared_key,
+            old.endpoint,
+            new.persistent_keepalive,
+            new.allowed_ips,
+        )
     return new
 
 
@@ -183,7 +197,9 @@ class UserspaceBackend:
             self._ensure_running()
             dev = self._client().get()
         return {
-            p.public_key: PeerState(p.public_key, p.endpoint, p.last_handshake, p.rx_bytes, p.tx_bytes)
+            p.public_key: PeerState(
+                p.public_key, p.endpoint, p.last_handshake, p.rx_bytes, p.tx_bytes
+            )
             for p in dev.peers
         }
 
@@ -251,8 +267,12 @@ class UserspaceBackend:
         self._output.clear()
         try:
             self._proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                env=env, start_new_session=True,
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
             )
         except OSError as exc:
             raise BackendError(f"cannot start WireGuard daemon {argv[0]!r}: {exc}") from exc
@@ -278,7 +298,11 @@ class UserspaceBackend:
     def _configure_device(self, replace_peers: bool) -> None:
         assert self._device is not None and self._link is not None
         private_key, port, fwmark, mtu = self._device
-        items = [("private_key", key_hex(private_key)), ("listen_port", str(port)), ("fwmark", str(fwmark))]
+        items = [
+            ("private_key", key_hex(private_key)),
+            ("listen_port", str(port)),
+            ("fwmark", str(fwmark)),
+        ]
         if replace_peers:
             items.append(("replace_peers", "true"))
         self._client().set(items)

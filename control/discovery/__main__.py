@@ -1,4 +1,5 @@
 """`python -m control.discovery`: the discovery service (same as `kubespan discovery-service`)."""
+
 import sys
 
 from control.discovery.service_cli import main

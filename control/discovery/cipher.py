@@ -8,6 +8,7 @@ The key is the cluster secret (32 bytes, AES-256); the service sees only ciphert
   different nodes: ``len(pb) || pb`` zero-padded to the 16-byte block size, each block
   encrypted with bare AES (ECB). This leaks equality of endpoints, by design.
 """
+
 from __future__ import annotations
 
 import base64

@@ -12,21 +12,28 @@ Behaves like Talos's discovery client (siderolabs/discovery-client):
 asyncio API: ``start()`` / ``close()``, the current set in ``affiliates``, changes via
 ``on_change`` callback or ``async for snapshot in client.updates()``.
 """
+
 from __future__ import annotations
 
 import asyncio
 import logging
 import random
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import replace
 from ipaddress import ip_address
-from typing import AsyncIterator, Callable, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import grpc
 
 from control.affiliate import Address, Affiliate, IPAddress
 from control.discovery.cipher import AffiliateCipher, CipherError, secret_key
-from control.discovery.codec import CodecError, decode_affiliate, decode_endpoint, encode_affiliate, encode_endpoint
+from control.discovery.codec import (
+    CodecError,
+    decode_affiliate,
+    decode_endpoint,
+    encode_affiliate,
+    encode_endpoint,
+)
 from control.discovery.proto import cluster_pb2 as pb
 from control.discovery.proto import cluster_pb2_grpc as pbg
 
@@ -61,8 +68,19 @@ def parse_endpoint(endpoint: str, insecure: bool | None = None) -> tuple[str, bo
 class Backoff:
     """Exponential backoff with jitter (the shape of cenkalti/backoff's defaults)."""
 
-    def __init__(self, initial: float = 0.5, maximum: float = 60.0, multiplier: float = 1.5, jitter: float = 0.5) -> None:
-        self.initial, self.maximum, self.multiplier, self.jitter = initial, maximum, multiplier, jitter
+    def __init__(
+        self,
+        initial: float = 0.5,
+        maximum: float = 60.0,
+        multiplier: float = 1.5,
+        jitter: float = 0.5,
+    ) -> None:
+        self.initial, self.maximum, self.multiplier, self.jitter = (
+            initial,
+            maximum,
+            multiplier,
+            jitter,
+        )
         self._current = initial
 
     def next(self) -> float:
@@ -137,16 +155,22 @@ class DiscoveryClient:
 
     # -- local data -------------------------------------------------------------------
 
-    def set_local(self, affiliate: Affiliate, other_endpoints: Mapping[str, Sequence[Address]] | None = None) -> None:
+    def set_local(
+        self, affiliate: Affiliate, other_endpoints: Mapping[str, Sequence[Address]] | None = None
+    ) -> None:
         """Publish ``affiliate`` (its KubeSpan endpoints included) and endpoints seen for others."""
         others = {k: tuple(v) for k, v in (other_endpoints or {}).items() if v}
         if affiliate == self._local and not self._delete and others == self._others_plain:
             return
         endpoints = affiliate.kubespan.endpoints if affiliate.kubespan else ()
         data = self._cipher.seal_data(encode_affiliate(affiliate))
-        self._local_sealed = (data, [self._cipher.seal_endpoint(encode_endpoint(e)) for e in endpoints])
+        self._local_sealed = (
+            data,
+            [self._cipher.seal_endpoint(encode_endpoint(e)) for e in endpoints],
+        )
         self._other_sealed = {
-            aid: [self._cipher.seal_endpoint(encode_endpoint(e)) for e in eps] for aid, eps in others.items()
+            aid: [self._cipher.seal_endpoint(encode_endpoint(e)) for e in eps]
+            for aid, eps in others.items()
         }
         self._others_plain = others
         self._local = affiliate
@@ -165,7 +189,9 @@ class DiscoveryClient:
 
     def start(self) -> asyncio.Task:
         if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self.run(), name=f"discovery-client-{self.affiliate_id}")
+            self._task = asyncio.create_task(
+                self.run(), name=f"discovery-client-{self.affiliate_id}"
+            )
         return self._task
 
     async def close(self, leave: bool = True) -> None:
@@ -179,7 +205,9 @@ class DiscoveryClient:
             try:
                 async with self._channel() as channel:
                     await pbg.ClusterStub(channel).AffiliateDelete(
-                        pb.AffiliateDeleteRequest(cluster_id=self.cluster_id, affiliate_id=self.affiliate_id),
+                        pb.AffiliateDeleteRequest(
+                            cluster_id=self.cluster_id, affiliate_id=self.affiliate_id
+                        ),
                         timeout=min(5.0, self._rpc_timeout),
                     )
             except grpc.aio.AioRpcError as err:
@@ -215,7 +243,9 @@ class DiscoveryClient:
                 seen = self.version
             yield dict(self.affiliates)
 
-    async def wait_for(self, predicate: Callable[[dict[str, Affiliate]], bool], timeout: float) -> dict[str, Affiliate]:
+    async def wait_for(
+        self, predicate: Callable[[dict[str, Affiliate]], bool], timeout: float
+    ) -> dict[str, Affiliate]:
         async def waiter() -> dict[str, Affiliate]:
             async with self._changed:
                 await self._changed.wait_for(lambda: predicate(self.affiliates))
@@ -242,7 +272,9 @@ class DiscoveryClient:
                 pb.HelloRequest(cluster_id=self.cluster_id, client_version=self.client_version),
                 timeout=min(10.0, self._rpc_timeout),
             )
-            self.public_ip = ip_address(hello.client_ip) if len(hello.client_ip) in (4, 16) else None
+            self.public_ip = (
+                ip_address(hello.client_ip) if len(hello.client_ip) in (4, 16) else None
+            )
             if hello.HasField("redirect") and hello.redirect.endpoint:
                 target, tls = parse_endpoint(hello.redirect.endpoint, self._insecure)
                 log.info("discovery service redirects us to %s", target)
@@ -260,7 +292,9 @@ class DiscoveryClient:
                 while True:
                     self._kick.clear()
                     kick = asyncio.create_task(self._kick.wait())
-                    done, _ = await asyncio.wait({kick, reader}, timeout=self.ttl / 2, return_when=asyncio.FIRST_COMPLETED)
+                    done, _ = await asyncio.wait(
+                        {kick, reader}, timeout=self.ttl / 2, return_when=asyncio.FIRST_COMPLETED
+                    )
                     kick.cancel()
                     if reader in done:
                         reader.result()  # raises why the stream ended
@@ -275,19 +309,27 @@ class DiscoveryClient:
         timeout = self._rpc_timeout
         if self._delete:
             await stub.AffiliateDelete(
-                pb.AffiliateDeleteRequest(cluster_id=self.cluster_id, affiliate_id=self.affiliate_id), timeout=timeout
+                pb.AffiliateDeleteRequest(
+                    cluster_id=self.cluster_id, affiliate_id=self.affiliate_id
+                ),
+                timeout=timeout,
             )
             return
         if self._local_sealed is None:
             return  # nothing to publish yet
         data, endpoints = self._local_sealed
         req = pb.AffiliateUpdateRequest(
-            cluster_id=self.cluster_id, affiliate_id=self.affiliate_id, affiliate_data=data, affiliate_endpoints=endpoints
+            cluster_id=self.cluster_id,
+            affiliate_id=self.affiliate_id,
+            affiliate_data=data,
+            affiliate_endpoints=endpoints,
         )
         req.ttl.FromNanoseconds(int(self.ttl * 1e9))
         await stub.AffiliateUpdate(req, timeout=timeout)
         for aid, eps in list(self._other_sealed.items()):
-            other = pb.AffiliateUpdateRequest(cluster_id=self.cluster_id, affiliate_id=aid, affiliate_endpoints=eps)
+            other = pb.AffiliateUpdateRequest(
+                cluster_id=self.cluster_id, affiliate_id=aid, affiliate_endpoints=eps
+            )
             other.ttl.FromNanoseconds(int(self.ttl * 1e9))
             await stub.AffiliateUpdate(other, timeout=timeout)
 
@@ -308,7 +350,9 @@ class DiscoveryClient:
             except (CipherError, CodecError) as err:
                 self._warn(raw.id, f"endpoint skipped: {err}")
         if plain.kubespan is not None:
-            plain = replace(plain, kubespan=replace(plain.kubespan, endpoints=tuple(dict.fromkeys(endpoints))))
+            plain = replace(
+                plain, kubespan=replace(plain.kubespan, endpoints=tuple(dict.fromkeys(endpoints)))
+            )
         return plain
 
     def _warn(self, affiliate_id: str, message: str) -> None:
@@ -358,8 +402,12 @@ class DiscoveryClient:
             return
         for aid in expired:
             del self._carried[aid]
-        log.info("dropping %d affiliate(s) the restarted discovery service no longer knows", len(expired))
-        await self._replace({k: v for k, v in self.affiliates.items() if k not in expired}, force=False)
+        log.info(
+            "dropping %d affiliate(s) the restarted discovery service no longer knows", len(expired)
+        )
+        await self._replace(
+            {k: v for k, v in self.affiliates.items() if k not in expired}, force=False
+        )
 
     async def _replace(self, table: dict[str, Affiliate], force: bool) -> None:
         if force or table != self.affiliates:

@@ -4,6 +4,7 @@ An affiliate travels as two things: its data (an ``Affiliate`` message without
 endpoints) and its KubeSpan endpoints (one ``Endpoint`` message each), because the
 service merges endpoints separately. IP addresses are raw 4 or 16 bytes on the wire.
 """
+
 from __future__ import annotations
 
 from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
@@ -54,7 +55,9 @@ def encode_affiliate(affiliate: Affiliate) -> bytes:
         for net in ks.additional_addresses:
             msg.kubespan.additional_addresses.add(ip=net.network_address.packed, bits=net.prefixlen)
         for net in ks.exclude_advertised_networks:
-            msg.kubespan.exclude_advertised_addresses.add(ip=net.network_address.packed, bits=net.prefixlen)
+            msg.kubespan.exclude_advertised_addresses.add(
+                ip=net.network_address.packed, bits=net.prefixlen
+            )
     if affiliate.control_plane_api_port is not None:
         msg.control_plane.api_server_port = affiliate.control_plane_api_port
     return msg.SerializeToString(deterministic=True)
@@ -80,7 +83,9 @@ def decode_affiliate(data: bytes, endpoints: list[Address] | tuple[Address, ...]
             address=address,
             additional_addresses=_prefixes(ks.additional_addresses, "additional address"),
             endpoints=tuple(endpoints),
-            exclude_advertised_networks=_prefixes(ks.exclude_advertised_addresses, "excluded network"),
+            exclude_advertised_networks=_prefixes(
+                ks.exclude_advertised_addresses, "excluded network"
+            ),
         )
     api_port = msg.control_plane.api_server_port if msg.HasField("control_plane") else None
     if api_port is not None and api_port > 65535:

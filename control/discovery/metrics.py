@@ -4,11 +4,12 @@ Metric names follow Sidero's discovery-service (discovery_state_*), plus request
 counters by method and status code. Only ``GET /metrics`` is served; anything else is
 404, and a request that is slow or oversized is dropped.
 """
+
 from __future__ import annotations
 
 import asyncio
 import collections
-from typing import Callable
+from collections.abc import Callable
 
 from control.discovery.state import State
 
@@ -32,13 +33,45 @@ def render(state: State, requests: RequestCounters) -> str:
         for labels, value in samples:
             lines.append(f"{name}{labels} {value:g}")
 
-    metric("discovery_state_clusters", "gauge", "The current number of clusters in the state.", [("", s.clusters)])
-    metric("discovery_state_affiliates", "gauge", "The current number of affiliates in the state.", [("", s.affiliates)])
-    metric("discovery_state_endpoints", "gauge", "The current number of endpoints in the state.", [("", s.endpoints)])
-    metric("discovery_state_subscriptions", "gauge", "The current number of subscriptions in the state.", [("", s.subscriptions)])
-    metric("discovery_state_gc_runs_total", "counter", "The number of GC runs.", [("", state.gc_runs)])
-    metric("discovery_state_gc_clusters_total", "counter", "The total number of GC'ed clusters.", [("", state.gc_clusters)])
-    metric("discovery_state_gc_affiliates_total", "counter", "The total number of GC'ed affiliates.", [("", state.gc_affiliates)])
+    metric(
+        "discovery_state_clusters",
+        "gauge",
+        "The current number of clusters in the state.",
+        [("", s.clusters)],
+    )
+    metric(
+        "discovery_state_affiliates",
+        "gauge",
+        "The current number of affiliates in the state.",
+        [("", s.affiliates)],
+    )
+    metric(
+        "discovery_state_endpoints",
+        "gauge",
+        "The current number of endpoints in the state.",
+        [("", s.endpoints)],
+    )
+    metric(
+        "discovery_state_subscriptions",
+        "gauge",
+        "The current number of subscriptions in the state.",
+        [("", s.subscriptions)],
+    )
+    metric(
+        "discovery_state_gc_runs_total", "counter", "The number of GC runs.", [("", state.gc_runs)]
+    )
+    metric(
+        "discovery_state_gc_clusters_total",
+        "counter",
+        "The total number of GC'ed clusters.",
+        [("", state.gc_clusters)],
+    )
+    metric(
+        "discovery_state_gc_affiliates_total",
+        "counter",
+        "The total number of GC'ed affiliates.",
+        [("", state.gc_affiliates)],
+    )
     metric(
         "discovery_server_requests_total",
         "counter",
@@ -59,12 +92,22 @@ async def serve_metrics(host: str, port: int, body: Callable[[], str]) -> asynci
             else:
                 payload, status, ctype = b"not found\n", b"404 Not Found", b"text/plain"
             writer.write(
-                b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype
-                + b"\r\nContent-Length: " + str(len(payload)).encode()
-                + b"\r\nConnection: close\r\n\r\n" + payload
+                b"HTTP/1.1 "
+                + status
+                + b"\r\nContent-Type: "
+                + ctype
+                + b"\r\nContent-Length: "
+                + str(len(payload)).encode()
+                + b"\r\nConnection: close\r\n\r\n"
+                + payload
             )
             await writer.drain()
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+        except (
+            TimeoutError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            ConnectionError,
+        ):
             pass
         finally:
             writer.close()

@@ -5,6 +5,7 @@ token if that wait fits in the time it has (deadline, capped); otherwise it is r
 at once and consumes nothing. Idle buckets (full again) are forgotten by ``gc``, and the
 table has a hard size cap, so a flood of source addresses costs bounded memory.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

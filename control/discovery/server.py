@@ -8,6 +8,7 @@ Embeddable two ways:
 
 Everything that touches the State runs on the service's loop, so no locks are needed.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -15,10 +16,11 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv6Address, ip_address
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import unquote
 
 import grpc
@@ -27,7 +29,7 @@ from control.discovery import metrics
 from control.discovery.proto import cluster_pb2 as pb
 from control.discovery.proto import cluster_pb2_grpc as pbg
 from control.discovery.ratelimit import IPRateLimiter
-from control.discovery.state import AffiliateView, Limits, LimitError, Notification, State
+from control.discovery.state import AffiliateView, LimitError, Limits, Notification, State
 
 log = logging.getLogger("control.discovery.server")
 T = TypeVar("T")
@@ -58,7 +60,7 @@ def peer_ip(peer: str) -> str | None:
     peer = unquote(peer)
     for prefix in ("ipv4:", "ipv6:"):
         if peer.startswith(prefix):
-            host = peer[len(prefix):].rsplit(":", 1)[0].strip("[]")
+            host = peer[len(prefix) :].rsplit(":", 1)[0].strip("[]")
             try:
                 addr = ip_address(host.split("%", 1)[0])
             except ValueError:
@@ -87,7 +89,7 @@ def write_atomic(path: Path, blob: bytes) -> None:
     try:
         view = memoryview(blob)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -133,10 +135,12 @@ def _limit_status(err: LimitError) -> grpc.StatusCode:
 
 
 class _ClusterService(pbg.ClusterServicer):
-    def __init__(self, owner: "DiscoveryServer") -> None:
+    def __init__(self, owner: DiscoveryServer) -> None:
         self._o = owner
 
-    async def _unary(self, method: str, request: Any, context: grpc.aio.ServicerContext, fn: Callable[[], T]) -> T:
+    async def _unary(
+        self, method: str, request: Any, context: grpc.aio.ServicerContext, fn: Callable[[], T]
+    ) -> T:
         code = grpc.StatusCode.OK
         try:
             _refuse_malformed(request)
@@ -152,7 +156,9 @@ class _ClusterService(pbg.ClusterServicer):
         finally:
             self._o.requests.record(method, code.name)
 
-    async def Hello(self, request: pb.HelloRequest, context: grpc.aio.ServicerContext) -> pb.HelloResponse:
+    async def Hello(
+        self, request: pb.HelloRequest, context: grpc.aio.ServicerContext
+    ) -> pb.HelloResponse:
         def handle() -> pb.HelloResponse:
             self._o.state.check_cluster_id(request.cluster_id)
             resp = pb.HelloResponse()
@@ -172,8 +178,12 @@ class _ClusterService(pbg.ClusterServicer):
             ttl = request.ttl.seconds + request.ttl.nanos / 1e9
             data = request.affiliate_data if request.HasField("affiliate_data") else None
             self._o.state.update(
-                request.cluster_id, request.affiliate_id, data,
-                list(request.affiliate_endpoints), ttl, self._o.clock(),
+                request.cluster_id,
+                request.affiliate_id,
+                data,
+                list(request.affiliate_endpoints),
+                ttl,
+                self._o.clock(),
             )
             return pb.AffiliateUpdateResponse()
 
@@ -188,9 +198,13 @@ class _ClusterService(pbg.ClusterServicer):
 
         return await self._unary("AffiliateDelete", request, context, handle)
 
-    async def List(self, request: pb.ListRequest, context: grpc.aio.ServicerContext) -> pb.ListResponse:
+    async def List(
+        self, request: pb.ListRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListResponse:
         def handle() -> pb.ListResponse:
-            return pb.ListResponse(affiliates=[_to_pb(v) for v in self._o.state.list(request.cluster_id)])
+            return pb.ListResponse(
+                affiliates=[_to_pb(v) for v in self._o.state.list(request.cluster_id)]
+            )
 
         return await self._unary("List", request, context, handle)
 
@@ -240,8 +254,12 @@ def _handlers(service: _ClusterService) -> grpc.GenericRpcHandler:
         "sidero.discovery.server.Cluster",
         {
             "Hello": unary(service.Hello, pb.HelloRequest, pb.HelloResponse),
-            "AffiliateUpdate": unary(service.AffiliateUpdate, pb.AffiliateUpdateRequest, pb.AffiliateUpdateResponse),
-            "AffiliateDelete": unary(service.AffiliateDelete, pb.AffiliateDeleteRequest, pb.AffiliateDeleteResponse),
+            "AffiliateUpdate": unary(
+                service.AffiliateUpdate, pb.AffiliateUpdateRequest, pb.AffiliateUpdateResponse
+            ),
+            "AffiliateDelete": unary(
+                service.AffiliateDelete, pb.AffiliateDeleteRequest, pb.AffiliateDeleteResponse
+            ),
             "List": unary(service.List, pb.ListRequest, pb.ListResponse),
             "Watch": grpc.unary_stream_rpc_method_handler(
                 service.Watch,
@@ -253,7 +271,13 @@ def _handlers(service: _ClusterService) -> grpc.GenericRpcHandler:
 
 
 class DiscoveryServer:
-    def __init__(self, options: ServerOptions | None = None, *, clock: Callable[[], float] = time.monotonic, **overrides: Any) -> None:
+    def __init__(
+        self,
+        options: ServerOptions | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        **overrides: Any,
+    ) -> None:
         opts = options or ServerOptions()
         for key, value in overrides.items():
             if not hasattr(opts, key):
@@ -291,7 +315,11 @@ class DiscoveryServer:
         if ip is None:
             return
         remaining = context.time_remaining()
-        budget = self.options.rate_max_wait if remaining is None else min(remaining, self.options.rate_max_wait)
+        budget = (
+            self.options.rate_max_wait
+            if remaining is None
+            else min(remaining, self.options.rate_max_wait)
+        )
         wait = self.limiter.reserve(ip, self.clock(), budget)
         if wait is None:
             raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "rate limit exceeds request timeout")
@@ -336,7 +364,11 @@ class DiscoveryServer:
         self._tasks = [asyncio.create_task(self._gc_loop())]
         if o.snapshot_path:
             self._tasks.append(asyncio.create_task(self._snapshot_loop()))
-        log.info("discovery service listening on %s (tls=%s)", address.replace(f":{port}", f":{bound}"), bool(o.tls_cert_file))
+        log.info(
+            "discovery service listening on %s (tls=%s)",
+            address.replace(f":{port}", f":{bound}"),
+            bool(o.tls_cert_file),
+        )
         return bound
 
     async def stop_async(self) -> None:
@@ -444,6 +476,8 @@ class DiscoveryServer:
             # Keep the unreadable file for inspection instead of overwriting it later.
             aside = path.with_name(path.name + ".corrupt")
             os.replace(path, aside)
-            log.error("state snapshot %s unreadable (%s); moved to %s, starting empty", path, exc, aside)
+            log.error(
+                "state snapshot %s unreadable (%s); moved to %s, starting empty", path, exc, aside
+            )
             return
         log.info("restored %d affiliates from %s", n, path)

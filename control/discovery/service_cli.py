@@ -3,6 +3,7 @@
 On a signal the service stops accepting calls, ends watches, and writes its snapshot
 (when --snapshot-path is set) before exiting.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,21 +23,45 @@ def _host_port(text: str) -> tuple[str, int]:
 
 
 def build_parser(prog: str = "kubespan discovery-service") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Run a KubeSpan discovery service (Sidero discovery API).")
-    p.add_argument("--listen", type=_host_port, default=("127.0.0.1", 3000), metavar="HOST:PORT",
-                   help="gRPC listen address (default 127.0.0.1:3000)")
-    p.add_argument("--tls-cert", metavar="FILE", help="PEM certificate; with --tls-key serves TLS instead of h2c")
+    p = argparse.ArgumentParser(
+        prog=prog, description="Run a KubeSpan discovery service (Sidero discovery API)."
+    )
+    p.add_argument(
+        "--listen",
+        type=_host_port,
+        default=("127.0.0.1", 3000),
+        metavar="HOST:PORT",
+        help="gRPC listen address (default 127.0.0.1:3000)",
+    )
+    p.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        help="PEM certificate; with --tls-key serves TLS instead of h2c",
+    )
     p.add_argument("--tls-key", metavar="FILE", help="PEM private key for --tls-cert")
-    p.add_argument("--redirect-endpoint", default="", metavar="ENDPOINT",
-                   help="tell every client (in Hello) to use this endpoint instead")
+    p.add_argument(
+        "--redirect-endpoint",
+        default="",
+        metavar="ENDPOINT",
+        help="tell every client (in Hello) to use this endpoint instead",
+    )
     p.add_argument("--snapshot-path", metavar="FILE", help="persist state here; restored at start")
     p.add_argument("--snapshot-interval", type=float, default=600.0, metavar="SECONDS")
     p.add_argument("--gc-interval", type=float, default=60.0, metavar="SECONDS")
-    p.add_argument("--metrics", type=_host_port, metavar="HOST:PORT",
-                   help="serve Prometheus metrics at http://HOST:PORT/metrics (off by default)")
-    p.add_argument("--trust-x-real-ip", action="store_true",
-                   help="take the client address from the X-Real-IP header (behind a proxy)")
-    p.add_argument("--disable-client-ip", action="store_true", help="do not echo client addresses in Hello")
+    p.add_argument(
+        "--metrics",
+        type=_host_port,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (off by default)",
+    )
+    p.add_argument(
+        "--trust-x-real-ip",
+        action="store_true",
+        help="take the client address from the X-Real-IP header (behind a proxy)",
+    )
+    p.add_argument(
+        "--disable-client-ip", action="store_true", help="do not echo client addresses in Hello"
+    )
     p.add_argument("--rate", type=float, default=15.0, help="requests per second per client IP")
     p.add_argument("--burst", type=int, default=60, help="burst size per client IP")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -73,7 +98,9 @@ async def _serve(ns: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None, prog: str = "kubespan discovery-service") -> int:
     ns = build_parser(prog).parse_args(argv)
-    logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if bool(ns.tls_cert) != bool(ns.tls_key):
         print("error: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2

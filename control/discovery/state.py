@@ -16,11 +16,12 @@ Rules (from Sidero's discovery-service, with one difference noted below):
 - A watcher has a bounded queue; if it overflows, the watcher is cut off and told so,
   so a slow reader costs bounded memory.
 """
+
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from google.protobuf.message import DecodeError
 
@@ -86,7 +87,11 @@ class Subscription:
     """One watcher's bounded queue of notifications."""
 
     def __init__(
-        self, cluster: "_Cluster", buffer: int, wakeup: Callable[[], None], on_close: Callable[[], None]
+        self,
+        cluster: _Cluster,
+        buffer: int,
+        wakeup: Callable[[], None],
+        on_close: Callable[[], None],
     ) -> None:
         self._cluster = cluster
         self._on_close = on_close
@@ -192,7 +197,11 @@ class State:
         affiliate = cluster.affiliates.get(affiliate_id) if cluster else None
         known = {e.data for e in affiliate.endpoints} if affiliate else set()
         fresh = list(dict.fromkeys(e for e in endpoints if e not in known))
-        if affiliate is None and cluster is not None and len(cluster.affiliates) >= lim.affiliates_per_cluster:
+        if (
+            affiliate is None
+            and cluster is not None
+            and len(cluster.affiliates) >= lim.affiliates_per_cluster
+        ):
             raise LimitError("too many affiliates in the cluster", exhausted=True)
         if len(known) + len(fresh) > lim.endpoints_per_affiliate:
             raise LimitError("too many endpoints for the affiliate", exhausted=True)
@@ -327,7 +336,9 @@ class State:
                     self.update(cs.id, a.id, a.data, [], min(life, self.limits.ttl_max), now)
                     for data, ep_life in endpoints:
                         if ep_life > 0:
-                            self.update(cs.id, a.id, None, [data], min(ep_life, self.limits.ttl_max), now)
+                            self.update(
+                                cs.id, a.id, None, [data], min(ep_life, self.limits.ttl_max), now
+                            )
                     restored += 1
                 except LimitError:
                     continue

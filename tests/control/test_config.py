@@ -1,4 +1,5 @@
 """Machine config loading: Talos samples, defaults, and every validation message."""
+
 from __future__ import annotations
 
 import textwrap
@@ -24,7 +25,8 @@ def sample(name: str) -> Path:
 
 def base(kubespan: str = "enabled: true", discovery: str = "enabled: true", extra: str = "") -> str:
     """A minimal v1alpha1 document; pieces are indented into place."""
-    return textwrap.dedent("""\
+    return (
+        textwrap.dedent("""\
         version: v1alpha1
         machine:
           network:
@@ -35,8 +37,13 @@ def base(kubespan: str = "enabled: true", discovery: str = "enabled: true", extr
           secret: {secret}
           discovery:
         {disc}
-        """).format(ks=textwrap.indent(kubespan, " " * 6), disc=textwrap.indent(discovery, " " * 4),
-                    secret=SECRET) + extra
+        """).format(
+            ks=textwrap.indent(kubespan, " " * 6),
+            disc=textwrap.indent(discovery, " " * 4),
+            secret=SECRET,
+        )
+        + extra
+    )
 
 
 def problems(*sources: str) -> list[tuple[str, str]]:
@@ -47,6 +54,7 @@ def problems(*sources: str) -> list[tuple[str, str]]:
 
 # --- the Talos samples ------------------------------------------------------------------
 
+
 def test_worker_sample_loads_with_talos_defaults() -> None:
     cfg = load_config(sample("worker.yaml"))
     assert cfg.cluster_id == "jW8IQKoSCDbhlCNm5K59er5jawHVIechsTuLNZ2_0Z8="
@@ -55,7 +63,9 @@ def test_worker_sample_loads_with_talos_defaults() -> None:
     assert ks.enabled and ks.mtu == 1420 and ks.force_routing
     assert not ks.advertise_kubernetes_networks and not ks.harvest_extra_endpoints
     assert ks.endpoint_filters is None and ks.exclude_advertised_networks == ()
-    assert cfg.discovery.enabled and cfg.discovery.service_active and cfg.discovery.kubernetes_enabled
+    assert (
+        cfg.discovery.enabled and cfg.discovery.service_active and cfg.discovery.kubernetes_enabled
+    )
     assert cfg.discovery_endpoint == "https://discovery.talos.dev/"
     assert cfg.discovery_target() == ("discovery.talos.dev:443", False)
     assert cfg.local.listen_port == 51820 and cfg.local.link_name == "kubespan"
@@ -71,7 +81,11 @@ def test_standalone_kubespan_document_with_cluster_from_v1alpha1() -> None:
     """Newer Talos layout: KubeSpan settings in their own document."""
     worker = yaml.safe_load(sample("worker.yaml").read_text())
     del worker["machine"]["network"]["kubespan"]
-    cfg = load_config(yaml.safe_dump(worker), sample("kubespanconfig.yaml"), sample("kubespanendpointsconfig.yaml"))
+    cfg = load_config(
+        yaml.safe_dump(worker),
+        sample("kubespanconfig.yaml"),
+        sample("kubespanendpointsconfig.yaml"),
+    )
     assert cfg.kubespan.enabled and cfg.kubespan.mtu == 1420
     assert cfg.kubespan.exclude_advertised_networks == (ip_network("2007::/64"),)
     assert cfg.kubespan.extra_announced_endpoints == (("3.4.5.6", 123), ("10.11.12.13", 456))
@@ -79,14 +93,18 @@ def test_standalone_kubespan_document_with_cluster_from_v1alpha1() -> None:
 
 def test_kubespan_document_conflicts_with_v1alpha1_section() -> None:
     assert problems(sample("worker.yaml"), sample("kubespanconfig.yaml")) == [
-        ("KubeSpanConfig", "kubespan is already configured in v1alpha1 machine.network.kubespan")]
+        ("KubeSpanConfig", "kubespan is already configured in v1alpha1 machine.network.kubespan")
+    ]
 
 
 def test_kubespan_document_alone_lacks_cluster_identity_and_discovery() -> None:
     assert problems(sample("kubespanconfig.yaml")) == [
         ("cluster.id", "cluster discovery service requires .cluster.id"),
         ("cluster.secret", "cluster discovery service requires .cluster.secret"),
-        ("cluster.discovery.enabled", "KubeSpan requires cluster discovery to be enabled (with the service registry)"),
+        (
+            "cluster.discovery.enabled",
+            "KubeSpan requires cluster discovery to be enabled (with the service registry)",
+        ),
     ]
 
 
@@ -120,6 +138,7 @@ def test_guide_spelling_of_endpoints_kind_is_accepted() -> None:
 
 # --- our document and the full field set ------------------------------------------------------
 
+
 def test_all_fields_and_our_document() -> None:
     ks = textwrap.dedent("""\
         enabled: true
@@ -144,14 +163,23 @@ def test_all_fields_and_our_document() -> None:
         """)
     cfg = load_config(base(ks, disc) + ours)
     k = cfg.kubespan
-    assert (k.advertise_kubernetes_networks, k.allow_down_peer_bypass, k.harvest_extra_endpoints) == (True,) * 3
+    assert (
+        k.advertise_kubernetes_networks,
+        k.allow_down_peer_bypass,
+        k.harvest_extra_endpoints,
+    ) == (True,) * 3
     assert not k.force_routing and k.mtu == 1500
     assert k.endpoint_filters == ("0.0.0.0/0", "!192.168.0.0/16", "2001::/16", "10.1.2.3")
     assert k.exclude_advertised_networks == (ip_network("10.244.3.128/25"),)
     assert not cfg.discovery.kubernetes_enabled
     assert cfg.discovery.service_endpoint == "https://d.example:3000/"
     loc = cfg.local
-    assert (loc.listen_port, loc.wireguard_mode, loc.state_dir, loc.link_name) == (51821, "userspace", "/tmp/x", "ks0")
+    assert (loc.listen_port, loc.wireguard_mode, loc.state_dir, loc.link_name) == (
+        51821,
+        "userspace",
+        "/tmp/x",
+        "ks0",
+    )
     assert loc.pod_cidrs == (ip_network("10.244.1.0/24"), ip_network("fd00:10::/64"))
     assert cfg.discovery_target() == ("10.0.0.1:3001", True)
 
@@ -169,21 +197,30 @@ def test_normalize_endpoint() -> None:
 
 # --- every validation problem, with its path ------------------------------------------------
 
+
 def test_mtu_below_minimum() -> None:
     assert problems(base("enabled: true\nmtu: 1279")) == [
-        ("machine.network.kubespan.mtu", "kubespan link MTU must be at least 1280")]
+        ("machine.network.kubespan.mtu", "kubespan link MTU must be at least 1280")
+    ]
 
 
 def test_kubespan_without_discovery() -> None:
     assert problems(base(discovery="enabled: false")) == [
-        ("cluster.discovery.enabled", "KubeSpan requires cluster discovery to be enabled (with the service registry)")]
+        (
+            "cluster.discovery.enabled",
+            "KubeSpan requires cluster discovery to be enabled (with the service registry)",
+        )
+    ]
 
 
 def test_kubespan_with_service_registry_disabled() -> None:
     disc = "enabled: true\nregistries:\n  service:\n    disabled: true"
     assert problems(base(discovery=disc)) == [
-        ("cluster.discovery.registries.service.disabled",
-         "KubeSpan requires cluster discovery to be enabled (with the service registry)")]
+        (
+            "cluster.discovery.registries.service.disabled",
+            "KubeSpan requires cluster discovery to be enabled (with the service registry)",
+        )
+    ]
 
 
 def test_malformed_filter_cidr_and_extra_endpoint() -> None:
@@ -202,50 +239,66 @@ def test_malformed_filter_cidr_and_extra_endpoint() -> None:
         "KubeSpanEndpointsConfig.extraAnnouncedEndpoints[3]",
     ]
     assert got[0][1] == "KubeSpan endpoint filter is not valid: '!300.1.0.0/16'"
-    assert got[2][1].startswith("KubeSpan exclude advertised networks filter is not valid: '10.0.0.0/33'")
-    assert got[3][1].startswith("KubeSpan exclude advertised networks filter is not valid: '10.0.0.1'")
+    assert got[2][1].startswith(
+        "KubeSpan exclude advertised networks filter is not valid: '10.0.0.0/33'"
+    )
+    assert got[3][1].startswith(
+        "KubeSpan exclude advertised networks filter is not valid: '10.0.0.1'"
+    )
     assert got[4][1].startswith("extra announced endpoint is not valid: '1.2.3.4'")
     assert "port '0' is not in 1-65535" in got[5][1]
 
 
-@pytest.mark.parametrize("secret, message", [
-    ("not base64!!", "cluster secret must be base64 of 32 bytes: not valid base64"),
-    ("c2hvcnQ=", "cluster secret must be base64 of 32 bytes: decodes to 5 bytes"),
-])
+@pytest.mark.parametrize(
+    "secret, message",
+    [
+        ("not base64!!", "cluster secret must be base64 of 32 bytes: not valid base64"),
+        ("c2hvcnQ=", "cluster secret must be base64 of 32 bytes: decodes to 5 bytes"),
+    ],
+)
 def test_bad_secret(secret: str, message: str) -> None:
     assert problems(base().replace(SECRET, secret)) == [("cluster.secret", message)]
 
 
 def test_unknown_keys_in_owned_sections() -> None:
     ks = "enabled: true\nmtus: 1400\nfilters: {endpoint: []}"
-    disc = "enabled: true\nregistry: {}\nregistries: {service: {url: x}, kubernetes: {enabled: true}}"
+    disc = (
+        "enabled: true\nregistry: {}\nregistries: {service: {url: x}, kubernetes: {enabled: true}}"
+    )
     ours = "---\napiVersion: v1alpha1\nkind: KubeSpanPyConfig\nlistenport: 1\n"
     eps = "---\napiVersion: v1alpha1\nkind: KubeSpanEndpointsConfig\nextra: []\n"
     got = problems(base(ks, disc) + ours + eps)
-    assert sorted(got) == sorted([
-        ("machine.network.kubespan.mtus", "unknown key"),
-        ("machine.network.kubespan.filters.endpoint", "unknown key"),
-        ("cluster.discovery.registry", "unknown key"),
-        ("cluster.discovery.registries.service.url", "unknown key"),
-        ("cluster.discovery.registries.kubernetes.enabled", "unknown key"),
-        ("KubeSpanPyConfig.listenport", "unknown key"),
-        ("KubeSpanEndpointsConfig.extra", "unknown key"),
-    ])
+    assert sorted(got) == sorted(
+        [
+            ("machine.network.kubespan.mtus", "unknown key"),
+            ("machine.network.kubespan.filters.endpoint", "unknown key"),
+            ("cluster.discovery.registry", "unknown key"),
+            ("cluster.discovery.registries.service.url", "unknown key"),
+            ("cluster.discovery.registries.kubernetes.enabled", "unknown key"),
+            ("KubeSpanPyConfig.listenport", "unknown key"),
+            ("KubeSpanEndpointsConfig.extra", "unknown key"),
+        ]
+    )
 
 
 def test_wrong_types() -> None:
     ks = "enabled: 'yes'\nmtu: '1420'\nfilters: {endpoints: '0.0.0.0/0', excludeAdvertisedNetworks: [1]}"
     disc = "enabled: true\nregistries: {service: []}"
     got = problems(base(ks, disc).replace(f"secret: {SECRET}", "secret: 12"))
-    assert sorted(got) == sorted([
-        ("machine.network.kubespan.enabled", "expected a boolean, got string"),
-        ("machine.network.kubespan.mtu", "expected an integer, got string"),
-        ("machine.network.kubespan.filters.endpoints", "expected a list, got string"),
-        ("machine.network.kubespan.filters.excludeAdvertisedNetworks[0]", "expected a string, got integer"),
-        ("cluster.secret", "expected a string, got integer"),
-        ("cluster.discovery.registries.service", "expected a mapping, got list"),
-        ("cluster.secret", "cluster discovery service requires .cluster.secret"),
-    ])
+    assert sorted(got) == sorted(
+        [
+            ("machine.network.kubespan.enabled", "expected a boolean, got string"),
+            ("machine.network.kubespan.mtu", "expected an integer, got string"),
+            ("machine.network.kubespan.filters.endpoints", "expected a list, got string"),
+            (
+                "machine.network.kubespan.filters.excludeAdvertisedNetworks[0]",
+                "expected a string, got integer",
+            ),
+            ("cluster.secret", "expected a string, got integer"),
+            ("cluster.discovery.registries.service", "expected a mapping, got list"),
+            ("cluster.secret", "cluster discovery service requires .cluster.secret"),
+        ]
+    )
 
 
 def test_our_document_values() -> None:
@@ -263,34 +316,48 @@ def test_our_document_values() -> None:
     assert problems(base() + ours) == [
         ("KubeSpanPyConfig.listenPort", "listen port must be in 1-65535, got 70000"),
         ("KubeSpanPyConfig.wireguardMode", "must be one of auto, kernel, userspace, got 'fast'"),
-        ("KubeSpanPyConfig.podCIDRs[0]", "pod CIDR is not valid: '10.244.1.0' (missing /prefix-length)"),
+        (
+            "KubeSpanPyConfig.podCIDRs[0]",
+            "pod CIDR is not valid: '10.244.1.0' (missing /prefix-length)",
+        ),
         ("KubeSpanPyConfig.stateDir", "must not be empty"),
         ("KubeSpanPyConfig.linkName", "not a valid Linux interface name: 'this-name-is-too-long'"),
-        ("KubeSpanPyConfig.discoveryEndpoint",
-         "cluster discovery service registry endpoint is invalid: 'ftp://x/' (expected http(s)://host[:port])"),
+        (
+            "KubeSpanPyConfig.discoveryEndpoint",
+            "cluster discovery service registry endpoint is invalid: 'ftp://x/' (expected http(s)://host[:port])",
+        ),
     ]
 
 
 def test_service_endpoint_with_path() -> None:
     disc = "enabled: true\nregistries: {service: {endpoint: 'https://d.example/api'}}"
     assert problems(base(discovery=disc)) == [
-        ("cluster.discovery.registries.service.endpoint", "cluster discovery service path should be empty")]
+        (
+            "cluster.discovery.registries.service.endpoint",
+            "cluster discovery service path should be empty",
+        )
+    ]
 
 
 def test_structure_errors() -> None:
     assert problems("version: v1alpha1\nmachine: [1]\ncluster: 3\n") == [
-        ("machine", "expected a mapping, got list"), ("cluster", "expected a mapping, got integer")]
+        ("machine", "expected a mapping, got list"),
+        ("cluster", "expected a mapping, got integer"),
+    ]
     assert problems("- 1\n") == [("<document 1>", "expected a mapping, got list")]
     got = problems("version: v1alpha1\nmachine: {network: {kubespan: {enabled: [}}}\n")
     assert got[0][0] == "<yaml>" and got[0][1].startswith("not valid YAML")
     assert problems(base() + "---\n" + base()) == [("<document 2>", "duplicate v1alpha1 document")]
     assert problems(base() + "---\napiVersion: v2\nkind: KubeSpanPyConfig\n") == [
-        ("KubeSpanPyConfig.apiVersion", "unsupported apiVersion 'v2' (expected v1alpha1)")]
+        ("KubeSpanPyConfig.apiVersion", "unsupported apiVersion 'v2' (expected v1alpha1)")
+    ]
 
 
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     got = problems(str(tmp_path / "absent.yaml"))
-    assert got[0][0] == str(tmp_path / "absent.yaml") and got[0][1].startswith("cannot read config file")
+    assert got[0][0] == str(tmp_path / "absent.yaml") and got[0][1].startswith(
+        "cannot read config file"
+    )
 
 
 def test_config_error_lists_every_problem_in_its_message() -> None:
@@ -309,24 +376,68 @@ def test_kubespan_disabled_without_discovery_is_valid() -> None:
 
 # --- arbitrary input never escapes as anything but ConfigError --------------------------------
 
-from hypothesis import given, settings, strategies as st  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st
 
-_scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 70000), st.text(max_size=12),
-                     st.sampled_from(["10.0.0.0/8", "!1.2.3.4", "[::1]:80", "1.2.3.4:5", "abc"]))
-_values = st.recursive(_scalars, lambda inner: st.one_of(
-    st.lists(inner, max_size=3), st.dictionaries(st.sampled_from(
-        ["enabled", "mtu", "filters", "endpoints", "excludeAdvertisedNetworks", "service", "kubernetes",
-         "registries", "disabled", "endpoint", "x"]), inner, max_size=4)), max_leaves=12)
+_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 70000),
+    st.text(max_size=12),
+    st.sampled_from(["10.0.0.0/8", "!1.2.3.4", "[::1]:80", "1.2.3.4:5", "abc"]),
+)
+_values = st.recursive(
+    _scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.dictionaries(
+            st.sampled_from(
+                [
+                    "enabled",
+                    "mtu",
+                    "filters",
+                    "endpoints",
+                    "excludeAdvertisedNetworks",
+                    "service",
+                    "kubernetes",
+                    "registries",
+                    "disabled",
+                    "endpoint",
+                    "x",
+                ]
+            ),
+            inner,
+            max_size=4,
+        ),
+    ),
+    max_leaves=12,
+)
 
 
 @settings(max_examples=150, deadline=None)
 @given(kubespan=_values, discovery=_values, ours=_values, secret=_scalars)
 def test_fuzzed_configs_raise_only_config_error(kubespan, discovery, ours, secret) -> None:
-    docs = [{"version": "v1alpha1", "machine": {"network": {"kubespan": kubespan}},
-             "cluster": {"id": "x", "secret": secret, "discovery": discovery}},
-            {"apiVersion": "v1alpha1", "kind": "KubeSpanPyConfig", "podCIDRs": ours, "listenPort": ours},
-            {"apiVersion": "v1alpha1", "kind": "KubeSpanEndpointsConfig", "extraAnnouncedEndpoints": ours}]
+    docs = [
+        {
+            "version": "v1alpha1",
+            "machine": {"network": {"kubespan": kubespan}},
+            "cluster": {"id": "x", "secret": secret, "discovery": discovery},
+        },
+        {
+            "apiVersion": "v1alpha1",
+            "kind": "KubeSpanPyConfig",
+            "podCIDRs": ours,
+            "listenPort": ours,
+        },
+        {
+            "apiVersion": "v1alpha1",
+            "kind": "KubeSpanEndpointsConfig",
+            "extraAnnouncedEndpoints": ours,
+        },
+    ]
     try:
         load_config(yaml.safe_dump_all(docs))
     except ConfigError as exc:
-        assert exc.problems and all(isinstance(p, str) and isinstance(m, str) for p, m in exc.problems)
+        assert exc.problems and all(
+            isinstance(p, str) and isinstance(m, str) for p, m in exc.problems
+        )

@@ -1,4 +1,5 @@
 """`gen config`: random identity, KubeSpan + discovery on, loads back, never overwrites."""
+
 from __future__ import annotations
 
 import base64
@@ -21,9 +22,16 @@ def test_generated_config_loads_and_is_random() -> None:
 
 
 def test_options_carry_through() -> None:
-    cfg = load_config(generate_config(discovery_endpoint="http://10.0.0.1:3000", listen_port=51999,
-                                      wireguard_mode="userspace", pod_cidrs=["10.244.1.0/24"],
-                                      advertise_kubernetes_networks=True, extra_endpoints=["1.2.3.4:5"]))
+    cfg = load_config(
+        generate_config(
+            discovery_endpoint="http://10.0.0.1:3000",
+            listen_port=51999,
+            wireguard_mode="userspace",
+            pod_cidrs=["10.244.1.0/24"],
+            advertise_kubernetes_networks=True,
+            extra_endpoints=["1.2.3.4:5"],
+        )
+    )
     assert cfg.discovery_target() == ("10.0.0.1:3000", True)
     assert cfg.local.listen_port == 51999 and cfg.local.wireguard_mode == "userspace"
     assert cfg.kubespan.advertise_kubernetes_networks
@@ -42,6 +50,11 @@ def test_main_writes_0600_and_refuses_overwrite(tmp_path: Path, capsys) -> None:
 
 
 def test_module_runs_standalone() -> None:
-    proc = subprocess.run([sys.executable, "-m", "control.genconfig", "--help"], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "control.genconfig", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0 and "--discovery-endpoint" in proc.stdout

@@ -1,4 +1,5 @@
 """Node identity: Talos's address vectors, persistence, 0600, no clobbering, corrupt files."""
+
 from __future__ import annotations
 
 import multiprocessing
@@ -11,9 +12,17 @@ import pytest
 import yaml
 
 from control import base62, keys
-from control.identity import (KUBESPAN_IDENTITY_FILE, NODE_IDENTITY_FILE, IdentityError, create_exclusive,
-                              eui64_address, first_physical_mac, load_or_create_kubespan_identity,
-                              load_or_create_node_id, ula_prefix)
+from control.identity import (
+    KUBESPAN_IDENTITY_FILE,
+    NODE_IDENTITY_FILE,
+    IdentityError,
+    create_exclusive,
+    eui64_address,
+    first_physical_mac,
+    load_or_create_kubespan_identity,
+    load_or_create_node_id,
+    ula_prefix,
+)
 
 # Talos: pkg/machinery/resources/network/ula_test.go and the local affiliate test.
 CLUSTER_ID = "8XuV9TZHW08DOk3bVxQjH9ih_TBKjnh-j44tsCLSBzo="
@@ -44,7 +53,9 @@ def test_identity_created_once_0600_and_survives_restart(tmp_path: Path) -> None
     data = yaml.safe_load(path.read_text())
     assert set(data) == {"address", "subnet", "privateKey", "publicKey"}
     assert data["address"] == f"{ADDRESS}/128" and data["subnet"] == str(SUBNET)
-    assert keys.public_key(keys.decode_key(data["privateKey"])) == keys.decode_key(data["publicKey"])
+    assert keys.public_key(keys.decode_key(data["privateKey"])) == keys.decode_key(
+        data["publicKey"]
+    )
     assert first.address.ip == ADDRESS and first.subnet == SUBNET
     assert str(first.link_address) == f"{ADDRESS}/64"
     before = path.read_bytes()
@@ -72,7 +83,9 @@ def test_racing_processes_agree_and_never_clobber(tmp_path: Path) -> None:
     ctx = multiprocessing.get_context("fork")
     n = 6
     barrier, queue = ctx.Barrier(n), ctx.Queue()
-    procs = [ctx.Process(target=_race_worker, args=(str(tmp_path), barrier, queue)) for _ in range(n)]
+    procs = [
+        ctx.Process(target=_race_worker, args=(str(tmp_path), barrier, queue)) for _ in range(n)
+    ]
     try:
         for p in procs:
             p.start()
@@ -87,7 +100,9 @@ def test_racing_processes_agree_and_never_clobber(tmp_path: Path) -> None:
     key, node_id = results[0]
     assert load_or_create_kubespan_identity(tmp_path, CLUSTER_ID, MAC).public_key == key
     assert load_or_create_node_id(tmp_path) == node_id
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([KUBESPAN_IDENTITY_FILE, NODE_IDENTITY_FILE])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [KUBESPAN_IDENTITY_FILE, NODE_IDENTITY_FILE]
+    )
 
 
 def test_second_process_cannot_clobber_existing_file(tmp_path: Path) -> None:
@@ -98,14 +113,25 @@ def test_second_process_cannot_clobber_existing_file(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["f.yaml"]  # no temporary files left
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"\x00\xff garbage [", "identity file"),
-    (b"- a list\n", "not a YAML mapping"),
-    (b"privateKey: abc\npublicKey: def\n", "privateKey/publicKey"),
-    (b"privateKey: " + keys.encode_key(bytes(32)).encode() + b"\npublicKey: "
-     + keys.encode_key(b"\x01" * 32).encode() + b"\n", "publicKey does not match privateKey"),
-])
-def test_corrupt_identity_is_an_error_naming_the_file(tmp_path: Path, content: bytes, message: str) -> None:
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"\x00\xff garbage [", "identity file"),
+        (b"- a list\n", "not a YAML mapping"),
+        (b"privateKey: abc\npublicKey: def\n", "privateKey/publicKey"),
+        (
+            b"privateKey: "
+            + keys.encode_key(bytes(32)).encode()
+            + b"\npublicKey: "
+            + keys.encode_key(b"\x01" * 32).encode()
+            + b"\n",
+            "publicKey does not match privateKey",
+        ),
+    ],
+)
+def test_corrupt_identity_is_an_error_naming_the_file(
+    tmp_path: Path, content: bytes, message: str
+) -> None:
     path = tmp_path / KUBESPAN_IDENTITY_FILE
     path.write_bytes(content)
     with pytest.raises(IdentityError, match=message) as info:

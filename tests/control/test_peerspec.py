@@ -1,4 +1,5 @@
 """Peer specs from affiliates: Talos's PeerSpecController vectors, with and without overlap."""
+
 from __future__ import annotations
 
 import logging
@@ -19,24 +20,47 @@ def prefixes(spec) -> list[str]:
 
 
 # Talos controllers/kubespan/peer_spec_test.go TestReconcile
-A1 = Affiliate("7x1SuC8Ege5BGXdAfTEff5iQnlWZLfv9h1LGMxA2pYkC", hostname="foo.com", nodename="bar",
-               machine_type="controlplane", addresses=(ip_address("192.168.3.4"),),
-               kubespan=KubeSpanInfo("PLPNBddmTgHJhtw0vxltq1ZBdPP9RNOEUd5JjJZzBRY=",
-                                     ip_address("fd50:8d60:4238:6302:f857:23ff:fe21:d1e0"),
-                                     (net("10.244.3.1/24"), net("10.244.3.0/32")),
-                                     (("10.0.0.2", 51820), ("192.168.3.4", 51820)),
-                                     (net("10.244.3.128/25"),)))
-A2 = Affiliate("9dwHNUViZlPlIervqX9Qo256RUhrfhgO0xBBnKcKl4F", hostname="worker-1", nodename="worker-1",
-               addresses=(ip_address("192.168.3.5"),))
-A3 = Affiliate("xCnFFfxylOf9i5ynhAkt6ZbfcqaLDGKfIa3gwpuaxe7F", nodename="worker-2",
-               addresses=(ip_address("192.168.3.6"),),
-               kubespan=KubeSpanInfo("mB6WlFOR66Jx5rtPMIpxJ3s4XHyer9NCzqWPP7idGRo",
-                                     ip_address("fdc8:8aee:4e2d:1202:f073:9cff:fe6c:4d67"),
-                                     (net("10.244.4.1/24"),), (("192.168.3.6", 51820),)))
-LOCAL = Affiliate("local-node", addresses=(ip_address("192.168.3.7"),),
-                  kubespan=KubeSpanInfo("27E8I+ekrqT21cq2iW6+fDe+H7WBw6q9J7vqLCeswiM=",
-                                        ip_address("fdc8:8aee:4e2d:1202:f073:9cff:fe6c:4d67"),
-                                        (net("10.244.5.1/24"),), (("192.168.3.7", 51820),)))
+A1 = Affiliate(
+    "7x1SuC8Ege5BGXdAfTEff5iQnlWZLfv9h1LGMxA2pYkC",
+    hostname="foo.com",
+    nodename="bar",
+    machine_type="controlplane",
+    addresses=(ip_address("192.168.3.4"),),
+    kubespan=KubeSpanInfo(
+        "PLPNBddmTgHJhtw0vxltq1ZBdPP9RNOEUd5JjJZzBRY=",
+        ip_address("fd50:8d60:4238:6302:f857:23ff:fe21:d1e0"),
+        (net("10.244.3.1/24"), net("10.244.3.0/32")),
+        (("10.0.0.2", 51820), ("192.168.3.4", 51820)),
+        (net("10.244.3.128/25"),),
+    ),
+)
+A2 = Affiliate(
+    "9dwHNUViZlPlIervqX9Qo256RUhrfhgO0xBBnKcKl4F",
+    hostname="worker-1",
+    nodename="worker-1",
+    addresses=(ip_address("192.168.3.5"),),
+)
+A3 = Affiliate(
+    "xCnFFfxylOf9i5ynhAkt6ZbfcqaLDGKfIa3gwpuaxe7F",
+    nodename="worker-2",
+    addresses=(ip_address("192.168.3.6"),),
+    kubespan=KubeSpanInfo(
+        "mB6WlFOR66Jx5rtPMIpxJ3s4XHyer9NCzqWPP7idGRo",
+        ip_address("fdc8:8aee:4e2d:1202:f073:9cff:fe6c:4d67"),
+        (net("10.244.4.1/24"),),
+        (("192.168.3.6", 51820),),
+    ),
+)
+LOCAL = Affiliate(
+    "local-node",
+    addresses=(ip_address("192.168.3.7"),),
+    kubespan=KubeSpanInfo(
+        "27E8I+ekrqT21cq2iW6+fDe+H7WBw6q9J7vqLCeswiM=",
+        ip_address("fdc8:8aee:4e2d:1202:f073:9cff:fe6c:4d67"),
+        (net("10.244.5.1/24"),),
+        (("192.168.3.7", 51820),),
+    ),
+)
 
 
 def test_talos_reconcile_vector() -> None:
@@ -44,26 +68,48 @@ def test_talos_reconcile_vector() -> None:
     assert [s.public_key for s in specs] == [A1.kubespan.public_key, A3.kubespan.public_key]
     s1, s3 = specs
     assert str(s1.address) == "fd50:8d60:4238:6302:f857:23ff:fe21:d1e0"
-    assert prefixes(s1) == ["10.244.3.0/25", "192.168.3.4/32", "fd50:8d60:4238:6302:f857:23ff:fe21:d1e0/128"]
+    assert prefixes(s1) == [
+        "10.244.3.0/25",
+        "192.168.3.4/32",
+        "fd50:8d60:4238:6302:f857:23ff:fe21:d1e0/128",
+    ]
     assert s1.endpoints == (("10.0.0.2", 51820), ("192.168.3.4", 51820))
     assert s1.label == "bar"
-    assert prefixes(s3) == ["10.244.4.0/24", "192.168.3.6/32", "fdc8:8aee:4e2d:1202:f073:9cff:fe6c:4d67/128"]
+    assert prefixes(s3) == [
+        "10.244.4.0/24",
+        "192.168.3.6/32",
+        "fdc8:8aee:4e2d:1202:f073:9cff:fe6c:4d67/128",
+    ]
     assert s3.endpoints == (("192.168.3.6", 51820),) and s3.label == "worker-2"
 
 
 def test_talos_overlap_vector(caplog: pytest.LogCaptureFixture) -> None:
-    b1 = Affiliate("7x1SuC8Ege5BGXdAfTEff5iQnlWZLfv9h1LGMxA2pYkC", nodename="bar",
-                   kubespan=KubeSpanInfo("PLPNBddmTgHJhtw0vxltq1ZBdPP9RNOEUd5JjJZzBRY=",
-                                         ip_address("fd50:8d60:4238:6302:f857:23ff:fe21:d1e0"),
-                                         (net("10.244.3.1/24"), net("10.244.3.0/32"))))
-    b2 = Affiliate("9dwHNUViZlPlIervqX9Qo256RUhrfhgO0xBBnKcKl4F", nodename="worker-1",
-                   kubespan=KubeSpanInfo("Zr5ewpUm2Ywo1c+/59WFKIBjZ3c/nVbIWsT5elbjwCU=",
-                                         ip_address("fd50:8d60:4238:6302:f857:23ff:fe21:d1e1"),
-                                         (net("10.244.2.0/23"), net("192.168.3.0/24"))))
+    b1 = Affiliate(
+        "7x1SuC8Ege5BGXdAfTEff5iQnlWZLfv9h1LGMxA2pYkC",
+        nodename="bar",
+        kubespan=KubeSpanInfo(
+            "PLPNBddmTgHJhtw0vxltq1ZBdPP9RNOEUd5JjJZzBRY=",
+            ip_address("fd50:8d60:4238:6302:f857:23ff:fe21:d1e0"),
+            (net("10.244.3.1/24"), net("10.244.3.0/32")),
+        ),
+    )
+    b2 = Affiliate(
+        "9dwHNUViZlPlIervqX9Qo256RUhrfhgO0xBBnKcKl4F",
+        nodename="worker-1",
+        kubespan=KubeSpanInfo(
+            "Zr5ewpUm2Ywo1c+/59WFKIBjZ3c/nVbIWsT5elbjwCU=",
+            ip_address("fd50:8d60:4238:6302:f857:23ff:fe21:d1e1"),
+            (net("10.244.2.0/23"), net("192.168.3.0/24")),
+        ),
+    )
     with caplog.at_level(logging.WARNING, logger="control.peerspec"):
         s1, s2 = build_peer_specs([b2, b1], local_node_id="me")
     assert prefixes(s1) == ["10.244.3.0/24", "fd50:8d60:4238:6302:f857:23ff:fe21:d1e0/128"]
-    assert prefixes(s2) == ["10.244.2.0/24", "192.168.3.0/24", "fd50:8d60:4238:6302:f857:23ff:fe21:d1e1/128"]
+    assert prefixes(s2) == [
+        "10.244.2.0/24",
+        "192.168.3.0/24",
+        "fd50:8d60:4238:6302:f857:23ff:fe21:d1e1/128",
+    ]
     assert "peer address overlap" in caplog.text and b2.kubespan.public_key in caplog.text
 
 

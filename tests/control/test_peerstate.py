@@ -1,19 +1,23 @@
 """Peer state table, endpoint round robin and harvesting (pure, no I/O)."""
+
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from control.backends.base import PeerState
 from control.peerstate import (
     ENDPOINT_CONNECTION_TIMEOUT,
     PEER_DOWN_INTERVAL,
-    PeerStateName as S,
     PeerStatus,
     calculate_state,
     harvest_endpoints,
     pick_next_endpoint,
     sync_statuses,
+)
+from control.peerstate import (
+    PeerStateName as S,
 )
 
 NOW = 1_700_000_000.0
@@ -82,7 +86,9 @@ def test_state_properties(since_change, since_hs, has_ep) -> None:
         assert state is S.UP
     # Unknown only while waiting on a fresh endpoint, or with no endpoint at all.
     if state is S.UNKNOWN:
-        assert not has_ep or (since_change is not None and since_change < ENDPOINT_CONNECTION_TIMEOUT)
+        assert not has_ep or (
+            since_change is not None and since_change < ENDPOINT_CONNECTION_TIMEOUT
+        )
     # Down never happens without an endpoint.
     if not has_ep:
         assert state is not S.DOWN

@@ -1,4 +1,5 @@
 """KubeSpan routing: routed-set computation (pure) and the ruleset in a real namespace."""
+
 from __future__ import annotations
 
 import json
@@ -8,9 +9,9 @@ from ipaddress import ip_network as N
 
 import pytest
 
-from tests import netns as nx
 from control import routing
 from control.peerstate import PeerStateName
+from tests import netns as nx
 
 # --------------------------------------------------------------------------- pure
 
@@ -24,7 +25,10 @@ def test_routed_prefixes_bypass_and_ula() -> None:
     states = {"up": PeerStateName.UP, "down": "down", "unknown": PeerStateName.UNKNOWN}
     everything = routing.routed_prefixes(allowed, states, allow_down_peer_bypass=False)
     assert [str(n) for n in everything] == [
-        "10.0.1.0/24", "10.0.2.0/24", "192.0.2.1/32", "2001:db8:2::/48",
+        "10.0.1.0/24",
+        "10.0.2.0/24",
+        "192.0.2.1/32",
+        "2001:db8:2::/48",
     ]
     only_up = routing.routed_prefixes(allowed, states, allow_down_peer_bypass=True)
     assert [str(n) for n in only_up] == ["10.0.1.0/24", "192.0.2.1/32"]
@@ -50,7 +54,7 @@ def test_build_ruleset_rejects_bad_input() -> None:
     with pytest.raises(ValueError):
         routing.build_ruleset(["not-a-prefix"], 1420)
     with pytest.raises(ValueError):
-        routing.build_ruleset(['10.0.0.0/8 } ; flush ruleset ; {'], 1420)
+        routing.build_ruleset(["10.0.0.0/8 } ; flush ruleset ; {"], 1420)
     for mtu in (1279, 65536, "1420", None, True):
         with pytest.raises(ValueError):
             routing.build_ruleset([], mtu)  # type: ignore[arg-type]
@@ -173,9 +177,18 @@ def test_real_packets_are_marked_and_steered(host: nx.Netns) -> None:
 def _syn_mss(ns: nx.Netns, dst: str) -> int:
     """Connect to dst:80 from the namespace and read the MSS of the SYN on `kubespan`."""
     dump = ns.popen(
-        ["tcpdump", "-l", "-i", "kubespan", "-nn", "-c", "1", "tcp[tcpflags] & tcp-syn != 0"
-         if ":" not in dst else "ip6 and tcp"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [
+            "tcpdump",
+            "-l",
+            "-i",
+            "kubespan",
+            "-nn",
+            "-c",
+            "1",
+            "tcp[tcpflags] & tcp-syn != 0" if ":" not in dst else "ip6 and tcp",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     try:
         # tcpdump prints "listening on" to stderr once the capture is live
@@ -185,9 +198,13 @@ def _syn_mss(ns: nx.Netns, dst: str) -> int:
                 break
         assert "listening" in line, line
         family = "AF_INET6" if ":" in dst else "AF_INET"
-        ns.run("python3", "-c",
-               f"import socket;s=socket.socket(socket.{family});s.settimeout(0.5)\n"
-               f"try: s.connect(('{dst}',80))\nexcept OSError: pass", check=False)
+        ns.run(
+            "python3",
+            "-c",
+            f"import socket;s=socket.socket(socket.{family});s.settimeout(0.5)\n"
+            f"try: s.connect(('{dst}',80))\nexcept OSError: pass",
+            check=False,
+        )
         out, _ = dump.communicate(timeout=20)
     finally:
         if dump.poll() is None:

@@ -1,5 +1,6 @@
 """The agent as an operator meets it: CLI output formats, watch, API access, metrics,
 JSON logs, config errors, the systemd unit."""
+
 from __future__ import annotations
 
 import json
@@ -40,9 +41,23 @@ def test_get_formats_watch_metrics_json_logs_and_root_only_api(cluster: LabClust
                 raise
             time.sleep(0.5)
     # Watch the peer specs of the first node before the second node exists.
-    watch = subprocess.Popen(first.host.cmd(sys.executable, "-m", "control.cli", "get", "kubespanpeerspecs",
-                                            "--watch", "-o", "json", "--link", first.link),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watch = subprocess.Popen(
+        first.host.cmd(
+            sys.executable,
+            "-m",
+            "control.cli",
+            "get",
+            "kubespanpeerspecs",
+            "--watch",
+            "-o",
+            "json",
+            "--link",
+            first.link,
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         time.sleep(1)
         cluster.start_agent(second)
@@ -51,23 +66,49 @@ def test_get_formats_watch_metrics_json_logs_and_root_only_api(cluster: LabClust
     finally:
         watch.terminate()
         out, _ = watch.communicate(timeout=10)
-    docs = [json.loads(chunk) for chunk in out.replace("}\n{", "}\x00{").split("\x00") if chunk.strip()]
+    docs = [
+        json.loads(chunk) for chunk in out.replace("}\n{", "}\x00{").split("\x00") if chunk.strip()
+    ]
     assert any(d["spec"]["label"] == "node2" for d in docs), out
 
     # Table, YAML and JSON agree on the peer.
     table = cluster.get_table(first, "kubespanpeerstatuses").splitlines()
-    assert table[0].split() == ["NODE", "NAMESPACE", "TYPE", "ID", "VERSION", "LABEL", "ENDPOINT", "STATE", "RX", "TX"]
+    assert table[0].split() == [
+        "NODE",
+        "NAMESPACE",
+        "TYPE",
+        "ID",
+        "VERSION",
+        "LABEL",
+        "ENDPOINT",
+        "STATE",
+        "RX",
+        "TX",
+    ]
     assert "node2" in table[1] and " up " in table[1]
-    as_yaml = first.host.run(sys.executable, "-m", "control.cli", "get", "kubespanidentities", "-o", "yaml",
-                             "--link", first.link).stdout
+    as_yaml = first.host.run(
+        sys.executable,
+        "-m",
+        "control.cli",
+        "get",
+        "kubespanidentities",
+        "-o",
+        "yaml",
+        "--link",
+        first.link,
+    ).stdout
     identity = yaml.safe_load(as_yaml)
     assert identity["metadata"]["type"] == "KubeSpanIdentities.kubespan.talos.dev"
     assert identity["spec"]["wireguardMode"] == "userspace"
     assert identity["spec"]["privateKey"] == "(redacted)"
 
     # Metrics: per-peer state and counters, reconcile duration.
-    metrics = first.host.run("python3", "-c", "import urllib.request;print(urllib.request.urlopen("
-                             "'http://127.0.0.1:9101/metrics', timeout=5).read().decode())").stdout
+    metrics = first.host.run(
+        "python3",
+        "-c",
+        "import urllib.request;print(urllib.request.urlopen("
+        "'http://127.0.0.1:9101/metrics', timeout=5).read().decode())",
+    ).stdout
     assert 'kubespan_peer_up{label="node2"' in metrics
     up_line = next(line for line in metrics.splitlines() if line.startswith("kubespan_peer_up{"))
     assert up_line.endswith(" 1")
@@ -82,22 +123,42 @@ def test_get_formats_watch_metrics_json_logs_and_root_only_api(cluster: LabClust
     assert oct((first.state_dir / "kubespan-identity.yaml").stat().st_mode & 0o777) == "0o600"
 
     # The API serves root only.
-    denied = first.host.run("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                            sys.executable, "-m", "control.cli", "get", "kubespanpeerstatuses",
-                            "--link", first.link, check=False)
+    denied = first.host.run(
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        sys.executable,
+        "-m",
+        "control.cli",
+        "get",
+        "kubespanpeerstatuses",
+        "--link",
+        first.link,
+        check=False,
+    )
     assert denied.returncode == 1 and "permission denied" in denied.stderr
 
 
 def test_bad_config_is_refused_with_every_problem_and_changes_nothing(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({
-        "version": "v1alpha1",
-        "machine": {"network": {"kubespan": {"enabled": True, "mtu": 1000, "bogus": 1}}},
-        "cluster": {"id": "abc", "secret": "not-base64!", "discovery": {"enabled": True}},
-    }))
+    bad.write_text(
+        yaml.safe_dump(
+            {
+                "version": "v1alpha1",
+                "machine": {"network": {"kubespan": {"enabled": True, "mtu": 1000, "bogus": 1}}},
+                "cluster": {"id": "abc", "secret": "not-base64!", "discovery": {"enabled": True}},
+            }
+        )
+    )
     before = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
-    proc = subprocess.run([sys.executable, "-m", "control.cli", "agent", "-c", str(bad)],
-                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "control.cli", "agent", "-c", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
     assert proc.returncode == 2
     assert "machine.network.kubespan.mtu" in proc.stderr
     assert "machine.network.kubespan.bogus" in proc.stderr
@@ -106,15 +167,24 @@ def test_bad_config_is_refused_with_every_problem_and_changes_nothing(tmp_path: 
 
 
 def test_cli_help_and_systemd_unit() -> None:
-    out = subprocess.run([sys.executable, "-m", "control.cli", "--help"], capture_output=True, text=True, cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, "-m", "control.cli", "--help"], capture_output=True, text=True, cwd=REPO
+    )
     assert out.returncode == 0 and "discovery-service" in out.stdout and "get TYPE" in out.stdout
-    agent_help = subprocess.run([sys.executable, "-m", "control.cli", "agent", "--help"],
-                                capture_output=True, text=True, cwd=REPO)
+    agent_help = subprocess.run(
+        [sys.executable, "-m", "control.cli", "agent", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert "--metrics-listen" in agent_help.stdout and "--log-json" in agent_help.stdout
     unit = (REPO / "deploy" / "kubespan.service").read_text()
     assert "ExecStart=/usr/local/bin/kubespan agent --config" in unit
     assert "ExecReload=/bin/kill -HUP $MAINPID" in unit
     if subprocess.run(["which", "systemd-analyze"], capture_output=True).returncode == 0:
-        check = subprocess.run(["systemd-analyze", "verify", str(REPO / "deploy" / "kubespan.service")],
-                               capture_output=True, text=True)
+        check = subprocess.run(
+            ["systemd-analyze", "verify", str(REPO / "deploy" / "kubespan.service")],
+            capture_output=True,
+            text=True,
+        )
         assert "Unknown key" not in check.stderr and "Invalid" not in check.stderr, check.stderr

@@ -5,6 +5,7 @@ and removes it, also on failure. Nodes run the WireGuard mode of the `wg_mode` f
 userspace here, since this host's kernel has no WireGuard module;
 tests/vm/guest_mesh_kernel.py runs the same scenarios in kernel mode inside the VM.
 """
+
 from __future__ import annotations
 
 import os
@@ -58,12 +59,17 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 1.0):
     while True:
         try:
             value = predicate()
-        except (RuntimeError, KeyError) as exc:  # the agent is not answering yet / peer not known yet
+        except (
+            RuntimeError,
+            KeyError,
+        ) as exc:  # the agent is not answering yet / peer not known yet
             value, last_error = None, exc
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last_error})")
+            raise AssertionError(
+                f"timed out after {timeout:.0f}s waiting for {what} (last error: {last_error})"
+            )
         time.sleep(interval)
 
 
@@ -71,8 +77,12 @@ class Capture:
     """tcpdump on a host's underlay; counts packets matching a filter."""
 
     def __init__(self, host: Host, bpf: str, iface: str = "eth0") -> None:
-        self.proc = subprocess.Popen(host.cmd("tcpdump", "-i", iface, "-n", "-l", "-U", bpf),
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            host.cmd("tcpdump", "-i", iface, "-n", "-l", "-U", bpf),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         # tcpdump says "listening on" once the capture is armed.
         deadline = time.monotonic() + 10
         assert self.proc.stderr is not None
@@ -90,10 +100,14 @@ class Capture:
 
 
 def ping(host: Host, target: str, count: int = 3) -> bool:
-    return host.run("ping", "-c", str(count), "-i", "0.2", "-W", "2", target, check=False).returncode == 0
+    return (
+        host.run("ping", "-c", str(count), "-i", "0.2", "-W", "2", target, check=False).returncode
+        == 0
+    )
 
 
 # -- full mesh ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("count", [3, 5])
 def test_full_mesh_and_traffic_goes_through_the_tunnel(cluster: LabCluster, count: int) -> None:
@@ -105,11 +119,21 @@ def test_full_mesh_and_traffic_goes_through_the_tunnel(cluster: LabCluster, coun
         assert {d["spec"]["label"] for d in specs} == labels - {node.host.name}
     # Counters refresh every reconcile: wait for one after the handshakes.
     for node in nodes:
-        wait_until(lambda: all(s["state"] == "up" and s["receiveBytes"] > 0 and s["transmitBytes"] > 0
-                               for s in statuses(cluster, node).values()), 30, f"rx/tx on {node.host.name}")
+        wait_until(
+            lambda: all(
+                s["state"] == "up" and s["receiveBytes"] > 0 and s["transmitBytes"] > 0
+                for s in statuses(cluster, node).values()
+            ),
+            30,
+            f"rx/tx on {node.host.name}",
+        )
 
     first, second = nodes[0], nodes[1]
-    targets = [str(second.host.address4), str(second.host.address6), kubespan_address(cluster, second)]
+    targets = [
+        str(second.host.address4),
+        str(second.host.address6),
+        kubespan_address(cluster, second),
+    ]
     capture_plain = Capture(first.host, "icmp or icmp6 and not ip6[40] >= 133")  # ND is not traffic
     capture_wg = Capture(first.host, "udp port 51820")
     for target in targets:
@@ -127,6 +151,7 @@ def test_full_mesh_and_traffic_goes_through_the_tunnel(cluster: LabCluster, coun
 
 # -- SNAT --------------------------------------------------------------------------------
 
+
 def add_nat_node(cluster: LabCluster) -> tuple[Node, Host]:
     """A node behind a masquerading router: it only has a private address itself."""
     lab = cluster.lab
@@ -139,11 +164,17 @@ def add_nat_node(cluster: LabCluster) -> tuple[Node, Host]:
     router.run("ip", "addr", "add", "198.51.100.1/24", "dev", "lan0")
     router.run("ip", "link", "set", "lan0", "up")
     router.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
-    router.run("nft", "add table ip nat; add chain ip nat post { type nat hook postrouting priority srcnat; }; "
-                      "add rule ip nat post oifname eth0 masquerade")
-    for argv in (["ip", "link", "set", "lo", "up"], ["ip", "link", "set", "eth0", "up"],
-                 ["ip", "addr", "add", "198.51.100.2/24", "dev", "eth0"],
-                 ["ip", "route", "add", "192.0.2.0/24", "via", "198.51.100.1"]):
+    router.run(
+        "nft",
+        "add table ip nat; add chain ip nat post { type nat hook postrouting priority srcnat; }; "
+        "add rule ip nat post oifname eth0 masquerade",
+    )
+    for argv in (
+        ["ip", "link", "set", "lo", "up"],
+        ["ip", "link", "set", "eth0", "up"],
+        ["ip", "addr", "add", "198.51.100.2/24", "dev", "eth0"],
+        ["ip", "route", "add", "192.0.2.0/24", "via", "198.51.100.1"],
+    ):
         host.run(*argv)
     node = cluster.add_node(NodeOptions(), host=host)
     return node, router
@@ -160,19 +191,31 @@ def test_node_behind_snat_is_reached_through_its_public_address(cluster: LabClus
         assert status["endpoint"].startswith(f"{router.address4}:"), status
         # What the NATed node announced: its own private address and the public one
         # that discovery echoed back to it.
-        spec = next(d["spec"] for d in cluster.get(node, "kubespanpeerspecs") if d["spec"]["label"] == "natted")
+        spec = next(
+            d["spec"]
+            for d in cluster.get(node, "kubespanpeerspecs")
+            if d["spec"]["label"] == "natted"
+        )
         assert f"{router.address4}:51820" in spec["endpoints"], spec
         assert "198.51.100.2:51820" in spec["endpoints"], spec
     assert ping(public[0].host, kubespan_address(cluster, natted))
     # harvestExtraEndpoints: the public nodes report the endpoints they see working.
     natted_key = cluster.get(natted, "kubespanidentities")[0]["spec"]["publicKey"]
-    harvested = wait_until(lambda: {d["metadata"]["id"]: d["spec"] for d in cluster.get(public[0], "kubespanendpoints")
-                                    if d["metadata"]["id"] == natted_key}, 30, "a harvested endpoint")
+    harvested = wait_until(
+        lambda: {
+            d["metadata"]["id"]: d["spec"]
+            for d in cluster.get(public[0], "kubespanendpoints")
+            if d["metadata"]["id"] == natted_key
+        },
+        30,
+        "a harvested endpoint",
+    )
     assert harvested[natted_key]["endpoint"].startswith(f"{router.address4}:")
     assert harvested[natted_key]["affiliateID"]
 
 
 # -- a node dies, then comes back ---------------------------------------------------------
+
 
 def test_dead_node_goes_down_bypass_or_no_leak_and_comes_back(cluster: LabCluster) -> None:
     # One endpoint per node (IPv4 only): with several, a down peer cycles through them
@@ -190,8 +233,12 @@ def test_dead_node_goes_down_bypass_or_no_leak_and_comes_back(cluster: LabCluste
     cluster.stop_agent(victim, kill=True)  # no goodbye: as a crash or power loss
     # Talos's rule: down once no handshake for 275 s (and the endpoint is older than that).
     for node in (bypass, strict):
-        wait_until(lambda: statuses(cluster, node)["node3"]["state"] == "down", 420,
-                   f"node3 down on {node.host.name}", interval=5)
+        wait_until(
+            lambda: statuses(cluster, node)["node3"]["state"] == "down",
+            420,
+            f"node3 down on {node.host.name}",
+            interval=5,
+        )
 
     # The victim's underlay address still answers pings (its namespace is alive, only
     # KubeSpan is dead): with bypass the traffic takes the plain route, without it the
@@ -208,13 +255,17 @@ def test_dead_node_goes_down_bypass_or_no_leak_and_comes_back(cluster: LabCluste
 
     cluster.start_agent(victim)
     for node in (bypass, strict):
-        wait_until(lambda: statuses(cluster, node)["node3"]["state"] == "up", 90,
-                   f"node3 up again on {node.host.name}")
+        wait_until(
+            lambda: statuses(cluster, node)["node3"]["state"] == "up",
+            90,
+            f"node3 up again on {node.host.name}",
+        )
     assert cluster.get(victim, "kubespanidentities")[0]["spec"]["publicKey"] == victim_key
     assert ping(strict.host, victim_address)
 
 
 # -- endpoint cycling ----------------------------------------------------------------------
+
 
 def test_agent_cycles_to_a_working_endpoint(cluster: LabCluster) -> None:
     first = cluster.add_node()
@@ -232,8 +283,11 @@ def test_agent_cycles_to_a_working_endpoint(cluster: LabCluster) -> None:
     second = cluster.add_node(NodeOptions(), host=host)
     # The second node never initiates a handshake (type 1 messages dropped on the way
     # out), so only the first node's endpoint cycling can bring the pair up.
-    host.run("nft", "add table inet t; add chain inet t out { type filter hook output priority 0; }; "
-                    "add rule inet t out udp dport 51820 @th,64,8 0x1 drop")
+    host.run(
+        "nft",
+        "add table inet t; add chain inet t out { type filter hook output priority 0; }; "
+        "add rule inet t out udp dport 51820 @th,64,8 0x1 drop",
+    )
     cluster.start_agent(second)
 
     def second_status():
@@ -241,7 +295,11 @@ def test_agent_cycles_to_a_working_endpoint(cluster: LabCluster) -> None:
         return found if found and found["state"] == "up" else None
 
     status = wait_until(second_status, 120, "the first node to reach the second")
-    spec = next(d["spec"] for d in cluster.get(first, "kubespanpeerspecs") if d["spec"]["label"] == host.name)
+    spec = next(
+        d["spec"]
+        for d in cluster.get(first, "kubespanpeerspecs")
+        if d["spec"]["label"] == host.name
+    )
     assert spec["endpoints"][0] == "203.0.113.9:51820", spec
     assert status["lastUsedEndpoint"] != "203.0.113.9:51820"
     assert status["lastUsedEndpoint"] in spec["endpoints"][1:]
@@ -250,12 +308,14 @@ def test_agent_cycles_to_a_working_endpoint(cluster: LabCluster) -> None:
 
 # -- discovery service restart -------------------------------------------------------------
 
+
 def test_discovery_restart_keeps_tunnels_and_nodes_reregister(cluster: LabCluster) -> None:
     nodes = start_nodes(cluster, 3)
     cluster.wait_full_mesh(timeout=90)
     target = kubespan_address(cluster, nodes[1])
-    pinger = subprocess.Popen(nodes[0].host.cmd("ping", "-i", "0.2", "-W", "1", target),
-                              stdout=subprocess.PIPE, text=True)
+    pinger = subprocess.Popen(
+        nodes[0].host.cmd("ping", "-i", "0.2", "-W", "1", target), stdout=subprocess.PIPE, text=True
+    )
     cluster.stop_discovery()
     (cluster.workdir / "discovery.snapshot").unlink(missing_ok=True)  # forget everything
     time.sleep(8)
@@ -275,6 +335,7 @@ def test_discovery_restart_keeps_tunnels_and_nodes_reregister(cluster: LabCluste
 
 # -- teardown ------------------------------------------------------------------------------
 
+
 def leftovers(node: Node) -> list[str]:
     found = []
     try:
@@ -288,8 +349,11 @@ def leftovers(node: Node) -> list[str]:
     if node.link in links:
         found.append(f"link {node.link}")
     pids = run(["ip", "netns", "pids", node.host.netns]).stdout.split()
-    names = [Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-             for pid in pids if Path(f"/proc/{pid}").exists()]
+    names = [
+        Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        for pid in pids
+        if Path(f"/proc/{pid}").exists()
+    ]
     daemons = [n for n in names if "kubespan-wg" in n or "kubespan_dp" in n]
     if daemons:
         found.append(f"daemons: {daemons}")

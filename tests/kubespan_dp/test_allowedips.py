@@ -33,8 +33,17 @@ A, B, C = FakePeer("a"), FakePeer("b"), FakePeer("c")
 
 def v4_packet(src: str, dst: str) -> bytes:
     return struct.pack(
-        "!BBHHHBBH4s4s", 0x45, 0, 28, 0, 0, 64, 17, 0,
-        IPv4Address(src).packed, IPv4Address(dst).packed,
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        28,
+        0,
+        0,
+        64,
+        17,
+        0,
+        IPv4Address(src).packed,
+        IPv4Address(dst).packed,
     ) + bytes(8)
 
 
@@ -257,7 +266,9 @@ PEERS = [FakePeer(f"p{i}") for i in range(4)]
 
 def clustered_int(width: int) -> st.SearchStrategy[int]:
     # A few flipped bits over a shared base: prefixes overlap and nest often.
-    return st.sets(st.integers(0, width - 1), max_size=4).map(lambda bits: sum(1 << b for b in bits))
+    return st.sets(st.integers(0, width - 1), max_size=4).map(
+        lambda bits: sum(1 << b for b in bits)
+    )
 
 
 def prefix(version: int) -> st.SearchStrategy[tuple[int, int, int]]:
@@ -295,7 +306,9 @@ def to_network(entry: tuple[int, int, int]) -> IPv4Network | IPv6Network:
 
 @settings(max_examples=400, deadline=None)
 @given(operations, probes)
-def test_matches_naive_lpm(ops: list[tuple[str, object, object]], extra: list[tuple[int, int]]) -> None:
+def test_matches_naive_lpm(
+    ops: list[tuple[str, object, object]], extra: list[tuple[int, int]]
+) -> None:
     t, model = AllowedIPs(), NaiveTable()
     for op, arg, peer in ops:
         if op == "insert":

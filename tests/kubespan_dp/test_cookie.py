@@ -1,4 +1,5 @@
 """mac1/mac2, cookie replies and the per-source rate limiter."""
+
 from __future__ import annotations
 
 import itertools
@@ -59,9 +60,16 @@ def test_cookie_reply_must_answer_our_last_mac1() -> None:
     checker = cookie.CookieChecker(_rng())
     checker.init(SERVER_PUB)
     gen = cookie.CookieGenerator(SERVER_PUB)
-    reply_to_other = messages.decode(checker.create_reply(
-        cookie.CookieGenerator(SERVER_PUB).add_macs(
-            messages.Initiation(2, b"e" * 32, b"s" * 48, b"t" * 28).encode(), 0.0), 1, SRC, 0.0))
+    reply_to_other = messages.decode(
+        checker.create_reply(
+            cookie.CookieGenerator(SERVER_PUB).add_macs(
+                messages.Initiation(2, b"e" * 32, b"s" * 48, b"t" * 28).encode(), 0.0
+            ),
+            1,
+            SRC,
+            0.0,
+        )
+    )
     assert not gen.consume_reply(reply_to_other.nonce, reply_to_other.cookie, 0.0)  # no mac1 yet
     gen.add_macs(_initiation(), 0.0)
     assert not gen.consume_reply(reply_to_other.nonce, reply_to_other.cookie, 0.0)
@@ -78,11 +86,11 @@ def test_rate_limiter_burst_and_refill() -> None:
     allowed = [rl.allow("10.0.0.1", 0.0) for _ in range(10)]
     # wireguard-go semantics: the first packet plus three more from the burst credit.
     assert allowed == [True] * 4 + [False] * 6
-    assert rl.allow("10.0.0.2", 0.0)              # per source
+    assert rl.allow("10.0.0.2", 0.0)  # per source
     # One packet costs 50 ms of credit and needs strictly more than that in hand.
-    assert rl.allow("10.0.0.1", 0.001)              # 50 ms left + 1 ms refill
-    assert not rl.allow("10.0.0.1", 0.002)          # 2 ms
-    assert not rl.allow("10.0.0.1", 0.05)           # exactly 50 ms
+    assert rl.allow("10.0.0.1", 0.001)  # 50 ms left + 1 ms refill
+    assert not rl.allow("10.0.0.1", 0.002)  # 2 ms
+    assert not rl.allow("10.0.0.1", 0.05)  # exactly 50 ms
     assert rl.allow("10.0.0.1", 0.06)
     # Long quiet: the bucket is full again (capped at the burst).
     assert [rl.allow("10.0.0.1", 100.0) for _ in range(6)] == [True] * 4 + [False] * 2

@@ -1,14 +1,15 @@
 """Property tests: hostile datagrams never raise, never change state, are always counted."""
+
 from __future__ import annotations
 
 import copy
 import dataclasses
 
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from kubespan_dp import messages
 from kubespan_dp.core import WireGuardCore
-
 from tests.kubespan_dp.wgpair import Pair, ipv4_packet
 
 A_IP, B_IP = "192.168.0.1", "192.168.0.2"
@@ -21,13 +22,17 @@ def _established() -> tuple[Pair, dict[str, bytes]]:
     p.handshake()
     p.send(p.a, ipv4_packet(A_IP, B_IP, b"data" * 10))
     p.deliver()
-    p.run_until(11)   # a keepalive from b
+    p.run_until(11)  # a keepalive from b
     samples: dict[str, bytes] = {}
     for node in (p.a, p.b):
         for _, d, _ in node.sent:
             kind = messages.message_type(d)
-            name = {1: "initiation", 2: "response", 3: "cookie", 4: "keepalive" if len(d) == 32
-                    else "data"}[kind]
+            name = {
+                1: "initiation",
+                2: "response",
+                3: "cookie",
+                4: "keepalive" if len(d) == 32 else "data",
+            }[kind]
             samples.setdefault(name, d)
     # A cookie reply to a's initiation, made by b's checker.
     init = samples["initiation"]
@@ -43,19 +48,53 @@ def snapshot(core: WireGuardCore) -> object:
     peers = []
     for peer in core.peers.values():
         hs = dataclasses.asdict(peer.handshake)
-        timers = {f.name: getattr(peer.timers, f.name)
-                  for f in dataclasses.fields(peer.timers) if f.name != "jitter"}
-        kps = [(k.local_index, k.remote_index, k.send_counter, k.created, k.replay.last,
-                tuple(k.replay._ring)) for k in peer.keypairs.all()]
-        slots = tuple(id(k) if k else None for k in
-                      (peer.keypairs.current, peer.keypairs.previous, peer.keypairs.next))
+        timers = {
+            f.name: getattr(peer.timers, f.name)
+            for f in dataclasses.fields(peer.timers)
+            if f.name != "jitter"
+        }
+        kps = [
+            (
+                k.local_index,
+                k.remote_index,
+                k.send_counter,
+                k.created,
+                k.replay.last,
+                tuple(k.replay._ring),
+            )
+            for k in peer.keypairs.all()
+        ]
+        slots = tuple(
+            id(k) if k else None
+            for k in (peer.keypairs.current, peer.keypairs.previous, peer.keypairs.next)
+        )
         gen = peer.cookie_generator
-        peers.append((peer.public_key, peer.endpoint, peer.rx_bytes, peer.tx_bytes,
-                      peer.last_handshake, hs, timers, kps, slots, list(peer.staged),
-                      gen.cookie, gen.cookie_set, gen.last_mac1, peer.allowed_ips))
+        peers.append(
+            (
+                peer.public_key,
+                peer.endpoint,
+                peer.rx_bytes,
+                peer.tx_bytes,
+                peer.last_handshake,
+                hs,
+                timers,
+                kps,
+                slots,
+                list(peer.staged),
+                gen.cookie,
+                gen.cookie_set,
+                gen.last_mac1,
+                peer.allowed_ips,
+            )
+        )
     checker = core.cookie_checker
-    return (peers, sorted(core.index_table.entries), checker._secret, checker._secret_set,
-            copy.deepcopy(core.rate_limiter.table))
+    return (
+        peers,
+        sorted(core.index_table.entries),
+        checker._secret,
+        checker._secret_set,
+        copy.deepcopy(core.rate_limiter.table),
+    )
 
 
 def _mutate(data: bytes, how: str, pos: int, extra: bytes) -> bytes:
@@ -74,16 +113,22 @@ mutated = st.builds(
     st.sampled_from(sorted(SAMPLES.values())),
     st.sampled_from(["flip", "truncate", "extend"]),
     st.integers(min_value=0, max_value=10_000),
-    st.binary(max_size=64))
+    st.binary(max_size=64),
+)
 
 random_datagrams = st.one_of(
     st.binary(max_size=200),
-    st.builds(lambda kind, rest: kind + rest,
-              st.sampled_from([b"\x01\0\0\0", b"\x02\0\0\0", b"\x03\0\0\0", b"\x04\0\0\0"]),
-              st.binary(max_size=200)),
-    st.builds(lambda kind, n, rest: (kind + rest + bytes(n))[:n],
-              st.sampled_from([b"\x01\0\0\0", b"\x02\0\0\0", b"\x03\0\0\0", b"\x04\0\0\0"]),
-              st.sampled_from([32, 64, 92, 148]), st.binary(max_size=148)),
+    st.builds(
+        lambda kind, rest: kind + rest,
+        st.sampled_from([b"\x01\0\0\0", b"\x02\0\0\0", b"\x03\0\0\0", b"\x04\0\0\0"]),
+        st.binary(max_size=200),
+    ),
+    st.builds(
+        lambda kind, n, rest: (kind + rest + bytes(n))[:n],
+        st.sampled_from([b"\x01\0\0\0", b"\x02\0\0\0", b"\x03\0\0\0", b"\x04\0\0\0"]),
+        st.sampled_from([32, 64, 92, 148]),
+        st.binary(max_size=148),
+    ),
 )
 
 sources = st.sampled_from([("10.0.0.1", 51820), ("10.7.7.7", 9), ("fd00::99", 51820)])

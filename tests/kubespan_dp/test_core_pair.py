@@ -1,4 +1,5 @@
 """Two cores wired in memory with a simulated clock (aioquic/h11-style pair tests)."""
+
 from __future__ import annotations
 
 from ipaddress import ip_network
@@ -6,7 +7,6 @@ from ipaddress import ip_network
 from kubespan_dp import messages
 from kubespan_dp.core import HandshakeCompleted, KeypairInstalled, KeypairRetired, WireGuardCore
 from kubespan_dp.timers import REKEY_TIMEOUT_JITTER_MAX_MS
-
 from tests.kubespan_dp.wgpair import Pair, ipv4_packet, ipv6_packet, kinds
 
 A_IP, B_IP = "192.168.0.1", "192.168.0.2"
@@ -16,7 +16,7 @@ def test_handshake_and_data_both_ways() -> None:
     p = Pair(psk=bytes(range(32)))
     first = ipv4_packet(A_IP, B_IP, b"first")
     p.send(p.a, first)
-    assert kinds(p.a.sent) == [messages.INITIATION]   # staged until the session exists
+    assert kinds(p.a.sent) == [messages.INITIATION]  # staged until the session exists
     p.deliver()
     assert [pkt for _, pkt in p.b.inbox] == [first]
     back = ipv6_packet("fd00::2", "fd00::1", b"back")
@@ -28,14 +28,14 @@ def test_handshake_and_data_both_ways() -> None:
 
     pa, pb = p.peer_of(p.a), p.peer_of(p.b)
     assert pa.last_handshake == 0.0 and pb.last_handshake == 0.0
-    assert pb.endpoint == p.a.addr                       # learned from the initiation
+    assert pb.endpoint == p.a.addr  # learned from the initiation
     assert pa.tx_bytes == pb.rx_bytes and pb.tx_bytes == pa.rx_bytes
     assert pa.tx_bytes == sum(len(d) for _, d, _ in p.a.sent)
     for node in (p.a, p.b):
         installed = [e for e in node.events if isinstance(e, KeypairInstalled)]
         assert len(installed) == 1
         assert any(isinstance(e, HandshakeCompleted) for e in node.events)
-        assert "send_key" not in repr(installed[0])   # keys stay out of reprs/logs
+        assert "send_key" not in repr(installed[0])  # keys stay out of reprs/logs
         assert not node.core.dropped
     # Padding: the 25-byte packet travelled as 32 bytes of plaintext.
     data_msgs = [d for _, d, _ in p.a.sent if messages.message_type(d) == 4 and len(d) > 32]
@@ -73,7 +73,7 @@ def test_rekey_after_120s_without_loss() -> None:
         sent["a"] += 1
         sent["b"] += 1
         p.deliver()
-    assert len(p.b.inbox) == sent["a"] + 1        # + the first packet
+    assert len(p.b.inbox) == sent["a"] + 1  # + the first packet
     assert len(p.a.inbox) == sent["b"]
     installed = [e for e in p.a.events if isinstance(e, KeypairInstalled)]
     # a is the initiator of every rekey: roughly every 120 s.
@@ -90,7 +90,7 @@ def test_keypair_rejected_after_180s() -> None:
     p = Pair()
     p.handshake()
     p.send(p.a, ipv4_packet(A_IP, B_IP, b"late"))
-    late = p.wire.pop()          # held back in the network
+    late = p.wire.pop()  # held back in the network
     p.deliver()
     p.run_until(180.5)
     p.b.core.receive_datagram(late[0], late[1], p.now)
@@ -113,7 +113,7 @@ def test_retransmit_every_5s_and_give_up() -> None:
     assert len(times) == 20
     gaps = [b - a for a, b in zip(times, times[1:])]
     assert all(5.0 <= g < 5.0 + REKEY_TIMEOUT_JITTER_MAX_MS / 1000 for g in gaps), gaps
-    assert len(set(round(g, 3) for g in gaps)) > 1       # jitter applied
+    assert len(set(round(g, 3) for g in gaps)) > 1  # jitter applied
     assert 90 < times[-1] < 102
     assert p.a.core.dropped["staged_flushed"] == 1
     # Key material residue is zeroed 3 x 180 s after giving up; nothing else pending.
@@ -170,7 +170,7 @@ def test_cookie_flow_under_load() -> None:
     assert kinds(p.b.sent) == [messages.COOKIE_REPLY]
     assert p.b.core.dropped["under_load_cookie_sent"] == 1
     assert p.peer_of(p.a).cookie_generator.cookie_set == 0.0
-    p.run_until(6)      # retransmit, now with mac2
+    p.run_until(6)  # retransmit, now with mac2
     assert kinds(p.b.sent) == [messages.COOKIE_REPLY, messages.RESPONSE]
     assert p.b.inbox[-1][1] == ipv4_packet(A_IP, B_IP, b"under load")
     assert p.peer_of(p.b).last_handshake is not None
@@ -246,9 +246,14 @@ def test_zero_key_material_after_540s() -> None:
 def test_config_validation_changes_nothing() -> None:
     core = WireGuardCore(bytes(range(32)))
     import pytest
-    for kwargs in ({"preshared_key": b"short"}, {"endpoint": ("not-an-ip", 1)},
-                   {"endpoint": ("10.0.0.1", 0)}, {"persistent_keepalive": 70000},
-                   {"allowed_ips": ["10.0.0.0/33"]}):
+
+    for kwargs in (
+        {"preshared_key": b"short"},
+        {"endpoint": ("not-an-ip", 1)},
+        {"endpoint": ("10.0.0.1", 0)},
+        {"persistent_keepalive": 70000},
+        {"allowed_ips": ["10.0.0.0/33"]},
+    ):
         with pytest.raises(ValueError):
             core.set_peer(bytes(32), 0.0, **kwargs)
     assert core.peers == {}
@@ -267,10 +272,12 @@ def test_private_key_change_renegotiates() -> None:
     p = Pair()
     p.handshake()
     import random
+
     new_key = bytes(random.Random(5).randbytes(32))
     p.b.core.set_private_key(new_key, p.now)
-    p.a.core.set_peer(p.b.core.public_key, p.now, endpoint=p.b.addr,
-                      allowed_ips=[ip_network("192.168.0.2/32")])
+    p.a.core.set_peer(
+        p.b.core.public_key, p.now, endpoint=p.b.addr, allowed_ips=[ip_network("192.168.0.2/32")]
+    )
     p.now = 1.0
     p.send(p.a, ipv4_packet(A_IP, B_IP, b"after key change"))
     p.deliver()

@@ -1,4 +1,5 @@
 """Known-answer tests for kubespan_dp.crypto (spec vectors as named hex constants)."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,23 +12,30 @@ h = bytes.fromhex
 RFC8439_282_KEY = h("808182838485868788898a8b8c8d8e8f909192939495969798999a9b9c9d9e9f")
 RFC8439_282_NONCE = h("070000004041424344454647")
 RFC8439_282_AAD = h("50515253c0c1c2c3c4c5c6c7")
-RFC8439_282_PLAINTEXT = (b"Ladies and Gentlemen of the class of '99: If I could offer you only "
-                         b"one tip for the future, sunscreen would be it.")
+RFC8439_282_PLAINTEXT = (
+    b"Ladies and Gentlemen of the class of '99: If I could offer you only "
+    b"one tip for the future, sunscreen would be it."
+)
 RFC8439_282_CIPHERTEXT = h(
     "d31a8d34648e60db7b86afbc53ef7ec2a4aded51296e08fea9e2b5a736ee62d6"
     "3dbea45e8ca9671282fafb69da92728b1a71de0a9e060b2905d6a5b67ecd3b36"
     "92ddbd7f2d778b8c9803aee328091b58fab324e4fad675945585808b4831d7bc"
-    "3ff4def08e4b7a9de576d26586cec64b6116")
+    "3ff4def08e4b7a9de576d26586cec64b6116"
+)
 RFC8439_282_TAG = h("1ae10b594f09e26a7e902ecbd0600691")
 
 # RFC 7748 §5.2: X25519 test vectors (scalar, u-coordinate, output).
 RFC7748_52_VECTORS = [
-    (h("a546e36bf0527c9d3b16154b82465edd62144c0ac1fc5a18506a2244ba449ac4"),
-     h("e6db6867583030db3594c1a424b15f7c726624ec26b3353b10a903a6d0ab1c4c"),
-     h("c3da55379de9c6908e94ea4df28d084f32eccf03491c71f754b4075577a28552")),
-    (h("4b66e9d4d1b4673c5ad22691957d6af5c11b6421e0ea01d42ca4169e7918ba0d"),
-     h("e5210f12786811d3f4b7959d0538ae2c31dbe7106fc03c3efc4cd549c715a493"),
-     h("95cbde9476e8907d7aade45cb4b873f88b595a68799fa152e6f8f7647aac7957")),
+    (
+        h("a546e36bf0527c9d3b16154b82465edd62144c0ac1fc5a18506a2244ba449ac4"),
+        h("e6db6867583030db3594c1a424b15f7c726624ec26b3353b10a903a6d0ab1c4c"),
+        h("c3da55379de9c6908e94ea4df28d084f32eccf03491c71f754b4075577a28552"),
+    ),
+    (
+        h("4b66e9d4d1b4673c5ad22691957d6af5c11b6421e0ea01d42ca4169e7918ba0d"),
+        h("e5210f12786811d3f4b7959d0538ae2c31dbe7106fc03c3efc4cd549c715a493"),
+        h("95cbde9476e8907d7aade45cb4b873f88b595a68799fa152e6f8f7647aac7957"),
+    ),
 ]
 # RFC 7748 §5.2: iterated X25519 starting from k = u = 9.
 RFC7748_52_ITER_1 = h("422c8e7a6227d7bca1350b3e2bb7279f7897b87bb6854b783c60e80311ae3079")
@@ -56,37 +64,51 @@ XCHACHA_A31_CIPHERTEXT = h(
     "bd6d179d3e83d43b9576579493c0e939572a1700252bfaccbed2902c21396cbb"
     "731c7f1b0b4aa6440bf3a82f4eda7e39ae64c6708c54c216cb96b72e1213b452"
     "2f8c9ba40db5d945b11b69b982c1bb9e3f3fac2bc369488f76b2383565d3fff9"
-    "21f9664c97637da9768812f615c68b13b52e")
+    "21f9664c97637da9768812f615c68b13b52e"
+)
 XCHACHA_A31_TAG = h("c0875924c1c7987947deafd8780acf49")
 
 # wireguard-go device/kdf_test.go: (key, input, t0, t1, t2) for KDF1/2/3 with HMAC-BLAKE2s.
 WG_KDF_VECTORS = [
-    ("746573742d6b6579", "746573742d696e707574",
-     "6f0e5ad38daba1bea8a0d213688736f19763239305e0f58aba697f9ffc41c633",
-     "df1194df20802a4fe594cde27e92991c8cae66c366e8106aaa937a55fa371e8a",
-     "fac6e2745a325f5dc5d11a5b165aad08b0ada28e7b4e666b7c077934a4d76c24"),
-    ("776972656775617264", "776972656775617264",
-     "491d43bbfdaa8750aaf535e334ecbfe5129967cd64635101c566d4caefda96e8",
-     "1e71a379baefd8a79aa4662212fcafe19a23e2b609a3db7d6bcba8f560e3d25f",
-     "31e1ae48bddfbe5de38f295e5452b1909a1b4e38e183926af3780b0c1e1f0160"),
-    ("", "",
-     "8387b46bf43eccfcf349552a095d8315c4055beb90208fb1be23b894bc2ed5d0",
-     "58a0e5f6faefccf4807bff1f05fa8a9217945762040bcec2f4b4a62bdfe0e86e",
-     "0ce6ea98ec548f8e281e93e32db65621c45eb18dc6f0a7ad94178610a2f7338e"),
+    (
+        "746573742d6b6579",
+        "746573742d696e707574",
+        "6f0e5ad38daba1bea8a0d213688736f19763239305e0f58aba697f9ffc41c633",
+        "df1194df20802a4fe594cde27e92991c8cae66c366e8106aaa937a55fa371e8a",
+        "fac6e2745a325f5dc5d11a5b165aad08b0ada28e7b4e666b7c077934a4d76c24",
+    ),
+    (
+        "776972656775617264",
+        "776972656775617264",
+        "491d43bbfdaa8750aaf535e334ecbfe5129967cd64635101c566d4caefda96e8",
+        "1e71a379baefd8a79aa4662212fcafe19a23e2b609a3db7d6bcba8f560e3d25f",
+        "31e1ae48bddfbe5de38f295e5452b1909a1b4e38e183926af3780b0c1e1f0160",
+    ),
+    (
+        "",
+        "",
+        "8387b46bf43eccfcf349552a095d8315c4055beb90208fb1be23b894bc2ed5d0",
+        "58a0e5f6faefccf4807bff1f05fa8a9217945762040bcec2f4b4a62bdfe0e86e",
+        "0ce6ea98ec548f8e281e93e32db65621c45eb18dc6f0a7ad94178610a2f7338e",
+    ),
 ]
 
 
 def test_rfc8439_aead_seal_and_open() -> None:
-    sealed = crypto.chacha20poly1305_seal(RFC8439_282_KEY, RFC8439_282_NONCE,
-                                          RFC8439_282_PLAINTEXT, RFC8439_282_AAD)
+    sealed = crypto.chacha20poly1305_seal(
+        RFC8439_282_KEY, RFC8439_282_NONCE, RFC8439_282_PLAINTEXT, RFC8439_282_AAD
+    )
     assert sealed == RFC8439_282_CIPHERTEXT + RFC8439_282_TAG
-    assert crypto.chacha20poly1305_open(RFC8439_282_KEY, RFC8439_282_NONCE, sealed,
-                                        RFC8439_282_AAD) == RFC8439_282_PLAINTEXT
+    assert (
+        crypto.chacha20poly1305_open(RFC8439_282_KEY, RFC8439_282_NONCE, sealed, RFC8439_282_AAD)
+        == RFC8439_282_PLAINTEXT
+    )
     tampered = bytearray(sealed)
     tampered[-1] ^= 1
     with pytest.raises(crypto.AuthenticationError):
-        crypto.chacha20poly1305_open(RFC8439_282_KEY, RFC8439_282_NONCE, bytes(tampered),
-                                     RFC8439_282_AAD)
+        crypto.chacha20poly1305_open(
+            RFC8439_282_KEY, RFC8439_282_NONCE, bytes(tampered), RFC8439_282_AAD
+        )
 
 
 def test_wireguard_nonce_layout() -> None:
@@ -135,21 +157,27 @@ def test_rfc7693_blake2s() -> None:
 
 def test_keyed_blake2s_kat() -> None:
     import hashlib
+
     assert hashlib.blake2s(b"", key=BLAKE2S_KAT_KEY).digest() == BLAKE2S_KAT_EMPTY
     assert hashlib.blake2s(b"\x00", key=BLAKE2S_KAT_KEY).digest() == BLAKE2S_KAT_00
     # Our MAC is the same function with a 16-byte output (a distinct parameter block).
     assert len(crypto.mac(BLAKE2S_KAT_KEY, b"")) == 16
     assert crypto.mac(BLAKE2S_KAT_KEY, b"") != BLAKE2S_KAT_EMPTY[:16]
-    assert crypto.mac(BLAKE2S_KAT_KEY, b"") == hashlib.blake2s(
-        b"", key=BLAKE2S_KAT_KEY, digest_size=16).digest()
+    assert (
+        crypto.mac(BLAKE2S_KAT_KEY, b"")
+        == hashlib.blake2s(b"", key=BLAKE2S_KAT_KEY, digest_size=16).digest()
+    )
 
 
 def test_xchacha20poly1305_draft_vector() -> None:
-    sealed = crypto.xaead_seal(XCHACHA_A31_KEY, XCHACHA_A31_NONCE, XCHACHA_A31_PLAINTEXT,
-                               XCHACHA_A31_AAD)
+    sealed = crypto.xaead_seal(
+        XCHACHA_A31_KEY, XCHACHA_A31_NONCE, XCHACHA_A31_PLAINTEXT, XCHACHA_A31_AAD
+    )
     assert sealed == XCHACHA_A31_CIPHERTEXT + XCHACHA_A31_TAG
-    assert crypto.xaead_open(XCHACHA_A31_KEY, XCHACHA_A31_NONCE, sealed,
-                             XCHACHA_A31_AAD) == XCHACHA_A31_PLAINTEXT
+    assert (
+        crypto.xaead_open(XCHACHA_A31_KEY, XCHACHA_A31_NONCE, sealed, XCHACHA_A31_AAD)
+        == XCHACHA_A31_PLAINTEXT
+    )
     with pytest.raises(crypto.AuthenticationError):
         crypto.xaead_open(XCHACHA_A31_KEY, XCHACHA_A31_NONCE, sealed, b"other ad")
 
@@ -168,7 +196,7 @@ def test_tai64n_encoding_and_order() -> None:
     ts = crypto.tai64n(1_700_000_000.5)
     assert ts[:8] == (0x400000000000000A + 1_700_000_000).to_bytes(8, "big")
     nanos = int.from_bytes(ts[8:], "big")
-    assert nanos <= 500_000_000 and nanos % (1 << 24) == 0   # whitened
+    assert nanos <= 500_000_000 and nanos % (1 << 24) == 0  # whitened
     assert crypto.tai64n_after(crypto.tai64n(2.0), crypto.tai64n(1.0))
     assert not crypto.tai64n_after(crypto.tai64n(1.0), crypto.tai64n(1.0))
     # Within one whitening slot (2^24 ns) two stamps are equal, so not "after".

@@ -1,8 +1,10 @@
 """Codecs of the four WireGuard messages."""
+
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kubespan_dp import messages as m
 

@@ -1,4 +1,5 @@
 """Two WireGuardCores wired through an in-memory network with a simulated clock."""
+
 from __future__ import annotations
 
 import random
@@ -14,14 +15,26 @@ WALL_EPOCH = 1_700_000_000.0
 
 def ipv4_packet(src: str, dst: str, payload: bytes = b"hello") -> bytes:
     total = 20 + len(payload)
-    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, 0, 0, 64, 17, 0,
-                         ip_address(src).packed, ip_address(dst).packed)
+    header = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        total,
+        0,
+        0,
+        64,
+        17,
+        0,
+        ip_address(src).packed,
+        ip_address(dst).packed,
+    )
     return header + payload
 
 
 def ipv6_packet(src: str, dst: str, payload: bytes = b"hello6") -> bytes:
-    header = struct.pack("!IHBB16s16s", 6 << 28, len(payload), 17, 64,
-                         ip_address(src).packed, ip_address(dst).packed)
+    header = struct.pack(
+        "!IHBB16s16s", 6 << 28, len(payload), 17, 64, ip_address(src).packed, ip_address(dst).packed
+    )
     return header + payload
 
 
@@ -44,20 +57,29 @@ class Pair:
         rng = random.Random(seed)
         self.a = self._node("a", rng, ("10.0.0.1", 51820), "192.168.0.1")
         self.b = self._node("b", rng, ("10.0.0.2", 51820), "fd00::2")
-        self.a.core.set_peer(self.b.core.public_key, self.now, preshared_key=psk,
-                             endpoint=self.b.addr,
-                             allowed_ips=[ip_network("fd00::2/128"), ip_network("192.168.0.2/32")])
-        self.b.core.set_peer(self.a.core.public_key, self.now, preshared_key=psk,
-                             persistent_keepalive=keepalive_b,
-                             allowed_ips=[ip_network("192.168.0.1/32"), ip_network("fd00::1/128")])
+        self.a.core.set_peer(
+            self.b.core.public_key,
+            self.now,
+            preshared_key=psk,
+            endpoint=self.b.addr,
+            allowed_ips=[ip_network("fd00::2/128"), ip_network("192.168.0.2/32")],
+        )
+        self.b.core.set_peer(
+            self.a.core.public_key,
+            self.now,
+            preshared_key=psk,
+            persistent_keepalive=keepalive_b,
+            allowed_ips=[ip_network("192.168.0.1/32"), ip_network("fd00::1/128")],
+        )
         # datagrams in flight: (data, source, destination)
         self.wire: list[tuple[bytes, tuple[str, int], tuple[str, int]]] = []
-        self.drop_to: set[str] = set()      # node names whose incoming datagrams are lost
+        self.drop_to: set[str] = set()  # node names whose incoming datagrams are lost
 
     def _node(self, name: str, rng: random.Random, addr: tuple[str, int], tip: str) -> Node:
         key = crypto.clamp(rng.randbytes(32))
-        core = WireGuardCore(key, rng=random.Random(rng.random()).randbytes,
-                             wall_clock=lambda: WALL_EPOCH + self.now)
+        core = WireGuardCore(
+            key, rng=random.Random(rng.random()).randbytes, wall_clock=lambda: WALL_EPOCH + self.now
+        )
         return Node(name, core, addr, tip)
 
     def node_at(self, addr: tuple[str, int]) -> Node | None:

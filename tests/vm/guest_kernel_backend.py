@@ -4,6 +4,7 @@ Two network namespaces joined by a veth, each with a kernel wireguard link confi
 only through KernelBackend; `wg show dump` (wireguard-tools, an independent reader of
 the same netlink API) cross-checks what the backend reports.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -15,10 +16,10 @@ from dataclasses import dataclass, replace
 import pytest
 from pyroute2 import WireGuard
 
-from tests import netns as nx
 from control.backends.base import BackendError, PeerConfig
 from control.backends.kernel import InvalidConfig, KernelBackend
 from control.keys import generate_private_key, public_key
+from tests import netns as nx
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(600)]
 
@@ -58,14 +59,29 @@ def make_node(lab: nx.Lab, ns: nx.Netns, veth: str, i: int) -> Node:
     lab.defer(backend.down)
     nx.add_address(ns, link, f"{nx.INNER4[i]}/24")
     nx.add_address(ns, link, f"{nx.INNER6[i]}/64")
-    return Node(ns, backend, link, priv, public_key(priv), PORTS[i], nx.OUTER4[i],
-                nx.OUTER6[i], nx.INNER4[i], nx.INNER6[i])
+    return Node(
+        ns,
+        backend,
+        link,
+        priv,
+        public_key(priv),
+        PORTS[i],
+        nx.OUTER4[i],
+        nx.OUTER6[i],
+        nx.INNER4[i],
+        nx.INNER6[i],
+    )
 
 
 def peer_of(node: Node, psk: bytes | None, outer: str = "4", keepalive: int = 0) -> PeerConfig:
     endpoint = (node.outer4 if outer == "4" else node.outer6, node.port)
-    return PeerConfig(node.public_key, psk, endpoint, keepalive,
-                      (net(f"{node.inner4}/32"), net(f"{node.inner6}/128")))
+    return PeerConfig(
+        node.public_key,
+        psk,
+        endpoint,
+        keepalive,
+        (net(f"{node.inner4}/32"), net(f"{node.inner6}/128")),
+    )
 
 
 def make_pair(lab: nx.Lab, outer: str = "4") -> tuple[Node, Node, bytes]:
@@ -86,9 +102,15 @@ def dummy_peers(count: int, prefixes: int, first: int = 0) -> list[PeerConfig]:
     peers = []
     for i in range(first, first + count):
         nets = tuple(net(f"10.{100 + i // 200}.{i % 200}.{j * 4}/30") for j in range(prefixes))
-        peers.append(PeerConfig(public_key(generate_private_key()), None,
-                                (f"192.168.77.{i % 200 + 20}", 40000 + i), 0,
-                                nets + (net(f"fd99::{i:x}:0/112"),)))
+        peers.append(
+            PeerConfig(
+                public_key(generate_private_key()),
+                None,
+                (f"192.168.77.{i % 200 + 20}", 40000 + i),
+                0,
+                nets + (net(f"fd99::{i:x}:0/112"),),
+            )
+        )
     return peers
 
 
@@ -139,16 +161,21 @@ def test_many_peers_dump_is_merged(lab: nx.Lab) -> None:
     a, b, psk = make_pair(lab)
     others = dummy_peers(60, 24)
     # One peer with more allowed IPs than one netlink message holds: it must be cut.
-    big = replace(others[0], allowed_ips=others[0].allowed_ips + tuple(
-        net(f"10.250.{j // 250}.{j % 250}/32") for j in range(800)))
+    big = replace(
+        others[0],
+        allowed_ips=others[0].allowed_ips
+        + tuple(net(f"10.250.{j // 250}.{j % 250}/32") for j in range(800)),
+    )
     wanted = [peer_of(b, psk), big, *others[1:]]
     a.backend.apply_peers(wanted)
     with WireGuard(netns=a.ns.name) as wg:
         messages = wg.info(a.link)
     assert len(messages) > 1, "the dump should span several netlink messages"
     # Some peer is cut across two messages (its allowed IPs continue in the next one).
-    keys_per_message = [{p.get_attr("WGPEER_A_PUBLIC_KEY") for p in m.get_attr("WGDEVICE_A_PEERS") or ()}
-                        for m in messages]
+    keys_per_message = [
+        {p.get_attr("WGPEER_A_PUBLIC_KEY") for p in m.get_attr("WGDEVICE_A_PEERS") or ()}
+        for m in messages
+    ]
     assert any(x & y for x, y in zip(keys_per_message, keys_per_message[1:]))
     got = a.backend.device_peers()
     assert got == {p.public_key: p for p in wanted}
@@ -176,8 +203,11 @@ def test_diff_apply_keeps_sessions(lab: nx.Lab, caplog: pytest.LogCaptureFixture
     # New peers around it, and the live peer itself changed in place (more allowed
     # IPs, a keepalive): its session and counters survive, no new handshake needed.
     extra = dummy_peers(5, 2)
-    changed = replace(peer_of(b, psk), persistent_keepalive=7,
-                      allowed_ips=peer_of(b, psk).allowed_ips + (net("10.55.0.0/16"),))
+    changed = replace(
+        peer_of(b, psk),
+        persistent_keepalive=7,
+        allowed_ips=peer_of(b, psk).allowed_ips + (net("10.55.0.0/16"),),
+    )
     with caplog.at_level(logging.INFO, logger="control.backends.kernel"):
         caplog.clear()
         a.backend.apply_peers([changed, *extra])
@@ -246,9 +276,14 @@ def test_up_rejects_bad_arguments_without_leftovers(lab: nx.Lab) -> None:
     ns = lab.netns("kvx")
     backend = KernelBackend(netns=ns.name)
     key = generate_private_key()
-    for args in [("bad/name", key, 1, 0, 1420), ("x" * 16, key, 1, 0, 1420),
-                 ("kswgok", key[:5], 1, 0, 1420), ("kswgok", key, 70000, 0, 1420),
-                 ("kswgok", key, 1, -1, 1420), ("kswgok", key, 1, 0, 1000)]:
+    for args in [
+        ("bad/name", key, 1, 0, 1420),
+        ("x" * 16, key, 1, 0, 1420),
+        ("kswgok", key[:5], 1, 0, 1420),
+        ("kswgok", key, 70000, 0, 1420),
+        ("kswgok", key, 1, -1, 1420),
+        ("kswgok", key, 1, 0, 1000),
+    ]:
         with pytest.raises(InvalidConfig):
             backend.up(*args)
     assert ns.run("ip", "-br", "link").stdout.split()[0] == "lo"

@@ -5,6 +5,7 @@ The scenarios are tests/e2e/test_mesh.py's own functions, run here with the
 cycling, and a dead node going down (with and without allowDownPeerBypass) and coming
 back. The VM's kernel has the WireGuard module, so no node runs our daemon here.
 """
+
 from __future__ import annotations
 
 import pytest

@@ -5,6 +5,7 @@ mesh: every pair must come up and carry traffic both ways, which is also the int
 proof between our dataplane and the kernel's. The routing layer is the same code in
 both modes; here that is compared on the live nodes, not assumed.
 """
+
 from __future__ import annotations
 
 import re
@@ -69,9 +70,14 @@ def test_mixed_cluster_kernel_and_userspace(cluster: LabCluster) -> None:
     # Every ordered pair, over the KubeSpan ULA and the node's underlay v4 address
     # (the latter steered into the tunnel by the routing layer).
     addresses = {n.host.name: (kubespan_address(cluster, n), str(n.host.address4)) for n in nodes}
-    failures = [f"{a.host.name} -> {b.host.name} {target}"
-                for a in nodes for b in nodes if a is not b
-                for target in addresses[b.host.name] if not ping(a.host, target)]
+    failures = [
+        f"{a.host.name} -> {b.host.name} {target}"
+        for a in nodes
+        for b in nodes
+        if a is not b
+        for target in addresses[b.host.name]
+        if not ping(a.host, target)
+    ]
     assert not failures, f"no traffic: {failures}"
 
     # Counters moved on every node for every peer.

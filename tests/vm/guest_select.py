@@ -1,4 +1,5 @@
 """Mode selection on a kernel that has WireGuard (runs inside the VM)."""
+
 from __future__ import annotations
 
 import logging
@@ -6,11 +7,11 @@ import subprocess
 
 import pytest
 
-from tests import netns as nx
 from control.backends.kernel import KernelBackend
 from control.backends.select import PROBE_PREFIX, probe_kernel_wireguard, select_backend
 from control.backends.userspace import UserspaceBackend
 from control.keys import generate_private_key
+from tests import netns as nx
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
 

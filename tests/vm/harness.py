@@ -16,6 +16,7 @@ Run from the repo root:  .venv/bin/python tests/vm/harness.py [PYTEST ARGS]
 (default: every tests/vm/guest_*.py). Exit status: pytest's, or 124 on timeout,
 125 when the VM did not run to the end, 126 when a tool is missing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,7 +84,8 @@ def find_kernel() -> Path:
     if not candidates:
         raise VmError(
             "no kernel with a wireguard module in /boot: install Debian's linux-image-amd64 "
-            "(scripts/bootstrap.sh does)")
+            "(scripts/bootstrap.sh does)"
+        )
     return max(candidates)[1]
 
 
@@ -121,11 +123,20 @@ def guest_script(pytest_args: list[str]) -> str:
 
 def vng_command(kernel: Path, script: str, memory: str, cpus: int, name: str) -> list[str]:
     return [
-        str(VENV_BIN / "vng"), "--run", str(kernel), "--name", name,
+        str(VENV_BIN / "vng"),
+        "--run",
+        str(kernel),
+        "--name",
+        name,
         "--disable-kvm",  # KVM fails on this machine with an emulation error
-        "--memory", memory, "--cpus", str(cpus),
-        "--cwd", str(REPO),
-        "--exec", script,
+        "--memory",
+        memory,
+        "--cpus",
+        str(cpus),
+        "--cwd",
+        str(REPO),
+        "--exec",
+        script,
     ]
 
 
@@ -146,12 +157,23 @@ def run_in_vm(
     kernel = find_kernel()
     name = name or f"kubespan-vm-{secrets.token_hex(4)}"  # qemu's -name: findable in ps
     argv = vng_command(kernel, guest_script(pytest_args), memory, cpus, name)
-    env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}")
-    print(f"[vm] booting {kernel.name} ({cpus} cpus, {memory}, no KVM); timeout {timeout:.0f}s",
-          file=out, flush=True)
+    env = dict(
+        os.environ, PATH=f"{VENV_BIN}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
+    )
+    print(
+        f"[vm] booting {kernel.name} ({cpus} cpus, {memory}, no KVM); timeout {timeout:.0f}s",
+        file=out,
+        flush=True,
+    )
     start = time.monotonic()
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
     lines: deque[str] = deque(maxlen=20000)
     booted: list[float] = []
     rc_seen: list[int] = []
@@ -165,7 +187,7 @@ def run_in_vm(
                 booted.append(time.monotonic() - start)
                 print(f"[vm] guest up after {booted[0]:.1f}s", file=out, flush=True)
             elif line.startswith(RC_MARK):
-                rc_seen.append(int(line[len(RC_MARK):].strip() or 255))
+                rc_seen.append(int(line[len(RC_MARK) :].strip() or 255))
             print(line, file=out, flush=True)
 
     reader = threading.Thread(target=pump, daemon=True)
@@ -175,8 +197,10 @@ def run_in_vm(
     except subprocess.TimeoutExpired:
         _kill_group(proc)
         reader.join(5)
-        raise VmTimeout(f"the VM run exceeded {timeout:.0f}s and was killed "
-                      f"(guest {'booted' if booted else 'never booted'})") from None
+        raise VmTimeout(
+            f"the VM run exceeded {timeout:.0f}s and was killed "
+            f"(guest {'booted' if booted else 'never booted'})"
+        ) from None
     finally:
         if proc.poll() is None:
             _kill_group(proc)
@@ -186,10 +210,15 @@ def run_in_vm(
     if not rc_seen:
         tail = "\n".join(list(lines)[-30:])
         stage = "ran but did not finish" if booted else "did not boot"
-        raise VmError(f"the VM {stage} (vng exited {proc.returncode} after {total:.0f}s); "
-                      f"last output:\n{tail}")
-    print(f"[vm] guest exit status {rc_seen[-1]}; boot {booted[0]:.1f}s, total {total:.1f}s",
-          file=out, flush=True)
+        raise VmError(
+            f"the VM {stage} (vng exited {proc.returncode} after {total:.0f}s); "
+            f"last output:\n{tail}"
+        )
+    print(
+        f"[vm] guest exit status {rc_seen[-1]}; boot {booted[0]:.1f}s, total {total:.1f}s",
+        file=out,
+        flush=True,
+    )
     return VmResult(rc_seen[-1], booted[0], total, output)
 
 
@@ -206,8 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT)
     parser.add_argument("--memory", default="2G")
     parser.add_argument("--cpus", type=int, default=2)
-    parser.add_argument("pytest_args", nargs=argparse.REMAINDER,
-                        help=f"arguments for pytest in the VM (default: {GUEST_TESTS} -v)")
+    parser.add_argument(
+        "pytest_args",
+        nargs=argparse.REMAINDER,
+        help=f"arguments for pytest in the VM (default: {GUEST_TESTS} -v)",
+    )
     ns = parser.parse_args(argv)
     args = [a for a in ns.pytest_args if a != "--"] or default_args()
     if problems := missing_tools():

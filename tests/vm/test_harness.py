@@ -1,4 +1,5 @@
 """The VM harness's own failure paths (cheap: none of these boots a full VM)."""
+
 from __future__ import annotations
 
 import io
@@ -33,7 +34,7 @@ def test_boot_failure_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         harness.run_in_vm(["-q"], timeout=120, out=out)
     assert not isinstance(info.value, harness.VmTimeout)
     assert "invalid kernel header" in str(info.value)  # qemu's own words are kept
-    assert "booting vmlinuz-bogus" in out.getvalue()   # and everything was streamed
+    assert "booting vmlinuz-bogus" in out.getvalue()  # and everything was streamed
 
 
 def test_missing_kernel_override_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,4 +1,5 @@
 """Mode selection on this host, whose kernel has no WireGuard module."""
+
 from __future__ import annotations
 
 import logging
@@ -6,7 +7,6 @@ import subprocess
 
 import pytest
 
-from tests import netns as nx
 from control.backends.base import BackendError
 from control.backends.kernel import KernelBackend
 from control.backends.select import (
@@ -18,6 +18,7 @@ from control.backends.select import (
 )
 from control.backends.userspace import UserspaceBackend
 from control.keys import generate_private_key
+from tests import netns as nx
 
 pytestmark = pytest.mark.netns
 
@@ -26,8 +27,10 @@ pytestmark = pytest.mark.netns
 def host_without_module() -> None:
     """These tests describe a kernel without WireGuard; say so if this one has it."""
     available, why = probe_kernel_wireguard()
-    assert not available, ("this kernel can create wireguard links, so the host-side "
-                           "selection tests do not apply here: run tests/vm instead")
+    assert not available, (
+        "this kernel can create wireguard links, so the host-side "
+        "selection tests do not apply here: run tests/vm instead"
+    )
 
 
 def all_links(ns: nx.Netns) -> str:
@@ -58,8 +61,10 @@ def test_auto_falls_back_to_userspace(lab: nx.Lab, caplog: pytest.LogCaptureFixt
     assert reason.startswith("auto: kernel WireGuard unavailable")
     assert "not supported" in reason.lower()
     logged = [r.getMessage() for r in caplog.records]
-    assert any(m.startswith("WireGuard backend: userspace (auto: kernel WireGuard unavailable")
-               for m in logged), logged
+    assert any(
+        m.startswith("WireGuard backend: userspace (auto: kernel WireGuard unavailable")
+        for m in logged
+    ), logged
     assert PROBE_PREFIX not in all_links(ns)
 
 

@@ -4,6 +4,7 @@ This is how `./run test` covers kernel mode; scripts/vm-tests.sh does the same f
 the command line. Missing qemu, virtme-ng, busybox or a kernel with the wireguard
 module is a failure, not a skip.
 """
+
 from __future__ import annotations
 
 import sys
@@ -16,7 +17,9 @@ pytestmark = [pytest.mark.vm, pytest.mark.timeout(harness.DEFAULT_TIMEOUT + 120)
 
 
 def test_facilities_present() -> None:
-    assert not harness.missing_tools(), "the VM harness needs: " + "; ".join(harness.missing_tools())
+    assert not harness.missing_tools(), "the VM harness needs: " + "; ".join(
+        harness.missing_tools()
+    )
     kernel = harness.find_kernel()
     assert kernel.is_file()
 

@@ -6,6 +6,7 @@
 The .proto files are compiled with the repository root as include path, so the
 generated modules import each other as ``control.discovery.proto.x_pb2``.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
 """UAPI text building/parsing and the peer diff (pure)."""
+
 from __future__ import annotations
 
 from ipaddress import ip_network as N
@@ -27,8 +28,11 @@ def test_peer_items() -> None:
     assert peer_items(K1, remove=True) == [("public_key", K1.hex()), ("remove", "true")]
     items = peer_items(K1, update_only=True, preshared_key=None, allowed_ips=[N("10.0.0.0/8")])
     assert items == [
-        ("public_key", K1.hex()), ("update_only", "true"), ("preshared_key", "0" * 64),
-        ("replace_allowed_ips", "true"), ("allowed_ip", "10.0.0.0/8"),
+        ("public_key", K1.hex()),
+        ("update_only", "true"),
+        ("preshared_key", "0" * 64),
+        ("replace_allowed_ips", "true"),
+        ("allowed_ip", "10.0.0.0/8"),
     ]
     with pytest.raises(ValueError):
         peer_items(b"\1" * 31)
@@ -51,13 +55,25 @@ def test_diff_only_touches_changed_peers() -> None:
     assert ("update_only", "true") not in items[i3:]  # a new peer is created
     assert not any(k == "endpoint" for k, _ in items[i3:])
     # removal, endpoint None = keep, endpoint change, psk cleared
-    assert diff_items(old, validate_peers([cfg(K1)])) == [("public_key", K2.hex()), ("remove", "true")]
+    assert diff_items(old, validate_peers([cfg(K1)])) == [
+        ("public_key", K2.hex()),
+        ("remove", "true"),
+    ]
     assert diff_items(old, validate_peers([cfg(K1, ep=None), cfg(K2)])) == []
     moved = diff_items(old, validate_peers([cfg(K1, ep=("2001:db8::1", 1)), cfg(K2, psk=None)]))
     assert moved == [
-        ("public_key", K1.hex()), ("update_only", "true"), ("endpoint", "[2001:db8::1]:1"),
-        ("public_key", K2.hex()), ("update_only", "true"), ("preshared_key", "0" * 64),
+        ("public_key", K1.hex()),
+        ("update_only", "true"),
+        ("endpoint", "[2001:db8::1]:1"),
+        ("public_key", K2.hex()),
+        ("update_only", "true"),
+        ("preshared_key", "0" * 64),
     ]
     # the order of allowed IPs is not a change
-    assert diff_items(validate_peers([cfg(K1, ips=("10.0.0.1/32", "10.9.0.0/16"))]),
-                      validate_peers([cfg(K1, ips=("10.9.0.0/16", "10.0.0.1/32"))])) == []
+    assert (
+        diff_items(
+            validate_peers([cfg(K1, ips=("10.0.0.1/32", "10.9.0.0/16"))]),
+            validate_peers([cfg(K1, ips=("10.9.0.0/16", "10.0.0.1/32"))]),
+        )
+        == []
+    )

@@ -2,6 +2,7 @@
 
 Runs with Debian's wireguard-go (the UAPI reference) and with our kubespan-wg.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,12 +13,17 @@ from ipaddress import ip_network as N
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+)
 
-from tests import netns as nx
 from control.backends import BackendError, PeerConfig, WireGuardBackend
 from control.backends.uapi_client import UAPIClient, socket_path
 from control.backends.userspace import UserspaceBackend, default_daemon_argv
+from tests import netns as nx
 
 DAEMONS = {
     "wireguard-go": ["wireguard-go"],
@@ -76,7 +82,10 @@ def same_instant(x: float | None, y: float | None) -> bool:
 
 def peer_of(node: Node, endpoint: bool = True, extra=(), keepalive: int = 0) -> PeerConfig:
     return PeerConfig(
-        node.public, PSK, (node.outer, node.port) if endpoint else None, keepalive,
+        node.public,
+        PSK,
+        (node.outer, node.port) if endpoint else None,
+        keepalive,
         (N(f"{node.inner}/32"), *extra),
     )
 
@@ -212,7 +221,10 @@ def test_down_leaves_nothing(pair) -> None:
     pid = a.backend.pid
     a.backend.down()
     assert a.backend.pid is None
-    assert not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split(")")[-1][:3]
+    assert (
+        not os.path.exists(f"/proc/{pid}")
+        or "Z" in open(f"/proc/{pid}/stat").read().split(")")[-1][:3]
+    )
     assert a.ns.run("ip", "link", "show", a.link, check=False).returncode != 0
     assert not socket_path(a.link).exists()
     a.backend.down()  # idempotent

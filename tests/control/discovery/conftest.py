@@ -1,11 +1,13 @@
 """Fixtures for the discovery tests: an in-process service on loopback, secrets, affiliates."""
+
 from __future__ import annotations
 
 import asyncio
 import base64
 import os
+from collections.abc import Awaitable, Callable, Iterator
 from ipaddress import IPv6Address, ip_address, ip_network
-from typing import Any, Awaitable, Callable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import pytest
@@ -80,14 +82,18 @@ class Raw:
         self.channel = grpc.aio.insecure_channel(target(server))
         self.stub = pbg.ClusterStub(self.channel)
 
-    async def __aenter__(self) -> "Raw":
+    async def __aenter__(self) -> Raw:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.channel.close()
 
-    async def update(self, cluster: str, aid: str, data: bytes | None = b"d", endpoints=(), ttl: float = 60.0) -> None:
-        req = pb.AffiliateUpdateRequest(cluster_id=cluster, affiliate_id=aid, affiliate_endpoints=list(endpoints))
+    async def update(
+        self, cluster: str, aid: str, data: bytes | None = b"d", endpoints=(), ttl: float = 60.0
+    ) -> None:
+        req = pb.AffiliateUpdateRequest(
+            cluster_id=cluster, affiliate_id=aid, affiliate_endpoints=list(endpoints)
+        )
         if data is not None:
             req.affiliate_data = data
         req.ttl.FromNanoseconds(int(ttl * 1e9))

@@ -1,4 +1,5 @@
 """Every limit and malformed request: the right gRPC status, and the state left as it was."""
+
 from __future__ import annotations
 
 import asyncio
@@ -17,8 +18,12 @@ EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 LONG = "x" * 257
 
 
-def _update(cluster="c", aid="a", data=b"d", endpoints=(), ttl_s=60, ttl_ns=0) -> pb.AffiliateUpdateRequest:
-    req = pb.AffiliateUpdateRequest(cluster_id=cluster, affiliate_id=aid, affiliate_endpoints=list(endpoints))
+def _update(
+    cluster="c", aid="a", data=b"d", endpoints=(), ttl_s=60, ttl_ns=0
+) -> pb.AffiliateUpdateRequest:
+    req = pb.AffiliateUpdateRequest(
+        cluster_id=cluster, affiliate_id=aid, affiliate_endpoints=list(endpoints)
+    )
     if data is not None:
         req.affiliate_data = data
     req.ttl.seconds, req.ttl.nanos = ttl_s, ttl_ns
@@ -39,9 +44,20 @@ BAD_REQUESTS = {
     "update-ttl-too-long": ("AffiliateUpdate", _update(ttl_s=1800, ttl_ns=1), INVALID),
     "update-ttl-negative": ("AffiliateUpdate", _update(ttl_s=-5), INVALID),
     "update-65-endpoints": (
-        "AffiliateUpdate", _update(endpoints=[bytes([i]) * 16 for i in range(65)]), EXHAUSTED),
-    "delete-empty-cluster": ("AffiliateDelete", pb.AffiliateDeleteRequest(cluster_id="", affiliate_id="a"), INVALID),
-    "delete-long-affiliate": ("AffiliateDelete", pb.AffiliateDeleteRequest(cluster_id="c", affiliate_id=LONG), INVALID),
+        "AffiliateUpdate",
+        _update(endpoints=[bytes([i]) * 16 for i in range(65)]),
+        EXHAUSTED,
+    ),
+    "delete-empty-cluster": (
+        "AffiliateDelete",
+        pb.AffiliateDeleteRequest(cluster_id="", affiliate_id="a"),
+        INVALID,
+    ),
+    "delete-long-affiliate": (
+        "AffiliateDelete",
+        pb.AffiliateDeleteRequest(cluster_id="c", affiliate_id=LONG),
+        INVALID,
+    ),
     "list-empty-cluster": ("List", pb.ListRequest(cluster_id=""), INVALID),
     "list-long-cluster": ("List", pb.ListRequest(cluster_id=LONG), INVALID),
 }
@@ -98,8 +114,15 @@ def test_values_at_the_limits_are_accepted(seeded):
         async with Raw(seeded) as raw:
             cid, aid = "c" * 256, "a" * 256
             await raw.stub.AffiliateUpdate(
-                _update(cluster=cid, aid=aid, data=b"d" * 2048,
-                        endpoints=[bytes([i]) * 32 for i in range(64)], ttl_s=1800), timeout=10)
+                _update(
+                    cluster=cid,
+                    aid=aid,
+                    data=b"d" * 2048,
+                    endpoints=[bytes([i]) * 32 for i in range(64)],
+                    ttl_s=1800,
+                ),
+                timeout=10,
+            )
             listed = await raw.list(cid)
             assert len(listed[aid][1]) == 64 and len(listed[aid][0]) == 2048
 
@@ -111,13 +134,21 @@ def test_endpoint_overflow_of_existing_affiliate_changes_nothing(seeded):
         async with Raw(seeded) as raw:
             # 1 stored + 63 new = 64: fine; the same 63 again are merges, not additions.
             eps = [bytes([i + 1]) * 16 for i in range(63)]
-            await raw.stub.AffiliateUpdate(_update(cluster="c2", aid="a", endpoints=[b"E" * 16]), timeout=10)
-            await raw.stub.AffiliateUpdate(_update(cluster="c2", aid="a", endpoints=eps), timeout=10)
-            await raw.stub.AffiliateUpdate(_update(cluster="c2", aid="a", endpoints=eps), timeout=10)
+            await raw.stub.AffiliateUpdate(
+                _update(cluster="c2", aid="a", endpoints=[b"E" * 16]), timeout=10
+            )
+            await raw.stub.AffiliateUpdate(
+                _update(cluster="c2", aid="a", endpoints=eps), timeout=10
+            )
+            await raw.stub.AffiliateUpdate(
+                _update(cluster="c2", aid="a", endpoints=eps), timeout=10
+            )
             # One more distinct endpoint overflows, and the new data in the same request is refused too.
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await raw.stub.AffiliateUpdate(
-                    _update(cluster="c", aid="a", data=b"new", endpoints=eps + [b"Z" * 16]), timeout=10)
+                    _update(cluster="c", aid="a", data=b"new", endpoints=eps + [b"Z" * 16]),
+                    timeout=10,
+                )
             assert info.value.code() == EXHAUSTED
             assert await raw.list("c") == {"a": (b"seed", (b"E" * 16,))}
 
@@ -234,7 +265,9 @@ def test_hello_echoes_ip_and_redirect(make_server):
 
     async def main() -> None:
         async with Raw(server) as raw:
-            resp = await raw.stub.Hello(pb.HelloRequest(cluster_id="c", client_version="v1.9.0"), timeout=5)
+            resp = await raw.stub.Hello(
+                pb.HelloRequest(cluster_id="c", client_version="v1.9.0"), timeout=5
+            )
             assert resp.client_ip == b"\x7f\x00\x00\x01"
             assert resp.HasField("redirect") and resp.redirect.endpoint == "discovery.example:443"
         async with Raw(hidden) as raw:
@@ -242,10 +275,12 @@ def test_hello_echoes_ip_and_redirect(make_server):
             assert resp.client_ip == b"" and not resp.HasField("redirect")
         async with Raw(proxied) as raw:
             resp = await raw.stub.Hello(
-                pb.HelloRequest(cluster_id="c"), metadata=(("x-real-ip", "2001:db8::7"),), timeout=5)
+                pb.HelloRequest(cluster_id="c"), metadata=(("x-real-ip", "2001:db8::7"),), timeout=5
+            )
             assert resp.client_ip == bytes.fromhex("20010db8000000000000000000000007")
             resp = await raw.stub.Hello(
-                pb.HelloRequest(cluster_id="c"), metadata=(("x-real-ip", "not-an-ip"),), timeout=5)
+                pb.HelloRequest(cluster_id="c"), metadata=(("x-real-ip", "not-an-ip"),), timeout=5
+            )
             assert resp.client_ip == b"\x7f\x00\x00\x01"
 
     run(main())
@@ -264,18 +299,28 @@ def test_watch_snapshot_first_then_changes(seeded):
         async with Raw(seeded) as raw:
             call = raw.stub.Watch(pb.WatchRequest(cluster_id="c"))
             first = await call.read()
-            assert [(a.id, a.data) for a in first.affiliates] == [("a", b"seed")] and not first.deleted
+            assert [(a.id, a.data) for a in first.affiliates] == [
+                ("a", b"seed")
+            ] and not first.deleted
             empty = raw.stub.Watch(pb.WatchRequest(cluster_id="nobody"))
             assert list((await empty.read()).affiliates) == []  # a snapshot even when empty
             await raw.update("c", "b", data=b"bee")
             upd = await call.read()
             assert [(a.id, a.data) for a in upd.affiliates] == [("b", b"bee")] and not upd.deleted
             await raw.update("c", "b", data=b"bee")  # no change: no message
-            await raw.stub.AffiliateDelete(pb.AffiliateDeleteRequest(cluster_id="c", affiliate_id="b"), timeout=5)
+            await raw.stub.AffiliateDelete(
+                pb.AffiliateDeleteRequest(cluster_id="c", affiliate_id="b"), timeout=5
+            )
             gone = await call.read()
-            assert gone.deleted and [a.id for a in gone.affiliates] == ["b"] and gone.affiliates[0].data == b""
+            assert (
+                gone.deleted
+                and [a.id for a in gone.affiliates] == ["b"]
+                and gone.affiliates[0].data == b""
+            )
             # Deleting what is not there is not an error and sends nothing.
-            await raw.stub.AffiliateDelete(pb.AffiliateDeleteRequest(cluster_id="c", affiliate_id="zz"), timeout=5)
+            await raw.stub.AffiliateDelete(
+                pb.AffiliateDeleteRequest(cluster_id="c", affiliate_id="zz"), timeout=5
+            )
             call.cancel()
             empty.cancel()
 
@@ -289,7 +334,9 @@ def test_slow_watcher_overflows_and_is_aborted(make_server):
         async with Raw(server) as raw:
             # A separate channel, so the stalled stream's flow control does not block our writes.
             # No BDP probing: the receive window stays at 64 KiB instead of growing to megabytes.
-            async with grpc.aio.insecure_channel(target(server), options=[("grpc.http2.bdp_probe", 0)]) as slow_ch:
+            async with grpc.aio.insecure_channel(
+                target(server), options=[("grpc.http2.bdp_probe", 0)]
+            ) as slow_ch:
                 slow = pbg.ClusterStub(slow_ch).Watch(pb.WatchRequest(cluster_id="o"))
                 assert list((await slow.read()).affiliates) == []
                 # Never read: transport windows fill, then the 32-deep queue, then overflow.

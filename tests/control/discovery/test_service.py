@@ -1,4 +1,5 @@
 """End to end: our service in-process on loopback, several DiscoveryClients in two clusters."""
+
 from __future__ import annotations
 
 import asyncio
@@ -65,9 +66,13 @@ def test_updates_and_deletions_arrive_through_watch(server):
         try:
             await c.wait_for(lambda t: set(t) == {"a", "b"}, 20)
             # a changes: hostname and a new endpoint; c sees it without polling.
-            moved = replace(make_affiliate("a", 1, endpoints=(("192.0.2.7", 51820),)), hostname="a-renamed")
+            moved = replace(
+                make_affiliate("a", 1, endpoints=(("192.0.2.7", 51820),)), hostname="a-renamed"
+            )
             a.set_local(moved)
-            got = await c.wait_for(lambda t: t.get("a") is not None and t["a"].hostname == "a-renamed", 20)
+            got = await c.wait_for(
+                lambda t: t.get("a") is not None and t["a"].hostname == "a-renamed", 20
+            )
             # Endpoints merge on the service: the old one stays until it expires.
             assert set(got["a"].kubespan.endpoints) == {("10.5.0.1", 51820), ("192.0.2.7", 51820)}
             # a reports an endpoint it saw working for b (harvesting): merged into b.
@@ -100,7 +105,10 @@ def test_affiliate_expires_after_ttl_and_watchers_see_it_deleted(server):
                 await raw.update("t", "short", data=None, endpoints=[ep_old], ttl=1.0)
                 await raw.update("t", "short", data=data, endpoints=[ep_new], ttl=3.0)
                 got = await watcher.wait_for(lambda t: "short" in t, 10)
-                assert set(got["short"].kubespan.endpoints) == {("10.5.0.3", 51820), ("10.5.0.33", 51820)}
+                assert set(got["short"].kubespan.endpoints) == {
+                    ("10.5.0.3", 51820),
+                    ("10.5.0.33", 51820),
+                }
                 # Per-endpoint expiry: the 1 s endpoint goes first, the affiliate stays.
                 got = await watcher.wait_for(
                     lambda t: "short" in t and len(t["short"].kubespan.endpoints) == 1, 10
@@ -114,7 +122,9 @@ def test_affiliate_expires_after_ttl_and_watchers_see_it_deleted(server):
     run(main())
 
 
-def test_restart_from_snapshot_clients_see_same_affiliates_without_reregistering(make_server, tmp_path):
+def test_restart_from_snapshot_clients_see_same_affiliates_without_reregistering(
+    make_server, tmp_path
+):
     path = tmp_path / "state.binpb"
     s = new_secret()
     first = make_server(snapshot_path=str(path), snapshot_interval=3600)
@@ -219,9 +229,13 @@ def test_malformed_affiliates_from_others_are_skipped(server):
                 await raw.update("m", "noid", data=cipher.seal_data(b""))
                 # Valid data but one endpoint that does not decrypt: kept, endpoint dropped.
                 await raw.update(
-                    "m", "badep",
+                    "m",
+                    "badep",
                     data=cipher.seal_data(encode_affiliate(make_affiliate("badep", 4))),
-                    endpoints=[b"\x01" * 15, cipher.seal_endpoint(encode_endpoint(("10.5.0.4", 51820)))],
+                    endpoints=[
+                        b"\x01" * 15,
+                        cipher.seal_endpoint(encode_endpoint(("10.5.0.4", 51820))),
+                    ],
                 )
             got = await watcher.wait_for(lambda t: {"good", "badep"} <= set(t), 20)
             await asyncio.sleep(0.2)
@@ -305,7 +319,9 @@ def test_affiliates_survive_a_stateless_service_restart_for_the_grace_period(mak
 
     async def main() -> None:
         first = await asyncio.to_thread(make_server, port)
-        watcher = DiscoveryClient(f"127.0.0.1:{port}", "g", s, "w", insecure=True, reconnect_grace=1.5, **FAST)
+        watcher = DiscoveryClient(
+            f"127.0.0.1:{port}", "g", s, "w", insecure=True, reconnect_grace=1.5, **FAST
+        )
         gone = DiscoveryClient(f"127.0.0.1:{port}", "g", s, "gone", insecure=True, **FAST)
         gone.set_local(make_affiliate("gone", 1))
         watcher.start()
@@ -333,24 +349,35 @@ def test_affiliates_survive_a_stateless_service_restart_for_the_grace_period(mak
 def _self_signed(tmp_path):
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     from ipaddress import ip_address
 
     cert = (
         x509.CertificateBuilder()
-        .subject_name(name).issuer_name(name).public_key(key.public_key())
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
     cert_pem = cert.public_bytes(serialization.Encoding.PEM)
     (tmp_path / "tls.crt").write_bytes(cert_pem)
-    (tmp_path / "tls.key").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (tmp_path / "tls.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     return str(tmp_path / "tls.crt"), str(tmp_path / "tls.key"), cert_pem
 
 
@@ -360,8 +387,12 @@ def test_tls(make_server, tmp_path):
 
     async def main() -> None:
         s = new_secret()
-        a = DiscoveryClient(f"https://localhost:{server.port}/", "tls", s, "a", root_certificates=pem, **FAST)
-        b = DiscoveryClient(f"127.0.0.1:{server.port}", "tls", s, "b", root_certificates=pem, **FAST)
+        a = DiscoveryClient(
+            f"https://localhost:{server.port}/", "tls", s, "a", root_certificates=pem, **FAST
+        )
+        b = DiscoveryClient(
+            f"127.0.0.1:{server.port}", "tls", s, "b", root_certificates=pem, **FAST
+        )
         plain = DiscoveryClient(f"127.0.0.1:{server.port}", "tls", s, "p", insecure=True, **FAST)
         a.set_local(make_affiliate("a", 1))
         b.set_local(make_affiliate("b", 2))
@@ -393,7 +424,9 @@ def test_metrics_endpoint(make_server):
                         break
                     await asyncio.sleep(0.05)
             url = f"http://127.0.0.1:{server.metrics_port}/metrics"
-            text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read().decode())
+            text = await asyncio.to_thread(
+                lambda: urllib.request.urlopen(url, timeout=10).read().decode()
+            )
         finally:
             await a.close()
         assert "discovery_state_clusters 1" in text
@@ -434,7 +467,9 @@ def test_updates_iterator_yields_current_set(server):
 
 def test_close_with_leave_when_service_unreachable_does_not_raise():
     async def main() -> None:
-        a = DiscoveryClient("127.0.0.1:1", "x", new_secret(), "a", insecure=True, rpc_timeout=0.5, **FAST)
+        a = DiscoveryClient(
+            "127.0.0.1:1", "x", new_secret(), "a", insecure=True, rpc_timeout=0.5, **FAST
+        )
         a.set_local(make_affiliate("a", 1))
         a.start()
         await asyncio.sleep(0.2)

@@ -1,4 +1,5 @@
 """Unit tests: cipher, codec, state rules with explicit time, rate limiter, snapshot file, proto freshness."""
+
 from __future__ import annotations
 
 import base64
@@ -10,7 +11,13 @@ import pytest
 from control.affiliate import Affiliate, KubeSpanInfo
 from control.discovery.cipher import AffiliateCipher, CipherError, secret_key
 from control.discovery.client import Backoff, parse_endpoint
-from control.discovery.codec import CodecError, decode_affiliate, decode_endpoint, encode_affiliate, encode_endpoint
+from control.discovery.codec import (
+    CodecError,
+    decode_affiliate,
+    decode_endpoint,
+    encode_affiliate,
+    encode_endpoint,
+)
 from control.discovery.proto import generate
 from control.discovery.ratelimit import IPRateLimiter
 from control.discovery.server import write_atomic
@@ -49,7 +56,9 @@ def test_endpoint_sealing_is_deterministic_and_block_sized():
     c = AffiliateCipher(bytes(32))
     v4, v6 = encode_endpoint(("10.0.0.1", 51820)), encode_endpoint(("2001:db8::1", 51820))
     assert c.seal_endpoint(v4) == c.seal_endpoint(v4)
-    assert len(c.seal_endpoint(v4)) == 16 and len(c.seal_endpoint(v6)) == 32  # both fit the 32-byte limit
+    assert (
+        len(c.seal_endpoint(v4)) == 16 and len(c.seal_endpoint(v6)) == 32
+    )  # both fit the 32-byte limit
     assert c.open_endpoint(c.seal_endpoint(v6)) == v6
     for bad in (b"", b"x" * 15):
         with pytest.raises(CipherError):
@@ -65,7 +74,9 @@ def test_codec_round_trip_and_rejections():
         with pytest.raises(CodecError):
             decode_affiliate(blob)
     v4_kubespan = Affiliate(node_id="x", kubespan=KubeSpanInfo("k", IPv6Address("fd00::1")))
-    blob = encode_affiliate(v4_kubespan).replace(IPv6Address("fd00::1").packed, b"")  # address now empty
+    blob = encode_affiliate(v4_kubespan).replace(
+        IPv6Address("fd00::1").packed, b""
+    )  # address now empty
     with pytest.raises(CodecError):
         decode_affiliate(blob)
     with pytest.raises(CodecError):
@@ -98,7 +109,11 @@ def test_state_notifications_and_overflow():
     s.update("c", "a", b"1", [], 10, now=0)  # same data: no notification
     s.update("c", "a", b"2", [], 10, now=0)
     s.delete("c", "a")
-    assert [(n.affiliate_id, n.affiliate and n.affiliate.data) for n in sub.queue] == [("a", b"1"), ("a", b"2"), ("a", None)]
+    assert [(n.affiliate_id, n.affiliate and n.affiliate.data) for n in sub.queue] == [
+        ("a", b"1"),
+        ("a", b"2"),
+        ("a", None),
+    ]
     s.update("c", "b", b"x", [], 10, now=0)  # 4th queued note: overflow
     assert sub.overflowed and sub.closed and s.stats().subscriptions == 0
 

@@ -6,6 +6,7 @@ protobuf encoder written in this file, and the encryption is redone here with ba
 AES primitives. If our .proto files, codec or cipher drifted from the reference
 layout, these tests would disagree with them.
 """
+
 from __future__ import annotations
 
 import base64
@@ -18,7 +19,12 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from control.affiliate import Affiliate, KubeSpanInfo
 from control.discovery.client import DiscoveryClient
-from control.discovery.codec import decode_affiliate, decode_endpoint, encode_affiliate, encode_endpoint
+from control.discovery.codec import (
+    decode_affiliate,
+    decode_endpoint,
+    encode_affiliate,
+    encode_endpoint,
+)
 from control.discovery.proto import affiliate_pb2 as cpb
 from control.discovery.proto import cluster_pb2 as pb
 
@@ -72,7 +78,7 @@ def parse(buf: bytes) -> list[tuple[int, int, object]]:
             out.append((field, wt, read_varint()))
         elif wt == 2:
             n = read_varint()
-            out.append((field, wt, buf[i:i + n]))
+            out.append((field, wt, buf[i : i + n]))
             i += n
         else:
             raise AssertionError(f"unexpected wire type {wt}")
@@ -111,7 +117,7 @@ def ref_seal_endpoint(pb_bytes: bytes) -> bytes:
 def ref_open_endpoint(sealed: bytes) -> bytes:
     dec = Cipher(algorithms.AES(KEY), modes.ECB()).decryptor()
     framed = dec.update(sealed) + dec.finalize()
-    return framed[1:1 + framed[0]]
+    return framed[1 : 1 + framed[0]]
 
 
 # --- a Talos-shaped affiliate, byte by byte -----------------------------------------------
@@ -167,7 +173,12 @@ def test_our_affiliate_encoding_reads_back_field_by_field():
     enc = fields(encode_affiliate(TALOS_EXPECTED))
     assert enc[1] == [TALOS_EXPECTED.node_id.encode()]
     assert enc[2] == [bytes([192, 168, 3, 4]), IPv6Address("2001:db8::1").packed]
-    assert (enc[3], enc[4], enc[5], enc[6]) == ([b"foo.com"], [b"bar"], [b"controlplane"], [b"Talos (v1.9.0)"])
+    assert (enc[3], enc[4], enc[5], enc[6]) == (
+        [b"foo.com"],
+        [b"bar"],
+        [b"controlplane"],
+        [b"Talos (v1.9.0)"],
+    )
     ks = fields(enc[7][0])
     assert ks[1] == [b"PLPNBddmTgHJhtw0vxltq1ZBdPP9RNOEUd5JjJZzBRY="]
     assert ks[2] == [IPv6Address("fd50:8d60:4238:6302:f857:23ff:fe21:d1e0").packed]
@@ -182,29 +193,54 @@ def test_our_affiliate_encoding_reads_back_field_by_field():
 def test_endpoint_message_both_ways():
     ours = encode_endpoint(("2001:db8::5", 51820))
     assert fields(ours) == {1: [IPv6Address("2001:db8::5").packed], 2: [51820]}
-    assert decode_endpoint(f_bytes(1, bytes([203, 0, 113, 9])) + f_varint(2, 443)) == ("203.0.113.9", 443)
+    assert decode_endpoint(f_bytes(1, bytes([203, 0, 113, 9])) + f_varint(2, 443)) == (
+        "203.0.113.9",
+        443,
+    )
 
 
 def test_server_messages_encode_as_the_reference_layout():
     req = pb.AffiliateUpdateRequest(
-        cluster_id="cid", affiliate_id="aid", affiliate_data=b"DATA", affiliate_endpoints=[b"E1", b"E2"]
+        cluster_id="cid",
+        affiliate_id="aid",
+        affiliate_data=b"DATA",
+        affiliate_endpoints=[b"E1", b"E2"],
     )
     req.ttl.seconds = 1800
     assert fields(req.SerializeToString()) == {
-        1: [b"cid"], 2: [b"aid"], 3: [b"DATA"], 4: [b"E1", b"E2"], 5: [f_varint(1, 1800)],
+        1: [b"cid"],
+        2: [b"aid"],
+        3: [b"DATA"],
+        4: [b"E1", b"E2"],
+        5: [f_varint(1, 1800)],
     }
     # Hand-built messages decode under our generated classes.
-    hello = pb.HelloResponse.FromString(f_bytes(1, f_bytes(1, "other:443")) + f_bytes(2, b"\x7f\x00\x00\x01"))
+    hello = pb.HelloResponse.FromString(
+        f_bytes(1, f_bytes(1, "other:443")) + f_bytes(2, b"\x7f\x00\x00\x01")
+    )
     assert hello.redirect.endpoint == "other:443" and hello.client_ip == b"\x7f\x00\x00\x01"
     watch = pb.WatchResponse.FromString(
         f_bytes(1, f_bytes(1, "x") + f_bytes(2, b"D") + f_bytes(3, b"E")) + f_varint(2, 1)
     )
-    assert watch.deleted and watch.affiliates[0].id == "x" and list(watch.affiliates[0].endpoints) == [b"E"]
-    assert fields(pb.HelloRequest(cluster_id="c", client_version="v").SerializeToString()) == {1: [b"c"], 2: [b"v"]}
-    assert fields(pb.AffiliateDeleteRequest(cluster_id="c", affiliate_id="a").SerializeToString()) == {1: [b"c"], 2: [b"a"]}
+    assert (
+        watch.deleted
+        and watch.affiliates[0].id == "x"
+        and list(watch.affiliates[0].endpoints) == [b"E"]
+    )
+    assert fields(pb.HelloRequest(cluster_id="c", client_version="v").SerializeToString()) == {
+        1: [b"c"],
+        2: [b"v"],
+    }
+    assert fields(
+        pb.AffiliateDeleteRequest(cluster_id="c", affiliate_id="a").SerializeToString()
+    ) == {1: [b"c"], 2: [b"a"]}
     assert fields(pb.ListRequest(cluster_id="c").SerializeToString()) == {1: [b"c"]}
     assert fields(pb.WatchRequest(cluster_id="c").SerializeToString()) == {1: [b"c"]}
-    listed = fields(pb.ListResponse(affiliates=[pb.Affiliate(id="i", data=b"d", endpoints=[b"e"])]).SerializeToString())
+    listed = fields(
+        pb.ListResponse(
+            affiliates=[pb.Affiliate(id="i", data=b"d", endpoints=[b"e"])]
+        ).SerializeToString()
+    )
     assert fields(listed[1][0]) == {1: [b"i"], 2: [b"d"], 3: [b"e"]}
 
 
@@ -227,13 +263,19 @@ def test_hand_built_reference_client_interoperates_with_our_service_and_client(s
         ours.start()
         try:
             async with grpc.aio.insecure_channel(target(server)) as ch:
-                call = lambda m: ch.unary_unary(f"/sidero.discovery.server.Cluster/{m}", identity, identity)  # noqa: E731
-                hello = fields(await call("Hello")(f_bytes(1, "wire") + f_bytes(2, "v1.9.0"), timeout=10))
+                call = lambda m: ch.unary_unary(
+                    f"/sidero.discovery.server.Cluster/{m}", identity, identity
+                )  # noqa: E731
+                hello = fields(
+                    await call("Hello")(f_bytes(1, "wire") + f_bytes(2, "v1.9.0"), timeout=10)
+                )
                 assert hello == {2: [b"\x7f\x00\x00\x01"]}
                 ep = ref_seal_endpoint(f_bytes(1, bytes([10, 0, 0, 2])) + f_varint(2, 51820))
                 update = (
-                    f_bytes(1, "wire") + f_bytes(2, "talos-node")
-                    + f_bytes(3, ref_seal_data(talos_affiliate_bytes())) + f_bytes(4, ep)
+                    f_bytes(1, "wire")
+                    + f_bytes(2, "talos-node")
+                    + f_bytes(3, ref_seal_data(talos_affiliate_bytes()))
+                    + f_bytes(4, ep)
                     + f_bytes(5, f_varint(1, 1800))
                 )
                 assert await call("AffiliateUpdate")(update, timeout=10) == b""
@@ -246,15 +288,22 @@ def test_hand_built_reference_client_interoperates_with_our_service_and_client(s
                 mine = by_id[b"ours"]
                 plain = fields(ref_open_data(mine[2][0]))
                 assert plain[1] == [b"ours"] and plain[3] == [b"ours.example"]
-                assert fields(ref_open_endpoint(mine[3][0])) == {1: [bytes([10, 5, 0, 7])], 2: [51820]}
+                assert fields(ref_open_endpoint(mine[3][0])) == {
+                    1: [bytes([10, 5, 0, 7])],
+                    2: [51820],
+                }
                 # Deterministic endpoints: our sealing of the same endpoint equals the reference's.
                 assert ours._cipher.seal_endpoint(encode_endpoint(("10.0.0.2", 51820))) == ep
                 # Watch over raw bytes: the first message is the snapshot with both affiliates.
-                stream = ch.unary_stream("/sidero.discovery.server.Cluster/Watch", identity, identity)(f_bytes(1, "wire"))
+                stream = ch.unary_stream(
+                    "/sidero.discovery.server.Cluster/Watch", identity, identity
+                )(f_bytes(1, "wire"))
                 snap = fields(await stream.read())
                 assert sorted(fields(a)[1][0] for a in snap[1]) == [b"ours", b"talos-node"]
                 assert 2 not in snap  # deleted=false is omitted
-                await call("AffiliateDelete")(f_bytes(1, "wire") + f_bytes(2, "talos-node"), timeout=10)
+                await call("AffiliateDelete")(
+                    f_bytes(1, "wire") + f_bytes(2, "talos-node"), timeout=10
+                )
                 gone = fields(await stream.read())
                 assert gone[2] == [1] and fields(gone[1][0]) == {1: [b"talos-node"]}
                 stream.cancel()
@@ -283,7 +332,12 @@ def test_storage_snapshot_layout():
 
     wall = time.time()
     old_ep = f_bytes(1, f_varint(1, int(wall) + 50)) + f_bytes(2, b"F" * 16)
-    old_aff = f_bytes(1, "b") + f_bytes(2, f_varint(1, int(wall) + 50)) + f_bytes(3, b"X") + f_bytes(4, old_ep)
+    old_aff = (
+        f_bytes(1, "b")
+        + f_bytes(2, f_varint(1, int(wall) + 50))
+        + f_bytes(3, b"X")
+        + f_bytes(4, old_ep)
+    )
     blob = f_bytes(1, f_bytes(1, "old") + f_bytes(2, old_aff))
     restored = State()
     assert restored.import_snapshot(blob, now=1000.0, wall_now=wall) == 1
@@ -294,9 +348,22 @@ def test_storage_snapshot_layout():
 def test_generated_python_classes_match_the_reference_field_numbers():
     """Our .proto field numbers, as seen through the generated descriptors."""
     want = {
-        cpb.Affiliate: {"node_id": 1, "addresses": 2, "hostname": 3, "nodename": 4, "machine_type": 5,
-                        "operating_system": 6, "kubespan": 7, "control_plane": 8},
-        cpb.KubeSpan: {"public_key": 1, "address": 2, "additional_addresses": 3, "exclude_advertised_addresses": 4},
+        cpb.Affiliate: {
+            "node_id": 1,
+            "addresses": 2,
+            "hostname": 3,
+            "nodename": 4,
+            "machine_type": 5,
+            "operating_system": 6,
+            "kubespan": 7,
+            "control_plane": 8,
+        },
+        cpb.KubeSpan: {
+            "public_key": 1,
+            "address": 2,
+            "additional_addresses": 3,
+            "exclude_advertised_addresses": 4,
+        },
         cpb.IPPrefix: {"ip": 1, "bits": 2},
         cpb.Endpoint: {"ip": 1, "port": 2},
         cpb.ControlPlane: {"api_server_port": 1},
@@ -304,8 +371,13 @@ def test_generated_python_classes_match_the_reference_field_numbers():
         pb.HelloRequest: {"cluster_id": 1, "client_version": 2},
         pb.HelloResponse: {"redirect": 1, "client_ip": 2},
         pb.RedirectMessage: {"endpoint": 1},
-        pb.AffiliateUpdateRequest: {"cluster_id": 1, "affiliate_id": 2, "affiliate_data": 3,
-                                    "affiliate_endpoints": 4, "ttl": 5},
+        pb.AffiliateUpdateRequest: {
+            "cluster_id": 1,
+            "affiliate_id": 2,
+            "affiliate_data": 3,
+            "affiliate_endpoints": 4,
+            "ttl": 5,
+        },
         pb.AffiliateDeleteRequest: {"cluster_id": 1, "affiliate_id": 2},
         pb.ListRequest: {"cluster_id": 1},
         pb.ListResponse: {"affiliates": 1},
@@ -313,8 +385,15 @@ def test_generated_python_classes_match_the_reference_field_numbers():
         pb.WatchResponse: {"affiliates": 1, "deleted": 2},
     }
     for cls, numbers in want.items():
-        assert {f.name: f.number for f in cls.DESCRIPTOR.fields} == numbers, cls.DESCRIPTOR.full_name
+        assert {f.name: f.number for f in cls.DESCRIPTOR.fields} == numbers, (
+            cls.DESCRIPTOR.full_name
+        )
     assert pb.DESCRIPTOR.package == "sidero.discovery.server"
     assert cpb.DESCRIPTOR.package == "sidero.discovery.client"
     assert [m.name for m in pb.DESCRIPTOR.services_by_name["Cluster"].methods] == [
-        "Hello", "AffiliateUpdate", "AffiliateDelete", "List", "Watch"]
+        "Hello",
+        "AffiliateUpdate",
+        "AffiliateDelete",
+        "List",
+        "Watch",
+    ]

@@ -1,4 +1,5 @@
 """Our daemon on its own: lifecycle, wg-quick, UAPI robustness, garbage input, fwmark, logs."""
+
 from __future__ import annotations
 
 import base64
@@ -100,10 +101,13 @@ def test_wg_quick_up_and_down(lab: netns.Lab) -> None:
             f"Address = {INNER4[i]}/24, {INNER6[i]}/64\nMTU = 1380\n\n"
             "[Peer]\n"
             f"PublicKey = {keys[1 - i][1]}\nAllowedIPs = {INNER4[1 - i]}/32, {INNER6[1 - i]}/128\n"
-            f"Endpoint = {OUTER4[1 - i]}:{51830 + 1 - i}\n")
+            f"Endpoint = {OUTER4[1 - i]}:{51830 + 1 - i}\n"
+        )
         conf.chmod(0o600)
         netns.LEDGER.sockets.add(netns.uapi_path(names[i]))
-        lab.defer(lambda ns=ns, conf=conf: ns.run("wg-quick", "down", str(conf), check=False, env=env))
+        lab.defer(
+            lambda ns=ns, conf=conf: ns.run("wg-quick", "down", str(conf), check=False, env=env)
+        )
         ns.run("wg-quick", "up", str(conf), env=env)
         netns.LEDGER.pids.update(ns.pids())
     netns.ping(na, INNER4[1])
@@ -114,8 +118,11 @@ def test_wg_quick_up_and_down(lab: netns.Lab) -> None:
     for i, ns in enumerate((na, nb)):
         pids = ns.pids()
         ns.run("wg-quick", "down", str(confdir / f"{names[i]}.conf"), env=env)
-        netns.wait_until(lambda: not any(netns._pid_alive(p) for p in pids), timeout=10,
-                         what="daemon to exit after wg-quick down")
+        netns.wait_until(
+            lambda: not any(netns._pid_alive(p) for p in pids),
+            timeout=10,
+            what="daemon to exit after wg-quick down",
+        )
         assert not netns.uapi_path(names[i]).exists()
         assert not link_exists(ns, names[i])
 
@@ -129,9 +136,25 @@ def configured(lab: netns.Lab) -> tuple[netns.Netns, netns.Daemon]:
     keyfile = lab.tempdir() / "key"
     keyfile.write_text(netns.genkey(ns)[0] + "\n")
     _, peer = netns.genkey(ns)
-    netns.wg(ns, "set", d.ifname, "private-key", str(keyfile), "listen-port", "51820",
-             "fwmark", "0x20", "peer", peer, "allowed-ips", "10.1.0.0/16,fd01::/64",
-             "endpoint", "192.168.1.1:51820", "persistent-keepalive", "25")
+    netns.wg(
+        ns,
+        "set",
+        d.ifname,
+        "private-key",
+        str(keyfile),
+        "listen-port",
+        "51820",
+        "fwmark",
+        "0x20",
+        "peer",
+        peer,
+        "allowed-ips",
+        "10.1.0.0/16,fd01::/64",
+        "endpoint",
+        "192.168.1.1:51820",
+        "persistent-keepalive",
+        "25",
+    )
     return ns, d
 
 
@@ -168,7 +191,10 @@ def test_malformed_requests_answer_einval_and_change_nothing(lab: netns.Lab) -> 
     # an unknown operation closes the connection without a reply
     assert netns.uapi_request(d.ifname, "delete=1\n\n") == ""
     # a line longer than any valid one
-    assert netns.uapi_request(d.ifname, "set=1\nlisten_port=" + "1" * 100000 + "\n\n") == "errno=-22\n\n"
+    assert (
+        netns.uapi_request(d.ifname, "set=1\nlisten_port=" + "1" * 100000 + "\n\n")
+        == "errno=-22\n\n"
+    )
     assert netns.uapi_request(d.ifname, "get=1\n\n") == before
     assert d.alive()
 
@@ -209,7 +235,10 @@ def test_uapi_round_trip_with_wg(lab: netns.Lab) -> None:
     assert netns.wg(ns, "showconf", d.ifname) == conf
     # replace everything with an empty config, then restore it
     netns.wg(ns, "setconf", d.ifname, "/dev/stdin", input="[Interface]\n")
-    assert netns.wg(ns, "show", d.ifname, "peers") == "\n" or not netns.wg(ns, "show", d.ifname, "peers").strip()
+    assert (
+        netns.wg(ns, "show", d.ifname, "peers") == "\n"
+        or not netns.wg(ns, "show", d.ifname, "peers").strip()
+    )
     netns.wg(ns, "syncconf", d.ifname, "/dev/stdin", input=conf)
     assert netns.wg(ns, "showconf", d.ifname) == conf
 
@@ -221,15 +250,18 @@ def garbage(rng: random.Random) -> list[bytes]:
     out = [rng.randbytes(rng.randrange(0, 200)) for _ in range(300)]
     for mtype, size in ((1, 148), (2, 92), (3, 64), (4, 32), (4, 100)):
         hdr = struct.pack("<I", mtype)
-        out += [hdr + rng.randbytes(size - 4) for _ in range(100)]   # right size, bad MACs/index
+        out += [hdr + rng.randbytes(size - 4) for _ in range(100)]  # right size, bad MACs/index
         out += [hdr + rng.randbytes(size + 1 - 4) for _ in range(20)] if mtype != 4 else []
-    out += [struct.pack("<I", 1 | (1 << 8)) + bytes(144)] * 20      # reserved bytes set
+    out += [struct.pack("<I", 1 | (1 << 8)) + bytes(144)] * 20  # reserved bytes set
     out.append(b"\x04" + bytes(65000))
     return out
 
 
-@pytest.mark.parametrize("kinds", [("kubespan-wg", "wireguard-go"), ("kubespan-wg", "kubespan-wg")],
-                         ids=["ours-wggo", "ours-ours"])
+@pytest.mark.parametrize(
+    "kinds",
+    [("kubespan-wg", "wireguard-go"), ("kubespan-wg", "kubespan-wg")],
+    ids=["ours-wggo", "ours-ours"],
+)
 def test_garbage_datagrams_are_dropped_and_counted(lab: netns.Lab, kinds: tuple[str, str]) -> None:
     a, b = netns.build_pair(lab, *kinds)
     netns.ping(a.ns, INNER4[1])
@@ -257,14 +289,23 @@ def test_garbage_datagrams_are_dropped_and_counted(lab: netns.Lab, kinds: tuple[
 def test_fwmark_marks_our_udp_packets(lab: netns.Lab) -> None:
     a, b = netns.build_pair(lab, "kubespan-wg", "wireguard-go")
     a.wg("set", a.ifname, "fwmark", "0x20")
-    a.ns.run("nft", "-f", "-", input=(
-        "table inet t {\n chain out {\n  type filter hook output priority 0; policy accept;\n"
-        f"  udp sport {a.port} meta mark 0x20 counter\n"
-        f"  udp sport {a.port} meta mark != 0x20 counter\n }}\n}}\n"))
+    a.ns.run(
+        "nft",
+        "-f",
+        "-",
+        input=(
+            "table inet t {\n chain out {\n  type filter hook output priority 0; policy accept;\n"
+            f"  udp sport {a.port} meta mark 0x20 counter\n"
+            f"  udp sport {a.port} meta mark != 0x20 counter\n }}\n}}\n"
+        ),
+    )
     netns.ping(a.ns, INNER4[1], count=5)
     rules = a.ns.run("nft", "list", "chain", "inet", "t", "out").stdout
-    marked, unmarked = [int(line.split("packets ")[1].split()[0])
-                        for line in rules.splitlines() if "counter packets" in line]
+    marked, unmarked = [
+        int(line.split("packets ")[1].split()[0])
+        for line in rules.splitlines()
+        if "counter packets" in line
+    ]
     assert marked >= 5 and unmarked == 0, rules
     assert "fwmark: 0x20" in a.wg("show", a.ifname)
 
@@ -291,6 +332,7 @@ def valid_mac1_initiation(responder_public: bytes, rng: random.Random) -> bytes:
     """An initiation with random content but a correct mac1: it passes the cheap
     check and costs the responder a Diffie-Hellman before it fails."""
     import hashlib
+
     mac1_key = hashlib.blake2s(b"mac1----" + responder_public).digest()
     body = struct.pack("<I", 1) + rng.randbytes(4 + 32 + 48 + 28)
     mac1 = hashlib.blake2s(body, key=mac1_key, digest_size=16).digest()
@@ -303,8 +345,9 @@ def test_handshake_flood_puts_device_under_load(lab: netns.Lab) -> None:
     a, b = netns.build_pair(lab, "kubespan-wg", "wireguard-go")
     netns.ping(a.ns, INNER4[1])
     handshake = a.dump()[1][4]
-    flood = [valid_mac1_initiation(base64.b64decode(a.public_key), random.Random(i))
-             for i in range(3000)]
+    flood = [
+        valid_mac1_initiation(base64.b64decode(a.public_key), random.Random(i)) for i in range(3000)
+    ]
     cookies = 0
     with b.ns.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
@@ -325,6 +368,14 @@ def test_handshake_flood_puts_device_under_load(lab: netns.Lab) -> None:
     assert a.dump()[1][4] == handshake
     # once the backlog is gone, a fresh handshake goes through without cookies
     a.wg("set", a.ifname, "peer", b.public_key, "remove")
-    a.wg("set", a.ifname, "peer", b.public_key, "allowed-ips", f"{INNER4[1]}/32",
-         "endpoint", f"{OUTER4[1]}:{b.port}")
+    a.wg(
+        "set",
+        a.ifname,
+        "peer",
+        b.public_key,
+        "allowed-ips",
+        f"{INNER4[1]}/32",
+        "endpoint",
+        f"{OUTER4[1]}:{b.port}",
+    )
     netns.ping(a.ns, INNER4[1])

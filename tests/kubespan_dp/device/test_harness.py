@@ -1,4 +1,5 @@
 """The namespace harness itself, proven with wireguard-go on both sides."""
+
 from __future__ import annotations
 
 import pytest

@@ -2,6 +2,7 @@
 
 Each scenario runs for both pairings; the first host (`a`) is always ours.
 """
+
 from __future__ import annotations
 
 import base64
@@ -30,7 +31,9 @@ def peer_row(host: netns.WgHost, public_key: str) -> list[str]:
 
 @pytest.mark.parametrize("kinds", PAIRS, ids=PAIR_IDS)
 @pytest.mark.parametrize("outer", ["4", "6"])
-def test_handshake_and_ping_both_families(lab: netns.Lab, kinds: tuple[str, str], outer: str) -> None:
+def test_handshake_and_ping_both_families(
+    lab: netns.Lab, kinds: tuple[str, str], outer: str
+) -> None:
     start = time.time()
     a, b = netns.build_pair(lab, *kinds, outer=outer)
     netns.ping(a.ns, INNER4[1])
@@ -42,13 +45,18 @@ def test_handshake_and_ping_both_families(lab: netns.Lab, kinds: tuple[str, str]
         handshake = int(row[4])
         assert start - 2 <= handshake <= time.time() + 2, row
         assert int(row[5]) > 0 and int(row[6]) > 0, row
-        expected = (f"{OUTER4[1 if host is a else 0]}:{other.port}" if outer == "4"
-                    else f"[{netns.OUTER6[1 if host is a else 0]}]:{other.port}")
+        expected = (
+            f"{OUTER4[1 if host is a else 0]}:{other.port}"
+            if outer == "4"
+            else f"[{netns.OUTER6[1 if host is a else 0]}]:{other.port}"
+        )
         assert row[2] == expected
+
     # both sides count whole UDP payloads: what one sent, the other received
     def balanced() -> bool:
         ra, rb = peer_row(a, b.public_key), peer_row(b, a.public_key)
         return ra[5] == rb[6] and ra[6] == rb[5]
+
     netns.wait_until(balanced, timeout=15, what="tx/rx counters to match across the pair")
 
 
@@ -59,8 +67,10 @@ def test_tcp_transfer_100mb(lab: netns.Lab, kinds: tuple[str, str]) -> None:
     for server, client, ip in ((b, a, INNER4[1]), (a, b, INNER4[0])):
         sent, got, seconds = netns.tcp_transfer(server.ns, client.ns, ip, TRANSFER_BYTES)
         assert sent == got
-        print(f"{client.daemon.kind} -> {server.daemon.kind}: {TRANSFER_BYTES / 1e6:.0f} MB in "
-              f"{seconds:.1f} s = {TRANSFER_BYTES * 8 / seconds / 1e6:.0f} Mbit/s")
+        print(
+            f"{client.daemon.kind} -> {server.daemon.kind}: {TRANSFER_BYTES / 1e6:.0f} MB in "
+            f"{seconds:.1f} s = {TRANSFER_BYTES * 8 / seconds / 1e6:.0f} Mbit/s"
+        )
     assert a.daemon.alive() and b.daemon.alive()
 
 
@@ -76,8 +86,18 @@ def test_preshared_key(lab: netns.Lab, kinds: tuple[str, str]) -> None:
     (keys / "same").write_text(psk + "\n")
     b.wg("set", b.ifname, "peer", a.public_key, "preshared-key", str(keys / "other"))
     a.wg("set", a.ifname, "peer", b.public_key, "remove")
-    a.wg("set", a.ifname, "peer", b.public_key, "preshared-key", str(keys / "same"),
-         "allowed-ips", f"{INNER4[1]}/32,{INNER6[1]}/128", "endpoint", f"{OUTER4[1]}:{b.port}")
+    a.wg(
+        "set",
+        a.ifname,
+        "peer",
+        b.public_key,
+        "preshared-key",
+        str(keys / "same"),
+        "allowed-ips",
+        f"{INNER4[1]}/32,{INNER6[1]}/128",
+        "endpoint",
+        f"{OUTER4[1]}:{b.port}",
+    )
     r = a.ns.run("ping", "-c", "3", "-i", "0.3", "-W", "1", INNER4[1], check=False)
     assert r.returncode != 0, "a handshake with mismatched preshared keys must fail"
     assert peer_row(a, b.public_key)[4] == "0"
@@ -111,8 +131,16 @@ def test_peer_removed_and_readded(lab: netns.Lab, kinds: tuple[str, str]) -> Non
     assert len(a.dump()) == 1
     r = a.ns.run("ping", "-c", "2", "-W", "1", INNER4[1], check=False)
     assert r.returncode != 0
-    a.wg("set", a.ifname, "peer", b.public_key, "allowed-ips", f"{INNER4[1]}/32,{INNER6[1]}/128",
-         "endpoint", f"{OUTER4[1]}:{b.port}")
+    a.wg(
+        "set",
+        a.ifname,
+        "peer",
+        b.public_key,
+        "allowed-ips",
+        f"{INNER4[1]}/32,{INNER6[1]}/128",
+        "endpoint",
+        f"{OUTER4[1]}:{b.port}",
+    )
     netns.ping(a.ns, INNER4[1])
     netns.ping(b.ns, INNER6[0])
 
@@ -125,7 +153,9 @@ def test_other_peers_changes_leave_session_alone(lab: netns.Lab, kinds: tuple[st
     netns.ping(a.ns, INNER4[1])
     before = peer_row(a, b.public_key)[4]
     _, other = netns.genkey(a.ns)
-    a.wg("set", a.ifname, "peer", other, "allowed-ips", "10.99.0.0/16", "endpoint", "192.168.77.50:1")
+    a.wg(
+        "set", a.ifname, "peer", other, "allowed-ips", "10.99.0.0/16", "endpoint", "192.168.77.50:1"
+    )
     a.wg("set", a.ifname, "peer", other, "allowed-ips", "10.98.0.0/16", "persistent-keepalive", "5")
     assert len(a.dump()) == 3
     a.wg("set", a.ifname, "peer", other, "remove")
@@ -139,7 +169,9 @@ def test_other_peers_changes_leave_session_alone(lab: netns.Lab, kinds: tuple[st
 NAT_TIMEOUT = 2
 
 
-def build_nat(lab: netns.Lab, kinds: tuple[str, str]) -> tuple[netns.WgHost, netns.WgHost, netns.Netns]:
+def build_nat(
+    lab: netns.Lab, kinds: tuple[str, str]
+) -> tuple[netns.WgHost, netns.WgHost, netns.Netns]:
     """a (behind NAT) -- r (masquerade, short UDP conntrack timeouts) -- b (public).
     b knows no route to a's network and no endpoint for a: it can only answer through
     the NAT mapping that a's packets create."""
@@ -151,12 +183,22 @@ def build_nat(lab: netns.Lab, kinds: tuple[str, str]) -> tuple[netns.WgHost, net
     netns.add_address(nr, r1, "192.168.20.1/24")
     netns.add_address(nb, b0, "192.168.20.2/24")
     na.run("ip", "route", "add", "default", "via", "192.168.10.1")
-    nr.run("sysctl", "-qw", "net.ipv4.ip_forward=1",
-           f"net.netfilter.nf_conntrack_udp_timeout={NAT_TIMEOUT}",
-           f"net.netfilter.nf_conntrack_udp_timeout_stream={NAT_TIMEOUT}")
-    nr.run("nft", "-f", "-", input=(
-        "table ip nat {\n chain post {\n  type nat hook postrouting priority 100; policy accept;\n"
-        f'  oifname "{r1}" masquerade\n }}\n}}\n'))
+    nr.run(
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_forward=1",
+        f"net.netfilter.nf_conntrack_udp_timeout={NAT_TIMEOUT}",
+        f"net.netfilter.nf_conntrack_udp_timeout_stream={NAT_TIMEOUT}",
+    )
+    nr.run(
+        "nft",
+        "-f",
+        "-",
+        input=(
+            "table ip nat {\n chain post {\n  type nat hook postrouting priority 100; policy accept;\n"
+            f'  oifname "{r1}" masquerade\n }}\n}}\n'
+        ),
+    )
     hosts = []
     for ns, kind, veth, port in ((na, kinds[0], a0, 51820), (nb, kinds[1], b0, 51821)):
         d = lab.daemon(ns, kind)
@@ -168,22 +210,54 @@ def build_nat(lab: netns.Lab, kinds: tuple[str, str]) -> tuple[netns.WgHost, net
         (keydir / f"k{i}").write_text(h.private_key + "\n")
         netns.add_address(h.ns, h.ifname, f"{INNER4[i]}/24")
         h.ns.run("ip", "link", "set", h.ifname, "up")
-    a.wg("set", a.ifname, "private-key", str(keydir / "k0"), "listen-port", "51820",
-         "peer", b.public_key, "allowed-ips", f"{INNER4[1]}/32",
-         "endpoint", f"192.168.20.2:{b.port}", "persistent-keepalive", "1")
-    b.wg("set", b.ifname, "private-key", str(keydir / "k1"), "listen-port", str(b.port),
-         "peer", a.public_key, "allowed-ips", f"{INNER4[0]}/32")
+    a.wg(
+        "set",
+        a.ifname,
+        "private-key",
+        str(keydir / "k0"),
+        "listen-port",
+        "51820",
+        "peer",
+        b.public_key,
+        "allowed-ips",
+        f"{INNER4[1]}/32",
+        "endpoint",
+        f"192.168.20.2:{b.port}",
+        "persistent-keepalive",
+        "1",
+    )
+    b.wg(
+        "set",
+        b.ifname,
+        "private-key",
+        str(keydir / "k1"),
+        "listen-port",
+        str(b.port),
+        "peer",
+        a.public_key,
+        "allowed-ips",
+        f"{INNER4[0]}/32",
+    )
     return a, b, nr
 
 
-@pytest.mark.parametrize("kinds", [("kubespan-wg", "wireguard-go"), ("wireguard-go", "kubespan-wg"),
-                                   ("kubespan-wg", "kubespan-wg")],
-                         ids=["ours-behind-nat", "wggo-behind-nat", "ours-ours"])
+@pytest.mark.parametrize(
+    "kinds",
+    [
+        ("kubespan-wg", "wireguard-go"),
+        ("wireguard-go", "kubespan-wg"),
+        ("kubespan-wg", "kubespan-wg"),
+    ],
+    ids=["ours-behind-nat", "wggo-behind-nat", "ours-ours"],
+)
 def test_keepalive_holds_nat_mapping(lab: netns.Lab, kinds: tuple[str, str]) -> None:
     a, b, _ = build_nat(lab, kinds)
     # a's keepalive alone makes the handshake: b learns a's public (NATed) endpoint
-    netns.wait_until(lambda: peer_row(b, a.public_key)[2].startswith("192.168.20.1:"),
-                     timeout=20, what="b to learn a's NAT endpoint")
+    netns.wait_until(
+        lambda: peer_row(b, a.public_key)[2].startswith("192.168.20.1:"),
+        timeout=20,
+        what="b to learn a's NAT endpoint",
+    )
     time.sleep(3 * NAT_TIMEOUT)  # idle, apart from keepalives
     netns.ping(b.ns, INNER4[0], timeout=5)
     # control: without keepalives the mapping expires and b cannot reach a

@@ -5,6 +5,7 @@ exact bytes a pure-Python sealer produces (header | AEAD(padded plaintext)), and
 side must open the other's messages.  Tampered or replayed messages are rejected
 without disturbing the session.
 """
+
 from __future__ import annotations
 
 import os
@@ -85,7 +86,7 @@ def test_each_opens_the_others_messages() -> None:
     for i, p in enumerate(packets):
         index, counter, plain = reference_open(k1, batch.get(i))
         assert (index, counter) == (0xB0B, i)
-        assert plain[: len(p)] == p and plain[len(p):] == b"\x00" * (len(plain) - len(p))
+        assert plain[: len(p)] == p and plain[len(p) :] == b"\x00" * (len(plain) - len(p))
     # reference -> ours
     inbound = fp.PacketBatch(64)
     for i, p in enumerate(packets):
@@ -104,11 +105,11 @@ def test_each_opens_the_others_messages() -> None:
 
 def _tampered(message: bytes) -> list[tuple[bytes, set[int]]]:
     out: list[tuple[bytes, set[int]]] = []
-    flip = lambda m, i: m[:i] + bytes([m[i] ^ 0x01]) + m[i + 1:]  # noqa: E731
+    flip = lambda m, i: m[:i] + bytes([m[i] ^ 0x01]) + m[i + 1 :]  # noqa: E731
     out.append((flip(message, 0), {fp.STATUS_MALFORMED}))
     out.append((flip(message, 4), {fp.STATUS_WRONG_INDEX}))
-    out.append((flip(message, 8), {fp.STATUS_BAD_TAG}))        # counter: other nonce
-    out.append((flip(message, 16), {fp.STATUS_BAD_TAG}))       # ciphertext
+    out.append((flip(message, 8), {fp.STATUS_BAD_TAG}))  # counter: other nonce
+    out.append((flip(message, 16), {fp.STATUS_BAD_TAG}))  # ciphertext
     out.append((flip(message, len(message) - 1), {fp.STATUS_BAD_TAG}))  # tag
     out.append((message[:-1], {fp.STATUS_BAD_TAG}))
     out.append((message + b"\x00", {fp.STATUS_BAD_TAG}))
@@ -195,7 +196,7 @@ def test_bad_constructor_and_batch_input() -> None:
     msg = fp.PacketBatch(1)
     msg.add_message(b"\x04" + b"\x00" * 40)
     with pytest.raises(ValueError):
-        a.seal_batch(msg)          # a received message is not plaintext
+        a.seal_batch(msg)  # a received message is not plaintext
 
 
 def test_aeadkey_single_payloads_match_reference() -> None:
@@ -230,8 +231,14 @@ class WindowModel:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.one_of(st.integers(0, 20000), st.integers(0, 2**64 - 1),
-                          st.integers(2**64 - 2**14, 2**64 - 1)), max_size=200))
+@given(
+    st.lists(
+        st.one_of(
+            st.integers(0, 20000), st.integers(0, 2**64 - 1), st.integers(2**64 - 2**14, 2**64 - 1)
+        ),
+        max_size=200,
+    )
+)
 def test_replay_window_matches_model(counters: list[int]) -> None:
     _, b, _, _ = _pair()
     model, python_window = WindowModel(), ReplayWindow()

@@ -1,5 +1,6 @@
 """PacketLoop on its own: two namespaces, a TUN device and a UDP socket in each, the
 C loops joined with hand-installed keypairs (no core).  Real packets, real kernel."""
+
 from __future__ import annotations
 
 import os
@@ -9,9 +10,9 @@ import time
 
 import pytest
 
-from tests import netns
 from kubespan_dp import _fastpath as fp
 from kubespan_dp.tun import Tun
+from tests import netns
 
 pytestmark = pytest.mark.netns
 
@@ -26,7 +27,7 @@ class Side:
         with ns.entered():
             self.tun = Tun(netns.unique_name("kf", 6))
             self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            self.sock.setsockopt(socket.IPPROTO_IP, 8, 1)     # IP_PKTINFO, as the device
+            self.sock.setsockopt(socket.IPPROTO_IP, 8, 1)  # IP_PKTINFO, as the device
             self.sock.bind(("0.0.0.0", PORT))
             self.sock.setblocking(False)
             self.tun.set_up()
@@ -80,7 +81,7 @@ def test_ping_and_bulk_tcp_through_the_c_loop(pair: tuple[Side, Side]) -> None:
     # 20 MB over TCP, checksummed at both ends
     sent, got, _ = netns.tcp_transfer(b.ns, a.ns, INNER[1], 20 << 20)
     assert sent == got
-    tx, rx, *_ , flags = a.loop.peer_stats(0)
+    tx, rx, *_, flags = a.loop.peer_stats(0)
     assert tx > 20 << 20 and rx > 0 and flags & fp.FLAG_ACTIVITY
     # (the kernel's own IPv6 chatter on a fresh link has no route: "no_route")
     for side in (a, b):
@@ -108,8 +109,9 @@ def test_handshake_datagrams_go_to_the_slow_queue_with_their_source(pair) -> Non
         items = _wait(b.loop.take_slow)
     finally:
         s.close()
-    assert items == [(fp.SLOW_DATAGRAM, msg, (OUTER[0], 40000), -1,
-                      (socket.inet_aton(OUTER[1]), 0))]
+    assert items == [
+        (fp.SLOW_DATAGRAM, msg, (OUTER[0], 40000), -1, (socket.inet_aton(OUTER[1]), 0))
+    ]
 
 
 def test_wrong_source_and_forged_packets_dropped_and_endpoint_roams(pair) -> None:
@@ -130,7 +132,7 @@ def test_wrong_source_and_forged_packets_dropped_and_endpoint_roams(pair) -> Non
         s.close()
     # roaming: B learns A's new source address from authenticated packets
     b.loop.set_allowed_ips([(socket.inet_aton(INNER[0]), 32, 0)])
-    b.loop.set_endpoint(0, ("192.168.78.3", PORT))    # a stale, wrong endpoint
+    b.loop.set_endpoint(0, ("192.168.78.3", PORT))  # a stale, wrong endpoint
     netns.ping(a.ns, INNER[1], count=2)
     assert b.loop.get_endpoint(0) == (OUTER[0], PORT)
     assert b.loop.peer_stats(0)[-1] & fp.FLAG_ENDPOINT
@@ -153,11 +155,13 @@ def test_bad_configuration_rejected(pair) -> None:
     with pytest.raises(ValueError):
         a.loop.add_peer(10**7)
     with pytest.raises(ValueError):
-        a.loop.set_keypairs(5, None, None)          # not an active peer
+        a.loop.set_keypairs(5, None, None)  # not an active peer
     with pytest.raises(ValueError):
         fp.PacketLoop(-1, -1, -1, 70000)
     # the routing table is unchanged by the rejected calls
-    assert a.loop.route(socket.inet_aton("0.0.0.0") * 4 + socket.inet_aton(INNER[1]) + bytes(8)) == -1
+    assert (
+        a.loop.route(socket.inet_aton("0.0.0.0") * 4 + socket.inet_aton(INNER[1]) + bytes(8)) == -1
+    )
 
 
 def test_jumbo_mtu_followed(pair) -> None:

@@ -3,6 +3,7 @@ initiator negotiates a new session while traffic flows, and not one packet is lo
 
 The three pairs run side by side so the test costs one rekey interval, not three.
 """
+
 from __future__ import annotations
 
 import re
@@ -17,7 +18,11 @@ from tests.netns import INNER4
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(400)]
 
-PAIRS = [("kubespan-wg", "kubespan-wg"), ("kubespan-wg", "wireguard-go"), ("wireguard-go", "kubespan-wg")]
+PAIRS = [
+    ("kubespan-wg", "kubespan-wg"),
+    ("kubespan-wg", "wireguard-go"),
+    ("wireguard-go", "kubespan-wg"),
+]
 REKEY_AFTER_TIME = 120
 OBSERVE = REKEY_AFTER_TIME + 45
 
@@ -33,12 +38,21 @@ def latest_handshake(host: netns.WgHost, peer: netns.WgHost) -> int:
 
 
 def test_rekey_after_120s_loses_no_packet(lab: netns.Lab) -> None:
-    pairs = [netns.build_pair(lab, *kinds, ports=(51820 + 2 * i, 51821 + 2 * i)) for i, kinds in enumerate(PAIRS)]
+    pairs = [
+        netns.build_pair(lab, *kinds, ports=(51820 + 2 * i, 51821 + 2 * i))
+        for i, kinds in enumerate(PAIRS)
+    ]
     for a, _b in pairs:
         netns.ping(a.ns, INNER4[1])  # a initiates: a is the side that rekeys on age
     first = [latest_handshake(a, b) for a, b in pairs]
-    pingers = [subprocess.Popen(a.ns.argv(["ping", "-i", "0.2", "-W", "2", INNER4[1]]),
-                                stdout=subprocess.PIPE, text=True) for a, _b in pairs]
+    pingers = [
+        subprocess.Popen(
+            a.ns.argv(["ping", "-i", "0.2", "-W", "2", INNER4[1]]),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for a, _b in pairs
+    ]
     time.sleep(OBSERVE)
     results = []
     for proc in pingers:
