@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 RESOURCE_TYPES = tuple(kind.aliases[0] for kind in records.KINDS)
 MAX_REQUEST = 4096
+REQUEST_TIMEOUT = 10.0  # seconds a caller has to send its request line
 
 
 def socket_address(link: str) -> str:
@@ -107,15 +108,18 @@ class ApiServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            sock = writer.get_extra_info("socket")
-            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            _pid, uid, _gid = struct.unpack("3i", creds)
-            if not self._allow_uid(uid):
+            # Read the request before answering, refusals included: closing with the
+            # caller's request unread resets the connection and the caller would see
+            # "connection lost" instead of our answer.
+            try:
+                line = await asyncio.wait_for(reader.readline(), REQUEST_TIMEOUT)
+            except ValueError:  # longer than the stream's limit
+                line = b"x" * (MAX_REQUEST + 1)
+            if not self._allow_uid(_peer_uid(writer)):
                 await self._send(
                     writer, {"error": "permission denied: the KubeSpan API serves root only"}
                 )
                 return
-            line = await reader.readline()
             request = _parse_request(line)
             if "error" in request:
                 await self._send(writer, request)
@@ -125,7 +129,7 @@ class ApiServer:
             while watch:
                 await self.store.wait_change()
                 await self._send(writer, {"type": rtype, "records": self.store.get(rtype)})
-        except (ConnectionError, asyncio.IncompleteReadError):
+        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
             pass
         finally:
             writer.close()
@@ -134,6 +138,13 @@ class ApiServer:
     async def _send(writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
         writer.write(json.dumps(message).encode() + b"\n")
         await writer.drain()
+
+
+def _peer_uid(writer: asyncio.StreamWriter) -> int:
+    sock = writer.get_extra_info("socket")
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
 
 
 def _parse_request(line: bytes) -> dict[str, Any]:

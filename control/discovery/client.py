@@ -136,6 +136,7 @@ class DiscoveryClient:
         self.public_ip: IPAddress | None = None
         self.affiliates: dict[str, Affiliate] = {}
         self.connected = False  # a watch is open and our data is published
+        self.failed_sessions = 0  # sessions that ended in an error (for tests and status)
         self.version = 0  # bumps on every change of ``affiliates``
 
         self._local: Affiliate | None = None
@@ -146,7 +147,8 @@ class DiscoveryClient:
         self._kick = asyncio.Event()
         self._changed = asyncio.Condition()
         self._task: asyncio.Task | None = None
-        self._warned: set[str] = set()
+        # Ids of affiliates whose data or an endpoint we could not read (warned once each).
+        self.warned_about: set[str] = set()
 
     @property
     def endpoint(self) -> str:
@@ -224,6 +226,7 @@ class DiscoveryClient:
             except (grpc.aio.AioRpcError, _SessionEnded, OSError) as err:
                 detail = err.code().name if isinstance(err, grpc.aio.AioRpcError) else str(err)
                 log.warning("discovery session with %s failed: %s", self._target, detail)
+                self.failed_sessions += 1
                 redirected = False
             self.connected = False
             if redirected and redirects < MAX_REDIRECTS:
@@ -357,12 +360,12 @@ class DiscoveryClient:
 
     def _warn(self, affiliate_id: str, message: str) -> None:
         # Once per affiliate: a cluster of strangers must not flood the log.
-        if affiliate_id in self._warned:
+        if affiliate_id in self.warned_about:
             log.debug("affiliate %r: %s", affiliate_id, message)
             return
-        if len(self._warned) > 4096:
-            self._warned.clear()
-        self._warned.add(affiliate_id)
+        if len(self.warned_about) > 4096:
+            self.warned_about.clear()
+        self.warned_about.add(affiliate_id)
         log.warning("affiliate %r: %s", affiliate_id, message)
 
     async def _apply(self, reply: pb.WatchResponse, snapshot: bool) -> None:

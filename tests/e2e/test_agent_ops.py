@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,20 @@ def cluster(tmp_path: Path):
         pytest.fail("end-to-end tests need root (network namespaces, TUN, nftables)")
     with running_cluster(tmp_path, "kso", reconcile_interval=2) as c:
         yield c
+
+
+def read_until(proc: subprocess.Popen, done: Callable[[str], bool], timeout: float) -> str:
+    """What `proc` prints on stdout until `done(text so far)` holds; fails after `timeout`."""
+    assert proc.stdout is not None
+    text, deadline = "", time.monotonic() + timeout
+    while not done(text):
+        left = deadline - time.monotonic()
+        if left <= 0 or proc.poll() is not None:
+            raise AssertionError(f"output never got there; so far: {text!r}")
+        ready, _, _ = select.select([proc.stdout], [], [], left)
+        if ready:
+            text += os.read(proc.stdout.fileno(), 65536).decode()
+    return text
 
 
 def test_get_formats_watch_metrics_json_logs_and_root_only_api(cluster: LabCluster) -> None:
@@ -49,8 +65,6 @@ def test_get_formats_watch_metrics_json_logs_and_root_only_api(cluster: LabClust
             "get",
             "kubespanpeerspecs",
             "--watch",
-            "-o",
-            "json",
             "--link",
             first.link,
         ),
@@ -59,17 +73,18 @@ def test_get_formats_watch_metrics_json_logs_and_root_only_api(cluster: LabClust
         text=True,
     )
     try:
-        time.sleep(1)
+        # The watch prints the current set first (a table with only its header, as the
+        # second node does not exist yet): from then on it is surely watching.
+        first_print = read_until(watch, lambda text: "\n" in text, timeout=30)
+        assert first_print.startswith("NODE") and "node2" not in first_print
         cluster.start_agent(second)
         cluster.wait_full_mesh(timeout=60)
-        time.sleep(3)
+        later = read_until(watch, lambda text: "node2" in text, timeout=30)
     finally:
         watch.terminate()
-        out, _ = watch.communicate(timeout=10)
-    docs = [
-        json.loads(chunk) for chunk in out.replace("}\n{", "}\x00{").split("\x00") if chunk.strip()
-    ]
-    assert any(d["spec"]["label"] == "node2" for d in docs), out
+        watch.communicate(timeout=10)
+    rows = [line.split() for line in later.splitlines() if not line.startswith("NODE")]
+    assert any(len(cells) > 5 and cells[5] == "node2" for cells in rows), later  # LABEL
 
     # Table, YAML and JSON agree on the peer.
     table = cluster.get_table(first, "kubespanpeerstatuses").splitlines()

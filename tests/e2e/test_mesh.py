@@ -318,12 +318,12 @@ def test_discovery_restart_keeps_tunnels_and_nodes_reregister(cluster: LabCluste
     )
     cluster.stop_discovery()
     (cluster.workdir / "discovery.snapshot").unlink(missing_ok=True)  # forget everything
-    time.sleep(8)
+    time.sleep(8)  # the scenario: an 8 s outage with pings running (not a wait for a condition)
     cluster.start_discovery()
     # A node that joins now can only learn the others if they registered again.
     late = start_nodes(cluster, 1)[0]
     cluster.wait_full_mesh(timeout=120)
-    time.sleep(2)
+    time.sleep(2)  # the scenario: pings keep flowing a little after the new node joined
     pinger.send_signal(signal.SIGINT)
     out, _ = pinger.communicate(timeout=10)
     match = re.search(r"(\d+) packets transmitted, (\d+) received", out)

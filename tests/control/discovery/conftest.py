@@ -29,6 +29,15 @@ def run(coro: Awaitable[T], timeout: float = 60.0) -> T:
     return asyncio.run(bounded())
 
 
+async def eventually(predicate: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    """Poll a condition that settles asynchronously; fail with `what` if it never holds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"never happened within {timeout} s: {what}")
+        await asyncio.sleep(0.02)
+
+
 def new_secret() -> str:
     return base64.b64encode(os.urandom(32)).decode()
 

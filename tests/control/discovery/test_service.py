@@ -18,7 +18,7 @@ from control.discovery.cipher import AffiliateCipher, secret_key
 from control.discovery.client import Backoff, DiscoveryClient
 from control.discovery.codec import encode_affiliate, encode_endpoint
 
-from .conftest import Raw, make_affiliate, new_secret, run, target
+from .conftest import Raw, eventually, make_affiliate, new_secret, run, target
 
 FAST = dict(backoff=Backoff(initial=0.05, maximum=0.5))
 
@@ -45,7 +45,8 @@ def test_two_clusters_each_sees_the_others_decrypted_not_itself_not_the_other_cl
                     assert got == want  # decrypted and decoded field by field
                     assert n not in got
             assert clients["a"].public_ip == IPv4Address("127.0.0.1")
-            assert all(c.connected for c in clients.values())
+            # Others' data can arrive before a client's own publish returns: wait, then check.
+            await eventually(lambda: all(c.connected for c in clients.values()), "all connected")
         finally:
             for c in clients.values():
                 await c.close()
@@ -193,18 +194,23 @@ def test_wrong_secret_learns_nothing(server):
         a.set_local(make_affiliate("a", 1))
         b.set_local(make_affiliate("b", 2))
         spy.set_local(make_affiliate("spy", 9))
-        for x in (a, b, spy):
-            x.start()
         try:
+            a.start()
+            b.start()
             await a.wait_for(lambda t: "b" in t, 20)
             await b.wait_for(lambda t: "a" in t, 20)
+            spy.start()  # after a and b: its watch snapshot carries their blobs
+            await eventually(lambda: spy.connected and spy.version > 0, "spy's snapshot")
             async with Raw(server) as raw:
                 listed = await raw.list("w")
             assert set(listed) == {"a", "b", "spy"}  # everyone's blobs are there...
-            for data, endpoints in listed.values():
+            for data, _endpoints in listed.values():
                 assert b"example" not in data and b"Talos" not in data  # ...but opaque
-            await asyncio.sleep(0.3)
-            assert spy.connected and spy.affiliates == {}  # ...and the spy decrypts none
+            assert spy.affiliates == {}  # ...and the spy decrypts none
+            assert spy.warned_about == {"a", "b"}
+            await eventually(
+                lambda: "spy" in a.warned_about and "spy" in b.warned_about, "spy seen"
+            )
             assert "spy" not in a.affiliates and "spy" not in b.affiliates
         finally:
             for x in (a, b, spy):
@@ -238,7 +244,8 @@ def test_malformed_affiliates_from_others_are_skipped(server):
                     ],
                 )
             got = await watcher.wait_for(lambda t: {"good", "badep"} <= set(t), 20)
-            await asyncio.sleep(0.2)
+            # The watch delivers in order and badep was written last: the malformed ones
+            # before it have been seen (and skipped) by now.
             assert set(watcher.affiliates) == {"good", "badep"}
             assert got["badep"].kubespan.endpoints == (("10.5.0.4", 51820),)
         finally:
@@ -287,7 +294,7 @@ def test_client_retries_until_service_appears_and_republishes_after_restart(make
         a.set_local(make_affiliate("a", 1))
         a.start()
         try:
-            await asyncio.sleep(0.5)
+            await eventually(lambda: a.failed_sessions >= 2, "two failed attempts")
             assert not a.connected
             first = await asyncio.to_thread(make_server, port)
             async with Raw(first) as raw:
@@ -401,6 +408,7 @@ def test_tls(make_server, tmp_path):
         try:
             await a.wait_for(lambda t: "b" in t, 20)
             await b.wait_for(lambda t: "a" in t, 20)
+            await eventually(lambda: plain.failed_sessions >= 1, "plain client tried")
             assert not plain.connected  # h2c against a TLS port gets nowhere
         finally:
             for x in (a, b, plain):
@@ -472,7 +480,7 @@ def test_close_with_leave_when_service_unreachable_does_not_raise():
         )
         a.set_local(make_affiliate("a", 1))
         a.start()
-        await asyncio.sleep(0.2)
+        await eventually(lambda: a.failed_sessions >= 1, "a failed attempt")
         await a.close(leave=True)
 
     run(main())
