@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(wireguard-go wireguard-tools iperf3 nftables tcpdump iproute2 iputils-ping netcat-openbsd libssl-dev
+APT_PACKAGES=(wireguard-go wireguard-tools iperf3 nftables tcpdump iproute2 iputils-ping netcat-openbsd libssl-dev stress-ng
               python3-dev gcc qemu-system-x86 busybox-static linux-image-amd64)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
