@@ -37,6 +37,7 @@ class IPSet:
     def __init__(self) -> None:
         self._ranges: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
 
+    @staticmethod
     def _span(net: IPNetwork) -> tuple[int, int, int]:
         return net.version, int(net.network_address), int(net.broadcast_address)
 
