@@ -49,6 +49,7 @@ from .timers import (
     REKEY_AFTER_MESSAGES,
     REKEY_AFTER_TIME,
     REKEY_TIMEOUT,
+    Timer,
     Timers,
     jitter_from,
 )
@@ -108,6 +109,14 @@ class WireGuardCore:
         self.public_key: bytes | None = None
         self._out = Output()
         self._pending_since: float | None = None
+        # What to do when each timer expires (wireguard-go's expired* functions).
+        self._on_expired: dict[Timer, Callable[[Peer, float], None]] = {
+            Timer.RETRANSMIT_HANDSHAKE: self._expired_retransmit_handshake,
+            Timer.SEND_KEEPALIVE: self._expired_send_keepalive,
+            Timer.NEW_HANDSHAKE: self._expired_new_handshake,
+            Timer.ZERO_KEY_MATERIAL: self._expired_zero_key_material,
+            Timer.PERSISTENT_KEEPALIVE: self._expired_persistent_keepalive,
+        }
         if private_key is not None:
             self.set_private_key(private_key, 0.0)
         self._take()
@@ -209,8 +218,8 @@ class WireGuardCore:
     def on_timer(self, now: float) -> Output:
         for peer in list(self.peers.values()):
             # Each handler schedules its successors in the future, so this ends.
-            while (name := peer.timers.pop_due(now)) is not None:
-                getattr(self, "_expired_" + name)(peer, now)
+            while (timer := peer.timers.pop_due(now)) is not None:
+                self._on_expired[timer](peer, now)
         return self._take()
 
     def send_packet(self, packet: bytes, now: float) -> Output:

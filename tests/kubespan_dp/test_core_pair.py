@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from ipaddress import ip_network
+from itertools import pairwise
+
+import pytest
 
 from kubespan_dp import messages
 from kubespan_dp.core import HandshakeCompleted, KeypairInstalled, KeypairRetired, WireGuardCore
-from kubespan_dp.timers import REKEY_TIMEOUT_JITTER_MAX_MS
+from kubespan_dp.timers import REKEY_TIMEOUT_JITTER_MAX_MS, Timer
 from tests.kubespan_dp.wgpair import Pair, ipv4_packet, ipv6_packet, kinds
 
 A_IP, B_IP = "192.168.0.1", "192.168.0.2"
@@ -79,7 +82,7 @@ def test_rekey_after_120s_without_loss() -> None:
     # a is the initiator of every rekey: roughly every 120 s.
     assert len(installed) == 4
     assert all(e.is_initiator for e in installed)
-    gaps = [b.created - a.created for a, b in zip(installed, installed[1:])]
+    gaps = [b.created - a.created for a, b in pairwise(installed)]
     assert all(120 < g < 123 for g in gaps), gaps
     assert any(isinstance(e, KeypairRetired) for e in p.a.events)
     assert not p.a.core.dropped and not p.b.core.dropped
@@ -111,7 +114,7 @@ def test_retransmit_every_5s_and_give_up() -> None:
     times = [t for t, d, _ in p.a.sent if messages.message_type(d) == messages.INITIATION]
     # wireguard-go: the first try plus MAX_TIMER_HANDSHAKES + 1 retries, then give up.
     assert len(times) == 20
-    gaps = [b - a for a, b in zip(times, times[1:])]
+    gaps = [b - a for a, b in pairwise(times)]
     assert all(5.0 <= g < 5.0 + REKEY_TIMEOUT_JITTER_MAX_MS / 1000 for g in gaps), gaps
     assert len(set(round(g, 3) for g in gaps)) > 1  # jitter applied
     assert 90 < times[-1] < 102
@@ -245,8 +248,6 @@ def test_zero_key_material_after_540s() -> None:
 
 def test_config_validation_changes_nothing() -> None:
     core = WireGuardCore(bytes(range(32)))
-    import pytest
-
     for kwargs in (
         {"preshared_key": b"short"},
         {"endpoint": ("not-an-ip", 1)},
@@ -302,3 +303,13 @@ def test_under_load_with_unparseable_source_does_not_raise() -> None:
     init = p.wire[0][0]
     out = p.b.core.receive_datagram(init, ("not-an-ip", 1), 0.0)
     assert not out.datagrams and p.b.core.dropped["invalid_source"] == 1
+
+
+def test_every_timer_has_a_handler() -> None:
+    p = Pair()
+    p.handshake()
+    peer = p.peer_of(p.a)
+    for timer in Timer:
+        setattr(peer.timers, timer.value, p.now)
+        p.a.core.on_timer(p.now)  # a timer without a handler would raise KeyError
+        assert peer.timers.deadline(timer) is None or peer.timers.deadline(timer) > p.now
