@@ -344,9 +344,9 @@ class WireGuardCore:
                 crypto.tai64n(self._wall_clock()),
                 new_index,
             )
-        except HandshakeError:
+        except HandshakeError as exc:
             self.index_table.delete(new_index)
-            self.dropped["handshake_not_possible"] += 1
+            self.dropped[exc.reason.value] += 1
             return
         if old_index:
             self._forget_handshake_index(old_index, hs)
@@ -366,9 +366,9 @@ class WireGuardCore:
         new_index = self._new_index(peer, hs)
         try:
             msg = noise.create_response(hs, crypto.generate_private_key(self._rng(32)), new_index)
-        except HandshakeError:
+        except HandshakeError as exc:
             self.index_table.delete(new_index)
-            self.dropped["handshake_not_possible"] += 1
+            self.dropped[exc.reason.value] += 1
             return
         if old_index and old_index != new_index:
             self._forget_handshake_index(old_index, hs)
@@ -512,7 +512,7 @@ class WireGuardCore:
         try:
             consumed = noise.consume_initiation(msg, self.private_key, lookup, now)
         except HandshakeError as exc:
-            self.dropped[_handshake_reason(exc, "invalid_initiation")] += 1
+            self.dropped[exc.reason.value] += 1
             return
         consumed.commit()
         peer = consumed.peer
@@ -532,8 +532,8 @@ class WireGuardCore:
         peer, hs = entry
         try:
             consumed = noise.consume_response(msg, hs, self.private_key)
-        except HandshakeError:
-            self.dropped["invalid_response"] += 1
+        except HandshakeError as exc:
+            self.dropped[exc.reason.value] += 1
             return
         consumed.commit()
         peer.endpoint = source
@@ -625,15 +625,3 @@ def _check_endpoint(endpoint: Address) -> Address:
     if not isinstance(port, int) or not 0 < port <= 65535:
         raise ValueError(f"invalid endpoint port {port!r}")
     return (str(addr), port)
-
-
-def _handshake_reason(exc: HandshakeError, default: str) -> str:
-    text = str(exc)
-    for word, reason in (
-        ("replay", "handshake_replay"),
-        ("flood", "handshake_flood"),
-        ("unknown", "unknown_peer"),
-    ):
-        if word in text:
-            return reason
-    return default

@@ -163,8 +163,23 @@ class HandshakeState(enum.Enum):
     RESPONSE_CONSUMED = 4
 
 
+class Reason(enum.Enum):
+    """Why a handshake failed; the values are the core's ``dropped`` counter names."""
+
+    INVALID_INITIATION = "invalid_initiation"  # did not decrypt, or no usable DH with the peer
+    UNKNOWN_PEER = "unknown_peer"
+    REPLAY = "handshake_replay"  # timestamp not newer than the last one accepted
+    FLOOD = "handshake_flood"  # more than one initiation per HANDSHAKE_INITIATION_RATE
+    INVALID_RESPONSE = "invalid_response"  # did not authenticate, or none was expected
+    NOT_POSSIBLE = "handshake_not_possible"  # we cannot create a message (keys or state)
+
+
 class HandshakeError(ValueError):
-    """A handshake message was rejected (bad crypto, replay, flood, wrong state)."""
+    """A handshake message was rejected or could not be made; ``reason`` says why."""
+
+    def __init__(self, reason: Reason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(eq=False)
@@ -212,7 +227,7 @@ def create_initiation(
 ) -> Initiation:
     """Build the first message (macs zero; the cookie generator adds them)."""
     if hs.static_static == ZERO_KEY:
-        raise HandshakeError("no usable static-static secret for this peer")
+        raise HandshakeError(Reason.NOT_POSSIBLE, "no usable static-static secret for this peer")
     ck, h = initial_state()
     st = SymmetricState(ck, h)
     try:
@@ -220,7 +235,7 @@ def create_initiation(
             st, local_private, hs.remote_static, ephemeral_private, timestamp, hs.static_static
         )
     except crypto.InvalidPublicKey as exc:
-        raise HandshakeError(str(exc)) from None
+        raise HandshakeError(Reason.NOT_POSSIBLE, str(exc)) from None
     hs.ck, hs.h = st.ck, st.h
     hs.local_ephemeral = ephemeral_private
     hs.local_index = sender_index
@@ -268,37 +283,43 @@ def consume_initiation(
     try:
         peer_static = read_first_static(st, local_private, msg.ephemeral, msg.static)
     except (crypto.InvalidPublicKey, crypto.AuthenticationError):
-        raise HandshakeError("initiation: static key did not decrypt") from None
+        raise HandshakeError(
+            Reason.INVALID_INITIATION, "initiation: static key did not decrypt"
+        ) from None
     found = lookup_peer(peer_static)
     if found is None:
-        raise HandshakeError("initiation from an unknown public key")
+        raise HandshakeError(Reason.UNKNOWN_PEER, "initiation from an unknown public key")
     peer, hs = found
     if hs.static_static == ZERO_KEY:
-        raise HandshakeError("initiation: peer has no usable static-static secret")
+        raise HandshakeError(
+            Reason.INVALID_INITIATION, "initiation: peer has no usable static-static secret"
+        )
     try:
         timestamp = read_first_payload(st, hs.static_static, msg.timestamp)
     except crypto.AuthenticationError:
-        raise HandshakeError("initiation: timestamp did not decrypt") from None
+        raise HandshakeError(
+            Reason.INVALID_INITIATION, "initiation: timestamp did not decrypt"
+        ) from None
     if not crypto.tai64n_after(timestamp, hs.last_timestamp):
-        raise HandshakeError("initiation replay: timestamp not newer")
+        raise HandshakeError(Reason.REPLAY, "initiation replay: timestamp not newer")
     if (
         hs.last_initiation_consumption is not None
         and now - hs.last_initiation_consumption <= HANDSHAKE_INITIATION_RATE
     ):
-        raise HandshakeError("initiation flood")
+        raise HandshakeError(Reason.FLOOD, "initiation flood")
     return ConsumedInitiation(peer, hs, st.ck, st.h, msg.sender, msg.ephemeral, timestamp, now)
 
 
 def create_response(hs: Handshake, ephemeral_private: bytes, sender_index: int) -> Response:
     if hs.state is not HandshakeState.INITIATION_CONSUMED:
-        raise HandshakeError("response before an initiation was consumed")
+        raise HandshakeError(Reason.NOT_POSSIBLE, "response before an initiation was consumed")
     st = SymmetricState(hs.ck, hs.h)
     try:
         e_pub, empty = write_second(
             st, ephemeral_private, hs.remote_ephemeral, hs.remote_static, hs.preshared_key, b""
         )
     except crypto.InvalidPublicKey as exc:
-        raise HandshakeError(str(exc)) from None
+        raise HandshakeError(Reason.NOT_POSSIBLE, str(exc)) from None
     hs.ck, hs.h = st.ck, st.h
     hs.local_ephemeral = ephemeral_private
     hs.local_index = sender_index
@@ -323,14 +344,14 @@ class ConsumedResponse:
 def consume_response(msg: Response, hs: Handshake, local_private: bytes) -> ConsumedResponse:
     """Verify a response to our initiation; raises HandshakeError, changes nothing."""
     if hs.state is not HandshakeState.INITIATION_CREATED:
-        raise HandshakeError("response without an outstanding initiation")
+        raise HandshakeError(Reason.INVALID_RESPONSE, "response without an outstanding initiation")
     st = SymmetricState(hs.ck, hs.h)
     try:
         read_second(
             st, hs.local_ephemeral, local_private, msg.ephemeral, hs.preshared_key, msg.empty
         )
     except (crypto.InvalidPublicKey, crypto.AuthenticationError):
-        raise HandshakeError("response did not authenticate") from None
+        raise HandshakeError(Reason.INVALID_RESPONSE, "response did not authenticate") from None
     return ConsumedResponse(hs, st.ck, st.h, msg.sender)
 
 
@@ -352,7 +373,7 @@ def derive_keypair(hs: Handshake) -> SessionKeys:
         receive, send = split(hs.ck)
         is_initiator = False
     else:
-        raise HandshakeError(f"cannot derive keys in state {hs.state.name}")
+        raise HandshakeError(Reason.NOT_POSSIBLE, f"cannot derive keys in state {hs.state.name}")
     keys = SessionKeys(send, receive, is_initiator, hs.local_index, hs.remote_index)
     hs.ck = ZERO_KEY
     hs.h = ZERO_KEY

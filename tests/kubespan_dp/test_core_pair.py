@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from ipaddress import ip_network
 from itertools import pairwise
 
 import pytest
 
 from kubespan_dp import messages
+from kubespan_dp.cookie import CookieGenerator
 from kubespan_dp.core import HandshakeCompleted, KeypairInstalled, KeypairRetired, WireGuardCore
+from kubespan_dp.noise import Reason
 from kubespan_dp.timers import REKEY_TIMEOUT_JITTER_MAX_MS, Timer
 from tests.kubespan_dp.wgpair import Pair, ipv4_packet, ipv6_packet, kinds
 
@@ -303,6 +306,99 @@ def test_under_load_with_unparseable_source_does_not_raise() -> None:
     init = p.wire[0][0]
     out = p.b.core.receive_datagram(init, ("not-an-ip", 1), 0.0)
     assert not out.datagrams and p.b.core.dropped["invalid_source"] == 1
+
+
+# -- handshake rejections: each path counts its own reason --------------------------
+
+# Field offsets inside the wire messages (see kubespan_dp/messages.py).
+INIT_STATIC, INIT_TIMESTAMP, RESP_EMPTY = 40, 88, 44
+HANDSHAKE_REASONS = {r.value for r in Reason}
+
+
+def _flipped(data: bytes, offset: int, receiver_public: bytes) -> bytes:
+    """``data`` with one byte changed and mac1 made valid again, to get past mac1."""
+    changed = bytearray(data)
+    changed[offset] ^= 1
+    return CookieGenerator(receiver_public).add_macs(bytes(changed), 0.0)
+
+
+def _initiation(p: Pair) -> tuple[bytes, tuple[str, int]]:
+    """A's next initiation to B, taken off the wire."""
+    p.send(p.a, ipv4_packet(A_IP, B_IP))
+    data, source, _ = p.wire.pop()
+    assert messages.message_type(data) == messages.INITIATION
+    return data, source
+
+
+def _corrupt_static(p: Pair) -> WireGuardCore:
+    data, source = _initiation(p)
+    p.b.core.receive_datagram(_flipped(data, INIT_STATIC, p.b.core.public_key), source, p.now)
+    return p.b.core
+
+
+def _corrupt_timestamp(p: Pair) -> WireGuardCore:
+    data, source = _initiation(p)
+    p.b.core.receive_datagram(_flipped(data, INIT_TIMESTAMP, p.b.core.public_key), source, p.now)
+    return p.b.core
+
+
+def _unknown_peer(p: Pair) -> WireGuardCore:
+    data, source = _initiation(p)
+    p.b.core.remove_peer(p.a.core.public_key)
+    p.b.core.receive_datagram(data, source, p.now)
+    return p.b.core
+
+
+def _replay(p: Pair) -> WireGuardCore:
+    data, source = _initiation(p)
+    p.b.core.receive_datagram(data, source, p.now)
+    p.b.core.receive_datagram(data, source, p.now + 1.0)
+    return p.b.core
+
+
+def _flood(p: Pair) -> WireGuardCore:
+    first, source = _initiation(p)
+    p.now = 6.0  # past REKEY_TIMEOUT, so A initiates again, with a newer timestamp
+    second, _ = _initiation(p)
+    p.b.core.receive_datagram(first, source, p.now)
+    p.b.core.receive_datagram(second, source, p.now)
+    return p.b.core
+
+
+def _corrupt_response(p: Pair) -> WireGuardCore:
+    data, source = _initiation(p)
+    p.absorb(p.b, p.b.core.receive_datagram(data, source, p.now))
+    response, source, _ = p.wire.pop()
+    assert messages.message_type(response) == messages.RESPONSE
+    p.a.core.receive_datagram(_flipped(response, RESP_EMPTY, p.a.core.public_key), source, p.now)
+    return p.a.core
+
+
+def _low_order_peer(p: Pair) -> WireGuardCore:
+    # An all-zero public key is a low-order point: no static-static secret, no initiation.
+    p.a.core.set_peer(bytes(32), p.now, endpoint=("10.0.0.9", 1), allowed_ips=["192.168.0.9/32"])
+    p.send(p.a, ipv4_packet(A_IP, "192.168.0.9"))
+    return p.a.core
+
+
+@pytest.mark.parametrize(
+    ("reason", "reject"),
+    [
+        (Reason.INVALID_INITIATION, _corrupt_static),
+        (Reason.INVALID_INITIATION, _corrupt_timestamp),
+        (Reason.UNKNOWN_PEER, _unknown_peer),
+        (Reason.REPLAY, _replay),
+        (Reason.FLOOD, _flood),
+        (Reason.INVALID_RESPONSE, _corrupt_response),
+        (Reason.NOT_POSSIBLE, _low_order_peer),
+    ],
+)
+def test_each_handshake_rejection_counts_its_own_reason(
+    reason: Reason, reject: Callable[[Pair], WireGuardCore]
+) -> None:
+    core = reject(Pair())
+    counted = {k: n for k, n in core.dropped.items() if k in HANDSHAKE_REASONS}
+    assert counted == {reason.value: 1}
 
 
 def test_every_timer_has_a_handler() -> None:

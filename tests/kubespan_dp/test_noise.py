@@ -149,15 +149,17 @@ def test_replayed_initiation_and_wrong_psk_rejected() -> None:
     wire = noise.create_initiation(hi, WG_INIT_PRIV, WG_EPHEMERAL, WG_TIMESTAMP, 1).encode()
     lookup = lambda pk: (None, hr)  # noqa: E731
     noise.consume_initiation(messages.decode(wire), WG_RESP_PRIV, lookup, 0.0).commit()
-    with pytest.raises(noise.HandshakeError, match="replay"):
+    with pytest.raises(noise.HandshakeError, match="replay") as err:
         noise.consume_initiation(messages.decode(wire), WG_RESP_PRIV, lookup, 100.0)
+    assert err.value.reason is noise.Reason.REPLAY
     # A newer timestamp within 20 ms of the last consumption is a flood.
     hi2, _ = _handshakes()
     newer = noise.create_initiation(
         hi2, WG_INIT_PRIV, WG_EPHEMERAL, crypto.tai64n(1_700_000_001.0), 2
     ).encode()
-    with pytest.raises(noise.HandshakeError, match="flood"):
+    with pytest.raises(noise.HandshakeError, match="flood") as err:
         noise.consume_initiation(messages.decode(newer), WG_RESP_PRIV, lookup, 0.01)
+    assert err.value.reason is noise.Reason.FLOOD
     noise.consume_initiation(messages.decode(newer), WG_RESP_PRIV, lookup, 0.5)
 
     # Different PSKs: the response does not authenticate.
@@ -169,19 +171,22 @@ def test_replayed_initiation_and_wrong_psk_rejected() -> None:
     ).commit()
     resp = noise.create_response(hr, crypto.clamp(bytes(range(9, 41))), 4)
     before = (hi.ck, hi.h, hi.state)
-    with pytest.raises(noise.HandshakeError):
+    with pytest.raises(noise.HandshakeError) as err:
         noise.consume_response(resp, hi, WG_INIT_PRIV)
+    assert err.value.reason is noise.Reason.INVALID_RESPONSE
     assert (hi.ck, hi.h, hi.state) == before
 
 
 def test_initiation_from_unknown_key_rejected() -> None:
     hi, _ = _handshakes()
     wire = noise.create_initiation(hi, WG_INIT_PRIV, WG_EPHEMERAL, WG_TIMESTAMP, 1).encode()
-    with pytest.raises(noise.HandshakeError, match="unknown"):
+    with pytest.raises(noise.HandshakeError, match="unknown") as err:
         noise.consume_initiation(messages.decode(wire), WG_RESP_PRIV, lambda pk: None, 0.0)
+    assert err.value.reason is noise.Reason.UNKNOWN_PEER
     # Encrypted to someone else's static key: the static field does not decrypt.
-    with pytest.raises(noise.HandshakeError):
+    with pytest.raises(noise.HandshakeError) as err:
         noise.consume_initiation(messages.decode(wire), WG_INIT_PRIV, lambda pk: None, 0.0)
+    assert err.value.reason is noise.Reason.INVALID_INITIATION
 
 
 def test_index_table_unique_random() -> None:
