@@ -385,24 +385,12 @@ class WireGuardCore:
             self.index_table.delete(index)
 
     def _begin_symmetric_session(self, peer: Peer, now: float) -> None:
-        keys = noise.derive_keypair(peer.handshake)
-        kp = Keypair(
-            keys.send, keys.receive, keys.local_index, keys.remote_index, keys.is_initiator, now
-        )
-        self.index_table.replace(keys.local_index, (peer, kp))
+        kp = noise.derive_keypair(peer.handshake, now)
+        # The handshake's index now names the keypair.
+        self.index_table.replace(kp.local_index, (peer, kp))
         for old in peer.keypairs.install(kp):
             self._retire(peer, old)
-        self._out.events.append(
-            KeypairInstalled(
-                peer.public_key,
-                kp.local_index,
-                kp.remote_index,
-                keys.send,
-                keys.receive,
-                kp.is_initiator,
-                now,
-            )
-        )
+        self._out.events.append(KeypairInstalled.of(peer.public_key, kp))
 
     def _retire(self, peer: Peer, kp: Keypair) -> None:
         entry = self.index_table.get(kp.local_index)

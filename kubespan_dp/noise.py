@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from . import crypto
+from .keypair import Keypair
 from .messages import Initiation, Response
 
 CONSTRUCTION = b"Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s"
@@ -236,39 +237,54 @@ def create_initiation(
         )
     except crypto.InvalidPublicKey as exc:
         raise HandshakeError(Reason.NOT_POSSIBLE, str(exc)) from None
-    hs.ck, hs.h = st.ck, st.h
-    hs.local_ephemeral = ephemeral_private
-    hs.local_index = sender_index
-    hs.state = HandshakeState.INITIATION_CREATED
+    _sent(hs, st, ephemeral_private, sender_index, HandshakeState.INITIATION_CREATED)
     return Initiation(sender_index, e_pub, enc_static, enc_ts)
+
+
+def _sent(
+    hs: Handshake, st: SymmetricState, ephemeral: bytes, index: int, state: HandshakeState
+) -> None:
+    """Keep what writing our handshake message produced."""
+    hs.ck, hs.h = st.ck, st.h
+    hs.local_ephemeral = ephemeral
+    hs.local_index = index
+    hs.state = state
 
 
 P = TypeVar("P")
 
 
 @dataclass
-class ConsumedInitiation(Generic[P]):
-    """A verified initiation, not yet applied to its peer's handshake."""
+class _Consumed:
+    """A verified handshake message; nothing of it reaches ``handshake`` before commit()."""
 
-    peer: P
     handshake: Handshake
     ck: bytes = field(repr=False)
     h: bytes = field(repr=False)
     sender: int
+
+    def _apply(self, state: HandshakeState) -> Handshake:
+        hs = self.handshake
+        hs.ck, hs.h = self.ck, self.h
+        hs.remote_index = self.sender
+        hs.state = state
+        return hs
+
+
+@dataclass
+class ConsumedInitiation(_Consumed, Generic[P]):
+    peer: P
     ephemeral: bytes
     timestamp: bytes
     now: float
 
     def commit(self) -> None:
-        hs = self.handshake
-        hs.ck, hs.h = self.ck, self.h
-        hs.remote_index = self.sender
+        hs = self._apply(HandshakeState.INITIATION_CONSUMED)
         hs.remote_ephemeral = self.ephemeral
         if self.timestamp > hs.last_timestamp:
             hs.last_timestamp = self.timestamp
         if hs.last_initiation_consumption is None or self.now > hs.last_initiation_consumption:
             hs.last_initiation_consumption = self.now
-        hs.state = HandshakeState.INITIATION_CONSUMED
 
 
 def consume_initiation(
@@ -307,7 +323,16 @@ def consume_initiation(
         and now - hs.last_initiation_consumption <= HANDSHAKE_INITIATION_RATE
     ):
         raise HandshakeError(Reason.FLOOD, "initiation flood")
-    return ConsumedInitiation(peer, hs, st.ck, st.h, msg.sender, msg.ephemeral, timestamp, now)
+    return ConsumedInitiation(
+        hs,
+        st.ck,
+        st.h,
+        msg.sender,
+        peer=peer,
+        ephemeral=msg.ephemeral,
+        timestamp=timestamp,
+        now=now,
+    )
 
 
 def create_response(hs: Handshake, ephemeral_private: bytes, sender_index: int) -> Response:
@@ -320,25 +345,14 @@ def create_response(hs: Handshake, ephemeral_private: bytes, sender_index: int) 
         )
     except crypto.InvalidPublicKey as exc:
         raise HandshakeError(Reason.NOT_POSSIBLE, str(exc)) from None
-    hs.ck, hs.h = st.ck, st.h
-    hs.local_ephemeral = ephemeral_private
-    hs.local_index = sender_index
-    hs.state = HandshakeState.RESPONSE_CREATED
+    _sent(hs, st, ephemeral_private, sender_index, HandshakeState.RESPONSE_CREATED)
     return Response(sender_index, hs.remote_index, e_pub, empty)
 
 
 @dataclass
-class ConsumedResponse:
-    handshake: Handshake
-    ck: bytes = field(repr=False)
-    h: bytes = field(repr=False)
-    sender: int
-
+class ConsumedResponse(_Consumed):
     def commit(self) -> None:
-        hs = self.handshake
-        hs.ck, hs.h = self.ck, self.h
-        hs.remote_index = self.sender
-        hs.state = HandshakeState.RESPONSE_CONSUMED
+        self._apply(HandshakeState.RESPONSE_CONSUMED)
 
 
 def consume_response(msg: Response, hs: Handshake, local_private: bytes) -> ConsumedResponse:
@@ -355,17 +369,8 @@ def consume_response(msg: Response, hs: Handshake, local_private: bytes) -> Cons
     return ConsumedResponse(hs, st.ck, st.h, msg.sender)
 
 
-@dataclass
-class SessionKeys:
-    send: bytes = field(repr=False)
-    receive: bytes = field(repr=False)
-    is_initiator: bool
-    local_index: int
-    remote_index: int
-
-
-def derive_keypair(hs: Handshake) -> SessionKeys:
-    """Split the chaining key into transport keys and zero the handshake secrets."""
+def derive_keypair(hs: Handshake, now: float) -> Keypair:
+    """Split the chaining key into a transport keypair and zero the handshake secrets."""
     if hs.state is HandshakeState.RESPONSE_CONSUMED:
         send, receive = split(hs.ck)
         is_initiator = True
@@ -374,14 +379,14 @@ def derive_keypair(hs: Handshake) -> SessionKeys:
         is_initiator = False
     else:
         raise HandshakeError(Reason.NOT_POSSIBLE, f"cannot derive keys in state {hs.state.name}")
-    keys = SessionKeys(send, receive, is_initiator, hs.local_index, hs.remote_index)
+    keypair = Keypair(send, receive, hs.local_index, hs.remote_index, is_initiator, now)
     hs.ck = ZERO_KEY
     hs.h = ZERO_KEY
     hs.local_ephemeral = ZERO_KEY
     hs.state = HandshakeState.ZEROED
     # local_index now belongs to the keypair; the caller moves it in the index table.
     hs.local_index = 0
-    return keys
+    return keypair
 
 
 # --- local index table -------------------------------------------------------

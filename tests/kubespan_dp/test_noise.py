@@ -136,9 +136,10 @@ def test_fixed_key_wireguard_initiation_roundtrip() -> None:
     assert isinstance(resp_decoded, messages.Response)
     assert resp_decoded.receiver == WG_SENDER
     noise.consume_response(resp_decoded, hi, WG_INIT_PRIV).commit()
-    ki, kr = noise.derive_keypair(hi), noise.derive_keypair(hr)
+    ki, kr = noise.derive_keypair(hi, 1.0), noise.derive_keypair(hr, 2.0)
     assert ki.is_initiator and not kr.is_initiator
-    assert ki.send == kr.receive and ki.receive == kr.send
+    assert ki.send_key == kr.receive_key and ki.receive_key == kr.send_key
+    assert (ki.created, kr.created) == (1.0, 2.0)
     assert (ki.local_index, ki.remote_index) == (WG_SENDER, 0x55667788)
     assert (kr.local_index, kr.remote_index) == (0x55667788, WG_SENDER)
     assert hi.ck == bytes(32) and hi.state is noise.HandshakeState.ZEROED
