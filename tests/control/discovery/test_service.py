@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import socket
 import urllib.request
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from ipaddress import IPv4Address
 
@@ -28,6 +30,18 @@ def client(server, cluster: str, secret: str, name: str, **kw) -> DiscoveryClien
     return DiscoveryClient(target(server), cluster, secret, name, insecure=True, **{**FAST, **kw})
 
 
+@contextlib.asynccontextmanager
+async def running(*clients: DiscoveryClient) -> AsyncIterator[None]:
+    """Start the clients; close them (leaving the service) however the block ends."""
+    for c in clients:
+        c.start()
+    try:
+        yield
+    finally:
+        for c in clients:
+            await c.close()
+
+
 def test_two_clusters_each_sees_the_others_decrypted_not_itself_not_the_other_cluster(server):
     async def main() -> None:
         sx, sy = new_secret(), new_secret()
@@ -36,9 +50,8 @@ def test_two_clusters_each_sees_the_others_decrypted_not_itself_not_the_other_cl
         clients |= {n: client(server, "cluster-y", sy, n) for n in names_y}
         for i, (n, c) in enumerate(clients.items(), start=1):
             c.set_local(make_affiliate(n, i))
-            c.start()
         expected = {n: make_affiliate(n, i) for i, n in enumerate(clients, start=1)}
-        try:
+        async with running(*clients.values()):
             for members in (names_x, names_y):
                 for n in members:
                     want = {m: expected[m] for m in members if m != n}
@@ -47,9 +60,6 @@ def test_two_clusters_each_sees_the_others_decrypted_not_itself_not_the_other_cl
                     assert n not in got
             assert clients["a"].public_ip == IPv4Address("127.0.0.1")
             assert all(c.connected for c in clients.values())
-        finally:
-            for c in clients.values():
-                await c.close()
 
     run(main())
 
@@ -62,9 +72,7 @@ def test_updates_and_deletions_arrive_through_watch(server):
         b.set_local(make_affiliate("b", 2))
         seen: list[set[str]] = []
         c.on_change = lambda table: seen.append(set(table))
-        for x in (a, b, c):
-            x.start()
-        try:
+        async with running(a, b, c):
             await c.wait_for(lambda t: set(t) == {"a", "b"}, 20)
             # a changes: hostname and a new endpoint; c sees it without polling.
             moved = replace(
@@ -83,9 +91,6 @@ def test_updates_and_deletions_arrive_through_watch(server):
             await b.close(leave=True)
             await c.wait_for(lambda t: set(t) == {"a"}, 20)
             assert {"a", "b"} in seen and seen[-1] == {"a"}
-        finally:
-            for x in (a, b, c):
-                await x.close()
 
     run(main())
 
@@ -95,8 +100,7 @@ def test_affiliate_expires_after_ttl_and_watchers_see_it_deleted(server):
         s = new_secret()
         cipher = AffiliateCipher(secret_key(s))
         watcher = client(server, "t", s, "w")
-        watcher.start()
-        try:
+        async with running(watcher):
             async with Raw(server) as raw:
                 await watcher.wait_for(lambda t: True, 20)
                 data = cipher.seal_data(encode_affiliate(make_affiliate("short", 3)))
@@ -117,8 +121,6 @@ def test_affiliate_expires_after_ttl_and_watchers_see_it_deleted(server):
                 assert got["short"].kubespan.endpoints == (("10.5.0.33", 51820),)
                 await watcher.wait_for(lambda t: "short" not in t, 10)
                 assert await raw.list("t") == {}
-        finally:
-            await watcher.close()
 
     run(main())
 
@@ -151,12 +153,9 @@ def test_restart_from_snapshot_clients_see_same_affiliates_without_reregistering
         async with Raw(second) as raw:
             assert await raw.list("snap") == before  # same blobs, byte for byte
         watcher = client(second, "snap", s, "fresh-node")  # publishes nothing
-        watcher.start()
-        try:
+        async with running(watcher):
             got = await watcher.wait_for(lambda t: set(t) == {"a", "b"}, 20)
             assert got == {"a": make_affiliate("a", 1), "b": make_affiliate("b", 2)}
-        finally:
-            await watcher.close()
 
     run(observe())
 
@@ -194,9 +193,7 @@ def test_wrong_secret_learns_nothing(server):
         a.set_local(make_affiliate("a", 1))
         b.set_local(make_affiliate("b", 2))
         spy.set_local(make_affiliate("spy", 9))
-        for x in (a, b, spy):
-            x.start()
-        try:
+        async with running(a, b, spy):
             await a.wait_for(lambda t: "b" in t, 20)
             await b.wait_for(lambda t: "a" in t, 20)
             async with Raw(server) as raw:
@@ -207,9 +204,6 @@ def test_wrong_secret_learns_nothing(server):
             await asyncio.sleep(0.3)
             assert spy.connected and spy.affiliates == {}  # ...and the spy decrypts none
             assert "spy" not in a.affiliates and "spy" not in b.affiliates
-        finally:
-            for x in (a, b, spy):
-                await x.close()
 
     run(main())
 
@@ -221,9 +215,7 @@ def test_malformed_affiliates_from_others_are_skipped(server):
         good = client(server, "m", s, "good")
         watcher = client(server, "m", s, "w")
         good.set_local(make_affiliate("good", 1))
-        for x in (good, watcher):
-            x.start()
-        try:
+        async with running(good, watcher):
             async with Raw(server) as raw:
                 await raw.update("m", "short", data=b"tiny")
                 await raw.update("m", "notpb", data=cipher.seal_data(b"\xff\xff\xff\xff"))
@@ -242,9 +234,6 @@ def test_malformed_affiliates_from_others_are_skipped(server):
             await asyncio.sleep(0.2)
             assert set(watcher.affiliates) == {"good", "badep"}
             assert got["badep"].kubespan.endpoints == (("10.5.0.4", 51820),)
-        finally:
-            for x in (good, watcher):
-                await x.close()
 
     run(main())
 
@@ -259,16 +248,11 @@ def test_client_follows_redirect(make_server):
         b = client(real, "r", s, "b")
         a.set_local(make_affiliate("a", 1))
         b.set_local(make_affiliate("b", 2))
-        a.start()
-        b.start()
-        try:
+        async with running(a, b):
             await a.wait_for(lambda t: "b" in t, 20)
             assert a.endpoint == f"127.0.0.1:{real.port}"
             async with Raw(front) as raw:
                 assert await raw.list("r") == {}
-        finally:
-            await a.close()
-            await b.close()
 
     run(main())
 
@@ -286,8 +270,7 @@ def test_client_retries_until_service_appears_and_republishes_after_restart(make
     async def main() -> None:
         a = DiscoveryClient(f"127.0.0.1:{port}", "b", s, "a", insecure=True, **FAST)
         a.set_local(make_affiliate("a", 1))
-        a.start()
-        try:
+        async with running(a):
             await asyncio.sleep(0.5)
             assert not a.connected
             first = await asyncio.to_thread(make_server, port)
@@ -307,8 +290,6 @@ def test_client_retries_until_service_appears_and_republishes_after_restart(make
                     await asyncio.sleep(0.05)
                 else:
                     raise AssertionError("client never republished after restart")
-        finally:
-            await a.close()
 
     run(main())
 
@@ -417,8 +398,7 @@ def test_metrics_endpoint(make_server):
         s = new_secret()
         a = client(server, "met", s, "a")
         a.set_local(make_affiliate("a", 1))
-        a.start()
-        try:
+        async with running(a):
             async with Raw(server) as raw:
                 for _ in range(200):
                     if "a" in await raw.list("met"):
@@ -428,8 +408,6 @@ def test_metrics_endpoint(make_server):
             text = await asyncio.to_thread(
                 lambda: urllib.request.urlopen(url, timeout=10).read().decode()
             )
-        finally:
-            await a.close()
         got = samples(text)
         assert got[key("discovery_state_clusters")] == 1
         assert got[key("discovery_state_affiliates")] == 1
@@ -453,16 +431,11 @@ def test_updates_iterator_yields_current_set(server):
         a, b = client(server, "it", s, "a"), client(server, "it", s, "b")
         a.set_local(make_affiliate("a", 1))
         b.set_local(make_affiliate("b", 2))
-        a.start()
-        b.start()
-        try:
+        async with running(a, b):
             async for table in a.updates():
                 if "b" in table:
                     assert table["b"] == make_affiliate("b", 2)
                     break
-        finally:
-            await a.close()
-            await b.close()
 
     run(main())
 
