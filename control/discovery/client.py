@@ -228,10 +228,13 @@ class DiscoveryClient:
         """Yield the current affiliate set now and after each change (coalesced if slow)."""
         seen = -1
         while True:
-            async with self._changed:
-                await self._changed.wait_for(lambda last=seen: self.version != last)
-                seen = self.version
+            seen = await self._version_after(seen)
             yield dict(self.affiliates)
+
+    async def _version_after(self, seen: int) -> int:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.version != seen)
+            return self.version
 
     async def wait_for(
         self, predicate: Callable[[dict[str, Affiliate]], bool], timeout: float
