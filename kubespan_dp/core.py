@@ -28,11 +28,13 @@ the device calls ``on_timer`` promptly.
 from __future__ import annotations
 
 import collections
+import enum
 import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network, ip_network
+from typing import Final
 
 from . import crypto, messages, noise
 from .allowedips import AllowedIPs
@@ -70,7 +72,15 @@ KEEPALIVE_SIZE = messages.KEEPALIVE_SIZE
 _MAX_CONTENT = messages.MAX_MESSAGE_SIZE - messages.TRANSPORT_MIN_SIZE
 # Float slack when comparing "at least REKEY_TIMEOUT since" on computed deadlines.
 _EPS = 1e-9
-_UNCHANGED = ...
+
+
+class _Unchanged(enum.Enum):
+    """set_peer's default for settings the call leaves as they are (None clears them)."""
+
+    TOKEN = 0
+
+
+_UNCHANGED: Final = _Unchanged.TOKEN
 
 IPNetwork = IPv4Network | IPv6Network
 
@@ -145,9 +155,9 @@ class WireGuardCore:
         public_key: bytes,
         now: float,
         *,
-        preshared_key: bytes | None = _UNCHANGED,  # type: ignore[assignment]
-        endpoint: Address | None = _UNCHANGED,  # type: ignore[assignment]
-        persistent_keepalive: int | None = _UNCHANGED,  # type: ignore[assignment]
+        preshared_key: bytes | None | _Unchanged = _UNCHANGED,
+        endpoint: Address | None | _Unchanged = _UNCHANGED,
+        persistent_keepalive: int | None | _Unchanged = _UNCHANGED,
         allowed_ips: Iterable[IPNetwork | str] | None = None,
         replace_allowed_ips: bool = False,
     ) -> Peer:
@@ -513,11 +523,10 @@ class WireGuardCore:
     def _receive_response(
         self, msg: messages.Response, data: bytes, source: Address, now: float
     ) -> None:
-        entry = self.index_table.get(msg.receiver)
-        if entry is None or not isinstance(entry[1], Handshake) or self.private_key is None:
+        peer, hs = self.index_table.get(msg.receiver) or (None, None)
+        if peer is None or not isinstance(hs, Handshake) or self.private_key is None:
             self.dropped["unknown_index"] += 1
             return
-        peer, hs = entry
         try:
             consumed = noise.consume_response(msg, hs, self.private_key)
         except HandshakeError as exc:
@@ -536,11 +545,10 @@ class WireGuardCore:
     def _receive_transport(
         self, msg: messages.Transport, data: bytes, source: Address, now: float
     ) -> None:
-        entry = self.index_table.get(msg.receiver)
-        if entry is None or not isinstance(entry[1], Keypair):
+        peer, kp = self.index_table.get(msg.receiver) or (None, None)
+        if peer is None or not isinstance(kp, Keypair):
             self.dropped["unknown_index"] += 1
             return
-        peer, kp = entry
         if kp.created + REJECT_AFTER_TIME < now:
             self.dropped["keypair_expired"] += 1
             return
