@@ -273,6 +273,8 @@ class _Consumed:
 
 @dataclass
 class ConsumedInitiation(_Consumed, Generic[P]):
+    """A verified initiation, from ``peer``, not yet applied to its handshake."""
+
     peer: P
     ephemeral: bytes
     timestamp: bytes
@@ -351,6 +353,8 @@ def create_response(hs: Handshake, ephemeral_private: bytes, sender_index: int) 
 
 @dataclass
 class ConsumedResponse(_Consumed):
+    """A verified response to our initiation, not yet applied."""
+
     def commit(self) -> None:
         self._apply(HandshakeState.RESPONSE_CONSUMED)
 
