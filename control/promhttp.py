@@ -59,7 +59,7 @@ class _Server6(ThreadingWSGIServer):
 class _Handler(WSGIRequestHandler):
     timeout = SCRAPE_TIMEOUT  # a client that stalls mid-request loses its thread
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (base signature)
+    def log_message(self, format: str, *args: Any) -> None:
         pass  # scrapes are not worth a log line each
 
 
