@@ -43,9 +43,10 @@ from control.identity import (
 from control.keys import decode_key
 from control.link import LinkError, set_link_address
 from control.logsetup import setup_logging
-from control.metrics import Metrics, MetricsServer
+from control.metrics import ReconcileStats, agent_families
 from control.peerspec import PeerSpec, build_peer_specs
 from control.peersync import PeerTracker
+from control.promhttp import MetricsServer
 
 log = logging.getLogger("control.agent")
 
@@ -73,7 +74,7 @@ class Agent:
         self.hostname = options.hostname or socket.gethostname()
         self.store = records.RecordStore()
         self.api_store = api.ResourceStore()
-        self.metrics = Metrics()
+        self.reconciles = ReconcileStats()
         self.backend: WireGuardBackend | None = None
         self.backend_reason = ""
         self.identity: KubeSpanIdentity | None = None
@@ -86,7 +87,6 @@ class Agent:
         self._reload = False
         self._api: api.ApiServer | None = None
         self._metrics_server: MetricsServer | None = None
-        self._describe_metrics()
 
     @property
     def link(self) -> str:
@@ -103,7 +103,9 @@ class Agent:
         await self._api.start()
         if self.options.metrics_listen:
             host, _, port = self.options.metrics_listen.rpartition(":")
-            self._metrics_server = MetricsServer(self.metrics)
+            self._metrics_server = MetricsServer(
+                lambda: agent_families(self.tracker, self.reconciles, time.time())
+            )
             bound = await self._metrics_server.start(host.strip("[]") or "127.0.0.1", int(port))
             log.info("metrics on http://%s:%d/metrics", host or "127.0.0.1", bound)
         try:
@@ -140,8 +142,7 @@ class Agent:
                     log.error("reconcile failed, retrying: %s", exc)
                 except Exception:  # a bug or bad data from a peer must not kill the node's mesh
                     log.exception("reconcile failed unexpectedly, retrying")
-                self.metrics.set("kubespan_reconcile_duration_seconds", time.monotonic() - started)
-                self.metrics.inc("kubespan_reconcile_total")
+                self.reconciles.record(time.monotonic() - started)
             try:
                 await asyncio.wait_for(self._kick.wait(), self.options.reconcile_interval)
             except TimeoutError:
@@ -262,7 +263,6 @@ class Agent:
         await self._publish_local(affiliates)
         self._update_records(affiliates)
         await self._publish_records()
-        self._update_metrics()
 
     async def _publish_local(self, affiliates: dict[str, Affiliate]) -> None:
         assert self.client is not None
@@ -302,65 +302,6 @@ class Agent:
                 for doc in docs:
                     doc["spec"]["wireguardMode"] = self.backend.mode if self.backend else ""
             await self.api_store.set(kind.aliases[0], docs)
-
-    def _describe_metrics(self) -> None:
-        m = self.metrics
-        m.describe("kubespan_peer_up", "gauge", "1 when the peer is up, 0 otherwise")
-        m.describe("kubespan_peer_state", "gauge", "peer state (label state=up|down|unknown)")
-        m.describe("kubespan_peer_receive_bytes", "gauge", "bytes received from the peer")
-        m.describe("kubespan_peer_transmit_bytes", "gauge", "bytes sent to the peer")
-        m.describe(
-            "kubespan_peer_seconds_since_handshake",
-            "gauge",
-            "seconds since the last handshake (-1: never)",
-        )
-        m.describe(
-            "kubespan_peer_endpoint_changes_total",
-            "counter",
-            "times the agent switched the peer's endpoint",
-        )
-        m.describe("kubespan_reconcile_duration_seconds", "gauge", "duration of the last reconcile")
-        m.describe("kubespan_reconcile_total", "counter", "reconciles run")
-        m.describe("kubespan_peers", "gauge", "peers specified")
-
-    def _update_metrics(self) -> None:
-        now = time.time()
-        rows = self.tracker.rows()
-        m = self.metrics
-        m.replace(
-            "kubespan_peer_up",
-            [({"peer": k, "label": r.label}, r.state.value == "up") for k, r in rows],
-        )
-        m.replace(
-            "kubespan_peer_state",
-            [({"peer": k, "label": r.label, "state": r.state.value}, 1) for k, r in rows],
-        )
-        m.replace(
-            "kubespan_peer_receive_bytes",
-            [({"peer": k, "label": r.label}, r.rx_bytes) for k, r in rows],
-        )
-        m.replace(
-            "kubespan_peer_transmit_bytes",
-            [({"peer": k, "label": r.label}, r.tx_bytes) for k, r in rows],
-        )
-        m.replace(
-            "kubespan_peer_seconds_since_handshake",
-            [
-                (
-                    {"peer": k, "label": r.label},
-                    -1 if r.last_handshake is None else now - r.last_handshake,
-                )
-                for k, r in rows
-            ],
-        )
-        m.replace(
-            "kubespan_peer_endpoint_changes_total",
-            [
-                ({"peer": k, "label": r.label}, self.tracker.endpoint_changes.get(k, 0))
-                for k, r in rows
-            ],
-        )
-        m.set("kubespan_peers", len(rows))
 
 
 # -- command line ---------------------------------------------------------------------------

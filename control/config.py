@@ -30,7 +30,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import ip_address, ip_network
 from pathlib import Path
@@ -344,7 +344,6 @@ def _read_v1alpha1(doc: dict, problems: Problems, state: dict) -> None:
             ks = _Section(network, "machine.network", problems).section("kubespan")
             if ks is not None:
                 state["kubespan"] = _read_kubespan(ks)
-                state["kubespan_path"] = "machine.network.kubespan"
                 ks.finish()
     cluster = root.data.get("cluster")
     if cluster is not None and not isinstance(cluster, dict):
@@ -573,12 +572,3 @@ def load_config(*sources: str | os.PathLike) -> MachineConfig:
     if problems:
         raise ConfigError(problems)
     return cfg
-
-
-def parse_config_problems(*sources: str | os.PathLike) -> Iterable[tuple[str, str]]:
-    """The problems load_config would raise (empty when the config is valid)."""
-    try:
-        load_config(*sources)
-    except ConfigError as exc:
-        return exc.problems
-    return []

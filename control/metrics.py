@@ -1,91 +1,93 @@
-"""A minimal Prometheus text-exposition endpoint (no client library needed).
+"""The agent's Prometheus metrics, built from its live state at scrape time.
 
-Gauges are set by the agent after each reconcile; the HTTP server only serialises them.
+The agent counts reconciles in a ``ReconcileStats``; everything per peer is read from its
+``PeerTracker``. ``control.promhttp.MetricsServer`` serves what ``agent_families`` builds.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
 
-log = logging.getLogger(__name__)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 
+from control.peerstate import PeerStatus
+from control.peersync import PeerTracker
 
-def _labels(labels: dict[str, str]) -> str:
-    if not labels:
-        return ""
-    body = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(labels.items()))
-    return "{" + body + "}"
+PEER_LABELS = ["label", "peer"]
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+@dataclass
+class ReconcileStats:
+    total: int = 0
+    last_duration: float = 0.0
+
+    def record(self, seconds: float) -> None:
+        self.total += 1
+        self.last_duration = seconds
 
 
-class Metrics:
-    def __init__(self) -> None:
-        self._help: dict[str, tuple[str, str]] = {}
-        self._values: dict[str, dict[tuple, float]] = defaultdict(dict)
+def agent_families(tracker: PeerTracker, reconciles: ReconcileStats, now: float) -> list[Metric]:
+    """All of the agent's metric families; ``now`` is wall-clock time (time.time())."""
+    rows = tracker.rows()
 
-    def describe(self, name: str, kind: str, text: str) -> None:
-        self._help[name] = (kind, text)
+    def per_peer(
+        family: type[GaugeMetricFamily] | type[CounterMetricFamily],
+        name: str,
+        documentation: str,
+        value: Callable[[str, PeerStatus], float],
+    ) -> Metric:
+        metric = family(name, documentation, labels=PEER_LABELS)
+        for key, row in rows:
+            metric.add_metric([row.label, key], value(key, row))
+        return metric
 
-    def set(self, name: str, value: float, **labels: str) -> None:
-        self._values[name][tuple(sorted(labels.items()))] = float(value)
+    state = GaugeMetricFamily(
+        "kubespan_peer_state",
+        "peer state (label state=up|down|unknown)",
+        labels=[*PEER_LABELS, "state"],
+    )
+    for key, row in rows:
+        state.add_metric([row.label, key, row.state.value], 1)
 
-    def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
-        key = tuple(sorted(labels.items()))
-        self._values[name][key] = self._values[name].get(key, 0.0) + amount
-
-    def replace(self, name: str, samples: list[tuple[dict[str, str], float]]) -> None:
-        """Set all samples of a metric at once (drops label sets no longer present)."""
-        self._values[name] = {tuple(sorted(l.items())): float(v) for l, v in samples}
-
-    def render(self) -> str:
-        lines: list[str] = []
-        for name in sorted(set(self._help) | set(self._values)):
-            kind, text = self._help.get(name, ("gauge", name))
-            lines.append(f"# HELP {name} {text}")
-            lines.append(f"# TYPE {name} {kind}")
-            for labels, value in sorted(self._values.get(name, {}).items()):
-                lines.append(f"{name}{_labels(dict(labels))} {value:g}")
-        return "\n".join(lines) + "\n"
-
-
-class MetricsServer:
-    """Serves GET /metrics; anything else is 404."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self.metrics = metrics
-        self._server: asyncio.AbstractServer | None = None
-
-    async def start(self, host: str, port: int) -> int:
-        self._server = await asyncio.start_server(self._serve, host, port)
-        return self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request = await asyncio.wait_for(reader.readline(), 10)
-            while (await asyncio.wait_for(reader.readline(), 10)) not in (b"\r\n", b"\n", b""):
-                pass
-            parts = request.decode("latin-1").split()
-            if len(parts) >= 2 and parts[0] == "GET" and parts[1].split("?")[0] == "/metrics":
-                body = self.metrics.render().encode()
-                head = "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
-            else:
-                body = b"not found\n"
-                head = "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\n"
-            writer.write(
-                f"{head}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body
-            )
-            await writer.drain()
-        except (TimeoutError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+    return [
+        per_peer(
+            GaugeMetricFamily,
+            "kubespan_peer_up",
+            "1 when the peer is up, 0 otherwise",
+            lambda _, r: r.state.value == "up",
+        ),
+        state,
+        per_peer(
+            GaugeMetricFamily,
+            "kubespan_peer_receive_bytes",
+            "bytes received from the peer",
+            lambda _, r: r.rx_bytes,
+        ),
+        per_peer(
+            GaugeMetricFamily,
+            "kubespan_peer_transmit_bytes",
+            "bytes sent to the peer",
+            lambda _, r: r.tx_bytes,
+        ),
+        per_peer(
+            GaugeMetricFamily,
+            "kubespan_peer_seconds_since_handshake",
+            "seconds since the last handshake (-1: never)",
+            lambda _, r: -1 if r.last_handshake is None else now - r.last_handshake,
+        ),
+        per_peer(
+            CounterMetricFamily,
+            "kubespan_peer_endpoint_changes_total",
+            "times the agent switched the peer's endpoint",
+            lambda k, _: tracker.endpoint_changes.get(k, 0),
+        ),
+        GaugeMetricFamily(
+            "kubespan_reconcile_duration_seconds",
+            "duration of the last reconcile",
+            value=reconciles.last_duration,
+        ),
+        CounterMetricFamily("kubespan_reconcile_total", "reconciles run", value=reconciles.total),
+        GaugeMetricFamily("kubespan_peers", "peers specified", value=len(rows)),
+    ]

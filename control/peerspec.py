@@ -37,11 +37,6 @@ class IPSet:
     def __init__(self) -> None:
         self._ranges: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
 
-    def copy(self) -> IPSet:
-        other = IPSet()
-        other._ranges = {v: list(r) for v, r in self._ranges.items()}
-        return other
-
     @staticmethod
     def _span(net: IPNetwork) -> tuple[int, int, int]:
         return net.version, int(net.network_address), int(net.broadcast_address)

@@ -187,10 +187,6 @@ def _nft(args: list[str], netns: str | None, stdin: str | None = None) -> str:
     return done.stdout
 
 
-def apply_nftables(prefixes: Iterable[object], mtu: int, *, netns: str | None = None) -> None:
-    _nft(["-f", "-"], netns, build_ruleset(prefixes, mtu))
-
-
 def remove_nftables(*, netns: str | None = None) -> None:
     _nft(["-f", "-"], netns, f"add table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n")
 

@@ -28,11 +28,13 @@ the device calls ``on_timer`` promptly.
 from __future__ import annotations
 
 import collections
+import enum
 import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network, ip_network
+from typing import Final
 
 from . import crypto, messages, noise
 from .allowedips import AllowedIPs
@@ -49,6 +51,7 @@ from .timers import (
     REKEY_AFTER_MESSAGES,
     REKEY_AFTER_TIME,
     REKEY_TIMEOUT,
+    Timer,
     Timers,
     jitter_from,
 )
@@ -69,7 +72,15 @@ KEEPALIVE_SIZE = messages.KEEPALIVE_SIZE
 _MAX_CONTENT = messages.MAX_MESSAGE_SIZE - messages.TRANSPORT_MIN_SIZE
 # Float slack when comparing "at least REKEY_TIMEOUT since" on computed deadlines.
 _EPS = 1e-9
-_UNCHANGED = ...
+
+
+class _Unchanged(enum.Enum):
+    """set_peer's default for settings the call leaves as they are (None clears them)."""
+
+    TOKEN = 0
+
+
+_UNCHANGED: Final = _Unchanged.TOKEN
 
 IPNetwork = IPv4Network | IPv6Network
 
@@ -108,6 +119,14 @@ class WireGuardCore:
         self.public_key: bytes | None = None
         self._out = Output()
         self._pending_since: float | None = None
+        # What to do when each timer expires (wireguard-go's expired* functions).
+        self._on_expired: dict[Timer, Callable[[Peer, float], None]] = {
+            Timer.RETRANSMIT_HANDSHAKE: self._expired_retransmit_handshake,
+            Timer.SEND_KEEPALIVE: self._expired_send_keepalive,
+            Timer.NEW_HANDSHAKE: self._expired_new_handshake,
+            Timer.ZERO_KEY_MATERIAL: self._expired_zero_key_material,
+            Timer.PERSISTENT_KEEPALIVE: self._expired_persistent_keepalive,
+        }
         if private_key is not None:
             self.set_private_key(private_key, 0.0)
         self._take()
@@ -136,9 +155,9 @@ class WireGuardCore:
         public_key: bytes,
         now: float,
         *,
-        preshared_key: bytes | None = _UNCHANGED,  # type: ignore[assignment]
-        endpoint: Address | None = _UNCHANGED,  # type: ignore[assignment]
-        persistent_keepalive: int | None = _UNCHANGED,  # type: ignore[assignment]
+        preshared_key: bytes | None | _Unchanged = _UNCHANGED,
+        endpoint: Address | None | _Unchanged = _UNCHANGED,
+        persistent_keepalive: int | None | _Unchanged = _UNCHANGED,
         allowed_ips: Iterable[IPNetwork | str] | None = None,
         replace_allowed_ips: bool = False,
     ) -> Peer:
@@ -209,8 +228,8 @@ class WireGuardCore:
     def on_timer(self, now: float) -> Output:
         for peer in list(self.peers.values()):
             # Each handler schedules its successors in the future, so this ends.
-            while (name := peer.timers.pop_due(now)) is not None:
-                getattr(self, "_expired_" + name)(peer, now)
+            while (timer := peer.timers.pop_due(now)) is not None:
+                self._on_expired[timer](peer, now)
         return self._take()
 
     def send_packet(self, packet: bytes, now: float) -> Output:
@@ -335,9 +354,9 @@ class WireGuardCore:
                 crypto.tai64n(self._wall_clock()),
                 new_index,
             )
-        except HandshakeError:
+        except HandshakeError as exc:
             self.index_table.delete(new_index)
-            self.dropped["handshake_not_possible"] += 1
+            self.dropped[exc.reason.value] += 1
             return
         if old_index:
             self._forget_handshake_index(old_index, hs)
@@ -357,9 +376,9 @@ class WireGuardCore:
         new_index = self._new_index(peer, hs)
         try:
             msg = noise.create_response(hs, crypto.generate_private_key(self._rng(32)), new_index)
-        except HandshakeError:
+        except HandshakeError as exc:
             self.index_table.delete(new_index)
-            self.dropped["handshake_not_possible"] += 1
+            self.dropped[exc.reason.value] += 1
             return
         if old_index and old_index != new_index:
             self._forget_handshake_index(old_index, hs)
@@ -376,24 +395,12 @@ class WireGuardCore:
             self.index_table.delete(index)
 
     def _begin_symmetric_session(self, peer: Peer, now: float) -> None:
-        keys = noise.derive_keypair(peer.handshake)
-        kp = Keypair(
-            keys.send, keys.receive, keys.local_index, keys.remote_index, keys.is_initiator, now
-        )
-        self.index_table.replace(keys.local_index, (peer, kp))
+        kp = noise.derive_keypair(peer.handshake, now)
+        # The handshake's index now names the keypair.
+        self.index_table.replace(kp.local_index, (peer, kp))
         for old in peer.keypairs.install(kp):
             self._retire(peer, old)
-        self._out.events.append(
-            KeypairInstalled(
-                peer.public_key,
-                kp.local_index,
-                kp.remote_index,
-                keys.send,
-                keys.receive,
-                kp.is_initiator,
-                now,
-            )
-        )
+        self._out.events.append(KeypairInstalled.of(peer.public_key, kp))
 
     def _retire(self, peer: Peer, kp: Keypair) -> None:
         entry = self.index_table.get(kp.local_index)
@@ -503,7 +510,7 @@ class WireGuardCore:
         try:
             consumed = noise.consume_initiation(msg, self.private_key, lookup, now)
         except HandshakeError as exc:
-            self.dropped[_handshake_reason(exc, "invalid_initiation")] += 1
+            self.dropped[exc.reason.value] += 1
             return
         consumed.commit()
         peer = consumed.peer
@@ -516,15 +523,14 @@ class WireGuardCore:
     def _receive_response(
         self, msg: messages.Response, data: bytes, source: Address, now: float
     ) -> None:
-        entry = self.index_table.get(msg.receiver)
-        if entry is None or not isinstance(entry[1], Handshake) or self.private_key is None:
+        peer, hs = self.index_table.get(msg.receiver) or (None, None)
+        if peer is None or not isinstance(hs, Handshake) or self.private_key is None:
             self.dropped["unknown_index"] += 1
             return
-        peer, hs = entry
         try:
             consumed = noise.consume_response(msg, hs, self.private_key)
-        except HandshakeError:
-            self.dropped["invalid_response"] += 1
+        except HandshakeError as exc:
+            self.dropped[exc.reason.value] += 1
             return
         consumed.commit()
         peer.endpoint = source
@@ -539,11 +545,10 @@ class WireGuardCore:
     def _receive_transport(
         self, msg: messages.Transport, data: bytes, source: Address, now: float
     ) -> None:
-        entry = self.index_table.get(msg.receiver)
-        if entry is None or not isinstance(entry[1], Keypair):
+        peer, kp = self.index_table.get(msg.receiver) or (None, None)
+        if peer is None or not isinstance(kp, Keypair):
             self.dropped["unknown_index"] += 1
             return
-        peer, kp = entry
         if kp.created + REJECT_AFTER_TIME < now:
             self.dropped["keypair_expired"] += 1
             return
@@ -616,15 +621,3 @@ def _check_endpoint(endpoint: Address) -> Address:
     if not isinstance(port, int) or not 0 < port <= 65535:
         raise ValueError(f"invalid endpoint port {port!r}")
     return (str(addr), port)
-
-
-def _handshake_reason(exc: HandshakeError, default: str) -> str:
-    text = str(exc)
-    for word, reason in (
-        ("replay", "handshake_replay"),
-        ("flood", "handshake_flood"),
-        ("unknown", "unknown_peer"),
-    ):
-        if word in text:
-            return reason
-    return default

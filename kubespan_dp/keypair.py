@@ -93,6 +93,18 @@ class KeypairInstalled:
     is_initiator: bool
     created: float
 
+    @classmethod
+    def of(cls, peer_key: bytes, kp: Keypair) -> KeypairInstalled:
+        return cls(
+            peer_key,
+            kp.local_index,
+            kp.remote_index,
+            kp.send_key,
+            kp.receive_key,
+            kp.is_initiator,
+            kp.created,
+        )
+
 
 @dataclass(frozen=True)
 class KeypairRetired:

@@ -15,7 +15,7 @@ whose three high bytes are reserved and must be zero; reading the whole u32
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 INITIATION = 1
 RESPONSE = 2
@@ -33,20 +33,25 @@ MAX_MESSAGE_SIZE = (1 << 16) - 1  # largest UDP payload
 # Offsets of the macs inside handshake messages (they always end the message).
 MAC_SIZE = 16
 
-_INIT = struct.Struct("<II32s48s28s16s16s")
-_RESP = struct.Struct("<III32s16s16s16s")
-_COOKIE = struct.Struct("<II24s32s")
 _TRANSPORT_HEADER = struct.Struct("<IIQ")
-assert _INIT.size == INITIATION_SIZE and _RESP.size == RESPONSE_SIZE
-assert _COOKIE.size == COOKIE_REPLY_SIZE and _TRANSPORT_HEADER.size == TRANSPORT_HEADER_SIZE
+assert _TRANSPORT_HEADER.size == TRANSPORT_HEADER_SIZE
 
 
 class MessageError(ValueError):
     """The datagram is not a well-formed WireGuard message."""
 
 
+class _Fixed:
+    """Base of the fixed-size messages; their layouts are in ``_FIXED`` below."""
+
+    __slots__ = ()
+
+    def encode(self) -> bytes:
+        return _FIXED_BY_CLASS[type(self)].pack(self)
+
+
 @dataclass(frozen=True, slots=True)
-class Initiation:
+class Initiation(_Fixed):
     sender: int
     ephemeral: bytes
     static: bytes
@@ -54,20 +59,9 @@ class Initiation:
     mac1: bytes = bytes(16)
     mac2: bytes = bytes(16)
 
-    def encode(self) -> bytes:
-        return _INIT.pack(
-            INITIATION,
-            self.sender,
-            self.ephemeral,
-            self.static,
-            self.timestamp,
-            self.mac1,
-            self.mac2,
-        )
-
 
 @dataclass(frozen=True, slots=True)
-class Response:
+class Response(_Fixed):
     sender: int
     receiver: int
     ephemeral: bytes
@@ -75,20 +69,12 @@ class Response:
     mac1: bytes = bytes(16)
     mac2: bytes = bytes(16)
 
-    def encode(self) -> bytes:
-        return _RESP.pack(
-            RESPONSE, self.sender, self.receiver, self.ephemeral, self.empty, self.mac1, self.mac2
-        )
-
 
 @dataclass(frozen=True, slots=True)
-class CookieReply:
+class CookieReply(_Fixed):
     receiver: int
     nonce: bytes
     cookie: bytes
-
-    def encode(self) -> bytes:
-        return _COOKIE.pack(COOKIE_REPLY, self.receiver, self.nonce, self.cookie)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,19 +88,66 @@ class Transport:
 
 
 Message = Initiation | Response | CookieReply | Transport
+FixedMessage = Initiation | Response | CookieReply
 
 
-def _check_fields(*fields_and_sizes: tuple[bytes, int]) -> None:
-    for value, size in fields_and_sizes:
-        if not isinstance(value, (bytes, bytearray)) or len(value) != size:
-            raise MessageError("field has the wrong size")
+class _FixedCodec:
+    """A fixed-size message: the u32 type, then the dataclass fields in declaration order.
+
+    ``codes`` gives each field's struct code: "I" (a u32 index) or "<n>s" (exactly n
+    bytes). Packing, unpacking and the field checks of ``encode`` all follow it.
+    """
+
+    def __init__(
+        self, kind: int, message: type[FixedMessage], codes: tuple[str, ...], size: int
+    ) -> None:
+        self.kind = kind
+        self.message = message
+        self.name = message.__name__.lower()
+        self.struct = struct.Struct("<I" + "".join(codes))
+        assert self.struct.size == size
+        self.fields = tuple(zip((f.name for f in fields(message)), codes, strict=True))
+
+    def pack(self, msg: _Fixed) -> bytes:
+        return self.struct.pack(self.kind, *(getattr(msg, name) for name, _ in self.fields))
+
+    def unpack(self, data: bytes) -> FixedMessage:
+        if len(data) != self.struct.size:
+            raise MessageError(f"{self.name} must be {self.struct.size} bytes, got {len(data)}")
+        return self.message(*self.struct.unpack(data)[1:])
+
+    def check(self, msg: _Fixed) -> None:
+        for name, code in self.fields:
+            value = getattr(msg, name)
+            if code == "I":
+                _check_index(value)
+            elif not isinstance(value, (bytes, bytearray)) or len(value) != int(code[:-1]):
+                raise MessageError(f"{self.name} field {name} has the wrong size")
+
+
+_FIXED = {
+    c.kind: c
+    for c in (
+        _FixedCodec(
+            INITIATION, Initiation, ("I", "32s", "48s", "28s", "16s", "16s"), INITIATION_SIZE
+        ),
+        _FixedCodec(RESPONSE, Response, ("I", "I", "32s", "16s", "16s", "16s"), RESPONSE_SIZE),
+        _FixedCodec(COOKIE_REPLY, CookieReply, ("I", "24s", "32s"), COOKIE_REPLY_SIZE),
+    )
+}
+_FIXED_BY_CLASS: dict[type[_Fixed], _FixedCodec] = {c.message: c for c in _FIXED.values()}
+
+
+def _check_index(value: int) -> None:
+    if not 0 <= value < 1 << 32:
+        raise MessageError("index out of u32 range")
 
 
 def message_type(data: bytes) -> int:
     """The message type, or MessageError if the header is not a known type."""
     if len(data) < 4:
         raise MessageError("datagram shorter than a message header")
-    (kind,) = struct.unpack_from("<I", data)
+    kind: int = struct.unpack_from("<I", data)[0]
     if kind not in (INITIATION, RESPONSE, COOKIE_REPLY, TRANSPORT):
         raise MessageError(f"unknown message type 0x{kind:08x}")
     return kind
@@ -124,21 +157,8 @@ def decode(data: bytes) -> Message:
     """Parse one datagram; raises MessageError on wrong type or size."""
     data = bytes(data)
     kind = message_type(data)
-    if kind == INITIATION:
-        if len(data) != INITIATION_SIZE:
-            raise MessageError(f"initiation must be {INITIATION_SIZE} bytes, got {len(data)}")
-        _, sender, eph, static, ts, mac1, mac2 = _INIT.unpack(data)
-        return Initiation(sender, eph, static, ts, mac1, mac2)
-    if kind == RESPONSE:
-        if len(data) != RESPONSE_SIZE:
-            raise MessageError(f"response must be {RESPONSE_SIZE} bytes, got {len(data)}")
-        _, sender, receiver, eph, empty, mac1, mac2 = _RESP.unpack(data)
-        return Response(sender, receiver, eph, empty, mac1, mac2)
-    if kind == COOKIE_REPLY:
-        if len(data) != COOKIE_REPLY_SIZE:
-            raise MessageError(f"cookie reply must be {COOKIE_REPLY_SIZE} bytes, got {len(data)}")
-        _, receiver, nonce, cookie = _COOKIE.unpack(data)
-        return CookieReply(receiver, nonce, cookie)
+    if kind in _FIXED:
+        return _FIXED[kind].unpack(data)
     if len(data) < TRANSPORT_MIN_SIZE:
         raise MessageError(f"transport message shorter than {TRANSPORT_MIN_SIZE} bytes")
     if len(data) > MAX_MESSAGE_SIZE:
@@ -148,37 +168,15 @@ def decode(data: bytes) -> Message:
 
 
 def encode(message: Message) -> bytes:
-    """Serialise a message, checking field sizes (MessageError if wrong)."""
-    if isinstance(message, Initiation):
-        _check_fields(
-            (message.ephemeral, 32),
-            (message.static, 48),
-            (message.timestamp, 28),
-            (message.mac1, 16),
-            (message.mac2, 16),
-        )
-    elif isinstance(message, Response):
-        _check_fields(
-            (message.ephemeral, 32), (message.empty, 16), (message.mac1, 16), (message.mac2, 16)
-        )
-    elif isinstance(message, CookieReply):
-        _check_fields((message.nonce, 24), (message.cookie, 32))
-    elif isinstance(message, Transport):
+    """Serialise a message, checking field sizes and ranges (MessageError if wrong)."""
+    if isinstance(message, Transport):
+        _check_index(message.receiver)
+        if not 0 <= message.counter < 1 << 64:
+            raise MessageError("counter out of u64 range")
         if len(message.ciphertext) < 16:
             raise MessageError("transport ciphertext shorter than a tag")
+    elif isinstance(message, (Initiation, Response, CookieReply)):
+        _FIXED_BY_CLASS[type(message)].check(message)
     else:
         raise MessageError(f"not a WireGuard message: {type(message).__name__}")
-    for index in _indices(message):
-        if not 0 <= index < 1 << 32:
-            raise MessageError("index out of u32 range")
-    if isinstance(message, Transport) and not 0 <= message.counter < 1 << 64:
-        raise MessageError("counter out of u64 range")
     return message.encode()
-
-
-def _indices(message: Message) -> tuple[int, ...]:
-    if isinstance(message, Initiation):
-        return (message.sender,)
-    if isinstance(message, Response):
-        return (message.sender, message.receiver)
-    return (message.receiver,)

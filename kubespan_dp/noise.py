@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from . import crypto
+from .keypair import Keypair
 from .messages import Initiation, Response
 
 CONSTRUCTION = b"Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s"
@@ -163,8 +164,23 @@ class HandshakeState(enum.Enum):
     RESPONSE_CONSUMED = 4
 
 
+class Reason(enum.Enum):
+    """Why a handshake failed; the values are the core's ``dropped`` counter names."""
+
+    INVALID_INITIATION = "invalid_initiation"  # did not decrypt, or no usable DH with the peer
+    UNKNOWN_PEER = "unknown_peer"
+    REPLAY = "handshake_replay"  # timestamp not newer than the last one accepted
+    FLOOD = "handshake_flood"  # more than one initiation per HANDSHAKE_INITIATION_RATE
+    INVALID_RESPONSE = "invalid_response"  # did not authenticate, or none was expected
+    NOT_POSSIBLE = "handshake_not_possible"  # we cannot create a message (keys or state)
+
+
 class HandshakeError(ValueError):
-    """A handshake message was rejected (bad crypto, replay, flood, wrong state)."""
+    """A handshake message was rejected or could not be made; ``reason`` says why."""
+
+    def __init__(self, reason: Reason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(eq=False)
@@ -212,7 +228,7 @@ def create_initiation(
 ) -> Initiation:
     """Build the first message (macs zero; the cookie generator adds them)."""
     if hs.static_static == ZERO_KEY:
-        raise HandshakeError("no usable static-static secret for this peer")
+        raise HandshakeError(Reason.NOT_POSSIBLE, "no usable static-static secret for this peer")
     ck, h = initial_state()
     st = SymmetricState(ck, h)
     try:
@@ -220,40 +236,57 @@ def create_initiation(
             st, local_private, hs.remote_static, ephemeral_private, timestamp, hs.static_static
         )
     except crypto.InvalidPublicKey as exc:
-        raise HandshakeError(str(exc)) from None
-    hs.ck, hs.h = st.ck, st.h
-    hs.local_ephemeral = ephemeral_private
-    hs.local_index = sender_index
-    hs.state = HandshakeState.INITIATION_CREATED
+        raise HandshakeError(Reason.NOT_POSSIBLE, str(exc)) from None
+    _sent(hs, st, ephemeral_private, sender_index, HandshakeState.INITIATION_CREATED)
     return Initiation(sender_index, e_pub, enc_static, enc_ts)
+
+
+def _sent(
+    hs: Handshake, st: SymmetricState, ephemeral: bytes, index: int, state: HandshakeState
+) -> None:
+    """Keep what writing our handshake message produced."""
+    hs.ck, hs.h = st.ck, st.h
+    hs.local_ephemeral = ephemeral
+    hs.local_index = index
+    hs.state = state
 
 
 P = TypeVar("P")
 
 
 @dataclass
-class ConsumedInitiation(Generic[P]):
-    """A verified initiation, not yet applied to its peer's handshake."""
+class _Consumed:
+    """A verified handshake message; nothing of it reaches ``handshake`` before commit()."""
 
-    peer: P
     handshake: Handshake
     ck: bytes = field(repr=False)
     h: bytes = field(repr=False)
     sender: int
+
+    def _apply(self, state: HandshakeState) -> Handshake:
+        hs = self.handshake
+        hs.ck, hs.h = self.ck, self.h
+        hs.remote_index = self.sender
+        hs.state = state
+        return hs
+
+
+@dataclass
+class ConsumedInitiation(_Consumed, Generic[P]):
+    """A verified initiation, from ``peer``, not yet applied to its handshake."""
+
+    peer: P
     ephemeral: bytes
     timestamp: bytes
     now: float
 
     def commit(self) -> None:
-        hs = self.handshake
-        hs.ck, hs.h = self.ck, self.h
-        hs.remote_index = self.sender
+        hs = self._apply(HandshakeState.INITIATION_CONSUMED)
         hs.remote_ephemeral = self.ephemeral
         if self.timestamp > hs.last_timestamp:
             hs.last_timestamp = self.timestamp
         if hs.last_initiation_consumption is None or self.now > hs.last_initiation_consumption:
             hs.last_initiation_consumption = self.now
-        hs.state = HandshakeState.INITIATION_CONSUMED
 
 
 def consume_initiation(
@@ -268,83 +301,80 @@ def consume_initiation(
     try:
         peer_static = read_first_static(st, local_private, msg.ephemeral, msg.static)
     except (crypto.InvalidPublicKey, crypto.AuthenticationError):
-        raise HandshakeError("initiation: static key did not decrypt") from None
+        raise HandshakeError(
+            Reason.INVALID_INITIATION, "initiation: static key did not decrypt"
+        ) from None
     found = lookup_peer(peer_static)
     if found is None:
-        raise HandshakeError("initiation from an unknown public key")
+        raise HandshakeError(Reason.UNKNOWN_PEER, "initiation from an unknown public key")
     peer, hs = found
     if hs.static_static == ZERO_KEY:
-        raise HandshakeError("initiation: peer has no usable static-static secret")
+        raise HandshakeError(
+            Reason.INVALID_INITIATION, "initiation: peer has no usable static-static secret"
+        )
     try:
         timestamp = read_first_payload(st, hs.static_static, msg.timestamp)
     except crypto.AuthenticationError:
-        raise HandshakeError("initiation: timestamp did not decrypt") from None
+        raise HandshakeError(
+            Reason.INVALID_INITIATION, "initiation: timestamp did not decrypt"
+        ) from None
     if not crypto.tai64n_after(timestamp, hs.last_timestamp):
-        raise HandshakeError("initiation replay: timestamp not newer")
+        raise HandshakeError(Reason.REPLAY, "initiation replay: timestamp not newer")
     if (
         hs.last_initiation_consumption is not None
         and now - hs.last_initiation_consumption <= HANDSHAKE_INITIATION_RATE
     ):
-        raise HandshakeError("initiation flood")
-    return ConsumedInitiation(peer, hs, st.ck, st.h, msg.sender, msg.ephemeral, timestamp, now)
+        raise HandshakeError(Reason.FLOOD, "initiation flood")
+    return ConsumedInitiation(
+        hs,
+        st.ck,
+        st.h,
+        msg.sender,
+        peer=peer,
+        ephemeral=msg.ephemeral,
+        timestamp=timestamp,
+        now=now,
+    )
 
 
 def create_response(hs: Handshake, ephemeral_private: bytes, sender_index: int) -> Response:
     if hs.state is not HandshakeState.INITIATION_CONSUMED:
-        raise HandshakeError("response before an initiation was consumed")
+        raise HandshakeError(Reason.NOT_POSSIBLE, "response before an initiation was consumed")
     st = SymmetricState(hs.ck, hs.h)
     try:
         e_pub, empty = write_second(
             st, ephemeral_private, hs.remote_ephemeral, hs.remote_static, hs.preshared_key, b""
         )
     except crypto.InvalidPublicKey as exc:
-        raise HandshakeError(str(exc)) from None
-    hs.ck, hs.h = st.ck, st.h
-    hs.local_ephemeral = ephemeral_private
-    hs.local_index = sender_index
-    hs.state = HandshakeState.RESPONSE_CREATED
+        raise HandshakeError(Reason.NOT_POSSIBLE, str(exc)) from None
+    _sent(hs, st, ephemeral_private, sender_index, HandshakeState.RESPONSE_CREATED)
     return Response(sender_index, hs.remote_index, e_pub, empty)
 
 
 @dataclass
-class ConsumedResponse:
-    handshake: Handshake
-    ck: bytes = field(repr=False)
-    h: bytes = field(repr=False)
-    sender: int
+class ConsumedResponse(_Consumed):
+    """A verified response to our initiation, not yet applied."""
 
     def commit(self) -> None:
-        hs = self.handshake
-        hs.ck, hs.h = self.ck, self.h
-        hs.remote_index = self.sender
-        hs.state = HandshakeState.RESPONSE_CONSUMED
+        self._apply(HandshakeState.RESPONSE_CONSUMED)
 
 
 def consume_response(msg: Response, hs: Handshake, local_private: bytes) -> ConsumedResponse:
     """Verify a response to our initiation; raises HandshakeError, changes nothing."""
     if hs.state is not HandshakeState.INITIATION_CREATED:
-        raise HandshakeError("response without an outstanding initiation")
+        raise HandshakeError(Reason.INVALID_RESPONSE, "response without an outstanding initiation")
     st = SymmetricState(hs.ck, hs.h)
     try:
         read_second(
             st, hs.local_ephemeral, local_private, msg.ephemeral, hs.preshared_key, msg.empty
         )
     except (crypto.InvalidPublicKey, crypto.AuthenticationError):
-        raise HandshakeError("response did not authenticate") from None
+        raise HandshakeError(Reason.INVALID_RESPONSE, "response did not authenticate") from None
     return ConsumedResponse(hs, st.ck, st.h, msg.sender)
 
 
-@dataclass
-class SessionKeys:
-    send: bytes = field(repr=False)
-    receive: bytes = field(repr=False)
-    is_initiator: bool
-    local_index: int
-    remote_index: int
-
-
-def derive_keypair(hs: Handshake) -> SessionKeys:
-    """Split the chaining key into transport keys and zero the handshake secrets."""
+def derive_keypair(hs: Handshake, now: float) -> Keypair:
+    """Split the chaining key into a transport keypair and zero the handshake secrets."""
     if hs.state is HandshakeState.RESPONSE_CONSUMED:
         send, receive = split(hs.ck)
         is_initiator = True
@@ -352,15 +382,15 @@ def derive_keypair(hs: Handshake) -> SessionKeys:
         receive, send = split(hs.ck)
         is_initiator = False
     else:
-        raise HandshakeError(f"cannot derive keys in state {hs.state.name}")
-    keys = SessionKeys(send, receive, is_initiator, hs.local_index, hs.remote_index)
+        raise HandshakeError(Reason.NOT_POSSIBLE, f"cannot derive keys in state {hs.state.name}")
+    keypair = Keypair(send, receive, hs.local_index, hs.remote_index, is_initiator, now)
     hs.ck = ZERO_KEY
     hs.h = ZERO_KEY
     hs.local_ephemeral = ZERO_KEY
     hs.state = HandshakeState.ZEROED
     # local_index now belongs to the keypair; the caller moves it in the index table.
     hs.local_index = 0
-    return keys
+    return keypair
 
 
 # --- local index table -------------------------------------------------------

@@ -18,6 +18,7 @@ calls them at the same points and runs the handlers of expired timers.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -31,13 +32,15 @@ KEEPALIVE_TIMEOUT = 10.0
 MAX_TIMER_HANDSHAKES = int(REKEY_ATTEMPT_TIME / REKEY_TIMEOUT)  # 18
 REKEY_TIMEOUT_JITTER_MAX_MS = 334
 
-TIMER_NAMES = (
-    "retransmit_handshake",
-    "send_keepalive",
-    "new_handshake",
-    "zero_key_material",
-    "persistent_keepalive",
-)
+
+class Timer(enum.Enum):
+    """The five timers; each value names the ``Timers`` field holding its deadline."""
+
+    RETRANSMIT_HANDSHAKE = "retransmit_handshake"
+    SEND_KEEPALIVE = "send_keepalive"
+    NEW_HANDSHAKE = "new_handshake"
+    ZERO_KEY_MATERIAL = "zero_key_material"
+    PERSISTENT_KEEPALIVE = "persistent_keepalive"
 
 
 def jitter_from(rng: Callable[[int], bytes]) -> Callable[[], float]:
@@ -92,25 +95,30 @@ class Timers:
 
     # -- scheduling ----------------------------------------------------------
 
+    def deadline(self, timer: Timer) -> float | None:
+        value: float | None = getattr(self, timer.value)
+        return value
+
     def next_deadline(self) -> float | None:
-        deadlines = [d for d in (getattr(self, n) for n in TIMER_NAMES) if d is not None]
+        deadlines = [d for t in Timer if (d := self.deadline(t)) is not None]
         return min(deadlines) if deadlines else None
 
-    def pop_due(self, now: float) -> str | None:
-        """Unset and name the earliest timer due at ``now`` (None if none is).
+    def pop_due(self, now: float) -> Timer | None:
+        """Unset and return the earliest timer due at ``now`` (None if none is).
 
-        One at a time, because a handler may set or clear other timers.
+        One at a time, because a handler may set or clear other timers. Ties go by
+        name, so the order is deterministic.
         """
-        due = [(d, n) for n in TIMER_NAMES if (d := getattr(self, n)) is not None and d <= now]
+        due = [(d, t.value) for t in Timer if (d := self.deadline(t)) is not None and d <= now]
         if not due:
             return None
         _, name = min(due)
         setattr(self, name, None)
-        return name
+        return Timer(name)
 
     def stop(self) -> None:
-        for name in TIMER_NAMES:
-            setattr(self, name, None)
+        for timer in Timer:
+            setattr(self, timer.value, None)
         self.handshake_attempts = 0
         self.need_another_keepalive = False
         self.sent_last_minute_handshake = False

@@ -143,7 +143,6 @@ class DiscoveryClient:
         self._local_sealed: tuple[bytes, list[bytes]] | None = None
         self._other_sealed: dict[str, list[bytes]] = {}
         self._others_plain: dict[str, tuple[Address, ...]] = {}
-        self._delete = False
         self._kick = asyncio.Event()
         self._changed = asyncio.Condition()
         self._task: asyncio.Task | None = None
@@ -162,7 +161,7 @@ class DiscoveryClient:
     ) -> None:
         """Publish ``affiliate`` (its KubeSpan endpoints included) and endpoints seen for others."""
         others = {k: tuple(v) for k, v in (other_endpoints or {}).items() if v}
-        if affiliate == self._local and not self._delete and others == self._others_plain:
+        if affiliate == self._local and others == self._others_plain:
             return
         endpoints = affiliate.kubespan.endpoints if affiliate.kubespan else ()
         data = self._cipher.seal_data(encode_affiliate(affiliate))
@@ -176,15 +175,6 @@ class DiscoveryClient:
         }
         self._others_plain = others
         self._local = affiliate
-        self._delete = False
-        self._kick.set()
-
-    def delete_local(self) -> None:
-        """Withdraw our affiliate from the service (sent on the next publish)."""
-        self._local = self._local_sealed = None
-        self._other_sealed = {}
-        self._others_plain = {}
-        self._delete = True
         self._kick.set()
 
     # -- lifecycle --------------------------------------------------------------------
@@ -203,7 +193,7 @@ class DiscoveryClient:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         self.connected = False
-        if leave and (self._local is not None or self._delete):
+        if leave and self._local is not None:
             try:
                 async with self._channel() as channel:
                     await pbg.ClusterStub(channel).AffiliateDelete(
@@ -241,10 +231,13 @@ class DiscoveryClient:
         """Yield the current affiliate set now and after each change (coalesced if slow)."""
         seen = -1
         while True:
-            async with self._changed:
-                await self._changed.wait_for(lambda: self.version != seen)
-                seen = self.version
+            seen = await self._version_after(seen)
             yield dict(self.affiliates)
+
+    async def _version_after(self, seen: int) -> int:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.version != seen)
+            return self.version
 
     async def wait_for(
         self, predicate: Callable[[dict[str, Affiliate]], bool], timeout: float
@@ -310,14 +303,6 @@ class DiscoveryClient:
 
     async def _publish(self, stub: pbg.ClusterStub) -> None:
         timeout = self._rpc_timeout
-        if self._delete:
-            await stub.AffiliateDelete(
-                pb.AffiliateDeleteRequest(
-                    cluster_id=self.cluster_id, affiliate_id=self.affiliate_id
-                ),
-                timeout=timeout,
-            )
-            return
         if self._local_sealed is None:
             return  # nothing to publish yet
         data, endpoints = self._local_sealed

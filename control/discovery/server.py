@@ -30,6 +30,7 @@ from control.discovery.proto import cluster_pb2 as pb
 from control.discovery.proto import cluster_pb2_grpc as pbg
 from control.discovery.ratelimit import IPRateLimiter
 from control.discovery.state import AffiliateView, LimitError, Limits, Notification, State
+from control.promhttp import MetricsServer
 
 log = logging.getLogger("control.discovery.server")
 T = TypeVar("T")
@@ -291,7 +292,7 @@ class DiscoveryServer:
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
-        self._metrics_server: asyncio.AbstractServer | None = None
+        self._metrics_server: MetricsServer | None = None
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
         self._watch_wakers: set[Callable[[], None]] = set()
@@ -357,10 +358,10 @@ class DiscoveryServer:
         await server.start()
         self._server, self.port = server, bound
         if o.metrics_port is not None:
-            self._metrics_server = await metrics.serve_metrics(
-                o.metrics_host, o.metrics_port, lambda: metrics.render(self.state, self.requests)
+            self._metrics_server = MetricsServer(
+                lambda: metrics.families(self.state, self.requests)
             )
-            self.metrics_port = self._metrics_server.sockets[0].getsockname()[1]
+            self.metrics_port = await self._metrics_server.start(o.metrics_host, o.metrics_port)
         self._tasks = [asyncio.create_task(self._gc_loop())]
         if o.snapshot_path:
             self._tasks.append(asyncio.create_task(self._snapshot_loop()))
@@ -381,8 +382,7 @@ class DiscoveryServer:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._metrics_server is not None:
-            self._metrics_server.close()
-            await self._metrics_server.wait_closed()
+            await self._metrics_server.stop()
         await self._server.stop(self.options.shutdown_grace)
         self._server = None
         if self.options.snapshot_path:

@@ -53,28 +53,41 @@ def v6_packet(src: str, dst: str) -> bytes:
     ) + bytes(8)
 
 
-def test_longest_prefix_wins() -> None:
+def table(*routes: tuple[str, FakePeer]) -> AllowedIPs:
     t = AllowedIPs()
-    t.insert(ip_network("10.0.0.0/8"), A)
-    t.insert(ip_network("10.1.0.0/16"), B)
-    t.insert(ip_network("10.1.2.3/32"), C)
-    assert t.lookup(ip_address("10.200.0.1")) is A
-    assert t.lookup(ip_address("10.1.9.9")) is B
-    assert t.lookup(ip_address("10.1.2.3")) is C
-    assert t.lookup(ip_address("10.1.2.4")) is B
-    assert t.lookup(ip_address("11.0.0.1")) is None
+    for net, peer in routes:
+        t.insert(ip_network(net), peer)
+    return t
 
 
-def test_default_routes_and_families_are_separate() -> None:
-    t = AllowedIPs()
-    t.insert(ip_network("0.0.0.0/0"), A)
-    assert t.lookup(ip_address("1.2.3.4")) is A
-    assert t.lookup(ip_address("::1")) is None
-    t.insert(ip_network("::/0"), B)
-    t.insert(ip_network("fd00::/8"), C)
-    assert t.lookup(ip_address("2001:db8::1")) is B
-    assert t.lookup(ip_address("fd7f:175a:b97c:5602::1")) is C
-    assert t.lookup(ip_address("255.255.255.255")) is A
+def assert_lookups(t: AllowedIPs, expected: dict[str, FakePeer | None]) -> None:
+    """Each address resolves to exactly that peer object (identity, not equality)."""
+    got = {address: t.lookup(ip_address(address)) for address in expected}
+    assert all(got[a] is peer for a, peer in expected.items()), got
+
+
+@pytest.mark.parametrize(
+    ("routes", "expected"),
+    [
+        pytest.param(
+            [("10.0.0.0/8", A), ("10.1.0.0/16", B), ("10.1.2.3/32", C)],
+            {"10.200.0.1": A, "10.1.9.9": B, "10.1.2.3": C, "10.1.2.4": B, "11.0.0.1": None},
+            id="longest-prefix-wins",
+        ),
+        pytest.param(
+            [("0.0.0.0/0", A)],
+            {"1.2.3.4": A, "::1": None},
+            id="families-are-separate",
+        ),
+        pytest.param(
+            [("0.0.0.0/0", A), ("::/0", B), ("fd00::/8", C)],
+            {"2001:db8::1": B, "fd7f:175a:b97c:5602::1": C, "255.255.255.255": A},
+            id="default-routes",
+        ),
+    ],
+)
+def test_lookup(routes: list[tuple[str, FakePeer]], expected: dict[str, FakePeer | None]) -> None:
+    assert_lookups(table(*routes), expected)
 
 
 def test_raw_bytes_lookup() -> None:
@@ -89,9 +102,8 @@ def test_raw_bytes_lookup() -> None:
 
 
 def test_reinsert_moves_prefix_to_new_peer() -> None:
-    t = AllowedIPs()
+    t = table(("10.0.0.0/24", A))
     net = ip_network("10.0.0.0/24")
-    t.insert(net, A)
     t.insert(net, B)
     assert t.lookup(ip_address("10.0.0.1")) is B
     assert t.entries_for(A) == []
@@ -99,9 +111,8 @@ def test_reinsert_moves_prefix_to_new_peer() -> None:
 
 
 def test_remove_only_if_owned() -> None:
-    t = AllowedIPs()
+    t = table(("10.0.0.0/24", A))
     net = ip_network("10.0.0.0/24")
-    t.insert(net, A)
     t.remove(net, B)
     assert t.lookup(ip_address("10.0.0.1")) is A
     t.remove(ip_network("10.0.0.0/25"), A)  # not an entry: nothing happens
@@ -122,16 +133,10 @@ def test_identity_not_equality() -> None:
 
 
 def test_remove_peer_keeps_others() -> None:
-    t = AllowedIPs()
-    t.insert(ip_network("10.0.0.0/8"), A)
-    t.insert(ip_network("10.1.0.0/16"), B)
-    t.insert(ip_network("10.1.1.0/24"), A)
-    t.insert(ip_network("fd00::/16"), A)
+    t = table(("10.0.0.0/8", A), ("10.1.0.0/16", B), ("10.1.1.0/24", A), ("fd00::/16", A))
     t.remove_peer(A)
     assert t.entries_for(A) == []
-    assert t.lookup(ip_address("10.1.1.1")) is B
-    assert t.lookup(ip_address("10.2.0.0")) is None
-    assert t.lookup(ip_address("fd00::1")) is None
+    assert_lookups(t, {"10.1.1.1": B, "10.2.0.0": None, "fd00::1": None})
     t.remove_peer(A)  # no entries left: harmless
 
 
@@ -160,21 +165,14 @@ def test_entries_for_order() -> None:
 
 
 def test_clear() -> None:
-    t = AllowedIPs()
-    t.insert(ip_network("10.0.0.0/8"), A)
-    t.insert(ip_network("::/0"), B)
+    t = table(("10.0.0.0/8", A), ("::/0", B))
     t.clear()
-    assert t.lookup(ip_address("10.0.0.1")) is None
-    assert t.lookup(ip_address("::1")) is None
+    assert_lookups(t, {"10.0.0.1": None, "::1": None})
     assert t.entries_for(A) == [] and t.entries_for(B) == []
 
 
 def test_packet_lookups() -> None:
-    t = AllowedIPs()
-    t.insert(ip_network("10.0.0.0/24"), A)
-    t.insert(ip_network("10.0.1.0/24"), B)
-    t.insert(ip_network("fd00:1::/64"), A)
-    t.insert(ip_network("fd00:2::/64"), B)
+    t = table(("10.0.0.0/24", A), ("10.0.1.0/24", B), ("fd00:1::/64", A), ("fd00:2::/64", B))
     p4 = v4_packet("10.0.0.5", "10.0.1.9")
     assert t.lookup_packet_source(p4) is A
     assert t.lookup_packet_destination(p4) is B
@@ -194,9 +192,7 @@ def test_packet_lookups() -> None:
     ],
 )
 def test_malformed_packets(packet: bytes) -> None:
-    t = AllowedIPs()
-    t.insert(ip_network("0.0.0.0/0"), A)
-    t.insert(ip_network("::/0"), A)
+    t = table(("0.0.0.0/0", A), ("::/0", A))
     assert t.lookup_packet_source(packet) is None
     assert t.lookup_packet_destination(packet) is None
 

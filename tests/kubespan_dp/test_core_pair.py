@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from ipaddress import ip_network
+from itertools import pairwise
+
+import pytest
 
 from kubespan_dp import messages
+from kubespan_dp.cookie import CookieGenerator
 from kubespan_dp.core import HandshakeCompleted, KeypairInstalled, KeypairRetired, WireGuardCore
-from kubespan_dp.timers import REKEY_TIMEOUT_JITTER_MAX_MS
+from kubespan_dp.noise import Reason
+from kubespan_dp.timers import REKEY_TIMEOUT_JITTER_MAX_MS, Timer
 from tests.kubespan_dp.wgpair import Pair, ipv4_packet, ipv6_packet, kinds
 
 A_IP, B_IP = "192.168.0.1", "192.168.0.2"
@@ -79,7 +85,7 @@ def test_rekey_after_120s_without_loss() -> None:
     # a is the initiator of every rekey: roughly every 120 s.
     assert len(installed) == 4
     assert all(e.is_initiator for e in installed)
-    gaps = [b.created - a.created for a, b in zip(installed, installed[1:])]
+    gaps = [b.created - a.created for a, b in pairwise(installed)]
     assert all(120 < g < 123 for g in gaps), gaps
     assert any(isinstance(e, KeypairRetired) for e in p.a.events)
     assert not p.a.core.dropped and not p.b.core.dropped
@@ -111,7 +117,7 @@ def test_retransmit_every_5s_and_give_up() -> None:
     times = [t for t, d, _ in p.a.sent if messages.message_type(d) == messages.INITIATION]
     # wireguard-go: the first try plus MAX_TIMER_HANDSHAKES + 1 retries, then give up.
     assert len(times) == 20
-    gaps = [b - a for a, b in zip(times, times[1:])]
+    gaps = [b - a for a, b in pairwise(times)]
     assert all(5.0 <= g < 5.0 + REKEY_TIMEOUT_JITTER_MAX_MS / 1000 for g in gaps), gaps
     assert len(set(round(g, 3) for g in gaps)) > 1  # jitter applied
     assert 90 < times[-1] < 102
@@ -245,8 +251,6 @@ def test_zero_key_material_after_540s() -> None:
 
 def test_config_validation_changes_nothing() -> None:
     core = WireGuardCore(bytes(range(32)))
-    import pytest
-
     for kwargs in (
         {"preshared_key": b"short"},
         {"endpoint": ("not-an-ip", 1)},
@@ -302,3 +306,106 @@ def test_under_load_with_unparseable_source_does_not_raise() -> None:
     init = p.wire[0][0]
     out = p.b.core.receive_datagram(init, ("not-an-ip", 1), 0.0)
     assert not out.datagrams and p.b.core.dropped["invalid_source"] == 1
+
+
+# -- handshake rejections: each path counts its own reason --------------------------
+
+# Field offsets inside the wire messages (see kubespan_dp/messages.py).
+INIT_STATIC, INIT_TIMESTAMP, RESP_EMPTY = 40, 88, 44
+HANDSHAKE_REASONS = {r.value for r in Reason}
+
+
+def _flipped(data: bytes, offset: int, receiver_public: bytes) -> bytes:
+    """``data`` with one byte changed and mac1 made valid again, to get past mac1."""
+    changed = bytearray(data)
+    changed[offset] ^= 1
+    return CookieGenerator(receiver_public).add_macs(bytes(changed), 0.0)
+
+
+def _initiation(p: Pair) -> tuple[bytes, tuple[str, int]]:
+    """A's next initiation to B, taken off the wire."""
+    p.send(p.a, ipv4_packet(A_IP, B_IP))
+    data, source, _ = p.wire.pop()
+    assert messages.message_type(data) == messages.INITIATION
+    return data, source
+
+
+def _corrupt_static(p: Pair) -> WireGuardCore:
+    data, source = _initiation(p)
+    p.b.core.receive_datagram(_flipped(data, INIT_STATIC, p.b.core.public_key), source, p.now)
+    return p.b.core
+
+
+def _corrupt_timestamp(p: Pair) -> WireGuardCore:
+    data, source = _initiation(p)
+    p.b.core.receive_datagram(_flipped(data, INIT_TIMESTAMP, p.b.core.public_key), source, p.now)
+    return p.b.core
+
+
+def _unknown_peer(p: Pair) -> WireGuardCore:
+    data, source = _initiation(p)
+    p.b.core.remove_peer(p.a.core.public_key)
+    p.b.core.receive_datagram(data, source, p.now)
+    return p.b.core
+
+
+def _replay(p: Pair) -> WireGuardCore:
+    data, source = _initiation(p)
+    p.b.core.receive_datagram(data, source, p.now)
+    p.b.core.receive_datagram(data, source, p.now + 1.0)
+    return p.b.core
+
+
+def _flood(p: Pair) -> WireGuardCore:
+    first, source = _initiation(p)
+    p.now = 6.0  # past REKEY_TIMEOUT, so A initiates again, with a newer timestamp
+    second, _ = _initiation(p)
+    p.b.core.receive_datagram(first, source, p.now)
+    p.b.core.receive_datagram(second, source, p.now)
+    return p.b.core
+
+
+def _corrupt_response(p: Pair) -> WireGuardCore:
+    data, source = _initiation(p)
+    p.absorb(p.b, p.b.core.receive_datagram(data, source, p.now))
+    response, source, _ = p.wire.pop()
+    assert messages.message_type(response) == messages.RESPONSE
+    p.a.core.receive_datagram(_flipped(response, RESP_EMPTY, p.a.core.public_key), source, p.now)
+    return p.a.core
+
+
+def _low_order_peer(p: Pair) -> WireGuardCore:
+    # An all-zero public key is a low-order point: no static-static secret, no initiation.
+    p.a.core.set_peer(bytes(32), p.now, endpoint=("10.0.0.9", 1), allowed_ips=["192.168.0.9/32"])
+    p.send(p.a, ipv4_packet(A_IP, "192.168.0.9"))
+    return p.a.core
+
+
+@pytest.mark.parametrize(
+    ("reason", "reject"),
+    [
+        (Reason.INVALID_INITIATION, _corrupt_static),
+        (Reason.INVALID_INITIATION, _corrupt_timestamp),
+        (Reason.UNKNOWN_PEER, _unknown_peer),
+        (Reason.REPLAY, _replay),
+        (Reason.FLOOD, _flood),
+        (Reason.INVALID_RESPONSE, _corrupt_response),
+        (Reason.NOT_POSSIBLE, _low_order_peer),
+    ],
+)
+def test_each_handshake_rejection_counts_its_own_reason(
+    reason: Reason, reject: Callable[[Pair], WireGuardCore]
+) -> None:
+    core = reject(Pair())
+    counted = {k: n for k, n in core.dropped.items() if k in HANDSHAKE_REASONS}
+    assert counted == {reason.value: 1}
+
+
+def test_every_timer_has_a_handler() -> None:
+    p = Pair()
+    p.handshake()
+    peer = p.peer_of(p.a)
+    for timer in Timer:
+        setattr(peer.timers, timer.value, p.now)
+        p.a.core.on_timer(p.now)  # a timer without a handler would raise KeyError
+        assert peer.timers.deadline(timer) is None or peer.timers.deadline(timer) > p.now

@@ -5,82 +5,52 @@ from __future__ import annotations
 import pytest
 
 from kubespan_dp import crypto, messages, noise
+from tests.kubespan_dp.vectors import VECTORS
 
 h = bytes.fromhex
 
-# snow crate, tests/vectors/cacophony.txt: Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s.
-CACO_PROLOGUE = h("4a6f686e2047616c74")
-CACO_PSK = h("54686973206973206d7920417573747269616e20706572737065637469766521")
-CACO_INIT_STATIC = h("e61ef9919cde45dd5f82166404bd08e38bceb5dfdfded0a34c8df7ed542214d1")
-CACO_INIT_EPHEMERAL = h("893e28b9dc6ca8d611ab664754b8ceb7bac5117349a4439a6b0569da977c464a")
-CACO_INIT_REMOTE_STATIC = h("31e0303fd6418d2f8c0e78b91f22e8caed0fbe48656dcf4767e4834f701b8f62")
-CACO_RESP_STATIC = h("4a3acbfdb163dec651dfa3194dece676d437029c62a408b4c5ea9114246e4893")
-CACO_RESP_EPHEMERAL = h("bbdb4cdbd309f1a1f2e1456967fe288cadd6f712d65dc7b7793d5e63da6b375b")
-CACO_HANDSHAKE_HASH = h("f5191b875290abcd41347ac3622d9679688a7e980229cb937ef748336cfde0e5")
-CACO_MESSAGES = [  # (payload, ciphertext); 0 and 1 are the handshake, then transport
-    (
-        "4c756477696720766f6e204d69736573",
-        "ca35def5ae56cec33dc2036731ab14896bc4c75dbb07a61f879f8e3afa4c7944001e21de9f98ddd8e2ad5752"
-        "7207feb56253c9c94a9e496782ecfcb2a75fbcaf1b52948cc48daefe660c62119ab5000980c84831215f2441"
-        "eba616548e832985464cf17e51ee93109008399a21f7e13f",
-    ),
-    (
-        "4d757272617920526f746862617264",
-        "95ebc60d2b1fa672c1f46a8aa265ef51bfe38e7ccb39ec5be34069f144808843cb765f2caef0751b8f007572"
-        "dab0322217755c0632f365717edbf34d33e87a",
-    ),
-    ("462e20412e20486179656b", "8153ca9833bc3c1b91a7e66e5f4d4f5b59bf9e64c2f20d15f0bba7"),
-    ("4361726c204d656e676572", "07af0c9c86e1b4e80f36b04ff7688d51141af3debd0332f0a705ef"),
-    (
-        "4a65616e2d426170746973746520536179",
-        "6ab1467c0448cc78394494abaaf23afce0e234315d6e2624dcbfa8a21c1c4d073d",
-    ),
-    (
-        "457567656e2042f6686d20766f6e2042617765726b",
-        "dfc346c0d2296ae6cf1acf6f12b8456a1dba228cf8d8b774aacf1c47fc53aa80ebc7a4c292",
-    ),
-]
+CACO = VECTORS.cacophony_ikpsk2  # Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s
 
 
 def test_cacophony_ikpsk2_transcript() -> None:
-    assert crypto.public_key(CACO_RESP_STATIC) == CACO_INIT_REMOTE_STATIC
+    assert crypto.public_key(CACO.resp_static) == CACO.init_remote_static
     # Initiator writes message 0.
-    ini = noise.SymmetricState(*noise.initial_state(CACO_PROLOGUE))
-    payload0, expect0 = (h(x) for x in CACO_MESSAGES[0])
+    ini = noise.SymmetricState(*noise.initial_state(CACO.prologue))
+    payload0, expect0 = CACO.messages[0].payload, CACO.messages[0].ciphertext
     e_pub, enc_s, enc_p = noise.write_first(
-        ini, CACO_INIT_STATIC, CACO_INIT_REMOTE_STATIC, CACO_INIT_EPHEMERAL, payload0
+        ini, CACO.init_static, CACO.init_remote_static, CACO.init_ephemeral, payload0
     )
     assert e_pub + enc_s + enc_p == expect0
 
     # Responder reads it.
-    res = noise.SymmetricState(*noise.initial_state(CACO_PROLOGUE))
-    rs = noise.read_first_static(res, CACO_RESP_STATIC, expect0[:32], expect0[32:80])
-    assert rs == crypto.public_key(CACO_INIT_STATIC)
-    got = noise.read_first_payload(res, crypto.dh(CACO_RESP_STATIC, rs), expect0[80:])
+    res = noise.SymmetricState(*noise.initial_state(CACO.prologue))
+    rs = noise.read_first_static(res, CACO.resp_static, expect0[:32], expect0[32:80])
+    assert rs == crypto.public_key(CACO.init_static)
+    got = noise.read_first_payload(res, crypto.dh(CACO.resp_static, rs), expect0[80:])
     assert got == payload0
     assert (res.ck, res.h) == (ini.ck, ini.h)
 
     # Responder writes message 1; initiator reads it.
-    payload1, expect1 = (h(x) for x in CACO_MESSAGES[1])
-    re_pub, enc_p1 = noise.write_second(res, CACO_RESP_EPHEMERAL, e_pub, rs, CACO_PSK, payload1)
+    payload1, expect1 = CACO.messages[1].payload, CACO.messages[1].ciphertext
+    re_pub, enc_p1 = noise.write_second(res, CACO.resp_ephemeral, e_pub, rs, CACO.psk, payload1)
     assert re_pub + enc_p1 == expect1
     assert (
         noise.read_second(
-            ini, CACO_INIT_EPHEMERAL, CACO_INIT_STATIC, expect1[:32], CACO_PSK, expect1[32:]
+            ini, CACO.init_ephemeral, CACO.init_static, expect1[:32], CACO.psk, expect1[32:]
         )
         == payload1
     )
-    assert ini.h == res.h == CACO_HANDSHAKE_HASH
+    assert ini.h == res.h == CACO.handshake_hash
 
     # Transport: initiator->responder with key 1, back with key 2, counters from 0.
     i2r, r2i = noise.split(ini.ck)
     assert noise.split(res.ck) == (i2r, r2i)
     counters = {True: 0, False: 0}
-    for n, (payload, expect) in enumerate(CACO_MESSAGES[2:]):
+    for n, message in enumerate(CACO.messages[2:]):
         from_initiator = n % 2 == 0
         key = i2r if from_initiator else r2i
-        sealed = crypto.aead_seal(key, counters[from_initiator], h(payload), b"")
-        assert sealed == h(expect)
+        sealed = crypto.aead_seal(key, counters[from_initiator], message.payload, b"")
+        assert sealed == message.ciphertext
         counters[from_initiator] += 1
 
 
@@ -136,9 +106,10 @@ def test_fixed_key_wireguard_initiation_roundtrip() -> None:
     assert isinstance(resp_decoded, messages.Response)
     assert resp_decoded.receiver == WG_SENDER
     noise.consume_response(resp_decoded, hi, WG_INIT_PRIV).commit()
-    ki, kr = noise.derive_keypair(hi), noise.derive_keypair(hr)
+    ki, kr = noise.derive_keypair(hi, 1.0), noise.derive_keypair(hr, 2.0)
     assert ki.is_initiator and not kr.is_initiator
-    assert ki.send == kr.receive and ki.receive == kr.send
+    assert ki.send_key == kr.receive_key and ki.receive_key == kr.send_key
+    assert (ki.created, kr.created) == (1.0, 2.0)
     assert (ki.local_index, ki.remote_index) == (WG_SENDER, 0x55667788)
     assert (kr.local_index, kr.remote_index) == (0x55667788, WG_SENDER)
     assert hi.ck == bytes(32) and hi.state is noise.HandshakeState.ZEROED
@@ -149,15 +120,17 @@ def test_replayed_initiation_and_wrong_psk_rejected() -> None:
     wire = noise.create_initiation(hi, WG_INIT_PRIV, WG_EPHEMERAL, WG_TIMESTAMP, 1).encode()
     lookup = lambda pk: (None, hr)  # noqa: E731
     noise.consume_initiation(messages.decode(wire), WG_RESP_PRIV, lookup, 0.0).commit()
-    with pytest.raises(noise.HandshakeError, match="replay"):
+    with pytest.raises(noise.HandshakeError, match="replay") as err:
         noise.consume_initiation(messages.decode(wire), WG_RESP_PRIV, lookup, 100.0)
+    assert err.value.reason is noise.Reason.REPLAY
     # A newer timestamp within 20 ms of the last consumption is a flood.
     hi2, _ = _handshakes()
     newer = noise.create_initiation(
         hi2, WG_INIT_PRIV, WG_EPHEMERAL, crypto.tai64n(1_700_000_001.0), 2
     ).encode()
-    with pytest.raises(noise.HandshakeError, match="flood"):
+    with pytest.raises(noise.HandshakeError, match="flood") as err:
         noise.consume_initiation(messages.decode(newer), WG_RESP_PRIV, lookup, 0.01)
+    assert err.value.reason is noise.Reason.FLOOD
     noise.consume_initiation(messages.decode(newer), WG_RESP_PRIV, lookup, 0.5)
 
     # Different PSKs: the response does not authenticate.
@@ -169,19 +142,22 @@ def test_replayed_initiation_and_wrong_psk_rejected() -> None:
     ).commit()
     resp = noise.create_response(hr, crypto.clamp(bytes(range(9, 41))), 4)
     before = (hi.ck, hi.h, hi.state)
-    with pytest.raises(noise.HandshakeError):
+    with pytest.raises(noise.HandshakeError) as err:
         noise.consume_response(resp, hi, WG_INIT_PRIV)
+    assert err.value.reason is noise.Reason.INVALID_RESPONSE
     assert (hi.ck, hi.h, hi.state) == before
 
 
 def test_initiation_from_unknown_key_rejected() -> None:
     hi, _ = _handshakes()
     wire = noise.create_initiation(hi, WG_INIT_PRIV, WG_EPHEMERAL, WG_TIMESTAMP, 1).encode()
-    with pytest.raises(noise.HandshakeError, match="unknown"):
+    with pytest.raises(noise.HandshakeError, match="unknown") as err:
         noise.consume_initiation(messages.decode(wire), WG_RESP_PRIV, lambda pk: None, 0.0)
+    assert err.value.reason is noise.Reason.UNKNOWN_PEER
     # Encrypted to someone else's static key: the static field does not decrypt.
-    with pytest.raises(noise.HandshakeError):
+    with pytest.raises(noise.HandshakeError) as err:
         noise.consume_initiation(messages.decode(wire), WG_INIT_PRIV, lambda pk: None, 0.0)
+    assert err.value.reason is noise.Reason.INVALID_INITIATION
 
 
 def test_index_table_unique_random() -> None:

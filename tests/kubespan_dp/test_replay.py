@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kubespan_dp.replay import REJECT_AFTER_MESSAGES, WINDOW_SIZE, ReplayWindow
+from tests.kubespan_dp.replaymodel import ReplayModel
 
 
 def test_constants() -> None:
@@ -137,26 +138,6 @@ def test_reset() -> None:
         assert w.update(n)
 
 
-class NaiveWindow:
-    """The definition the bitmap implements: a set of seen counters."""
-
-    def __init__(self) -> None:
-        self.seen: set[int] = set()
-        self.last = 0
-
-    def check(self, n: int) -> bool:
-        if n >= REJECT_AFTER_MESSAGES or n in self.seen:
-            return False
-        return n > self.last or self.last - n <= WINDOW_SIZE
-
-    def update(self, n: int) -> bool:
-        ok = self.check(n)
-        if ok:
-            self.seen.add(n)
-            self.last = max(self.last, n)
-        return ok
-
-
 # Steps relative to the newest counter, biased towards the window edges.
 _steps = st.one_of(
     st.integers(-WINDOW_SIZE - 70, 70),
@@ -171,7 +152,7 @@ _steps = st.one_of(
     st.sampled_from([0, 9000, 10**12, REJECT_AFTER_MESSAGES - 15_000]),
 )
 def test_matches_naive_model(steps: list[int], start: int) -> None:
-    w, model = ReplayWindow(), NaiveWindow()
+    w, model = ReplayWindow(), ReplayModel()
     for step in steps:
         n = max(0, min(2**64, (model.last or start) + step))
         assert w.check(n) == model.check(n), n

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import socket
 import urllib.request
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from ipaddress import IPv4Address
 
@@ -17,6 +19,7 @@ from cryptography.x509.oid import NameOID
 from control.discovery.cipher import AffiliateCipher, secret_key
 from control.discovery.client import Backoff, DiscoveryClient
 from control.discovery.codec import encode_affiliate, encode_endpoint
+from tests.promtext import key, samples
 
 from .conftest import Raw, eventually, make_affiliate, new_secret, run, target
 
@@ -27,6 +30,18 @@ def client(server, cluster: str, secret: str, name: str, **kw) -> DiscoveryClien
     return DiscoveryClient(target(server), cluster, secret, name, insecure=True, **{**FAST, **kw})
 
 
+@contextlib.asynccontextmanager
+async def running(*clients: DiscoveryClient) -> AsyncIterator[None]:
+    """Start the clients; close them (leaving the service) however the block ends."""
+    for c in clients:
+        c.start()
+    try:
+        yield
+    finally:
+        for c in clients:
+            await c.close()
+
+
 def test_two_clusters_each_sees_the_others_decrypted_not_itself_not_the_other_cluster(server):
     async def main() -> None:
         sx, sy = new_secret(), new_secret()
@@ -35,9 +50,8 @@ def test_two_clusters_each_sees_the_others_decrypted_not_itself_not_the_other_cl
         clients |= {n: client(server, "cluster-y", sy, n) for n in names_y}
         for i, (n, c) in enumerate(clients.items(), start=1):
             c.set_local(make_affiliate(n, i))
-            c.start()
         expected = {n: make_affiliate(n, i) for i, n in enumerate(clients, start=1)}
-        try:
+        async with running(*clients.values()):
             for members in (names_x, names_y):
                 for n in members:
                     want = {m: expected[m] for m in members if m != n}
@@ -47,9 +61,6 @@ def test_two_clusters_each_sees_the_others_decrypted_not_itself_not_the_other_cl
             assert clients["a"].public_ip == IPv4Address("127.0.0.1")
             # Others' data can arrive before a client's own publish returns: wait, then check.
             await eventually(lambda: all(c.connected for c in clients.values()), "all connected")
-        finally:
-            for c in clients.values():
-                await c.close()
 
     run(main())
 
@@ -62,9 +73,7 @@ def test_updates_and_deletions_arrive_through_watch(server):
         b.set_local(make_affiliate("b", 2))
         seen: list[set[str]] = []
         c.on_change = lambda table: seen.append(set(table))
-        for x in (a, b, c):
-            x.start()
-        try:
+        async with running(a, b, c):
             await c.wait_for(lambda t: set(t) == {"a", "b"}, 20)
             # a changes: hostname and a new endpoint; c sees it without polling.
             moved = replace(
@@ -83,9 +92,6 @@ def test_updates_and_deletions_arrive_through_watch(server):
             await b.close(leave=True)
             await c.wait_for(lambda t: set(t) == {"a"}, 20)
             assert {"a", "b"} in seen and seen[-1] == {"a"}
-        finally:
-            for x in (a, b, c):
-                await x.close()
 
     run(main())
 
@@ -95,8 +101,7 @@ def test_affiliate_expires_after_ttl_and_watchers_see_it_deleted(server):
         s = new_secret()
         cipher = AffiliateCipher(secret_key(s))
         watcher = client(server, "t", s, "w")
-        watcher.start()
-        try:
+        async with running(watcher):
             async with Raw(server) as raw:
                 await watcher.wait_for(lambda t: True, 20)
                 data = cipher.seal_data(encode_affiliate(make_affiliate("short", 3)))
@@ -117,8 +122,6 @@ def test_affiliate_expires_after_ttl_and_watchers_see_it_deleted(server):
                 assert got["short"].kubespan.endpoints == (("10.5.0.33", 51820),)
                 await watcher.wait_for(lambda t: "short" not in t, 10)
                 assert await raw.list("t") == {}
-        finally:
-            await watcher.close()
 
     run(main())
 
@@ -151,12 +154,9 @@ def test_restart_from_snapshot_clients_see_same_affiliates_without_reregistering
         async with Raw(second) as raw:
             assert await raw.list("snap") == before  # same blobs, byte for byte
         watcher = client(second, "snap", s, "fresh-node")  # publishes nothing
-        watcher.start()
-        try:
+        async with running(watcher):
             got = await watcher.wait_for(lambda t: set(t) == {"a", "b"}, 20)
             assert got == {"a": make_affiliate("a", 1), "b": make_affiliate("b", 2)}
-        finally:
-            await watcher.close()
 
     run(observe())
 
@@ -194,27 +194,22 @@ def test_wrong_secret_learns_nothing(server):
         a.set_local(make_affiliate("a", 1))
         b.set_local(make_affiliate("b", 2))
         spy.set_local(make_affiliate("spy", 9))
-        try:
-            a.start()
-            b.start()
+        async with running(a, b):
             await a.wait_for(lambda t: "b" in t, 20)
             await b.wait_for(lambda t: "a" in t, 20)
-            spy.start()  # after a and b: its watch snapshot carries their blobs
-            await eventually(lambda: spy.connected and spy.version > 0, "spy's snapshot")
-            async with Raw(server) as raw:
-                listed = await raw.list("w")
-            assert set(listed) == {"a", "b", "spy"}  # everyone's blobs are there...
-            for data, _endpoints in listed.values():
-                assert b"example" not in data and b"Talos" not in data  # ...but opaque
-            assert spy.affiliates == {}  # ...and the spy decrypts none
-            assert spy.warned_about == {"a", "b"}
-            await eventually(
-                lambda: "spy" in a.warned_about and "spy" in b.warned_about, "spy seen"
-            )
-            assert "spy" not in a.affiliates and "spy" not in b.affiliates
-        finally:
-            for x in (a, b, spy):
-                await x.close()
+            async with running(spy):  # after a and b: its watch snapshot carries their blobs
+                await eventually(lambda: spy.connected and spy.version > 0, "spy's snapshot")
+                async with Raw(server) as raw:
+                    listed = await raw.list("w")
+                assert set(listed) == {"a", "b", "spy"}  # everyone's blobs are there...
+                for data, _endpoints in listed.values():
+                    assert b"example" not in data and b"Talos" not in data  # ...but opaque
+                assert spy.affiliates == {}  # ...and the spy decrypts none
+                assert spy.warned_about == {"a", "b"}
+                await eventually(
+                    lambda: "spy" in a.warned_about and "spy" in b.warned_about, "spy seen"
+                )
+                assert "spy" not in a.affiliates and "spy" not in b.affiliates
 
     run(main())
 
@@ -226,9 +221,7 @@ def test_malformed_affiliates_from_others_are_skipped(server):
         good = client(server, "m", s, "good")
         watcher = client(server, "m", s, "w")
         good.set_local(make_affiliate("good", 1))
-        for x in (good, watcher):
-            x.start()
-        try:
+        async with running(good, watcher):
             async with Raw(server) as raw:
                 await raw.update("m", "short", data=b"tiny")
                 await raw.update("m", "notpb", data=cipher.seal_data(b"\xff\xff\xff\xff"))
@@ -248,9 +241,6 @@ def test_malformed_affiliates_from_others_are_skipped(server):
             # before it have been seen (and skipped) by now.
             assert set(watcher.affiliates) == {"good", "badep"}
             assert got["badep"].kubespan.endpoints == (("10.5.0.4", 51820),)
-        finally:
-            for x in (good, watcher):
-                await x.close()
 
     run(main())
 
@@ -265,16 +255,11 @@ def test_client_follows_redirect(make_server):
         b = client(real, "r", s, "b")
         a.set_local(make_affiliate("a", 1))
         b.set_local(make_affiliate("b", 2))
-        a.start()
-        b.start()
-        try:
+        async with running(a, b):
             await a.wait_for(lambda t: "b" in t, 20)
             assert a.endpoint == f"127.0.0.1:{real.port}"
             async with Raw(front) as raw:
                 assert await raw.list("r") == {}
-        finally:
-            await a.close()
-            await b.close()
 
     run(main())
 
@@ -292,8 +277,7 @@ def test_client_retries_until_service_appears_and_republishes_after_restart(make
     async def main() -> None:
         a = DiscoveryClient(f"127.0.0.1:{port}", "b", s, "a", insecure=True, **FAST)
         a.set_local(make_affiliate("a", 1))
-        a.start()
-        try:
+        async with running(a):
             await eventually(lambda: a.failed_sessions >= 2, "two failed attempts")
             assert not a.connected
             first = await asyncio.to_thread(make_server, port)
@@ -313,8 +297,6 @@ def test_client_retries_until_service_appears_and_republishes_after_restart(make
                     await asyncio.sleep(0.05)
                 else:
                     raise AssertionError("client never republished after restart")
-        finally:
-            await a.close()
 
     run(main())
 
@@ -424,8 +406,7 @@ def test_metrics_endpoint(make_server):
         s = new_secret()
         a = client(server, "met", s, "a")
         a.set_local(make_affiliate("a", 1))
-        a.start()
-        try:
+        async with running(a):
             async with Raw(server) as raw:
                 for _ in range(200):
                     if "a" in await raw.list("met"):
@@ -435,15 +416,14 @@ def test_metrics_endpoint(make_server):
             text = await asyncio.to_thread(
                 lambda: urllib.request.urlopen(url, timeout=10).read().decode()
             )
-        finally:
-            await a.close()
-        assert "discovery_state_clusters 1" in text
-        assert "discovery_state_affiliates 1" in text
-        assert "discovery_state_endpoints 1" in text
-        assert "discovery_state_subscriptions 1" in text
-        assert "discovery_state_gc_runs_total" in text
-        assert 'discovery_server_requests_total{method="Hello",code="OK"}' in text
-        assert 'discovery_server_requests_total{method="AffiliateUpdate",code="OK"}' in text
+        got = samples(text)
+        assert got[key("discovery_state_clusters")] == 1
+        assert got[key("discovery_state_affiliates")] == 1
+        assert got[key("discovery_state_endpoints")] == 1
+        assert got[key("discovery_state_subscriptions")] == 1
+        assert key("discovery_state_gc_runs_total") in got
+        assert got[key("discovery_server_requests_total", method="Hello", code="OK")] >= 1
+        assert got[key("discovery_server_requests_total", method="AffiliateUpdate", code="OK")] >= 1
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/other", timeout=10)
             raise AssertionError("expected 404")
@@ -459,16 +439,11 @@ def test_updates_iterator_yields_current_set(server):
         a, b = client(server, "it", s, "a"), client(server, "it", s, "b")
         a.set_local(make_affiliate("a", 1))
         b.set_local(make_affiliate("b", 2))
-        a.start()
-        b.start()
-        try:
+        async with running(a, b):
             async for table in a.updates():
                 if "b" in table:
                     assert table["b"] == make_affiliate("b", 2)
                     break
-        finally:
-            await a.close()
-            await b.close()
 
     run(main())
 

@@ -19,9 +19,8 @@ from kubespan_dp import _fastpath as fp
 from kubespan_dp.crypto import AEAD, AuthenticationError
 from kubespan_dp.padding import pad_plaintext
 from kubespan_dp.replay import ReplayWindow
+from tests.kubespan_dp.replaymodel import REJECT_AFTER_MESSAGES, WINDOW, ReplayModel
 
-REJECT_AFTER_MESSAGES = 2**64 - 2**13 - 1
-WINDOW = 8128
 MTU = 1420
 
 
@@ -100,7 +99,7 @@ def test_each_opens_the_others_messages() -> None:
         batch.add_plaintext(p)
     a.seal_batch(batch, MTU)
     assert b.open_batch(batch) == len(packets)
-    assert [m[: len(p)] for m, p in zip(batch.packets(), packets)] == packets
+    assert [m[: len(p)] for m, p in zip(batch.packets(), packets, strict=True)] == packets
 
 
 def _tampered(message: bytes) -> list[tuple[bytes, set[int]]]:
@@ -213,23 +212,6 @@ def test_aeadkey_single_payloads_match_reference() -> None:
             AEAD(key).open(98, sealed)
 
 
-class WindowModel:
-    """The replay rule stated as sets: accept once, never further back than 8128."""
-
-    def __init__(self) -> None:
-        self.seen: set[int] = set()
-        self.last = 0
-
-    def update(self, c: int) -> bool:
-        if c >= REJECT_AFTER_MESSAGES or c in self.seen:
-            return False
-        if c <= self.last and self.last - c > WINDOW:
-            return False
-        self.seen.add(c)
-        self.last = max(self.last, c)
-        return True
-
-
 @settings(max_examples=300, deadline=None)
 @given(
     st.lists(
@@ -241,7 +223,7 @@ class WindowModel:
 )
 def test_replay_window_matches_model(counters: list[int]) -> None:
     _, b, _, _ = _pair()
-    model, python_window = WindowModel(), ReplayWindow()
+    model, python_window = ReplayModel(), ReplayWindow()
     for c in counters:
         expect = model.update(c)
         assert b.replay_check(c) == expect == python_window.check(c)
