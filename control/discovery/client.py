@@ -238,8 +238,12 @@ class DiscoveryClient:
         """Yield the current affiliate set now and after each change (coalesced if slow)."""
         seen = -1
         while True:
+
+            def changed(seen: int = seen) -> bool:
+                return self.version != seen
+
             async with self._changed:
-                await self._changed.wait_for(lambda: self.version != seen)
+                await self._changed.wait_for(changed)
                 seen = self.version
             yield dict(self.affiliates)
 
@@ -256,7 +260,9 @@ class DiscoveryClient:
     # -- session ----------------------------------------------------------------------
 
     def _channel(self) -> grpc.aio.Channel:
-        options = [("grpc.keepalive_time_ms", int(max(10.0, self.ttl / 10) * 1000))]
+        options: list[tuple[str, str | int]] = [
+            ("grpc.keepalive_time_ms", int(max(10.0, self.ttl / 10) * 1000))
+        ]
         if not self._tls:
             return grpc.aio.insecure_channel(self._target, options=options)
         if self._tls_server_name:

@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv6Address, ip_address
 from pathlib import Path
@@ -208,7 +208,9 @@ class _ClusterService(pbg.ClusterServicer):
 
         return await self._unary("List", request, context, handle)
 
-    async def Watch(self, request: pb.WatchRequest, context: grpc.aio.ServicerContext):  # type: ignore[override]
+    async def Watch(
+        self, request: pb.WatchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchResponse]:
         code = grpc.StatusCode.OK
         wake = asyncio.Event()
         sub = None
@@ -357,10 +359,13 @@ class DiscoveryServer:
         await server.start()
         self._server, self.port = server, bound
         if o.metrics_port is not None:
-            self._metrics_server = await metrics.serve_metrics(
+            metrics_server = await metrics.serve_metrics(
                 o.metrics_host, o.metrics_port, lambda: metrics.render(self.state, self.requests)
             )
-            self.metrics_port = self._metrics_server.sockets[0].getsockname()[1]
+            # serve_metrics is annotated AbstractServer, but it is asyncio.start_server's Server
+            assert isinstance(metrics_server, asyncio.Server)
+            self._metrics_server = metrics_server
+            self.metrics_port = metrics_server.sockets[0].getsockname()[1]
         self._tasks = [asyncio.create_task(self._gc_loop())]
         if o.snapshot_path:
             self._tasks.append(asyncio.create_task(self._snapshot_loop()))
