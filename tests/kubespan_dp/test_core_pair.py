@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from ipaddress import ip_network
 
 from kubespan_dp import messages
@@ -79,7 +80,7 @@ def test_rekey_after_120s_without_loss() -> None:
     # a is the initiator of every rekey: roughly every 120 s.
     assert len(installed) == 4
     assert all(e.is_initiator for e in installed)
-    gaps = [b.created - a.created for a, b in zip(installed, installed[1:])]
+    gaps = [b.created - a.created for a, b in itertools.pairwise(installed)]
     assert all(120 < g < 123 for g in gaps), gaps
     assert any(isinstance(e, KeypairRetired) for e in p.a.events)
     assert not p.a.core.dropped and not p.b.core.dropped
@@ -111,7 +112,7 @@ def test_retransmit_every_5s_and_give_up() -> None:
     times = [t for t, d, _ in p.a.sent if messages.message_type(d) == messages.INITIATION]
     # wireguard-go: the first try plus MAX_TIMER_HANDSHAKES + 1 retries, then give up.
     assert len(times) == 20
-    gaps = [b - a for a, b in zip(times, times[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert all(5.0 <= g < 5.0 + REKEY_TIMEOUT_JITTER_MAX_MS / 1000 for g in gaps), gaps
     assert len(set(round(g, 3) for g in gaps)) > 1  # jitter applied
     assert 90 < times[-1] < 102
@@ -156,7 +157,7 @@ def test_persistent_keepalive_switched_on_sends_at_once() -> None:
     p = Pair()
     p.handshake()
     p.now = 3.0
-    p.a.core.set_peer(p.b.core.public_key, p.now, persistent_keepalive=7)
+    p.a.core.set_peer(p.b.public_key, p.now, persistent_keepalive=7)
     assert p.a.core.next_deadline() == 3.0
     out = p.a.core.on_timer(p.now)
     assert [len(d) for d, _ in out.datagrams] == [32]
@@ -257,6 +258,7 @@ def test_config_validation_changes_nothing() -> None:
         with pytest.raises(ValueError):
             core.set_peer(bytes(32), 0.0, **kwargs)
     assert core.peers == {}
+    assert core.public_key is not None
     with pytest.raises(ValueError):
         core.set_peer(core.public_key, 0.0)
     with pytest.raises(ValueError):
@@ -276,7 +278,7 @@ def test_private_key_change_renegotiates() -> None:
     new_key = bytes(random.Random(5).randbytes(32))
     p.b.core.set_private_key(new_key, p.now)
     p.a.core.set_peer(
-        p.b.core.public_key, p.now, endpoint=p.b.addr, allowed_ips=[ip_network("192.168.0.2/32")]
+        p.b.public_key, p.now, endpoint=p.b.addr, allowed_ips=[ip_network("192.168.0.2/32")]
     )
     p.now = 1.0
     p.send(p.a, ipv4_packet(A_IP, B_IP, b"after key change"))
@@ -290,8 +292,10 @@ def test_secrets_stay_out_of_reprs() -> None:
     p.handshake()
     peer = p.peer_of(p.a)
     kp = peer.keypairs.current
+    private_key = p.a.core.private_key
+    assert kp is not None and private_key is not None
     text = " ".join(repr(x) for x in (peer, peer.handshake, kp, p.a.events))
-    for secret in (psk, kp.send_key, kp.receive_key, p.a.core.private_key):
+    for secret in (psk, kp.send_key, kp.receive_key, private_key):
         assert secret.hex() not in text and repr(secret) not in text
 
 

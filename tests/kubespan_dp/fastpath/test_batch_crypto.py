@@ -100,7 +100,7 @@ def test_each_opens_the_others_messages() -> None:
         batch.add_plaintext(p)
     a.seal_batch(batch, MTU)
     assert b.open_batch(batch) == len(packets)
-    assert [m[: len(p)] for m, p in zip(batch.packets(), packets)] == packets
+    assert [m[: len(p)] for m, p in zip(batch.packets(), packets, strict=True)] == packets
 
 
 def _tampered(message: bytes) -> list[tuple[bytes, set[int]]]:
@@ -183,7 +183,7 @@ def test_bad_constructor_and_batch_input() -> None:
     with pytest.raises(ValueError):
         fp.Keypair(b"short", os.urandom(32), 1, 2)
     with pytest.raises(ValueError):
-        fp.Keypair(os.urandom(32), "not bytes", 1, 2)
+        fp.Keypair(os.urandom(32), "not bytes", 1, 2)  # type: ignore[arg-type]  # on purpose
     batch = fp.PacketBatch(1, 2048)
     with pytest.raises(ValueError):
         batch.add_plaintext(b"x" * 2048)
