@@ -231,6 +231,7 @@ def main() -> int:
         stdout=subprocess.PIPE,
         text=True,
     )
+    assert server.stdout is not None
     try:
         line = server.stdout.readline()
         m = re.search(r":(\d+)$", line.strip())

@@ -51,7 +51,7 @@ def run_scenario(key: str, repeats: int, duration: float, logdir: Path) -> dict:
         lab.veth(ns_a, ns_b, OUTER_A + "/24", OUTER_B + "/24")
         eps: list[Endpoint] = []
         target = OUTER_B
-        if impl_a:
+        if impl_a is not None and impl_b is not None:
             eps = [
                 start(lab, impl_a, ns_a, INNER_A, logdir),
                 start(lab, impl_b, ns_b, INNER_B, logdir),
@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     logdir = args.out / f"logs-{stamp}"
     logdir.mkdir()
-    results = {
+    scenarios: dict[str, dict] = {}
+    results: dict[str, object] = {
         "timestamp": stamp,
         "machine": {"cpus": os.cpu_count(), "kernel": platform.release()},
         "config": {
@@ -131,11 +132,11 @@ def main(argv: list[str] | None = None) -> int:
             "duration_s": args.duration,
             "udp_full_payload": UDP_FULL_PAYLOAD,
         },
-        "scenarios": {},
+        "scenarios": scenarios,
     }
     for k in keys:
         progress(f"{k}) {SCENARIOS[k][0]}: starting")
-        results["scenarios"][k] = run_scenario(k, args.repeats, args.duration, logdir)
+        scenarios[k] = run_scenario(k, args.repeats, args.duration, logdir)
     results["ratios_to_b"] = report.ratios(results)
     print(report.table(results))
     jpath = args.out / f"bench-{stamp}.json"
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     png = args.out / f"bench-{stamp}.png"
     drew = report.chart(results, png)
     print(f"JSON: {jpath}" + (f"\nchart: {png}" if drew else "\nchart: matplotlib missing"))
-    return 0 if all(s["status"] != "failed" for s in results["scenarios"].values()) else 1
+    return 0 if all(s["status"] != "failed" for s in scenarios.values()) else 1
 
 
 if __name__ == "__main__":

@@ -30,14 +30,14 @@ def daemon_command(impl: str, ifname: str) -> list[str]:
             raise Unavailable("wireguard-go not installed")
         return [exe, "-f", ifname]
     if impl == "ours":
-        exe = REPO / ".venv" / "bin" / "kubespan-wg"
+        venv_exe = REPO / ".venv" / "bin" / "kubespan-wg"
         try:
             import kubespan_dp.cli  # noqa: F401
             import kubespan_dp.device  # noqa: F401
         except Exception as e:  # noqa: BLE001 - any import failure means "not there"
             raise Unavailable(f"our daemon is not importable: {e}") from None
-        if exe.exists():
-            return [str(exe), "-f", ifname]
+        if venv_exe.exists():
+            return [str(venv_exe), "-f", ifname]
         return [sys.executable, "-m", "kubespan_dp.cli", "-f", ifname]
     raise ValueError(impl)
 
@@ -88,7 +88,7 @@ def configure_pair(a: Endpoint, b: Endpoint, outer_a: str, outer_b: str) -> None
         priv = run("wg", "genkey").stdout.strip()
         pub = run("wg", "pubkey", input=priv + b"\n").stdout.strip()
         keys[ep.ifname] = (priv, pub)
-    for me, other, my_outer, their_outer in ((a, b, outer_a, outer_b), (b, a, outer_b, outer_a)):
+    for me, other, their_outer in ((a, b, outer_b), (b, a, outer_a)):
         priv, _ = keys[me.ifname]
         _, their_pub = keys[other.ifname]
         run(

@@ -159,19 +159,20 @@ class Agent:
             )
         self.identity = load_or_create_kubespan_identity(state_dir, cfg.cluster_id, mac)
         self.node_id = load_or_create_node_id(state_dir)
-        self.backend, self.backend_reason = await asyncio.to_thread(
+        backend, self.backend_reason = await asyncio.to_thread(
             select_backend, cfg.local.wireguard_mode
         )
+        self.backend = backend
         log.info(
             "node %s: KubeSpan address %s, WireGuard %s (%s)",
             self.node_id,
             self.identity.address.ip,
-            self.backend.mode,
+            backend.mode,
             self.backend_reason,
         )
         try:
             await asyncio.to_thread(
-                self.backend.up,
+                backend.up,
                 self.link,
                 self.identity.private_key,
                 cfg.local.listen_port,
@@ -180,7 +181,7 @@ class Agent:
             )
             await asyncio.to_thread(set_link_address, self.link, self.identity.link_address)
         except (BackendError, LinkError, ValueError):
-            await asyncio.to_thread(self.backend.down)
+            await asyncio.to_thread(backend.down)
             self.backend = None
             raise
         endpoint, insecure = cfg.discovery_target()

@@ -172,7 +172,8 @@ async def query(link: str, rtype: str, watch: bool = False) -> AsyncIterator[lis
     except OSError as exc:
         sock.close()
         raise ConnectionError(
-            f"no KubeSpan agent answers for link {link!r} in this network namespace ({exc.strerror})"
+            f"no KubeSpan agent answers for link {link!r} in this network namespace "
+            f"({exc.strerror})"
         ) from None
     reader, writer = await asyncio.open_unix_connection(sock=sock)
     try:

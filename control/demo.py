@@ -118,7 +118,8 @@ def run_demo(cluster: LabCluster, args: argparse.Namespace) -> int:
             raise RuntimeError(f"ping {target} failed")
 
     step(
-        f"iperf3 {first.host.name} -> {second.host.name} for {args.iperf_seconds}s through the tunnel"
+        f"iperf3 {first.host.name} -> {second.host.name} "
+        f"for {args.iperf_seconds}s through the tunnel"
     )
     server = second.host.spawn("iperf3", "-s", "-1", "-B", str(second.host.address4))
     time.sleep(0.5)

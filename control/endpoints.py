@@ -16,7 +16,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from ipaddress import IPv4Address, IPv6Address, ip_address, ip_interface
+from ipaddress import (
+    IPv4Address,
+    IPv4Interface,
+    IPv6Address,
+    IPv6Interface,
+    ip_address,
+    ip_interface,
+)
 
 from control.affiliate import Address, Affiliate, IPAddress, IPNetwork, KubeSpanInfo
 from control.config import KUBESPAN_DEFAULT_PORT, MachineConfig, parse_subnet_or_address
@@ -30,10 +37,11 @@ _RT_SCOPE_LINK = 253
 
 
 def _as_ip(value: object) -> IPAddress:
+    # Interfaces first: IPv4Interface and IPv6Interface are subclasses of the address types.
+    if isinstance(value, (IPv4Interface, IPv6Interface)):
+        return value.ip
     if isinstance(value, (IPv4Address, IPv6Address)):
         return value
-    if hasattr(value, "ip"):  # IPv4Interface / IPv6Interface
-        return value.ip  # type: ignore[attr-defined]
     return ip_interface(str(value)).ip
 
 

@@ -1,4 +1,4 @@
-"""`kubespan gen config`: a new cluster's machine config, like `talosctl gen config --with-kubespan`.
+"""`kubespan gen config`: a new cluster's machine config, as `talosctl gen config --with-kubespan`.
 
 The output is a Talos-shaped v1alpha1 document (only the sections this project reads)
 with a random cluster id and secret (32 bytes each, base64), KubeSpan and discovery

@@ -196,9 +196,12 @@ class KubeSpanIdentity:
 def _parse_kubespan_identity(
     path: Path, data: dict, cluster_id: str, mac: str | bytes
 ) -> KubeSpanIdentity:
+    private_text, public_text = data.get("privateKey"), data.get("publicKey")
+    if not isinstance(private_text, str) or not isinstance(public_text, str):
+        raise IdentityError(f"{path}: privateKey/publicKey: missing or not a string")
     try:
-        private = keys.decode_key(data.get("privateKey"))
-        public = keys.decode_key(data.get("publicKey"))
+        private = keys.decode_key(private_text)
+        public = keys.decode_key(public_text)
     except keys.KeyError_ as exc:
         raise IdentityError(f"{path}: privateKey/publicKey: {exc}") from None
     if keys.public_key(private) != public:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address, ip_address, summarize_address_range
+from ipaddress import IPv4Address, IPv6Address, summarize_address_range
 
 from control.affiliate import Address, Affiliate, IPAddress, IPNetwork
 
@@ -155,7 +155,7 @@ def build_peer_specs(affiliates: Iterable[Affiliate], local_node_id: str) -> lis
         specs.append(
             PeerSpec(
                 public_key=ks.public_key,
-                address=ip_address(ks.address),
+                address=ks.address,
                 allowed_ips=tuple(ipset.prefixes()),
                 endpoints=tuple(ks.endpoints),
                 label=label,

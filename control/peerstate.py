@@ -35,7 +35,7 @@ ENDPOINT_CONNECTION_TIMEOUT = 15.0
 RECONCILE_INTERVAL = 30.0  # the agent also reconciles on every event
 
 
-class PeerStateName(str, enum.Enum):
+class PeerStateName(enum.StrEnum):
     UNKNOWN = "unknown"
     UP = "up"
     DOWN = "down"

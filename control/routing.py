@@ -26,6 +26,7 @@ import subprocess
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
+from typing import TypeVar
 
 from pyroute2 import IPRoute
 
@@ -68,9 +69,12 @@ def is_kubespan_ula(net: IPNetwork) -> bool:
     return raw[0] == 0xFD and raw[7] == 0x02 and net.prefixlen >= 64
 
 
+_PeerKey = TypeVar("_PeerKey")
+
+
 def routed_prefixes(
-    allowed_ips: Mapping[object, Iterable[IPNetwork]],
-    states: Mapping[object, str],
+    allowed_ips: Mapping[_PeerKey, Iterable[IPNetwork]],
+    states: Mapping[_PeerKey, str],
     allow_down_peer_bypass: bool,
 ) -> list[IPNetwork]:
     """The prefixes to steer into KubeSpan, collapsed, IPv4 first.
@@ -150,9 +154,11 @@ def build_ruleset(prefixes: Iterable[object], mtu: int) -> str:
         "\t\ttype route hook output priority filter; policy accept;",
         f"\t\t{own}",
         '\t\toifname "lo" accept',
-        f"\t\tip daddr @{SET_V4} {syn} tcp option maxseg size > {mss4} tcp option maxseg size set {mss4}",
+        f"\t\tip daddr @{SET_V4} {syn} tcp option maxseg size > {mss4} "
+        f"tcp option maxseg size set {mss4}",
         f"\t\tip daddr @{SET_V4} {set_mark}",
-        f"\t\tip6 daddr @{SET_V6} {syn} tcp option maxseg size > {mss6} tcp option maxseg size set {mss6}",
+        f"\t\tip6 daddr @{SET_V6} {syn} tcp option maxseg size > {mss6} "
+        f"tcp option maxseg size set {mss6}",
         f"\t\tip6 daddr @{SET_V6} {set_mark}",
         "\t}",
         "}",

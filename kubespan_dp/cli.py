@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import sys
+from typing import TextIO
 
 from .tun import Tun, valid_ifname
 from .uapisock import listen, socket_identity, socket_path
@@ -71,9 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _setup_logging(ifname: str, stream: object) -> None:
+def _setup_logging(ifname: str, stream: TextIO) -> None:
     level = LEVELS.get(os.environ.get("LOG_LEVEL", "info").lower(), logging.INFO)
-    handler = logging.StreamHandler(stream)  # type: ignore[arg-type]
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(
         logging.Formatter(f"%(asctime)s {ifname} %(levelname)s: %(message)s", "%Y-%m-%d %H:%M:%S")
     )

@@ -56,6 +56,7 @@ class Demo:
             "bob": (core(), ("198.51.100.2", 51820), "10.99.0.2"),
         }
         (a, _a_addr, a_ip), (b, b_addr, b_ip) = self.nodes["alice"], self.nodes["bob"]
+        assert a.public_key is not None and b.public_key is not None  # both have a private key
         a.set_peer(b.public_key, 0.0, endpoint=b_addr, allowed_ips=[ip_network(b_ip + "/32")])
         b.set_peer(a.public_key, 0.0, allowed_ips=[ip_network(a_ip + "/32")])
         self.wire: list[tuple[str, bytes, tuple[str, int]]] = []

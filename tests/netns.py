@@ -308,10 +308,10 @@ class Lab:
 
     def __init__(self) -> None:
         require_facilities()
-        self._cleanups: list[Callable[[], None]] = []
+        self._cleanups: list[Callable[[], object]] = []
         self.errors: list[str] = []
 
-    def defer(self, fn: Callable[[], None]) -> None:
+    def defer(self, fn: Callable[[], object]) -> None:
         self._cleanups.append(fn)
 
     def netns(self, prefix: str = "ks") -> Netns:

@@ -26,7 +26,7 @@ def pytest_terminal_summary(terminalreporter) -> None:
     if not MEDIANS:
         return
     tr = terminalreporter
-    tr.section("fast path vs plain EVP loop (batch of %d x %d B)" % (BATCH, SIZE))
+    tr.section(f"fast path vs plain EVP loop (batch of {BATCH} x {SIZE} B)")
     for label, ours, base in PAIRS:
         if ours in MEDIANS and base in MEDIANS:
             gbps_ours = BATCH * SIZE * 8 / MEDIANS[ours] / 1e9

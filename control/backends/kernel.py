@@ -322,11 +322,18 @@ def _validate_peers(peers: Sequence[PeerConfig]) -> dict[bytes, PeerConfig]:
 def _check_endpoint(endpoint: object, what: str) -> Address | None:
     if endpoint is None:
         return None
+    bad = InvalidConfig(f"{what}: endpoint must be (ip, port), got {endpoint!r}")
+    if (
+        not isinstance(endpoint, Sequence)
+        or isinstance(endpoint, (str, bytes))
+        or len(endpoint) != 2
+    ):
+        raise bad
+    host, port = endpoint
     try:
-        host, port = endpoint  # type: ignore[misc]
         ip = ipaddress.ip_address(host)
     except (TypeError, ValueError):
-        raise InvalidConfig(f"{what}: endpoint must be (ip, port), got {endpoint!r}") from None
+        raise bad from None
     _check_int(port, 1, 0xFFFF, f"{what} endpoint port")
     return (str(ip), port)
 

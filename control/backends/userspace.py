@@ -227,7 +227,8 @@ class UserspaceBackend:
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._running() else None
+        proc = self._proc
+        return proc.pid if proc is not None and proc.poll() is None else None
 
     # -- process supervision ----------------------------------------------------
 

@@ -252,7 +252,9 @@ class DiscoveryClient:
     # -- session ----------------------------------------------------------------------
 
     def _channel(self) -> grpc.aio.Channel:
-        options = [("grpc.keepalive_time_ms", int(max(10.0, self.ttl / 10) * 1000))]
+        options: list[tuple[str, str | int]] = [
+            ("grpc.keepalive_time_ms", int(max(10.0, self.ttl / 10) * 1000))
+        ]
         if not self._tls:
             return grpc.aio.insecure_channel(self._target, options=options)
         if self._tls_server_name:

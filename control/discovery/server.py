@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv6Address, ip_address
 from pathlib import Path
@@ -209,7 +209,9 @@ class _ClusterService(pbg.ClusterServicer):
 
         return await self._unary("List", request, context, handle)
 
-    async def Watch(self, request: pb.WatchRequest, context: grpc.aio.ServicerContext):  # type: ignore[override]
+    async def Watch(
+        self, request: pb.WatchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchResponse]:
         code = grpc.StatusCode.OK
         wake = asyncio.Event()
         sub = None

@@ -19,6 +19,7 @@ Rules (from Sidero's discovery-service, with one difference noted below):
 
 from __future__ import annotations
 
+import builtins
 import collections
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,7 +45,10 @@ class Limits:
 
 
 class LimitError(Exception):
-    """A request the service refuses. ``exhausted`` selects ResourceExhausted over InvalidArgument."""
+    """A request the service refuses.
+
+    ``exhausted`` selects the ResourceExhausted status over InvalidArgument.
+    """
 
     def __init__(self, message: str, exhausted: bool = False) -> None:
         super().__init__(message)
@@ -243,7 +247,7 @@ class State:
 
     def subscribe(
         self, cluster_id: str, wakeup: Callable[[], None]
-    ) -> tuple[list[AffiliateView], Subscription]:
+    ) -> tuple[builtins.list[AffiliateView], Subscription]:  # `list` is the method above
         """The current snapshot plus a subscription to every later change, atomically."""
         self.check_cluster_id(cluster_id)
         if self.subscriptions_count() >= self.limits.subscriptions_max:

@@ -5,17 +5,19 @@ from __future__ import annotations
 import asyncio
 import secrets
 import socket
+from collections.abc import Coroutine
+from typing import Any
 
 import pytest
 
 from control.api import ApiServer, ResourceStore, query, socket_address
 
 
-def run(coro):  # type: ignore[no-untyped-def]
-    return asyncio.run(asyncio.wait_for(coro, 30))
+def run(coro: Coroutine[Any, Any, None]) -> None:
+    asyncio.run(asyncio.wait_for(coro, 30))
 
 
-async def collect(link: str, rtype: str) -> list:
+async def collect(link: str, rtype: str) -> list[list[dict[str, Any]]]:
     return [records async for records in query(link, rtype)]
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 from ipaddress import ip_network
 from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from control.config import ConfigError, MachineConfig, load_config, normalize_endpoint
 
@@ -46,7 +49,7 @@ def base(kubespan: str = "enabled: true", discovery: str = "enabled: true", extr
     )
 
 
-def problems(*sources: str) -> list[tuple[str, str]]:
+def problems(*sources: str | os.PathLike[str]) -> list[tuple[str, str]]:
     with pytest.raises(ConfigError) as info:
         load_config(*sources)
     return info.value.problems
@@ -131,7 +134,10 @@ def test_samples_are_all_there() -> None:
 
 
 def test_guide_spelling_of_endpoints_kind_is_accepted() -> None:
-    doc = "---\napiVersion: v1alpha1\nkind: KubespanEndpointsConfig\nextraAnnouncedEndpoints: ['[2001:db8::1]:51820']\n"
+    doc = (
+        "---\napiVersion: v1alpha1\nkind: KubespanEndpointsConfig\n"
+        "extraAnnouncedEndpoints: ['[2001:db8::1]:51820']\n"
+    )
     cfg = load_config(base() + doc)
     assert cfg.kubespan.extra_announced_endpoints == (("2001:db8::1", 51820),)
 
@@ -224,8 +230,15 @@ def test_kubespan_with_service_registry_disabled() -> None:
 
 
 def test_malformed_filter_cidr_and_extra_endpoint() -> None:
-    ks = "enabled: true\nfilters:\n  endpoints: ['0.0.0.0/0', '!300.1.0.0/16', 'nope']\n  excludeAdvertisedNetworks: ['10.0.0.0/33', '10.0.0.1']"
-    eps = "---\napiVersion: v1alpha1\nkind: KubeSpanEndpointsConfig\nextraAnnouncedEndpoints: ['1.2.3.4', '1.2.3.4:0', '::1:80', '[1.2.3.4]:5', '1.2.3.4:51820']\n"
+    ks = (
+        "enabled: true\nfilters:\n  endpoints: ['0.0.0.0/0', '!300.1.0.0/16', 'nope']\n"
+        "  excludeAdvertisedNetworks: ['10.0.0.0/33', '10.0.0.1']"
+    )
+    eps = (
+        "---\napiVersion: v1alpha1\nkind: KubeSpanEndpointsConfig\n"
+        "extraAnnouncedEndpoints:"
+        " ['1.2.3.4', '1.2.3.4:0', '::1:80', '[1.2.3.4]:5', '1.2.3.4:51820']\n"
+    )
     got = problems(base(ks) + eps)
     paths = [p for p, _ in got]
     assert paths == [
@@ -282,7 +295,10 @@ def test_unknown_keys_in_owned_sections() -> None:
 
 
 def test_wrong_types() -> None:
-    ks = "enabled: 'yes'\nmtu: '1420'\nfilters: {endpoints: '0.0.0.0/0', excludeAdvertisedNetworks: [1]}"
+    ks = (
+        "enabled: 'yes'\nmtu: '1420'\n"
+        "filters: {endpoints: '0.0.0.0/0', excludeAdvertisedNetworks: [1]}"
+    )
     disc = "enabled: true\nregistries: {service: []}"
     got = problems(base(ks, disc).replace(f"secret: {SECRET}", "secret: 12"))
     assert sorted(got) == sorted(
@@ -375,9 +391,6 @@ def test_kubespan_disabled_without_discovery_is_valid() -> None:
 
 
 # --- arbitrary input never escapes as anything but ConfigError --------------------------------
-
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st
 
 _scalars = st.one_of(
     st.none(),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ipaddress import ip_address, ip_network
+from ipaddress import ip_address, ip_interface, ip_network
 from pathlib import Path
 
 import pytest
@@ -105,12 +105,10 @@ podCIDRs: [10.244.1.0/24]
     off = load_config(
         text.replace("advertiseKubernetesNetworks: true", "advertiseKubernetesNetworks: false")
     )
-    assert (
-        local_affiliate(
-            node_id="n1", hostname="h", addresses=[], config=off, identity=identity
-        ).kubespan.additional_addresses
-        == ()
-    )
+    no_advertising = local_affiliate(
+        node_id="n1", hostname="h", addresses=[], config=off, identity=identity
+    ).kubespan
+    assert no_advertising is not None and no_advertising.additional_addresses == ()
     assert (
         local_affiliate(
             node_id="n1", hostname="h", addresses=[], config=cfg, identity=None
@@ -144,6 +142,11 @@ def test_sidero_link_and_unusable_addresses_dropped() -> None:
         exclude_networks=[ip_network("10.244.0.0/16")],
     )
     assert addrs == [ip_address("10.0.0.1")]
+    # interface objects count as their address (they subclass the address types)
+    assert node_addresses([ip_interface("10.0.0.1/24"), ip_interface("2001:db8::1/64")]) == [
+        ip_address("10.0.0.1"),
+        ip_address("2001:db8::1"),
+    ]
     sidero = ip_address("fdae:41e4:649b:9303:60be:7e36:c270:3238")
     assert announced_endpoints([sidero, ip_address("10.0.0.1")], kubespan_address=None) == [
         ("10.0.0.1", 51820)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from ipaddress import IPv6Address
 
 import pytest
@@ -98,10 +99,10 @@ def test_two_servers_in_one_process_serve_their_own_values_on_metrics_only(host:
     counts = {"one": 1, "two": 2}
 
     async def main() -> None:
-        servers = {
-            name: MetricsServer(lambda n=name: [GaugeMetricFamily("x", "x", value=counts[n])])
-            for name in counts
-        }
+        def families(name: str) -> Callable[[], list[GaugeMetricFamily]]:
+            return lambda: [GaugeMetricFamily("x", "x", value=counts[name])]
+
+        servers = {name: MetricsServer(families(name)) for name in counts}
         ports = {name: await s.start(host, 0) for name, s in servers.items()}
         base = {
             name: f"http://[{host}]:{p}" if ":" in host else f"http://{host}:{p}"

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import logging
-from ipaddress import ip_address, ip_network
+from ipaddress import IPv6Address, ip_address, ip_network
 
 import pytest
 
-from control.affiliate import Affiliate, KubeSpanInfo
-from control.peerspec import IPSet, build_peer_specs
+from control.affiliate import Affiliate, IPNetwork, KubeSpanInfo
+from control.peerspec import IPSet, PeerSpec, build_peer_specs
 
 
-def net(text: str):
+def net(text: str) -> IPNetwork:
     return ip_network(text, strict=False)
 
 
-def prefixes(spec) -> list[str]:
+def prefixes(spec: PeerSpec) -> list[str]:
     return [str(p) for p in spec.allowed_ips]
+
+
+def key_of(affiliate: Affiliate) -> str:
+    assert affiliate.kubespan is not None
+    return affiliate.kubespan.public_key
 
 
 # Talos controllers/kubespan/peer_spec_test.go TestReconcile
@@ -28,7 +33,7 @@ A1 = Affiliate(
     addresses=(ip_address("192.168.3.4"),),
     kubespan=KubeSpanInfo(
         "PLPNBddmTgHJhtw0vxltq1ZBdPP9RNOEUd5JjJZzBRY=",
-        ip_address("fd50:8d60:4238:6302:f857:23ff:fe21:d1e0"),
+        IPv6Address("fd50:8d60:4238:6302:f857:23ff:fe21:d1e0"),
         (net("10.244.3.1/24"), net("10.244.3.0/32")),
         (("10.0.0.2", 51820), ("192.168.3.4", 51820)),
         (net("10.244.3.128/25"),),
@@ -46,7 +51,7 @@ A3 = Affiliate(
     addresses=(ip_address("192.168.3.6"),),
     kubespan=KubeSpanInfo(
         "mB6WlFOR66Jx5rtPMIpxJ3s4XHyer9NCzqWPP7idGRo",
-        ip_address("fdc8:8aee:4e2d:1202:f073:9cff:fe6c:4d67"),
+        IPv6Address("fdc8:8aee:4e2d:1202:f073:9cff:fe6c:4d67"),
         (net("10.244.4.1/24"),),
         (("192.168.3.6", 51820),),
     ),
@@ -56,7 +61,7 @@ LOCAL = Affiliate(
     addresses=(ip_address("192.168.3.7"),),
     kubespan=KubeSpanInfo(
         "27E8I+ekrqT21cq2iW6+fDe+H7WBw6q9J7vqLCeswiM=",
-        ip_address("fdc8:8aee:4e2d:1202:f073:9cff:fe6c:4d67"),
+        IPv6Address("fdc8:8aee:4e2d:1202:f073:9cff:fe6c:4d67"),
         (net("10.244.5.1/24"),),
         (("192.168.3.7", 51820),),
     ),
@@ -65,7 +70,7 @@ LOCAL = Affiliate(
 
 def test_talos_reconcile_vector() -> None:
     specs = build_peer_specs([LOCAL, A3, A2, A1], local_node_id="local-node")
-    assert [s.public_key for s in specs] == [A1.kubespan.public_key, A3.kubespan.public_key]
+    assert [s.public_key for s in specs] == [key_of(A1), key_of(A3)]
     s1, s3 = specs
     assert str(s1.address) == "fd50:8d60:4238:6302:f857:23ff:fe21:d1e0"
     assert prefixes(s1) == [
@@ -89,7 +94,7 @@ def test_talos_overlap_vector(caplog: pytest.LogCaptureFixture) -> None:
         nodename="bar",
         kubespan=KubeSpanInfo(
             "PLPNBddmTgHJhtw0vxltq1ZBdPP9RNOEUd5JjJZzBRY=",
-            ip_address("fd50:8d60:4238:6302:f857:23ff:fe21:d1e0"),
+            IPv6Address("fd50:8d60:4238:6302:f857:23ff:fe21:d1e0"),
             (net("10.244.3.1/24"), net("10.244.3.0/32")),
         ),
     )
@@ -98,7 +103,7 @@ def test_talos_overlap_vector(caplog: pytest.LogCaptureFixture) -> None:
         nodename="worker-1",
         kubespan=KubeSpanInfo(
             "Zr5ewpUm2Ywo1c+/59WFKIBjZ3c/nVbIWsT5elbjwCU=",
-            ip_address("fd50:8d60:4238:6302:f857:23ff:fe21:d1e1"),
+            IPv6Address("fd50:8d60:4238:6302:f857:23ff:fe21:d1e1"),
             (net("10.244.2.0/23"), net("192.168.3.0/24")),
         ),
     )
@@ -110,7 +115,7 @@ def test_talos_overlap_vector(caplog: pytest.LogCaptureFixture) -> None:
         "192.168.3.0/24",
         "fd50:8d60:4238:6302:f857:23ff:fe21:d1e1/128",
     ]
-    assert "peer address overlap" in caplog.text and b2.kubespan.public_key in caplog.text
+    assert "peer address overlap" in caplog.text and key_of(b2) in caplog.text
 
 
 def test_without_overlap_no_warning(caplog: pytest.LogCaptureFixture) -> None:
@@ -120,7 +125,7 @@ def test_without_overlap_no_warning(caplog: pytest.LogCaptureFixture) -> None:
 
 
 def test_overlap_removing_everything_warns(caplog: pytest.LogCaptureFixture) -> None:
-    k = ip_address("fd00::1")
+    k = IPv6Address("fd00::1")
     first = Affiliate("a", kubespan=KubeSpanInfo("KA", k, (net("10.0.0.0/8"),)))
     second = Affiliate("b", addresses=(ip_address("10.1.1.1"),), kubespan=KubeSpanInfo("KB", k))
     with caplog.at_level(logging.WARNING, logger="control.peerspec"):
@@ -130,7 +135,7 @@ def test_overlap_removing_everything_warns(caplog: pytest.LogCaptureFixture) -> 
 
 
 def test_duplicate_public_key_keeps_first(caplog: pytest.LogCaptureFixture) -> None:
-    dup = Affiliate("zzz", kubespan=KubeSpanInfo(A1.kubespan.public_key, ip_address("fd00::9")))
+    dup = Affiliate("zzz", kubespan=KubeSpanInfo(key_of(A1), IPv6Address("fd00::9")))
     with caplog.at_level(logging.WARNING, logger="control.peerspec"):
         specs = build_peer_specs([dup, A1], local_node_id="x")
     assert len(specs) == 1 and specs[0].label == "bar"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from ipaddress import ip_address, ip_network
+from ipaddress import IPv6Address, ip_network
 from pathlib import Path
 
 import pytest
@@ -28,7 +28,7 @@ from control.records import (
 KEY = "mB6WlFOR66Jx5rtPMIpxJ3s4XHyer9NCzqWPP7idGRo="
 SPEC = PeerSpec(
     KEY,
-    ip_address("fd00::1"),
+    IPv6Address("fd00::1"),
     (ip_network("10.244.4.0/24"), ip_network("fd00::1/128")),
     (("192.168.3.6", 51820), ("2001:db8::6", 51820)),
     "worker-2",

@@ -190,6 +190,7 @@ def _syn_mss(ns: nx.Netns, dst: str) -> int:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
+    assert dump.stderr is not None
     try:
         # tcpdump prints "listening on" to stderr once the capture is live
         for _ in range(5):

@@ -119,14 +119,14 @@ def test_full_mesh_and_traffic_goes_through_the_tunnel(cluster: LabCluster, coun
         assert {d["spec"]["label"] for d in specs} == labels - {node.host.name}
     # Counters refresh every reconcile: wait for one after the handshakes.
     for node in nodes:
-        wait_until(
-            lambda: all(
+
+        def counting(node: Node = node) -> bool:
+            return all(
                 s["state"] == "up" and s["receiveBytes"] > 0 and s["transmitBytes"] > 0
                 for s in statuses(cluster, node).values()
-            ),
-            30,
-            f"rx/tx on {node.host.name}",
-        )
+            )
+
+        wait_until(counting, 30, f"rx/tx on {node.host.name}")
 
     first, second = nodes[0], nodes[1]
     targets = [
@@ -233,19 +233,21 @@ def test_dead_node_goes_down_bypass_or_no_leak_and_comes_back(cluster: LabCluste
     cluster.stop_agent(victim, kill=True)  # no goodbye: as a crash or power loss
     # Talos's rule: down once no handshake for 275 s (and the endpoint is older than that).
     for node in (bypass, strict):
-        wait_until(
-            lambda: statuses(cluster, node)["node3"]["state"] == "down",
-            420,
-            f"node3 down on {node.host.name}",
-            interval=5,
-        )
+
+        def victim_down(node: Node = node) -> bool:
+            return statuses(cluster, node)["node3"]["state"] == "down"
+
+        wait_until(victim_down, 420, f"node3 down on {node.host.name}", interval=5)
 
     # The victim's underlay address still answers pings (its namespace is alive, only
     # KubeSpan is dead): with bypass the traffic takes the plain route, without it the
     # traffic stays in the (dead) tunnel and never leaves in plaintext.
     # Echo requests/replies only: the victim's kernel also answers the tunnel's
     # handshake attempts with ICMP port-unreachable, which is not leaked traffic.
-    echo = f"host {victim_address} and (icmp[icmptype] == icmp-echo or icmp[icmptype] == icmp-echoreply)"
+    echo = (
+        f"host {victim_address} and "
+        "(icmp[icmptype] == icmp-echo or icmp[icmptype] == icmp-echoreply)"
+    )
     cap = Capture(bypass.host, echo)
     assert ping(bypass.host, victim_address)
     assert cap.stop(), "with allowDownPeerBypass the traffic should bypass the tunnel"
@@ -255,11 +257,11 @@ def test_dead_node_goes_down_bypass_or_no_leak_and_comes_back(cluster: LabCluste
 
     cluster.start_agent(victim)
     for node in (bypass, strict):
-        wait_until(
-            lambda: statuses(cluster, node)["node3"]["state"] == "up",
-            90,
-            f"node3 up again on {node.host.name}",
-        )
+
+        def victim_up(node: Node = node) -> bool:
+            return statuses(cluster, node)["node3"]["state"] == "up"
+
+        wait_until(victim_up, 90, f"node3 up again on {node.host.name}")
     assert cluster.get(victim, "kubespanidentities")[0]["spec"]["publicKey"] == victim_key
     assert ping(strict.host, victim_address)
 

@@ -70,6 +70,7 @@ def test_cookie_reply_must_answer_our_last_mac1() -> None:
             0.0,
         )
     )
+    assert isinstance(reply_to_other, messages.CookieReply)
     assert not gen.consume_reply(reply_to_other.nonce, reply_to_other.cookie, 0.0)  # no mac1 yet
     gen.add_macs(_initiation(), 0.0)
     assert not gen.consume_reply(reply_to_other.nonce, reply_to_other.cookie, 0.0)

@@ -162,7 +162,7 @@ def test_persistent_keepalive_switched_on_sends_at_once() -> None:
     p = Pair()
     p.handshake()
     p.now = 3.0
-    p.a.core.set_peer(p.b.core.public_key, p.now, persistent_keepalive=7)
+    p.a.core.set_peer(p.b.public_key, p.now, persistent_keepalive=7)
     assert p.a.core.next_deadline() == 3.0
     out = p.a.core.on_timer(p.now)
     assert [len(d) for d, _ in out.datagrams] == [32]
@@ -261,6 +261,7 @@ def test_config_validation_changes_nothing() -> None:
         with pytest.raises(ValueError):
             core.set_peer(bytes(32), 0.0, **kwargs)
     assert core.peers == {}
+    assert core.public_key is not None
     with pytest.raises(ValueError):
         core.set_peer(core.public_key, 0.0)
     with pytest.raises(ValueError):
@@ -280,7 +281,7 @@ def test_private_key_change_renegotiates() -> None:
     new_key = bytes(random.Random(5).randbytes(32))
     p.b.core.set_private_key(new_key, p.now)
     p.a.core.set_peer(
-        p.b.core.public_key, p.now, endpoint=p.b.addr, allowed_ips=[ip_network("192.168.0.2/32")]
+        p.b.public_key, p.now, endpoint=p.b.addr, allowed_ips=[ip_network("192.168.0.2/32")]
     )
     p.now = 1.0
     p.send(p.a, ipv4_packet(A_IP, B_IP, b"after key change"))
@@ -294,8 +295,10 @@ def test_secrets_stay_out_of_reprs() -> None:
     p.handshake()
     peer = p.peer_of(p.a)
     kp = peer.keypairs.current
+    private_key = p.a.core.private_key
+    assert kp is not None and private_key is not None
     text = " ".join(repr(x) for x in (peer, peer.handshake, kp, p.a.events))
-    for secret in (psk, kp.send_key, kp.receive_key, p.a.core.private_key):
+    for secret in (psk, kp.send_key, kp.receive_key, private_key):
         assert secret.hex() not in text and repr(secret) not in text
 
 
@@ -332,19 +335,19 @@ def _initiation(p: Pair) -> tuple[bytes, tuple[str, int]]:
 
 def _corrupt_static(p: Pair) -> WireGuardCore:
     data, source = _initiation(p)
-    p.b.core.receive_datagram(_flipped(data, INIT_STATIC, p.b.core.public_key), source, p.now)
+    p.b.core.receive_datagram(_flipped(data, INIT_STATIC, p.b.public_key), source, p.now)
     return p.b.core
 
 
 def _corrupt_timestamp(p: Pair) -> WireGuardCore:
     data, source = _initiation(p)
-    p.b.core.receive_datagram(_flipped(data, INIT_TIMESTAMP, p.b.core.public_key), source, p.now)
+    p.b.core.receive_datagram(_flipped(data, INIT_TIMESTAMP, p.b.public_key), source, p.now)
     return p.b.core
 
 
 def _unknown_peer(p: Pair) -> WireGuardCore:
     data, source = _initiation(p)
-    p.b.core.remove_peer(p.a.core.public_key)
+    p.b.core.remove_peer(p.a.public_key)
     p.b.core.receive_datagram(data, source, p.now)
     return p.b.core
 
@@ -370,7 +373,7 @@ def _corrupt_response(p: Pair) -> WireGuardCore:
     p.absorb(p.b, p.b.core.receive_datagram(data, source, p.now))
     response, source, _ = p.wire.pop()
     assert messages.message_type(response) == messages.RESPONSE
-    p.a.core.receive_datagram(_flipped(response, RESP_EMPTY, p.a.core.public_key), source, p.now)
+    p.a.core.receive_datagram(_flipped(response, RESP_EMPTY, p.a.public_key), source, p.now)
     return p.a.core
 
 
@@ -408,4 +411,5 @@ def test_every_timer_has_a_handler() -> None:
     for timer in Timer:
         setattr(peer.timers, timer.value, p.now)
         p.a.core.on_timer(p.now)  # a timer without a handler would raise KeyError
-        assert peer.timers.deadline(timer) is None or peer.timers.deadline(timer) > p.now
+        deadline = peer.timers.deadline(timer)
+        assert deadline is None or deadline > p.now

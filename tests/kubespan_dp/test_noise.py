@@ -72,6 +72,12 @@ def _handshakes() -> tuple[noise.Handshake, noise.Handshake]:
     return hi, hr
 
 
+def _decode_initiation(wire: bytes) -> messages.Initiation:
+    decoded = messages.decode(wire)
+    assert isinstance(decoded, messages.Initiation)
+    return decoded
+
+
 def test_fixed_key_wireguard_initiation_roundtrip() -> None:
     hi, hr = _handshakes()
     msg = noise.create_initiation(hi, WG_INIT_PRIV, WG_EPHEMERAL, WG_TIMESTAMP, WG_SENDER)
@@ -119,9 +125,9 @@ def test_replayed_initiation_and_wrong_psk_rejected() -> None:
     hi, hr = _handshakes()
     wire = noise.create_initiation(hi, WG_INIT_PRIV, WG_EPHEMERAL, WG_TIMESTAMP, 1).encode()
     lookup = lambda pk: (None, hr)  # noqa: E731
-    noise.consume_initiation(messages.decode(wire), WG_RESP_PRIV, lookup, 0.0).commit()
+    noise.consume_initiation(_decode_initiation(wire), WG_RESP_PRIV, lookup, 0.0).commit()
     with pytest.raises(noise.HandshakeError, match="replay") as err:
-        noise.consume_initiation(messages.decode(wire), WG_RESP_PRIV, lookup, 100.0)
+        noise.consume_initiation(_decode_initiation(wire), WG_RESP_PRIV, lookup, 100.0)
     assert err.value.reason is noise.Reason.REPLAY
     # A newer timestamp within 20 ms of the last consumption is a flood.
     hi2, _ = _handshakes()
@@ -129,16 +135,16 @@ def test_replayed_initiation_and_wrong_psk_rejected() -> None:
         hi2, WG_INIT_PRIV, WG_EPHEMERAL, crypto.tai64n(1_700_000_001.0), 2
     ).encode()
     with pytest.raises(noise.HandshakeError, match="flood") as err:
-        noise.consume_initiation(messages.decode(newer), WG_RESP_PRIV, lookup, 0.01)
+        noise.consume_initiation(_decode_initiation(newer), WG_RESP_PRIV, lookup, 0.01)
     assert err.value.reason is noise.Reason.FLOOD
-    noise.consume_initiation(messages.decode(newer), WG_RESP_PRIV, lookup, 0.5)
+    noise.consume_initiation(_decode_initiation(newer), WG_RESP_PRIV, lookup, 0.5)
 
     # Different PSKs: the response does not authenticate.
     hi, hr = _handshakes()
     hr.preshared_key = bytes(32)
     wire = noise.create_initiation(hi, WG_INIT_PRIV, WG_EPHEMERAL, WG_TIMESTAMP, 3).encode()
     noise.consume_initiation(
-        messages.decode(wire), WG_RESP_PRIV, lambda pk: (None, hr), 0.0
+        _decode_initiation(wire), WG_RESP_PRIV, lambda pk: (None, hr), 0.0
     ).commit()
     resp = noise.create_response(hr, crypto.clamp(bytes(range(9, 41))), 4)
     before = (hi.ck, hi.h, hi.state)
@@ -152,11 +158,11 @@ def test_initiation_from_unknown_key_rejected() -> None:
     hi, _ = _handshakes()
     wire = noise.create_initiation(hi, WG_INIT_PRIV, WG_EPHEMERAL, WG_TIMESTAMP, 1).encode()
     with pytest.raises(noise.HandshakeError, match="unknown") as err:
-        noise.consume_initiation(messages.decode(wire), WG_RESP_PRIV, lambda pk: None, 0.0)
+        noise.consume_initiation(_decode_initiation(wire), WG_RESP_PRIV, lambda pk: None, 0.0)
     assert err.value.reason is noise.Reason.UNKNOWN_PEER
     # Encrypted to someone else's static key: the static field does not decrypt.
     with pytest.raises(noise.HandshakeError) as err:
-        noise.consume_initiation(messages.decode(wire), WG_INIT_PRIV, lambda pk: None, 0.0)
+        noise.consume_initiation(_decode_initiation(wire), WG_INIT_PRIV, lambda pk: None, 0.0)
     assert err.value.reason is noise.Reason.INVALID_INITIATION
 
 

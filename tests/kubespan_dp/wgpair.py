@@ -9,6 +9,7 @@ from ipaddress import ip_address, ip_network
 
 from kubespan_dp import crypto, messages
 from kubespan_dp.core import Output, WireGuardCore
+from kubespan_dp.peer import Peer
 
 WALL_EPOCH = 1_700_000_000.0
 
@@ -48,6 +49,12 @@ class Node:
     sent: list[tuple[float, bytes, tuple[str, int]]] = field(default_factory=list)
     events: list[object] = field(default_factory=list)
 
+    @property
+    def public_key(self) -> bytes:
+        key = self.core.public_key
+        assert key is not None  # every node is made with a private key
+        return key
+
 
 class Pair:
     """Node a (initiator by convention) and node b; datagrams go through `wire`."""
@@ -58,14 +65,14 @@ class Pair:
         self.a = self._node("a", rng, ("10.0.0.1", 51820), "192.168.0.1")
         self.b = self._node("b", rng, ("10.0.0.2", 51820), "fd00::2")
         self.a.core.set_peer(
-            self.b.core.public_key,
+            self.b.public_key,
             self.now,
             preshared_key=psk,
             endpoint=self.b.addr,
             allowed_ips=[ip_network("fd00::2/128"), ip_network("192.168.0.2/32")],
         )
         self.b.core.set_peer(
-            self.a.core.public_key,
+            self.a.public_key,
             self.now,
             preshared_key=psk,
             persistent_keepalive=keepalive_b,
@@ -126,9 +133,9 @@ class Pair:
         self.send(self.a, ipv4_packet("192.168.0.1", "192.168.0.2", b"first"))
         self.deliver()
 
-    def peer_of(self, node: Node):
+    def peer_of(self, node: Node) -> Peer:
         other = self.b if node is self.a else self.a
-        return node.core.peers[other.core.public_key]
+        return node.core.peers[other.public_key]
 
 
 def kinds(datagrams: list[tuple[float, bytes, tuple[str, int]]]) -> list[int]:

@@ -8,6 +8,7 @@ the same netlink API) cross-checks what the backend reports.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import logging
 import os
 import time
@@ -176,7 +177,7 @@ def test_many_peers_dump_is_merged(lab: nx.Lab) -> None:
         {p.get_attr("WGPEER_A_PUBLIC_KEY") for p in m.get_attr("WGDEVICE_A_PEERS") or ()}
         for m in messages
     ]
-    assert any(x & y for x, y in zip(keys_per_message, keys_per_message[1:]))
+    assert any(x & y for x, y in itertools.pairwise(keys_per_message))
     got = a.backend.device_peers()
     assert got == {p.public_key: p for p in wanted}
     assert len(a.backend.peer_states()) == 61

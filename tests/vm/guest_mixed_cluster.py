@@ -62,7 +62,7 @@ def test_mixed_cluster_kernel_and_userspace(cluster: LabCluster) -> None:
 
     picked = [cluster.get(n, "kubespanidentities")[0]["spec"]["wireguardMode"] for n in nodes]
     assert picked == ["kernel", "kernel", "userspace"]
-    for node, mode in zip(nodes, picked):
+    for node, mode in zip(nodes, picked, strict=True):
         details = node.host.run("ip", "-d", "link", "show", node.link).stdout
         assert ("wireguard" in details) == (mode == "kernel"), details
         assert ("tun" in details) == (mode == "userspace"), details

@@ -115,7 +115,8 @@ def guest_script(pytest_args: list[str]) -> str:
         # (userspace WireGuard nodes in the VM need it); the rest autoloads.
         "modprobe tun || echo '[vm] modprobe tun failed'; "
         f"cd {shlex.quote(str(REPO))}; "
-        f"export KUBESPAN_IN_VM=1 PYTHONDONTWRITEBYTECODE=1 PATH={shlex.quote(str(VENV_BIN))}:$PATH; "
+        "export KUBESPAN_IN_VM=1 PYTHONDONTWRITEBYTECODE=1 "
+        f"PATH={shlex.quote(str(VENV_BIN))}:$PATH; "
         f"{shlex.quote(str(VENV_BIN / 'python'))} -m pytest -p no:cacheprovider {args}; "
         f"echo {RC_MARK}$?"
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import ip_network as N
 
@@ -20,7 +21,7 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
 )
 
-from control.backends import BackendError, PeerConfig, WireGuardBackend
+from control.backends import BackendError, IPNetwork, PeerConfig, WireGuardBackend
 from control.backends.uapi_client import UAPIClient, socket_path
 from control.backends.userspace import UserspaceBackend, default_daemon_argv
 from tests import netns as nx
@@ -53,7 +54,7 @@ class Node:
 
 
 @pytest.fixture(params=sorted(DAEMONS))
-def pair(request, lab: nx.Lab) -> tuple[Node, Node]:
+def pair(request: pytest.FixtureRequest, lab: nx.Lab) -> tuple[Node, Node]:
     argv = DAEMONS[request.param]
     nss = [lab.netns("ua"), lab.netns("ub")]
     veths = lab.veth(nss[0], nss[1])
@@ -68,10 +69,16 @@ def pair(request, lab: nx.Lab) -> tuple[Node, Node]:
         priv, pub = keypair()
         port = 51820 + i
         backend.up(link, priv, port, 0x20, 1420)
-        nx.LEDGER.pids.add(backend.pid)
+        nx.LEDGER.pids.add(running_pid(backend))
         nx.add_address(ns, link, f"{nx.INNER4[i]}/24")
         nodes.append(Node(ns, backend, link, priv, pub, port, nx.OUTER4[i], nx.INNER4[i]))
     return nodes[0], nodes[1]
+
+
+def running_pid(backend: UserspaceBackend) -> int:
+    pid = backend.pid
+    assert pid is not None, "the daemon is not running"
+    return pid
 
 
 def same_instant(x: float | None, y: float | None) -> bool:
@@ -80,7 +87,9 @@ def same_instant(x: float | None, y: float | None) -> bool:
     return x is not None and y is not None and abs(x - y) < 0.05
 
 
-def peer_of(node: Node, endpoint: bool = True, extra=(), keepalive: int = 0) -> PeerConfig:
+def peer_of(
+    node: Node, endpoint: bool = True, extra: Iterable[IPNetwork] = (), keepalive: int = 0
+) -> PeerConfig:
     return PeerConfig(
         node.public,
         PSK,
@@ -91,14 +100,14 @@ def peer_of(node: Node, endpoint: bool = True, extra=(), keepalive: int = 0) -> 
 
 
 @pytest.mark.netns
-def test_protocol_conformance(pair) -> None:
+def test_protocol_conformance(pair: tuple[Node, Node]) -> None:
     a, _ = pair
     assert isinstance(a.backend, WireGuardBackend)
     assert a.backend.mode == "userspace"
 
 
 @pytest.mark.netns
-def test_handshake_then_diff_keeps_sessions(pair) -> None:
+def test_handshake_then_diff_keeps_sessions(pair: tuple[Node, Node]) -> None:
     a, b = pair
     t0 = time.time()
     a.backend.apply_peers([peer_of(b)])
@@ -149,7 +158,7 @@ def test_handshake_then_diff_keeps_sessions(pair) -> None:
 
 
 @pytest.mark.netns
-def test_unchanged_apply_sends_nothing(pair) -> None:
+def test_unchanged_apply_sends_nothing(pair: tuple[Node, Node]) -> None:
     a, b = pair
     a.backend.apply_peers([peer_of(b)])
     # drop the peer behind the backend's back: an identical apply must not re-send it
@@ -159,19 +168,19 @@ def test_unchanged_apply_sends_nothing(pair) -> None:
 
 
 @pytest.mark.netns
-def test_bad_input_changes_nothing(pair) -> None:
+def test_bad_input_changes_nothing(pair: tuple[Node, Node]) -> None:
     a, b = pair
     a.backend.apply_peers([peer_of(b)])
     before = a.ns.run("wg", "showconf", a.link).stdout
     good = peer_of(b)
-    bad = [
+    bad: list[list[object]] = [
         [PeerConfig(b"short", None, None, 0, ())],
         [good, good],  # duplicate key
         [PeerConfig(keypair()[1], b"x" * 31, None, 0, ())],
         [PeerConfig(keypair()[1], None, ("not-an-ip", 1), 0, ())],
         [PeerConfig(keypair()[1], None, ("192.0.2.1", 70000), 0, ())],
         [PeerConfig(keypair()[1], None, None, -1, ())],
-        [PeerConfig(keypair()[1], None, None, 0, ("10.0.0.0/8",))],  # str, not a network
+        [PeerConfig(keypair()[1], None, None, 0, ("10.0.0.0/8",))],  # type: ignore[arg-type]  # str
         ["nonsense"],
     ]
     for peers in bad:
@@ -187,7 +196,7 @@ def test_bad_input_changes_nothing(pair) -> None:
 
 
 @pytest.mark.netns
-def test_second_daemon_on_same_link_refused(pair, lab: nx.Lab) -> None:
+def test_second_daemon_on_same_link_refused(pair: tuple[Node, Node], lab: nx.Lab) -> None:
     a, b = pair
     intruder = UserspaceBackend(a.backend.daemon_argv, netns=b.ns.name)
     with pytest.raises(BackendError, match="already serves"):
@@ -196,16 +205,16 @@ def test_second_daemon_on_same_link_refused(pair, lab: nx.Lab) -> None:
 
 
 @pytest.mark.netns
-def test_crashed_daemon_is_restarted_with_config(pair) -> None:
+def test_crashed_daemon_is_restarted_with_config(pair: tuple[Node, Node]) -> None:
     a, b = pair
     a.backend.apply_peers([peer_of(b)])
     b.backend.apply_peers([peer_of(a)])
     nx.ping(a.ns, b.inner, count=1)
-    old_pid = a.backend.pid
+    old_pid = running_pid(a.backend)
     os.kill(old_pid, signal.SIGKILL)
     nx.wait_until(lambda: a.backend.pid is None, timeout=10, what="daemon death noticed")
     states = a.backend.peer_states()  # restarts and re-applies everything
-    nx.LEDGER.pids.add(a.backend.pid)
+    nx.LEDGER.pids.add(running_pid(a.backend))
     assert a.backend.restarts == 1 and a.backend.pid != old_pid
     assert set(states) == {b.public}
     nx.add_address(a.ns, a.link, f"{a.inner}/24")  # the new TUN link has no address yet
@@ -215,7 +224,7 @@ def test_crashed_daemon_is_restarted_with_config(pair) -> None:
 
 
 @pytest.mark.netns
-def test_down_leaves_nothing(pair) -> None:
+def test_down_leaves_nothing(pair: tuple[Node, Node]) -> None:
     a, b = pair
     a.backend.apply_peers([peer_of(b)])
     pid = a.backend.pid
@@ -233,7 +242,9 @@ def test_down_leaves_nothing(pair) -> None:
 
 
 @pytest.mark.netns
-def test_uapi_errors_and_no_keys_in_logs(pair, caplog) -> None:
+def test_uapi_errors_and_no_keys_in_logs(
+    pair: tuple[Node, Node], caplog: pytest.LogCaptureFixture
+) -> None:
     import base64
     import logging
 
@@ -254,7 +265,7 @@ def test_uapi_errors_and_no_keys_in_logs(pair, caplog) -> None:
 
 
 @pytest.mark.netns
-def test_ipv6_outer_endpoint(pair) -> None:
+def test_ipv6_outer_endpoint(pair: tuple[Node, Node]) -> None:
     a, b = pair
     v6 = PeerConfig(b.public, PSK, (nx.OUTER6[1], b.port), 0, (N(f"{b.inner}/32"),))
     a.backend.apply_peers([v6])

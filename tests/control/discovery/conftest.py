@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 
-from control.affiliate import Affiliate, KubeSpanInfo
+from control.affiliate import Address, Affiliate, KubeSpanInfo
 from control.discovery.proto import cluster_pb2 as pb
 from control.discovery.proto import cluster_pb2_grpc as pbg
 from control.discovery.server import DiscoveryServer
@@ -40,6 +40,11 @@ async def eventually(predicate: Callable[[], bool], what: str, timeout: float = 
 
 def new_secret() -> str:
     return base64.b64encode(os.urandom(32)).decode()
+
+
+def endpoints_of(affiliate: Affiliate) -> tuple[Address, ...]:
+    assert affiliate.kubespan is not None, f"{affiliate.node_id} has no KubeSpan part"
+    return affiliate.kubespan.endpoints
 
 
 def make_affiliate(name: str, n: int = 1, endpoints: tuple = ()) -> Affiliate:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 
 import grpc
 import pytest
@@ -143,7 +144,8 @@ def test_endpoint_overflow_of_existing_affiliate_changes_nothing(seeded):
             await raw.stub.AffiliateUpdate(
                 _update(cluster="c2", aid="a", endpoints=eps), timeout=10
             )
-            # One more distinct endpoint overflows, and the new data in the same request is refused too.
+            # One more distinct endpoint overflows, and the new data in the same request is
+            # refused too.
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await raw.stub.AffiliateUpdate(
                     _update(cluster="c", aid="a", data=b"new", endpoints=eps + [b"Z" * 16]),
@@ -194,10 +196,13 @@ def test_cluster_count_cap(make_server):
     run(main())
 
 
-def _raw_call(server, method: str, payload: bytes):
-    async def main():
+def _raw_call(server, method: str, payload: bytes) -> Coroutine[None, None, bytes]:
+    async def main() -> bytes:
         async with grpc.aio.insecure_channel(target(server)) as ch:
-            call = ch.unary_unary(f"/sidero.discovery.server.Cluster/{method}")
+            # no (de)serializers: raw bytes both ways
+            call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = ch.unary_unary(
+                f"/sidero.discovery.server.Cluster/{method}"
+            )
             return await call(payload, timeout=10)
 
     return main()

@@ -16,18 +16,23 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from control.affiliate import Affiliate
 from control.discovery.cipher import AffiliateCipher, secret_key
 from control.discovery.client import Backoff, DiscoveryClient
 from control.discovery.codec import encode_affiliate, encode_endpoint
 from tests.promtext import key, samples
 
-from .conftest import Raw, eventually, make_affiliate, new_secret, run, target
+from .conftest import Raw, endpoints_of, eventually, make_affiliate, new_secret, run, target
 
-FAST = dict(backoff=Backoff(initial=0.05, maximum=0.5))
+
+def fast() -> Backoff:
+    """A short reconnect backoff; one per client (a Backoff keeps state)."""
+    return Backoff(initial=0.05, maximum=0.5)
 
 
 def client(server, cluster: str, secret: str, name: str, **kw) -> DiscoveryClient:
-    return DiscoveryClient(target(server), cluster, secret, name, insecure=True, **{**FAST, **kw})
+    kw.setdefault("backoff", fast())
+    return DiscoveryClient(target(server), cluster, secret, name, insecure=True, **kw)
 
 
 @contextlib.asynccontextmanager
@@ -55,7 +60,13 @@ def test_two_clusters_each_sees_the_others_decrypted_not_itself_not_the_other_cl
             for members in (names_x, names_y):
                 for n in members:
                     want = {m: expected[m] for m in members if m != n}
-                    got = await clients[n].wait_for(lambda t, want=want: t == want, 20)
+
+                    def all_others(
+                        t: dict[str, Affiliate], want: dict[str, Affiliate] = want
+                    ) -> bool:
+                        return t == want
+
+                    got = await clients[n].wait_for(all_others, 20)
                     assert got == want  # decrypted and decoded field by field
                     assert n not in got
             assert clients["a"].public_ip == IPv4Address("127.0.0.1")
@@ -84,10 +95,10 @@ def test_updates_and_deletions_arrive_through_watch(server):
                 lambda t: t.get("a") is not None and t["a"].hostname == "a-renamed", 20
             )
             # Endpoints merge on the service: the old one stays until it expires.
-            assert set(got["a"].kubespan.endpoints) == {("10.5.0.1", 51820), ("192.0.2.7", 51820)}
+            assert set(endpoints_of(got["a"])) == {("10.5.0.1", 51820), ("192.0.2.7", 51820)}
             # a reports an endpoint it saw working for b (harvesting): merged into b.
             a.set_local(moved, other_endpoints={"b": [("198.51.100.2", 51820)]})
-            await c.wait_for(lambda t: ("198.51.100.2", 51820) in t["b"].kubespan.endpoints, 20)
+            await c.wait_for(lambda t: ("198.51.100.2", 51820) in endpoints_of(t["b"]), 20)
             # b leaves: deleted on the service, c sees it go.
             await b.close(leave=True)
             await c.wait_for(lambda t: set(t) == {"a"}, 20)
@@ -111,15 +122,15 @@ def test_affiliate_expires_after_ttl_and_watchers_see_it_deleted(server):
                 await raw.update("t", "short", data=None, endpoints=[ep_old], ttl=1.0)
                 await raw.update("t", "short", data=data, endpoints=[ep_new], ttl=3.0)
                 got = await watcher.wait_for(lambda t: "short" in t, 10)
-                assert set(got["short"].kubespan.endpoints) == {
+                assert set(endpoints_of(got["short"])) == {
                     ("10.5.0.3", 51820),
                     ("10.5.0.33", 51820),
                 }
                 # Per-endpoint expiry: the 1 s endpoint goes first, the affiliate stays.
                 got = await watcher.wait_for(
-                    lambda t: "short" in t and len(t["short"].kubespan.endpoints) == 1, 10
+                    lambda t: "short" in t and len(endpoints_of(t["short"])) == 1, 10
                 )
-                assert got["short"].kubespan.endpoints == (("10.5.0.33", 51820),)
+                assert endpoints_of(got["short"]) == (("10.5.0.33", 51820),)
                 await watcher.wait_for(lambda t: "short" not in t, 10)
                 assert await raw.list("t") == {}
 
@@ -240,7 +251,7 @@ def test_malformed_affiliates_from_others_are_skipped(server):
             # The watch delivers in order and badep was written last: the malformed ones
             # before it have been seen (and skipped) by now.
             assert set(watcher.affiliates) == {"good", "badep"}
-            assert got["badep"].kubespan.endpoints == (("10.5.0.4", 51820),)
+            assert endpoints_of(got["badep"]) == (("10.5.0.4", 51820),)
 
     run(main())
 
@@ -275,7 +286,7 @@ def test_client_retries_until_service_appears_and_republishes_after_restart(make
     s = new_secret()
 
     async def main() -> None:
-        a = DiscoveryClient(f"127.0.0.1:{port}", "b", s, "a", insecure=True, **FAST)
+        a = DiscoveryClient(f"127.0.0.1:{port}", "b", s, "a", insecure=True, backoff=fast())
         a.set_local(make_affiliate("a", 1))
         async with running(a):
             await eventually(lambda: a.failed_sessions >= 2, "two failed attempts")
@@ -309,9 +320,9 @@ def test_affiliates_survive_a_stateless_service_restart_for_the_grace_period(mak
     async def main() -> None:
         first = await asyncio.to_thread(make_server, port)
         watcher = DiscoveryClient(
-            f"127.0.0.1:{port}", "g", s, "w", insecure=True, reconnect_grace=1.5, **FAST
+            f"127.0.0.1:{port}", "g", s, "w", insecure=True, reconnect_grace=1.5, backoff=fast()
         )
-        gone = DiscoveryClient(f"127.0.0.1:{port}", "g", s, "gone", insecure=True, **FAST)
+        gone = DiscoveryClient(f"127.0.0.1:{port}", "g", s, "gone", insecure=True, backoff=fast())
         gone.set_local(make_affiliate("gone", 1))
         watcher.start()
         gone.start()
@@ -377,12 +388,19 @@ def test_tls(make_server, tmp_path):
     async def main() -> None:
         s = new_secret()
         a = DiscoveryClient(
-            f"https://localhost:{server.port}/", "tls", s, "a", root_certificates=pem, **FAST
+            f"https://localhost:{server.port}/",
+            "tls",
+            s,
+            "a",
+            root_certificates=pem,
+            backoff=fast(),
         )
         b = DiscoveryClient(
-            f"127.0.0.1:{server.port}", "tls", s, "b", root_certificates=pem, **FAST
+            f"127.0.0.1:{server.port}", "tls", s, "b", root_certificates=pem, backoff=fast()
         )
-        plain = DiscoveryClient(f"127.0.0.1:{server.port}", "tls", s, "p", insecure=True, **FAST)
+        plain = DiscoveryClient(
+            f"127.0.0.1:{server.port}", "tls", s, "p", insecure=True, backoff=fast()
+        )
         a.set_local(make_affiliate("a", 1))
         b.set_local(make_affiliate("b", 2))
         for x in (a, b, plain):
@@ -451,7 +469,7 @@ def test_updates_iterator_yields_current_set(server):
 def test_close_with_leave_when_service_unreachable_does_not_raise():
     async def main() -> None:
         a = DiscoveryClient(
-            "127.0.0.1:1", "x", new_secret(), "a", insecure=True, rpc_timeout=0.5, **FAST
+            "127.0.0.1:1", "x", new_secret(), "a", insecure=True, rpc_timeout=0.5, backoff=fast()
         )
         a.set_local(make_affiliate("a", 1))
         a.start()

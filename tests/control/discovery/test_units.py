@@ -1,4 +1,7 @@
-"""Unit tests: cipher, codec, state rules with explicit time, rate limiter, snapshot file, proto freshness."""
+"""Unit tests of discovery.
+
+Cipher, codec, state rules with explicit time, rate limiter, snapshot file, proto freshness.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from control.discovery.ratelimit import IPRateLimiter
 from control.discovery.server import write_atomic
 from control.discovery.state import LimitError, Limits, State
 
-from .conftest import make_affiliate
+from .conftest import endpoints_of, make_affiliate
 
 
 def test_generated_modules_are_current():
@@ -67,7 +70,7 @@ def test_endpoint_sealing_is_deterministic_and_block_sized():
 
 def test_codec_round_trip_and_rejections():
     a = make_affiliate("n", 3, endpoints=(("10.0.0.3", 51820), ("2001:db8::3", 4000)))
-    assert decode_affiliate(encode_affiliate(a), list(a.kubespan.endpoints)) == a
+    assert decode_affiliate(encode_affiliate(a), list(endpoints_of(a))) == a
     bare = Affiliate(node_id="plain")
     assert decode_affiliate(encode_affiliate(bare)) == bare  # no KubeSpan, no control plane
     for blob in (b"\xff\xff", b"", b"\x12\x03abc" + b"\x0a\x01n"):  # garbage, no id, 3-byte IP

@@ -12,10 +12,12 @@ from __future__ import annotations
 import base64
 import os
 from ipaddress import IPv6Address, ip_address, ip_network
+from typing import Any
 
 import grpc
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from google.protobuf.message import Message
 
 from control.affiliate import Affiliate, KubeSpanInfo
 from control.discovery.client import DiscoveryClient
@@ -56,9 +58,10 @@ def f_bytes(field: int, value: bytes | str) -> bytes:
     return varint(field << 3 | 2) + varint(len(raw)) + raw
 
 
-def parse(buf: bytes) -> list[tuple[int, int, object]]:
+def parse(buf: bytes) -> list[tuple[int, int, int | bytes]]:
     """(field, wire type, value) in order; value is int for varints, bytes otherwise."""
-    out, i = [], 0
+    out: list[tuple[int, int, int | bytes]] = []
+    i = 0
 
     def read_varint() -> int:
         nonlocal i
@@ -85,8 +88,10 @@ def parse(buf: bytes) -> list[tuple[int, int, object]]:
     return out
 
 
-def fields(buf: bytes) -> dict[int, list[object]]:
-    d: dict[int, list[object]] = {}
+def fields(buf: bytes) -> dict[int, list[Any]]:
+    """Values by field number. Each is an int (varint) or bytes (length-delimited): the
+    tests know which from the field number, so they are typed Any, not int | bytes."""
+    d: dict[int, list[Any]] = {}
     for field, _, value in parse(buf):
         d.setdefault(field, []).append(value)
     return d
@@ -253,9 +258,17 @@ def test_affiliate_data_field_presence_is_on_the_wire():
     assert fields(empty.SerializeToString())[3] == [b""]
 
 
+async def read_bytes(stream: grpc.aio.UnaryStreamCall[bytes, bytes]) -> bytes:
+    message = await stream.read()
+    assert isinstance(message, bytes), message  # not grpc.aio.EOF
+    return message
+
+
 def test_hand_built_reference_client_interoperates_with_our_service_and_client(server):
     """A 'Talos' speaking raw bytes on the real gRPC paths, next to our DiscoveryClient."""
-    identity = lambda b: b  # noqa: E731  (raw bytes in, raw bytes out)
+
+    def identity(raw: bytes) -> bytes:  # raw bytes in, raw bytes out
+        return raw
 
     async def main() -> None:
         ours = DiscoveryClient(target(server), "wire", SECRET, "ours", insecure=True)
@@ -263,9 +276,12 @@ def test_hand_built_reference_client_interoperates_with_our_service_and_client(s
         ours.start()
         try:
             async with grpc.aio.insecure_channel(target(server)) as ch:
-                call = lambda m: ch.unary_unary(
-                    f"/sidero.discovery.server.Cluster/{m}", identity, identity
-                )  # noqa: E731
+
+                def call(method: str) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
+                    return ch.unary_unary(
+                        f"/sidero.discovery.server.Cluster/{method}", identity, identity
+                    )
+
                 hello = fields(
                     await call("Hello")(f_bytes(1, "wire") + f_bytes(2, "v1.9.0"), timeout=10)
                 )
@@ -298,13 +314,13 @@ def test_hand_built_reference_client_interoperates_with_our_service_and_client(s
                 stream = ch.unary_stream(
                     "/sidero.discovery.server.Cluster/Watch", identity, identity
                 )(f_bytes(1, "wire"))
-                snap = fields(await stream.read())
+                snap = fields(await read_bytes(stream))
                 assert sorted(fields(a)[1][0] for a in snap[1]) == [b"ours", b"talos-node"]
                 assert 2 not in snap  # deleted=false is omitted
                 await call("AffiliateDelete")(
                     f_bytes(1, "wire") + f_bytes(2, "talos-node"), timeout=10
                 )
-                gone = fields(await stream.read())
+                gone = fields(await read_bytes(stream))
                 assert gone[2] == [1] and fields(gone[1][0]) == {1: [b"talos-node"]}
                 stream.cancel()
                 await ours.wait_for(lambda t: "talos-node" not in t, 20)
@@ -347,7 +363,7 @@ def test_storage_snapshot_layout():
 
 def test_generated_python_classes_match_the_reference_field_numbers():
     """Our .proto field numbers, as seen through the generated descriptors."""
-    want = {
+    want: dict[type[Message], dict[str, int]] = {
         cpb.Affiliate: {
             "node_id": 1,
             "addresses": 2,

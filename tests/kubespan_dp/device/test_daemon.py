@@ -10,6 +10,7 @@ import socket
 import struct
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -105,9 +106,11 @@ def test_wg_quick_up_and_down(lab: netns.Lab) -> None:
         )
         conf.chmod(0o600)
         netns.LEDGER.sockets.add(netns.uapi_path(names[i]))
-        lab.defer(
-            lambda ns=ns, conf=conf: ns.run("wg-quick", "down", str(conf), check=False, env=env)
-        )
+
+        def down(ns: netns.Netns = ns, conf: Path = conf) -> None:
+            ns.run("wg-quick", "down", str(conf), check=False, env=env)
+
+        lab.defer(down)
         ns.run("wg-quick", "up", str(conf), env=env)
         netns.LEDGER.pids.update(ns.pids())
     netns.ping(na, INNER4[1])
@@ -118,8 +121,12 @@ def test_wg_quick_up_and_down(lab: netns.Lab) -> None:
     for i, ns in enumerate((na, nb)):
         pids = ns.pids()
         ns.run("wg-quick", "down", str(confdir / f"{names[i]}.conf"), env=env)
+
+        def exited(pids: list[int] = pids) -> bool:
+            return not any(netns._pid_alive(p) for p in pids)
+
         netns.wait_until(
-            lambda: not any(netns._pid_alive(p) for p in pids),
+            exited,
             timeout=10,
             what="daemon to exit after wg-quick down",
         )

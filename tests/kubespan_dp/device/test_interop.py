@@ -195,7 +195,8 @@ def build_nat(
         "-f",
         "-",
         input=(
-            "table ip nat {\n chain post {\n  type nat hook postrouting priority 100; policy accept;\n"
+            "table ip nat {\n chain post {\n"
+            "  type nat hook postrouting priority 100; policy accept;\n"
             f'  oifname "{r1}" masquerade\n }}\n}}\n'
         ),
     )

@@ -182,7 +182,7 @@ def test_bad_constructor_and_batch_input() -> None:
     with pytest.raises(ValueError):
         fp.Keypair(b"short", os.urandom(32), 1, 2)
     with pytest.raises(ValueError):
-        fp.Keypair(os.urandom(32), "not bytes", 1, 2)
+        fp.Keypair(os.urandom(32), "not bytes", 1, 2)  # type: ignore[arg-type]  # on purpose
     batch = fp.PacketBatch(1, 2048)
     with pytest.raises(ValueError):
         batch.add_plaintext(b"x" * 2048)

@@ -60,7 +60,7 @@ def test_transfer_both_ways_with_counters(lab: netns.Lab, kinds: tuple[str, str]
     a.ns.run("ping", "-c", "5", "-i", "0.2", INNER4[1])
 
     def balanced() -> bool:
-        d = [x - y for x, y in zip(counters(), before)]
+        d = [x - y for x, y in zip(counters(), before, strict=True)]
         return d[1] > 0 and d[1] == d[2] and d[3] == d[0]
 
     netns.wait_until(balanced, timeout=15, what="ping tx/rx deltas to match across the pair")

@@ -61,7 +61,7 @@ def test_rekey_after_120s_loses_no_packet(lab: netns.Lab) -> None:
         match = re.search(r"(\d+) packets transmitted, (\d+) received", out)
         assert match, out
         results.append((int(match.group(1)), int(match.group(2))))
-    for (a, b), before, (sent, received), kinds in zip(pairs, first, results, PAIRS):
+    for (a, b), before, (sent, received), kinds in zip(pairs, first, results, PAIRS, strict=True):
         after = latest_handshake(a, b)
         assert after - before >= REKEY_AFTER_TIME - 5, f"{kinds}: no rekey ({before} -> {after})"
         assert sent > OBSERVE * 4, (kinds, sent)
