@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from control.labcluster import LabCluster, NodeOptions, running_cluster
+from control.labcluster import LabCluster, NodeOptions
+from tests.cluster import running_cluster
 
 pytestmark = pytest.mark.netns
 REPO = Path(__file__).resolve().parents[2]

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from control import routing
-from control.labcluster import LabCluster, Node, NodeOptions, running_cluster
+from control.labcluster import LabCluster, Node, NodeOptions
 from control.netlab import Host
+from tests.cluster import running_cluster
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(900)]
 
@@ -62,7 +63,7 @@ def test_mixed_cluster_kernel_and_userspace(cluster: LabCluster) -> None:
 
     picked = [cluster.get(n, "kubespanidentities")[0]["spec"]["wireguardMode"] for n in nodes]
     assert picked == ["kernel", "kernel", "userspace"]
-    for node, mode in zip(nodes, picked):
+    for node, mode in zip(nodes, picked, strict=True):
         details = node.host.run("ip", "-d", "link", "show", node.link).stdout
         assert ("wireguard" in details) == (mode == "kernel"), details
         assert ("tun" in details) == (mode == "userspace"), details
