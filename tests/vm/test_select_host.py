@@ -7,6 +7,7 @@ import subprocess
 
 import pytest
 
+from control import netlab
 from control.backends.base import BackendError
 from control.backends.kernel import KernelBackend
 from control.backends.select import (
@@ -33,7 +34,7 @@ def host_without_module() -> None:
     )
 
 
-def all_links(ns: nx.Netns) -> str:
+def all_links(ns: netlab.Netns) -> str:
     root = subprocess.run(["ip", "-br", "link"], capture_output=True, text=True).stdout
     return root + ns.run("ip", "-br", "link").stdout
 
@@ -83,7 +84,7 @@ def test_unknown_mode_is_refused(mode: object) -> None:
 def test_kernel_backend_up_fails_cleanly_here(lab: nx.Lab) -> None:
     ns = lab.netns("ksel")
     backend = KernelBackend(netns=ns.name)
-    name = nx.unique_name("kswg", 8)
+    name = netlab.unique_name("kswg", 8)
     with pytest.raises(BackendError, match="cannot create wireguard link"):
         backend.up(name, generate_private_key(), 51820, 0x20, 1420)
     assert name not in ns.run("ip", "-br", "link").stdout
