@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import subprocess
 
 import pytest
@@ -13,6 +12,7 @@ from control.backends.select import PROBE_PREFIX, probe_kernel_wireguard, select
 from control.backends.userspace import UserspaceBackend
 from control.keys import generate_private_key
 from tests import netns as nx
+from tests.vm.selection import select_auto
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
 
@@ -30,13 +30,9 @@ def test_module_is_there() -> None:
 
 
 def test_auto_picks_kernel(lab: nx.Lab, caplog: pytest.LogCaptureFixture) -> None:
-    ns = lab.netns("ksel")
-    with caplog.at_level(logging.INFO, logger="control.backends.select"):
-        backend, reason = select_backend("auto", netns=ns.name)
-    assert isinstance(backend, KernelBackend) and backend.mode == "kernel"
-    assert backend.netns == ns.name
+    ns, backend, reason, logged = select_auto(lab, caplog, KernelBackend, "kernel")
     assert "kernel can create wireguard links" in reason
-    assert any("WireGuard backend: kernel" in r.getMessage() for r in caplog.records)
+    assert any("WireGuard backend: kernel" in m for m in logged)
     assert PROBE_PREFIX not in links(ns)
     # What was picked works.
     link = netlab.unique_name("kswg", 8)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import subprocess
 
 import pytest
@@ -20,6 +19,7 @@ from control.backends.select import (
 from control.backends.userspace import UserspaceBackend
 from control.keys import generate_private_key
 from tests import netns as nx
+from tests.vm.selection import select_auto
 
 pytestmark = pytest.mark.netns
 
@@ -54,14 +54,9 @@ def test_kernel_mode_fails_clearly_without_leftovers(lab: nx.Lab) -> None:
 
 
 def test_auto_falls_back_to_userspace(lab: nx.Lab, caplog: pytest.LogCaptureFixture) -> None:
-    ns = lab.netns("ksel")
-    with caplog.at_level(logging.INFO, logger="control.backends.select"):
-        backend, reason = select_backend("auto", netns=ns.name)
-    assert isinstance(backend, UserspaceBackend) and backend.mode == "userspace"
-    assert backend.netns == ns.name
+    ns, backend, reason, logged = select_auto(lab, caplog, UserspaceBackend, "userspace")
     assert reason.startswith("auto: kernel WireGuard unavailable")
     assert "not supported" in reason.lower()
-    logged = [r.getMessage() for r in caplog.records]
     assert any(
         m.startswith("WireGuard backend: userspace (auto: kernel WireGuard unavailable")
         for m in logged
