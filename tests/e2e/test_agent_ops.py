@@ -43,17 +43,19 @@ def test_get_formats_watch_metrics_json_logs_and_root_only_api(cluster: LabClust
             time.sleep(0.5)
     # Watch the peer specs of the first node before the second node exists.
     watch = subprocess.Popen(
-        first.host.cmd(
-            sys.executable,
-            "-m",
-            "control.cli",
-            "get",
-            "kubespanpeerspecs",
-            "--watch",
-            "-o",
-            "json",
-            "--link",
-            first.link,
+        first.host.ns.argv(
+            [
+                sys.executable,
+                "-m",
+                "control.cli",
+                "get",
+                "kubespanpeerspecs",
+                "--watch",
+                "-o",
+                "json",
+                "--link",
+                first.link,
+            ]
         ),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
