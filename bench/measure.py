@@ -9,7 +9,7 @@ import statistics
 import time
 from dataclasses import dataclass
 
-from bench.netns import Lab, run, wait_for
+from control.netlab import Netns, stop_processes, wait_until
 
 IPERF_PORT = 5201
 
@@ -23,27 +23,27 @@ class IperfResult:
 class IperfServer:
     """A long-lived iperf3 server in the receiving namespace."""
 
-    def __init__(self, lab: Lab, ns: str, addr: str) -> None:
-        self.lab, self.ns, self.addr = lab, ns, addr
-        self.proc = lab.spawn(["iperf3", "-s", "-B", addr, "-p", str(IPERF_PORT)], ns)
-        wait_for(self._listening, 10, "iperf3 server")
+    def __init__(self, ns: Netns, addr: str) -> None:
+        self.ns, self.addr = ns, addr
+        self.proc = ns.popen(["iperf3", "-s", "-B", addr, "-p", str(IPERF_PORT)])
+        wait_until(self._listening, 10, 0.05, "iperf3 server")
 
     def _listening(self) -> bool:
-        out = run("ss", "-Htln", f"sport = :{IPERF_PORT}", ns=self.ns, check=False).stdout
+        out = self.ns.run("ss", "-Htln", f"sport = :{IPERF_PORT}", check=False).stdout
         return bool(out.strip())
 
     def close(self) -> None:
-        self.lab.stop(self.proc)
+        stop_processes([self.proc])
 
 
-def _iperf(ns: str, server: str, args: list[str], duration: float) -> dict:
+def _iperf(ns: Netns, server: str, args: list[str], duration: float) -> dict:
     cmd = ["iperf3", "-c", server, "-p", str(IPERF_PORT), "-J", "-t", str(duration), *args]
     for attempt in range(3):
-        proc = run(*cmd, ns=ns, check=False, timeout=duration + 60)
+        proc = ns.run(*cmd, check=False, timeout=duration + 60)
         try:
             data = json.loads(proc.stdout)
         except json.JSONDecodeError:
-            data = {"error": proc.stderr.decode(errors="replace") or "no output"}
+            data = {"error": proc.stderr or "no output"}
         if "error" not in data:
             return data
         # "the server is busy" right after the previous run: give it a moment.
@@ -51,13 +51,13 @@ def _iperf(ns: str, server: str, args: list[str], duration: float) -> dict:
     raise RuntimeError(f"iperf3 failed: {data['error']}")
 
 
-def tcp(ns: str, server: str, duration: float, streams: int) -> IperfResult:
+def tcp(ns: Netns, server: str, duration: float, streams: int) -> IperfResult:
     data = _iperf(ns, server, ["-P", str(streams)], duration)
     recv = data["end"]["sum_received"]
     return IperfResult(recv["bits_per_second"], int(recv["bytes"]))
 
 
-def udp_pps(ns: str, server: str, duration: float, payload: int) -> IperfResult:
+def udp_pps(ns: Netns, server: str, duration: float, payload: int) -> IperfResult:
     """Unlimited-rate UDP flood; packets/s that arrived (lost ones excluded)."""
     data = _iperf(ns, server, ["-u", "-b", "0", "-l", str(payload)], duration)
     s = data["end"]["sum"]
@@ -65,13 +65,13 @@ def udp_pps(ns: str, server: str, duration: float, payload: int) -> IperfResult:
     return IperfResult(received / s["seconds"], received * payload)
 
 
-_RTT = re.compile(rb"time=([0-9.]+) ms")
+_RTT = re.compile(r"time=([0-9.]+) ms")
 
 
-def ping_rtt_ms(ns: str, addr: str, count: int = 40) -> float:
+def ping_rtt_ms(ns: Netns, addr: str, count: int = 40) -> float:
     """Median RTT of ``count`` pings 20 ms apart on an otherwise idle tunnel."""
-    out = run(
-        "ping", "-n", "-c", str(count), "-i", "0.02", addr, ns=ns, check=False, timeout=count + 30
+    out = ns.run(
+        "ping", "-n", "-c", str(count), "-i", "0.02", addr, check=False, timeout=count + 30
     ).stdout
     rtts = [float(m) for m in _RTT.findall(out)]
     if len(rtts) < count // 2:

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 from bench import measure, report
-from bench.netns import Lab
 from bench.wireguard import Endpoint, Unavailable, configure_pair, ping_ok, start
+from control.netlab import Lab, add_address
 
 RESULTS = Path(__file__).resolve().parent / "results"
 OUTER_A, OUTER_B = "192.168.241.1", "192.168.241.2"
@@ -44,11 +44,13 @@ def progress(msg: str) -> None:
 
 def run_scenario(key: str, repeats: int, duration: float, logdir: Path) -> dict:
     label, impl_a, impl_b = SCENARIOS[key]
-    lab = Lab()
+    lab = Lab("ksb")
     samples: dict[str, list[float]] = {m: [] for m in report.METRICS}
     try:
-        ns_a, ns_b = lab.namespace("ksba"), lab.namespace("ksbb")
-        lab.veth(ns_a, ns_b, OUTER_A + "/24", OUTER_B + "/24")
+        ns_a, ns_b = lab.netns("a"), lab.netns("b")
+        va, vb = lab.veth(ns_a, ns_b)
+        add_address(ns_a, va, OUTER_A + "/24")
+        add_address(ns_b, vb, OUTER_B + "/24")
         eps: list[Endpoint] = []
         target = OUTER_B
         if impl_a is not None and impl_b is not None:
@@ -62,7 +64,7 @@ def run_scenario(key: str, repeats: int, duration: float, logdir: Path) -> dict:
         while not ping_ok(ns_a, target):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"no ping through {label} within 30 s")
-        server = measure.IperfServer(lab, ns_b, target)
+        server = measure.IperfServer(ns_b, target)
         for rep in range(1, repeats + 1):
             tag = f"{key}) {label} [{rep}/{repeats}]"
             cpu0 = sum(e.cpu() for e in eps)

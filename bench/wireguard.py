@@ -6,13 +6,16 @@ Both are configured the same way, through their UAPI socket with stock `wg`.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from bench.netns import WG_RUN_DIR, Lab, cpu_seconds, descendants, run, suffix, wait_for
+from control.backends.uapi_client import socket_path
+from control.netlab import Lab, Netns, run, stop_processes, unique_name, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 MTU = 1420
@@ -44,9 +47,9 @@ def daemon_command(impl: str, ifname: str) -> list[str]:
 
 @dataclass
 class Endpoint:
-    ns: str
+    ns: Netns
     ifname: str
-    proc: subprocess.Popen
+    proc: subprocess.Popen[Any]
     inner: str  # tunnel address without prefix length
 
     def pids(self) -> list[int]:
@@ -62,36 +65,39 @@ class Endpoint:
         return total
 
 
-def start(lab: Lab, impl: str, ns: str, inner: str, logdir: Path) -> Endpoint:
-    ifname = f"ksb{suffix(8)}"
+def start(lab: Lab, impl: str, ns: Netns, inner: str, logdir: Path) -> Endpoint:
+    ifname = unique_name("ksb", 8)
     cmd = daemon_command(impl, ifname)
-    sock = WG_RUN_DIR / f"{ifname}.sock"
-    lab.sockets.append(sock)
+    sock = socket_path(ifname)
+    lab.defer(lambda: sock.unlink(missing_ok=True))  # after the daemon: a killed one leaves it
     # ours: the C packet loop (KUBESPAN_WG_FASTPATH=1), the configuration under test
     env = {"LOG_LEVEL": "error", "KUBESPAN_WG_FASTPATH": "1"}
-    proc = lab.spawn(cmd, ns, env=env, log=logdir / f"{impl}-{ifname}.log")
+    proc = ns.popen(cmd, env=env, log=logdir / f"{impl}-{ifname}.log")
+    lab.defer(lambda: stop_processes([proc]))
     try:
-        wait_for(lambda: sock.exists() or proc.poll() is not None, 15, f"{impl} UAPI socket")
+        wait_until(
+            lambda: sock.exists() or proc.poll() is not None, 15, 0.05, f"{impl} UAPI socket"
+        )
     except TimeoutError:
         raise Unavailable(f"{impl} did not open its UAPI socket within 15 s") from None
     if proc.poll() is not None:
         raise Unavailable(f"{impl} exited with {proc.returncode} (log in {logdir})")
-    run("ip", "link", "set", ifname, "mtu", str(MTU), ns=ns)
-    run("ip", "addr", "add", inner + "/24", "dev", ifname, ns=ns)
-    run("ip", "link", "set", ifname, "up", ns=ns)
+    ns.run("ip", "link", "set", ifname, "mtu", str(MTU))
+    ns.run("ip", "addr", "add", inner + "/24", "dev", ifname)
+    ns.run("ip", "link", "set", ifname, "up")
     return Endpoint(ns, ifname, proc, inner)
 
 
 def configure_pair(a: Endpoint, b: Endpoint, outer_a: str, outer_b: str) -> None:
     keys = {}
     for ep in (a, b):
-        priv = run("wg", "genkey").stdout.strip()
-        pub = run("wg", "pubkey", input=priv + b"\n").stdout.strip()
+        priv = run(["wg", "genkey"]).stdout.strip()
+        pub = run(["wg", "pubkey"], input=priv + "\n").stdout.strip()
         keys[ep.ifname] = (priv, pub)
     for me, other, their_outer in ((a, b, outer_b), (b, a, outer_a)):
         priv, _ = keys[me.ifname]
         _, their_pub = keys[other.ifname]
-        run(
+        me.ns.run(
             "wg",
             "set",
             me.ifname,
@@ -100,15 +106,34 @@ def configure_pair(a: Endpoint, b: Endpoint, outer_a: str, outer_b: str) -> None
             "private-key",
             "/dev/stdin",
             "peer",
-            their_pub.decode(),
+            their_pub,
             "endpoint",
             f"{their_outer}:{PORT}",
             "allowed-ips",
             other.inner + "/32",
-            ns=me.ns,
-            input=priv + b"\n",
+            input=priv + "\n",
         )
 
 
-def ping_ok(ns: str, addr: str) -> bool:
-    return run("ping", "-c", "1", "-W", "1", addr, ns=ns, check=False).returncode == 0
+def ping_ok(ns: Netns, addr: str) -> bool:
+    return ns.run("ping", "-c", "1", "-W", "1", addr, check=False).returncode == 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads) from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def descendants(pid: int) -> list[int]:
+    """The process and its children (our `ip netns exec` wrapper execs, so the
+    daemon usually is the pid itself; a daemonizing one would be a child)."""
+    out = [pid]
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return out
+    for k in kids:
+        out += descendants(int(k))
+    return out

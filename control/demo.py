@@ -10,7 +10,6 @@ or Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile
@@ -18,7 +17,7 @@ import time
 from pathlib import Path
 
 from control.labcluster import LabCluster, NodeOptions
-from control.netlab import Lab
+from control.netlab import Lab, missing_facilities
 
 REQUIRED_TOOLS = ("ip", "nft", "iperf3", "ping", "nc")
 
@@ -49,15 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.nodes < 2:
         parser.error("a mesh needs at least 2 nodes")
-    if os.geteuid() != 0:
-        print("kubespan demo: needs root (it creates network namespaces)", file=sys.stderr)
-        return 1
-    missing = [tool for tool in REQUIRED_TOOLS if shutil.which(tool) is None]
-    if missing:
-        print(
-            f"kubespan demo: missing tools: {', '.join(missing)} (./run demo installs them)",
-            file=sys.stderr,
-        )
+    problems = missing_facilities(REQUIRED_TOOLS)
+    if problems:
+        # root for the namespaces; ./run demo installs the tools
+        print(f"kubespan demo: cannot run here: {'; '.join(problems)}", file=sys.stderr)
         return 1
 
     workdir = Path(tempfile.mkdtemp(prefix="kubespan-demo-"))

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from control.netlab import Host, Lab, kill_namespace_processes, run, stop_processes
+from control.netlab import Bridge, Host, Lab, add_address, stop_processes
 
 DISCOVERY_ADDRESS = "192.0.2.250"
 DISCOVERY_PORT = 3000
@@ -49,6 +49,7 @@ class Node:
 @dataclass
 class LabCluster:
     lab: Lab
+    bridge: Bridge
     workdir: Path
     cluster_id: str
     cluster_secret: str
@@ -69,8 +70,9 @@ class LabCluster:
 
         cluster_id = base64.urlsafe_b64encode(os.urandom(32)).decode()
         secret = base64.b64encode(os.urandom(32)).decode()
-        lab._ns_run(lab.bridge_ns, "ip", "addr", "add", f"{DISCOVERY_ADDRESS}/24", "dev", "br0")
-        return cls(lab, Path(workdir), cluster_id, secret, reconcile_interval, default_mode)
+        bridge = Bridge(lab)
+        add_address(bridge.ns, "br0", f"{DISCOVERY_ADDRESS}/24")
+        return cls(lab, bridge, Path(workdir), cluster_id, secret, reconcile_interval, default_mode)
 
     # -- discovery service ------------------------------------------------------------
 
@@ -78,10 +80,6 @@ class LabCluster:
         """Start the service and wait until it accepts connections (slow in an emulated VM)."""
         log = self.workdir / "discovery.log"
         argv = [
-            "ip",
-            "netns",
-            "exec",
-            self.lab.bridge_ns,
             sys.executable,
             "-m",
             "control.discovery",
@@ -90,25 +88,11 @@ class LabCluster:
             "--snapshot-path",
             str(self.workdir / "discovery.snapshot"),
         ]
-        with open(log, "ab") as out:
-            self.discovery = subprocess.Popen(
-                argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
+        self.discovery = self.bridge.ns.popen(argv, log=log)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            probe = run(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    self.lab.bridge_ns,
-                    "nc",
-                    "-z",
-                    "-w1",
-                    DISCOVERY_ADDRESS,
-                    str(DISCOVERY_PORT),
-                ],
-                check=False,
+            probe = self.bridge.ns.run(
+                "nc", "-z", "-w1", DISCOVERY_ADDRESS, str(DISCOVERY_PORT), check=False
             )
             if probe.returncode == 0:
                 return
@@ -127,7 +111,7 @@ class LabCluster:
     # -- nodes ------------------------------------------------------------------------
 
     def add_node(self, options: NodeOptions | None = None, host: Host | None = None) -> Node:
-        host = host or self.lab.add_host()
+        host = host or self.bridge.add_host()
         options = options or NodeOptions()
         node_dir = self.workdir / host.name
         node_dir.mkdir(parents=True, exist_ok=True)
@@ -212,7 +196,7 @@ class LabCluster:
             # Kill the agent and its daemon outright, as a crashed node would. A kernel
             # WireGuard link outlives its agent (a crashed machine's would not), so it
             # goes too; a userspace one is already gone with its daemon.
-            kill_namespace_processes(node.host.netns)
+            node.host.ns.kill(signal.SIGKILL)
             node.agent.wait(timeout=10)
             node.host.run("ip", "link", "del", node.link, check=False)
         else:
@@ -292,20 +276,6 @@ class LabCluster:
         for node in self.nodes:
             self.stop_agent(node)
         self.stop_discovery()
-
-
-@contextmanager
-def running_cluster(
-    workdir: Path, prefix: str, reconcile_interval: float = 5.0, default_mode: str = "userspace"
-) -> Iterator[LabCluster]:
-    """A lab with the discovery service running; agents, service and namespaces go on exit."""
-    with Lab(prefix) as lab:
-        cluster = LabCluster.create(lab, workdir, reconcile_interval, default_mode)
-        try:
-            cluster.start_discovery()
-            yield cluster
-        finally:
-            cluster.close()
 
 
 def _json_stream(text: str) -> list[dict]:

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from control import netlab
 from tests import netns
 
 
@@ -14,7 +15,7 @@ from tests import netns
 def nothing_left_behind() -> Iterator[None]:
     """After the whole session: no namespace, socket or process we made survives."""
     yield
-    left = netns.leftovers()
+    left = netlab.leftovers()
     assert not left, f"left behind: {left}"
 
 

@@ -1,220 +1,52 @@
-"""Shared helpers for tests that build hosts out of network namespaces.
+"""WireGuard helpers for tests built on namespace labs (control.netlab).
 
-A `Lab` owns everything a test creates (namespaces, veth pairs, daemons, files)
-and tears it down in reverse order, also when the test fails. Every name carries
-a random suffix so parallel runs do not collide; WireGuard interface names must
-be unique per host because /var/run/wireguard is shared by all namespaces.
-
-`LEDGER` remembers every namespace, UAPI socket and process any Lab created in
-this interpreter, so a session finalizer can prove nothing was left behind
-(`leftovers()`).
-
-Other parts of the project may append helpers at the end of this file.
+Daemons (wireguard-go or ours) started in a namespace, raw UAPI requests, two hosts
+joined by a veth with a configured WireGuard pair, TCP transfers between namespaces.
+The namespace primitives themselves (Netns, Lab, the ledger, unique names,
+wait_until) live in control.netlab; `Lab` here adds the facility check and `daemon()`.
 """
 
 from __future__ import annotations
 
-import ctypes
-import os
-import secrets
-import shutil
-import signal
 import socket
-import string
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from control import netlab
+from control.backends.uapi_client import socket_path as uapi_path
+from control.netlab import LEDGER, Netns, add_address, stop_processes, unique_name, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = REPO / ".venv" / "bin"
-WG_RUN_DIR = Path("/var/run/wireguard")
-IFNAMSIZ = 15
-CLONE_NEWNET = 0x40000000
-
-_ALPHABET = string.ascii_lowercase + string.digits
-
-
-def unique_name(prefix: str, length: int = 6) -> str:
-    """`prefix` plus a random suffix, cut to fit an interface name."""
-    tail = "".join(secrets.choice(_ALPHABET) for _ in range(length))
-    return prefix[: max(0, IFNAMSIZ - length)] + tail
+TOOLS = ("ip", "wg", "wireguard-go", "nft")
 
 
 def require_facilities() -> None:
     """Fail loudly (never skip) when the machine cannot run namespace tests."""
-    problems = []
-    if os.geteuid() != 0:
-        problems.append("not running as root")
-    if not os.path.exists("/dev/net/tun"):
-        problems.append("/dev/net/tun missing")
-    for tool in ("ip", "wg", "wireguard-go", "nft"):
-        if shutil.which(tool) is None:
-            problems.append(f"{tool} not installed")
+    problems = netlab.missing_facilities(TOOLS)
     if problems:
         raise RuntimeError("netns tests need: " + "; ".join(problems))
 
 
-# --------------------------------------------------------------------------- ledger
+class Lab(netlab.Lab):
+    """A lab that refuses to start where the tests cannot run, and starts daemons."""
 
+    def __init__(self) -> None:
+        require_facilities()
+        super().__init__("ks")
 
-@dataclass
-class Ledger:
-    namespaces: set[str] = field(default_factory=set)
-    sockets: set[Path] = field(default_factory=set)
-    pids: set[int] = field(default_factory=set)
-
-    def leftovers(self) -> list[str]:
-        found = []
-        live_ns = set(list_namespaces())
-        found += [f"namespace {n}" for n in sorted(self.namespaces & live_ns)]
-        found += [f"socket {p}" for p in sorted(self.sockets) if p.exists()]
-        found += [f"process {p}" for p in sorted(self.pids) if _pid_alive(p)]
-        return found
-
-
-LEDGER = Ledger()
-
-
-def leftovers() -> list[str]:
-    return LEDGER.leftovers()
-
-
-def list_namespaces() -> list[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
-    return [line.split()[0] for line in out.stdout.splitlines() if line.strip()]
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state != "Z"
-
-
-# --------------------------------------------------------------------------- namespaces
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-class Netns:
-    """A named network namespace (`ip netns add`), with loopback up."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
-        LEDGER.namespaces.add(name)
-        self.run("ip", "link", "set", "lo", "up")
-
-    def __repr__(self) -> str:
-        return f"Netns({self.name})"
-
-    def argv(self, args: Sequence[str]) -> list[str]:
-        return ["ip", "netns", "exec", self.name, *args]
-
-    def run(
-        self,
-        *args: str,
-        check: bool = True,
-        timeout: float = 60,
-        env: dict[str, str] | None = None,
-        input: str | None = None,
-    ) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(
-            self.argv(args),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=_env(env),
-            input=input,
-        )
-        if check and proc.returncode != 0:
-            raise RuntimeError(
-                f"[{self.name}] {' '.join(args)} exited {proc.returncode}\n"
-                f"stdout: {proc.stdout}\nstderr: {proc.stderr}"
-            )
-        return proc
-
-    def sh(self, script: str, **kw) -> subprocess.CompletedProcess[str]:
-        return self.run("sh", "-c", script, **kw)
-
-    def popen(
-        self, args: Sequence[str], env: dict[str, str] | None = None, **kw
-    ) -> subprocess.Popen:
-        kw.setdefault("stdout", subprocess.PIPE)
-        kw.setdefault("stderr", subprocess.STDOUT)
-        proc = subprocess.Popen(self.argv(args), env=_env(env), start_new_session=True, **kw)
-        LEDGER.pids.add(proc.pid)
-        return proc
-
-    @contextmanager
-    def entered(self) -> Iterator[None]:
-        """Run the body with this thread inside the namespace (for socket())."""
-        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-        target = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
-        try:
-            _setns(target)
-            try:
-                yield
-            finally:
-                _setns(own)
-        finally:
-            os.close(own)
-            os.close(target)
-
-    def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM) -> socket.socket:
-        """A socket that lives in this namespace (namespace is fixed at creation)."""
-        with self.entered():
-            return socket.socket(family, type)
-
-    def pids(self) -> list[int]:
-        out = subprocess.run(["ip", "netns", "pids", self.name], capture_output=True, text=True)
-        return [int(p) for p in out.stdout.split()]
-
-    def delete(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            pids = self.pids()
-            for pid in pids:
-                _kill(pid, sig)
-            deadline = time.monotonic() + 5
-            while pids and time.monotonic() < deadline:
-                pids = [p for p in pids if _pid_alive(p)]
-                time.sleep(0.05)
-            if not pids:
-                break
-        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
-
-
-def _env(extra: dict[str, str] | None) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{VENV_BIN}:{env.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
-    if extra:
-        env.update(extra)
-    return env
-
-
-def _kill(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
+    def daemon(
+        self, ns: Netns, kind: str, ifname: str | None = None, env: dict[str, str] | None = None
+    ) -> Daemon:
+        ifname = ifname or unique_name("wg", 8)
+        d = start_daemon(ns, ifname, kind, env)
+        self.defer(d.stop)
+        return d
 
 
 # --------------------------------------------------------------------------- WireGuard daemons
-
-
-def uapi_path(ifname: str) -> Path:
-    return WG_RUN_DIR / f"{ifname}.sock"
 
 
 def wait_for_uapi(ifname: str, timeout: float = 20, proc: subprocess.Popen | None = None) -> None:
@@ -270,13 +102,7 @@ class Daemon:
         return self.proc.stdout.read().decode(errors="replace")
 
     def stop(self, timeout: float = 10) -> int:
-        if self.alive():
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout)
+        stop_processes([self.proc], grace=timeout)
         return self.proc.returncode
 
 
@@ -290,7 +116,7 @@ def start_daemon(ns: Netns, ifname: str, kind: str, env: dict[str, str] | None =
         raise ValueError(kind)
     LEDGER.sockets.add(uapi_path(ifname))
     # wireguard-go logs only with LOG_LEVEL set; ours logs at info by default.
-    proc = ns.popen(argv, env={"LOG_LEVEL": "verbose", **(env or {})})
+    proc = ns.popen(argv, env={"LOG_LEVEL": "verbose", **(env or {})}, stdout=subprocess.PIPE)
     daemon = Daemon(ns, ifname, proc, kind)
     try:
         wait_for_uapi(ifname, proc=proc)
@@ -300,104 +126,8 @@ def start_daemon(ns: Netns, ifname: str, kind: str, env: dict[str, str] | None =
     return daemon
 
 
-# --------------------------------------------------------------------------- the lab
-
-
-class Lab:
-    """Owns every resource a test creates; `close()` removes them, newest first."""
-
-    def __init__(self) -> None:
-        require_facilities()
-        self._cleanups: list[Callable[[], object]] = []
-        self.errors: list[str] = []
-
-    def defer(self, fn: Callable[[], object]) -> None:
-        self._cleanups.append(fn)
-
-    def netns(self, prefix: str = "ks") -> Netns:
-        ns = Netns(unique_name(f"{prefix}-", 8))
-        self.defer(ns.delete)
-        return ns
-
-    def veth(
-        self, a: Netns, b: Netns, name_a: str | None = None, name_b: str | None = None
-    ) -> tuple[str, str]:
-        """A veth pair with one end in each namespace, both up (no addresses)."""
-        name_a = name_a or unique_name("va", 6)
-        name_b = name_b or unique_name("vb", 6)
-        subprocess.run(
-            [
-                "ip",
-                "link",
-                "add",
-                name_a,
-                "netns",
-                a.name,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                name_b,
-                "netns",
-                b.name,
-            ],
-            check=True,
-            capture_output=True,
-        )
-        a.run("ip", "link", "set", name_a, "up")
-        b.run("ip", "link", "set", name_b, "up")
-        return name_a, name_b
-
-    def daemon(
-        self, ns: Netns, kind: str, ifname: str | None = None, env: dict[str, str] | None = None
-    ) -> Daemon:
-        ifname = ifname or unique_name("wg", 8)
-        d = start_daemon(ns, ifname, kind, env)
-        self.defer(d.stop)
-        return d
-
-    def tempdir(self) -> Path:
-        import tempfile
-
-        path = Path(tempfile.mkdtemp(prefix="ks-lab-"))
-        self.defer(lambda: shutil.rmtree(path, ignore_errors=True))
-        return path
-
-    def close(self) -> None:
-        while self._cleanups:
-            fn = self._cleanups.pop()
-            try:
-                fn()
-            except Exception as e:  # keep cleaning; report at the end
-                self.errors.append(f"{fn!r}: {e!r}")
-
-    def __enter__(self) -> Lab:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def add_address(ns: Netns, dev: str, cidr: str) -> None:
-    extra = ["nodad"] if ":" in cidr else []
-    ns.run("ip", "addr", "add", cidr, "dev", dev, *extra)
-
-
 def wg(ns: Netns, *args: str, input: str | None = None) -> str:
     return ns.run("wg", *args, input=input).stdout
-
-
-def wait_until(
-    pred: Callable[[], object], timeout: float = 20, interval: float = 0.1, what: str = "condition"
-) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def ping(ns: Netns, address: str, count: int = 3, timeout: float = 30) -> None:

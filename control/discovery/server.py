@@ -1,12 +1,8 @@
 """The discovery service: gRPC ``sidero.discovery.server.Cluster`` over a State.
 
-Embeddable two ways:
-- inside a running asyncio loop: ``port = await server.start_async(host, port)`` and
-  ``await server.stop_async()``;
-- from synchronous code (tests, CLI): ``port = server.start(host, port)`` runs the
-  service on its own loop in a background thread; ``server.stop()`` ends it.
-
-Everything that touches the State runs on the service's loop, so no locks are needed.
+Embeddable in a running asyncio loop: ``port = await server.start_async(host, port)``
+and ``await server.stop_async()``. Everything that touches the State runs on that loop,
+so no locks are needed.
 """
 
 from __future__ import annotations
@@ -14,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -298,8 +293,6 @@ class DiscoveryServer:
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
         self._watch_wakers: set[Callable[[], None]] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
 
     # -- request admission ------------------------------------------------------------
 
@@ -332,7 +325,6 @@ class DiscoveryServer:
     # -- lifecycle (inside a loop) ----------------------------------------------------
 
     async def start_async(self, host: str = "127.0.0.1", port: int = 0) -> int:
-        self._loop = asyncio.get_running_loop()
         self._restore()
         o = self.options
         server = grpc.aio.server(
@@ -389,54 +381,6 @@ class DiscoveryServer:
         self._server = None
         if self.options.snapshot_path:
             await self.save_snapshot()
-
-    # -- lifecycle (own thread) -------------------------------------------------------
-
-    def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
-        """Run the service on a private loop in a daemon thread; returns the bound port."""
-        started = threading.Event()
-        result: dict[str, Any] = {}
-        loop = asyncio.new_event_loop()
-
-        def run() -> None:
-            asyncio.set_event_loop(loop)
-            try:
-                result["port"] = loop.run_until_complete(self.start_async(host, port))
-            except BaseException as exc:  # reported to the caller of start()
-                result["error"] = exc
-                started.set()
-                loop.close()
-                return
-            started.set()
-            loop.run_forever()
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.close()
-
-        self._thread = threading.Thread(target=run, name="discovery-server", daemon=True)
-        self._thread.start()
-        started.wait()
-        if "error" in result:
-            self._thread.join()
-            raise result["error"]
-        return result["port"]
-
-    def stop(self) -> None:
-        if self._thread is None or self._loop is None:
-            return
-        asyncio.run_coroutine_threadsafe(self.stop_async(), self._loop).result(timeout=30)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=30)
-        self._thread = None
-
-    def call(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on the service's loop (from another thread) and return its result."""
-        if self._loop is None or self._thread is None:
-            return fn()
-
-        async def run() -> T:
-            return fn()
-
-        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout=30)
 
     # -- housekeeping -----------------------------------------------------------------
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from control import netlab
 from control.config import load_config
 from control.endpoints import (
     announced_endpoints,
@@ -170,16 +171,16 @@ def test_system_addresses_in_own_namespace() -> None:
         # veth pairs inside the one namespace (no dummy module in this kernel)
         ns.run("ip", "link", "add", "d0", "type", "veth", "peer", "name", "p0")
         ns.run("ip", "link", "add", "d1", "type", "veth", "peer", "name", "p1")
-        nx.add_address(ns, "d0", "10.77.0.1/24")
-        nx.add_address(ns, "d0", "2001:db8:77::1/64")
-        nx.add_address(ns, "d1", "10.78.0.1/24")  # link down: not current
+        netlab.add_address(ns, "d0", "10.77.0.1/24")
+        netlab.add_address(ns, "d0", "2001:db8:77::1/64")
+        netlab.add_address(ns, "d1", "10.78.0.1/24")  # link down: not current
         ns.run("ip", "link", "set", "p0", "up")
         ns.run("ip", "link", "set", "d0", "up")
-        got = nx.wait_until(lambda: system_addresses(ns.name) or None, timeout=20)
+        got = netlab.wait_until(lambda: system_addresses(ns.name) or None, timeout=20)
         assert got == [ip_address("10.77.0.1"), ip_address("2001:db8:77::1")]
         ns.run("ip", "link", "set", "p1", "up")
         ns.run("ip", "link", "set", "d1", "up")
-        assert nx.wait_until(
+        assert netlab.wait_until(
             lambda: ip_address("10.78.0.1") in system_addresses(ns.name), timeout=20
         )
         assert system_addresses(ns.name, exclude_links=["d0", "d1", "p0", "p1"]) == []

@@ -9,7 +9,7 @@ from ipaddress import ip_network as N
 
 import pytest
 
-from control import routing
+from control import netlab, routing
 from control.peerstate import PeerStateName
 from tests import netns as nx
 
@@ -82,7 +82,7 @@ EXPECTED_ROUTES = (
 
 
 @pytest.fixture
-def host(lab: nx.Lab) -> nx.Netns:
+def host(lab: nx.Lab) -> netlab.Netns:
     """A namespace with a `kubespan` link and an `uplink` holding the main default routes.
 
     Both are veth pairs with ARP/ND off, so packets leave at once and the tx counters
@@ -94,19 +94,19 @@ def host(lab: nx.Lab) -> nx.Netns:
         ns.run("ip", "link", "add", dev, "type", "veth", "peer", "name", peer)
         for d in (dev, peer):
             ns.run("ip", "link", "set", d, "arp", "off", "up")
-    nx.add_address(ns, "uplink", "198.51.100.1/24")
-    nx.add_address(ns, "uplink", "2001:db8:ffff::1/64")
-    nx.add_address(ns, "kubespan", "fd7f:175a:b97c:5602::1/64")
+    netlab.add_address(ns, "uplink", "198.51.100.1/24")
+    netlab.add_address(ns, "uplink", "2001:db8:ffff::1/64")
+    netlab.add_address(ns, "kubespan", "fd7f:175a:b97c:5602::1/64")
     ns.run("ip", "route", "add", "default", "dev", "uplink")
     ns.run("ip", "-6", "route", "add", "default", "dev", "uplink")
     return ns
 
 
-def _tx(ns: nx.Netns, dev: str) -> int:
+def _tx(ns: netlab.Netns, dev: str) -> int:
     return int(ns.run("cat", f"/sys/class/net/{dev}/statistics/tx_packets").stdout)
 
 
-def _send_udp(ns: nx.Netns, dst: str, mark: int = 0) -> None:
+def _send_udp(ns: netlab.Netns, dst: str, mark: int = 0) -> None:
     """One UDP datagram from inside the namespace (optionally with SO_MARK set)."""
     family = "AF_INET6" if ":" in dst else "AF_INET"
     code = (
@@ -118,7 +118,7 @@ def _send_udp(ns: nx.Netns, dst: str, mark: int = 0) -> None:
     ns.run("python3", "-c", code)
 
 
-def _went_via(ns: nx.Netns, dst: str, mark: int = 0) -> str:
+def _went_via(ns: netlab.Netns, dst: str, mark: int = 0) -> str:
     before = {d: _tx(ns, d) for d in ("kubespan", "uplink")}
     _send_udp(ns, dst, mark)
     after = {d: _tx(ns, d) for d in ("kubespan", "uplink")}
@@ -128,7 +128,7 @@ def _went_via(ns: nx.Netns, dst: str, mark: int = 0) -> str:
 
 
 @pytest.mark.netns
-def test_apply_reads_back(host: nx.Netns) -> None:
+def test_apply_reads_back(host: netlab.Netns) -> None:
     routing.apply(ROUTED, "kubespan", 1420, netns=host.name)
     routing.apply(ROUTED, "kubespan", 1420, netns=host.name)  # idempotent
     snap = routing.snapshot(netns=host.name)
@@ -148,7 +148,7 @@ def test_apply_reads_back(host: nx.Netns) -> None:
 
 
 @pytest.mark.netns
-def test_marked_packets_go_to_table_180(host: nx.Netns) -> None:
+def test_marked_packets_go_to_table_180(host: netlab.Netns) -> None:
     routing.apply(ROUTED, "kubespan", 1420, netns=host.name)
     get = host.run("ip", "route", "get", "192.0.2.9", "mark", "0x40").stdout
     assert "dev kubespan" in get and "table 180" in get
@@ -160,7 +160,7 @@ def test_marked_packets_go_to_table_180(host: nx.Netns) -> None:
 
 
 @pytest.mark.netns
-def test_real_packets_are_marked_and_steered(host: nx.Netns) -> None:
+def test_real_packets_are_marked_and_steered(host: netlab.Netns) -> None:
     routing.apply(ROUTED, "kubespan", 1420, netns=host.name)
     assert _went_via(host, "192.0.2.9") == "kubespan"
     assert _went_via(host, "10.20.3.4") == "kubespan"
@@ -174,7 +174,7 @@ def test_real_packets_are_marked_and_steered(host: nx.Netns) -> None:
     assert _went_via(host, "192.0.2.9", mark=0x1) == "kubespan"
 
 
-def _syn_mss(ns: nx.Netns, dst: str) -> int:
+def _syn_mss(ns: netlab.Netns, dst: str) -> int:
     """Connect to dst:80 from the namespace and read the MSS of the SYN on `kubespan`."""
     dump = ns.popen(
         [
@@ -217,7 +217,7 @@ def _syn_mss(ns: nx.Netns, dst: str) -> int:
 
 
 @pytest.mark.netns
-def test_mss_clamped_on_syn(host: nx.Netns) -> None:
+def test_mss_clamped_on_syn(host: netlab.Netns) -> None:
     routing.apply(ROUTED, "kubespan", 1420, netns=host.name)
     # the socket routes via the 1500-byte uplink first (MSS 1460 / 1440); the clamp fixes it
     assert _syn_mss(host, "192.0.2.9") == 1420 - 52
@@ -225,7 +225,7 @@ def test_mss_clamped_on_syn(host: nx.Netns) -> None:
 
 
 @pytest.mark.netns
-def test_update_is_atomic_and_bad_input_changes_nothing(host: nx.Netns) -> None:
+def test_update_is_atomic_and_bad_input_changes_nothing(host: netlab.Netns) -> None:
     set_a = ["192.0.2.0/24", "2001:db8:1::/48"]
     set_b = ["10.20.0.0/16", "198.18.0.0/15", "2001:db8:2::/48"]
     routing.apply(set_a, "kubespan", 1420, netns=host.name)
@@ -268,7 +268,7 @@ def test_update_is_atomic_and_bad_input_changes_nothing(host: nx.Netns) -> None:
 
 
 @pytest.mark.netns
-def test_mtu_change_updates_routes_and_clamp(host: nx.Netns) -> None:
+def test_mtu_change_updates_routes_and_clamp(host: netlab.Netns) -> None:
     routing.apply(ROUTED, "kubespan", 1420, netns=host.name)
     routing.apply(ROUTED, "kubespan", 1380, netns=host.name)
     snap = routing.snapshot(netns=host.name)
@@ -278,7 +278,7 @@ def test_mtu_change_updates_routes_and_clamp(host: nx.Netns) -> None:
 
 
 @pytest.mark.netns
-def test_remove_leaves_nothing(host: nx.Netns) -> None:
+def test_remove_leaves_nothing(host: netlab.Netns) -> None:
     pristine_rules = host.run("ip", "rule").stdout, host.run("ip", "-6", "rule").stdout
     routing.apply(ROUTED, "kubespan", 1420, netns=host.name)
     routing.remove(netns=host.name)

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from control.labcluster import LabCluster, NodeOptions, running_cluster
+from control.labcluster import LabCluster, NodeOptions
+from tests.cluster import running_cluster
 from tests.promtext import key, samples
 
 pytestmark = pytest.mark.netns
@@ -59,15 +60,17 @@ def test_get_formats_watch_metrics_json_logs_and_root_only_api(cluster: LabClust
             time.sleep(0.5)
     # Watch the peer specs of the first node before the second node exists.
     watch = subprocess.Popen(
-        first.host.cmd(
-            sys.executable,
-            "-m",
-            "control.cli",
-            "get",
-            "kubespanpeerspecs",
-            "--watch",
-            "--link",
-            first.link,
+        first.host.ns.argv(
+            [
+                sys.executable,
+                "-m",
+                "control.cli",
+                "get",
+                "kubespanpeerspecs",
+                "--watch",
+                "--link",
+                first.link,
+            ]
         ),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

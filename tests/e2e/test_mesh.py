@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 
 from control import routing
-from control.labcluster import LabCluster, Node, NodeOptions, running_cluster
-from control.netlab import Host, run
+from control.labcluster import LabCluster, Node, NodeOptions
+from control.netlab import Host
+from tests.cluster import running_cluster
 
 pytestmark = pytest.mark.netns
 
@@ -78,7 +79,7 @@ class Capture:
 
     def __init__(self, host: Host, bpf: str, iface: str = "eth0") -> None:
         self.proc = subprocess.Popen(
-            host.cmd("tcpdump", "-i", iface, "-n", "-l", "-U", bpf),
+            host.ns.argv(["tcpdump", "-i", iface, "-n", "-l", "-U", bpf]),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -154,13 +155,11 @@ def test_full_mesh_and_traffic_goes_through_the_tunnel(cluster: LabCluster, coun
 
 def add_nat_node(cluster: LabCluster) -> tuple[Node, Host]:
     """A node behind a masquerading router: it only has a private address itself."""
-    lab = cluster.lab
-    router = lab.add_host("router")
-    netns = f"{lab.tag}-natted"
-    host = Host("natted", netns, 9, IPv4Address("198.51.100.2"), None)  # type: ignore[arg-type]
-    run(["ip", "netns", "add", netns])
-    lab.hosts.append(host)
-    router.run("ip", "link", "add", "lan0", "type", "veth", "peer", "name", "eth0", "netns", netns)
+    router = cluster.bridge.add_host("router")
+    host = Host("natted", cluster.lab.netns("natted"), 9, IPv4Address("198.51.100.2"))
+    router.run(
+        "ip", "link", "add", "lan0", "type", "veth", "peer", "name", "eth0", "netns", host.netns
+    )
     router.run("ip", "addr", "add", "198.51.100.1/24", "dev", "lan0")
     router.run("ip", "link", "set", "lan0", "up")
     router.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
@@ -170,7 +169,6 @@ def add_nat_node(cluster: LabCluster) -> tuple[Node, Host]:
         "add rule ip nat post oifname eth0 masquerade",
     )
     for argv in (
-        ["ip", "link", "set", "lo", "up"],
         ["ip", "link", "set", "eth0", "up"],
         ["ip", "addr", "add", "198.51.100.2/24", "dev", "eth0"],
         ["ip", "route", "add", "192.0.2.0/24", "via", "198.51.100.1"],
@@ -281,7 +279,7 @@ def test_agent_cycles_to_a_working_endpoint(cluster: LabCluster) -> None:
         host.run("ip", "link", "set", "aux0", "up")
         host.run("ip", "link", "set", "aux1", "up")
 
-    host = cluster.lab.add_host(pre_uplink=unreachable_address_first)
+    host = cluster.bridge.add_host(pre_uplink=unreachable_address_first)
     second = cluster.add_node(NodeOptions(), host=host)
     # The second node never initiates a handshake (type 1 messages dropped on the way
     # out), so only the first node's endpoint cycling can bring the pair up.
@@ -316,7 +314,9 @@ def test_discovery_restart_keeps_tunnels_and_nodes_reregister(cluster: LabCluste
     cluster.wait_full_mesh(timeout=90)
     target = kubespan_address(cluster, nodes[1])
     pinger = subprocess.Popen(
-        nodes[0].host.cmd("ping", "-i", "0.2", "-W", "1", target), stdout=subprocess.PIPE, text=True
+        nodes[0].host.ns.argv(["ping", "-i", "0.2", "-W", "1", target]),
+        stdout=subprocess.PIPE,
+        text=True,
     )
     cluster.stop_discovery()
     (cluster.workdir / "discovery.snapshot").unlink(missing_ok=True)  # forget everything
@@ -350,7 +350,7 @@ def leftovers(node: Node) -> list[str]:
     links = node.host.run("ip", "-o", "link", "show").stdout
     if node.link in links:
         found.append(f"link {node.link}")
-    pids = run(["ip", "netns", "pids", node.host.netns]).stdout.split()
+    pids = node.host.ns.pids()
     names = [
         Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         for pid in pids

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 import pytest
 from pyroute2 import WireGuard
 
+from control import netlab
 from control.backends.base import BackendError, PeerConfig
 from control.backends.kernel import InvalidConfig, KernelBackend
 from control.keys import generate_private_key, public_key
@@ -30,7 +31,7 @@ PORTS = (51820, 51821)
 
 @dataclass
 class Node:
-    ns: nx.Netns
+    ns: netlab.Netns
     backend: KernelBackend
     link: str
     private_key: bytes
@@ -50,16 +51,16 @@ class Node:
         return [line.split()[0].split("@")[0] for line in out.splitlines()]
 
 
-def make_node(lab: nx.Lab, ns: nx.Netns, veth: str, i: int) -> Node:
-    nx.add_address(ns, veth, f"{nx.OUTER4[i]}/24")
-    nx.add_address(ns, veth, f"{nx.OUTER6[i]}/64")
+def make_node(lab: nx.Lab, ns: netlab.Netns, veth: str, i: int) -> Node:
+    netlab.add_address(ns, veth, f"{nx.OUTER4[i]}/24")
+    netlab.add_address(ns, veth, f"{nx.OUTER6[i]}/64")
     backend = KernelBackend(netns=ns.name)
-    link = nx.unique_name("kswg", 8)
+    link = netlab.unique_name("kswg", 8)
     priv = generate_private_key()
     backend.up(link, priv, PORTS[i], 0x20, 1420)
     lab.defer(backend.down)
-    nx.add_address(ns, link, f"{nx.INNER4[i]}/24")
-    nx.add_address(ns, link, f"{nx.INNER6[i]}/64")
+    netlab.add_address(ns, link, f"{nx.INNER4[i]}/24")
+    netlab.add_address(ns, link, f"{nx.INNER6[i]}/64")
     return Node(
         ns,
         backend,
@@ -294,10 +295,10 @@ def test_up_rejects_bad_arguments_without_leftovers(lab: nx.Lab) -> None:
 def test_up_failure_removes_the_link_it_made(lab: nx.Lab) -> None:
     ns = lab.netns("kvp")
     first = KernelBackend(netns=ns.name)
-    first.up(nx.unique_name("kswg", 8), generate_private_key(), 51830, 0, 1420)
+    first.up(netlab.unique_name("kswg", 8), generate_private_key(), 51830, 0, 1420)
     lab.defer(first.down)
     second = KernelBackend(netns=ns.name)
-    name = nx.unique_name("kswg", 8)
+    name = netlab.unique_name("kswg", 8)
     with pytest.raises(BackendError, match="Address already in use"):
         second.up(name, generate_private_key(), 51830, 0, 1420)
     assert name not in ns.run("ip", "-br", "link").stdout

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from control import routing
-from control.labcluster import LabCluster, Node, NodeOptions, running_cluster
+from control.labcluster import LabCluster, Node, NodeOptions
 from control.netlab import Host
+from tests.cluster import running_cluster
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(900)]
 

@@ -2,43 +2,40 @@
 
 from __future__ import annotations
 
-import logging
 import subprocess
 
 import pytest
 
+from control import netlab
 from control.backends.kernel import KernelBackend
 from control.backends.select import PROBE_PREFIX, probe_kernel_wireguard, select_backend
 from control.backends.userspace import UserspaceBackend
 from control.keys import generate_private_key
 from tests import netns as nx
+from tests.vm.selection import select_auto
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
 
 
-def links(ns: nx.Netns | None) -> str:
+def links(ns: netlab.Netns | None) -> str:
     argv = ["ip", "-br", "link"]
     return (ns.run(*argv) if ns else subprocess.run(argv, capture_output=True, text=True)).stdout
 
 
 def test_module_is_there() -> None:
     # The VM's whole point: the plain iproute2 path works too.
-    name = nx.unique_name("kswg", 8)
+    name = netlab.unique_name("kswg", 8)
     subprocess.run(["ip", "link", "add", name, "type", "wireguard"], check=True)
     subprocess.run(["ip", "link", "del", name], check=True)
 
 
 def test_auto_picks_kernel(lab: nx.Lab, caplog: pytest.LogCaptureFixture) -> None:
-    ns = lab.netns("ksel")
-    with caplog.at_level(logging.INFO, logger="control.backends.select"):
-        backend, reason = select_backend("auto", netns=ns.name)
-    assert isinstance(backend, KernelBackend) and backend.mode == "kernel"
-    assert backend.netns == ns.name
+    ns, backend, reason, logged = select_auto(lab, caplog, KernelBackend, "kernel")
     assert "kernel can create wireguard links" in reason
-    assert any("WireGuard backend: kernel" in r.getMessage() for r in caplog.records)
+    assert any("WireGuard backend: kernel" in m for m in logged)
     assert PROBE_PREFIX not in links(ns)
     # What was picked works.
-    link = nx.unique_name("kswg", 8)
+    link = netlab.unique_name("kswg", 8)
     backend.up(link, generate_private_key(), 51820, 0x20, 1420)
     lab.defer(backend.down)
     assert link in links(ns)

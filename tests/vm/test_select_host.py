@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import subprocess
 
 import pytest
 
+from control import netlab
 from control.backends.base import BackendError
 from control.backends.kernel import KernelBackend
 from control.backends.select import (
@@ -19,6 +19,7 @@ from control.backends.select import (
 from control.backends.userspace import UserspaceBackend
 from control.keys import generate_private_key
 from tests import netns as nx
+from tests.vm.selection import select_auto
 
 pytestmark = pytest.mark.netns
 
@@ -33,7 +34,7 @@ def host_without_module() -> None:
     )
 
 
-def all_links(ns: nx.Netns) -> str:
+def all_links(ns: netlab.Netns) -> str:
     root = subprocess.run(["ip", "-br", "link"], capture_output=True, text=True).stdout
     return root + ns.run("ip", "-br", "link").stdout
 
@@ -53,14 +54,9 @@ def test_kernel_mode_fails_clearly_without_leftovers(lab: nx.Lab) -> None:
 
 
 def test_auto_falls_back_to_userspace(lab: nx.Lab, caplog: pytest.LogCaptureFixture) -> None:
-    ns = lab.netns("ksel")
-    with caplog.at_level(logging.INFO, logger="control.backends.select"):
-        backend, reason = select_backend("auto", netns=ns.name)
-    assert isinstance(backend, UserspaceBackend) and backend.mode == "userspace"
-    assert backend.netns == ns.name
+    ns, backend, reason, logged = select_auto(lab, caplog, UserspaceBackend, "userspace")
     assert reason.startswith("auto: kernel WireGuard unavailable")
     assert "not supported" in reason.lower()
-    logged = [r.getMessage() for r in caplog.records]
     assert any(
         m.startswith("WireGuard backend: userspace (auto: kernel WireGuard unavailable")
         for m in logged
@@ -83,7 +79,7 @@ def test_unknown_mode_is_refused(mode: object) -> None:
 def test_kernel_backend_up_fails_cleanly_here(lab: nx.Lab) -> None:
     ns = lab.netns("ksel")
     backend = KernelBackend(netns=ns.name)
-    name = nx.unique_name("kswg", 8)
+    name = netlab.unique_name("kswg", 8)
     with pytest.raises(BackendError, match="cannot create wireguard link"):
         backend.up(name, generate_private_key(), 51820, 0x20, 1420)
     assert name not in ns.run("ip", "-br", "link").stdout

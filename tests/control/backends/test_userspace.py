@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
 )
 
+from control import netlab
 from control.backends import BackendError, IPNetwork, PeerConfig, WireGuardBackend
 from control.backends.uapi_client import UAPIClient, socket_path
 from control.backends.userspace import UserspaceBackend, default_daemon_argv
@@ -43,7 +44,7 @@ def keypair() -> tuple[bytes, bytes]:
 
 @dataclass
 class Node:
-    ns: nx.Netns
+    ns: netlab.Netns
     backend: UserspaceBackend
     link: str
     private: bytes
@@ -60,17 +61,17 @@ def pair(request: pytest.FixtureRequest, lab: nx.Lab) -> tuple[Node, Node]:
     veths = lab.veth(nss[0], nss[1])
     nodes = []
     for i, ns in enumerate(nss):
-        nx.add_address(ns, veths[i], f"{nx.OUTER4[i]}/24")
-        nx.add_address(ns, veths[i], f"{nx.OUTER6[i]}/64")
-        link = nx.unique_name("ks", 8)
-        nx.LEDGER.sockets.add(socket_path(link))
+        netlab.add_address(ns, veths[i], f"{nx.OUTER4[i]}/24")
+        netlab.add_address(ns, veths[i], f"{nx.OUTER6[i]}/64")
+        link = netlab.unique_name("ks", 8)
+        netlab.LEDGER.sockets.add(socket_path(link))
         backend = UserspaceBackend(argv, netns=ns.name, env={"LOG_LEVEL": "verbose"})
         lab.defer(backend.down)
         priv, pub = keypair()
         port = 51820 + i
         backend.up(link, priv, port, 0x20, 1420)
-        nx.LEDGER.pids.add(running_pid(backend))
-        nx.add_address(ns, link, f"{nx.INNER4[i]}/24")
+        netlab.LEDGER.pids.add(running_pid(backend))
+        netlab.add_address(ns, link, f"{nx.INNER4[i]}/24")
         nodes.append(Node(ns, backend, link, priv, pub, port, nx.OUTER4[i], nx.INNER4[i]))
     return nodes[0], nodes[1]
 
@@ -212,12 +213,12 @@ def test_crashed_daemon_is_restarted_with_config(pair: tuple[Node, Node]) -> Non
     nx.ping(a.ns, b.inner, count=1)
     old_pid = running_pid(a.backend)
     os.kill(old_pid, signal.SIGKILL)
-    nx.wait_until(lambda: a.backend.pid is None, timeout=10, what="daemon death noticed")
+    netlab.wait_until(lambda: a.backend.pid is None, timeout=10, what="daemon death noticed")
     states = a.backend.peer_states()  # restarts and re-applies everything
-    nx.LEDGER.pids.add(running_pid(a.backend))
+    netlab.LEDGER.pids.add(running_pid(a.backend))
     assert a.backend.restarts == 1 and a.backend.pid != old_pid
     assert set(states) == {b.public}
-    nx.add_address(a.ns, a.link, f"{a.inner}/24")  # the new TUN link has no address yet
+    netlab.add_address(a.ns, a.link, f"{a.inner}/24")  # the new TUN link has no address yet
     assert "0x20" in a.ns.run("wg", "show", a.link, "fwmark").stdout
     nx.ping(a.ns, b.inner, count=1)
     assert a.backend.peer_states()[b.public].last_handshake is not None

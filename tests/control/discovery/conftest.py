@@ -15,7 +15,7 @@ import pytest
 from control.affiliate import Address, Affiliate, KubeSpanInfo
 from control.discovery.proto import cluster_pb2 as pb
 from control.discovery.proto import cluster_pb2_grpc as pbg
-from control.discovery.server import DiscoveryServer
+from tests.control.discovery.threaded import ThreadedServer
 
 T = TypeVar("T")
 
@@ -65,12 +65,12 @@ def make_affiliate(name: str, n: int = 1, endpoints: tuple = ()) -> Affiliate:
 
 
 @pytest.fixture
-def make_server() -> Iterator[Callable[..., DiscoveryServer]]:
+def make_server() -> Iterator[Callable[..., ThreadedServer]]:
     """Start services on 127.0.0.1 in background threads; all stopped at teardown."""
-    started: list[DiscoveryServer] = []
+    started: list[ThreadedServer] = []
 
-    def factory(port: int = 0, **options: Any) -> DiscoveryServer:
-        server = DiscoveryServer(**options)
+    def factory(port: int = 0, **options: Any) -> ThreadedServer:
+        server = ThreadedServer(**options)
         server.start("127.0.0.1", port)
         started.append(server)
         return server
@@ -81,18 +81,18 @@ def make_server() -> Iterator[Callable[..., DiscoveryServer]]:
 
 
 @pytest.fixture
-def server(make_server: Callable[..., DiscoveryServer]) -> DiscoveryServer:
+def server(make_server: Callable[..., ThreadedServer]) -> ThreadedServer:
     return make_server(gc_interval=0.2)
 
 
-def target(server: DiscoveryServer) -> str:
+def target(server: ThreadedServer) -> str:
     return f"127.0.0.1:{server.port}"
 
 
 class Raw:
     """A plain gRPC stub on its own channel, for speaking the API without our client."""
 
-    def __init__(self, server: DiscoveryServer) -> None:
+    def __init__(self, server: ThreadedServer) -> None:
         self.channel = grpc.aio.insecure_channel(target(server))
         self.stub = pbg.ClusterStub(self.channel)
 

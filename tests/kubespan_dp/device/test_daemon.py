@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from control import netlab
 from tests import netns
 from tests.netns import INNER4, INNER6, OUTER4
 
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.netns
 KUBESPAN_WG = str(netns.VENV_BIN / "kubespan-wg")
 
 
-def link_exists(ns: netns.Netns, ifname: str) -> bool:
+def link_exists(ns: netlab.Netns, ifname: str) -> bool:
     return ns.run("ip", "link", "show", ifname, check=False).returncode == 0
 
 
@@ -52,17 +53,17 @@ def test_stops_and_cleans_up(lab: netns.Lab, how: str) -> None:
 def test_detaches_like_wireguard_go(lab: netns.Lab) -> None:
     """Without -f the command returns once the interface and socket are ready."""
     ns = lab.netns()
-    ifname = netns.unique_name("wg", 8)
-    netns.LEDGER.sockets.add(netns.uapi_path(ifname))
+    ifname = netlab.unique_name("wg", 8)
+    netlab.LEDGER.sockets.add(netns.uapi_path(ifname))
     r = ns.run(KUBESPAN_WG, ifname, timeout=30)
     assert r.returncode == 0
     pids = ns.pids()
-    netns.LEDGER.pids.update(pids)
+    netlab.LEDGER.pids.update(pids)
     assert len(pids) == 1
     assert netns.uapi_path(ifname).exists() and link_exists(ns, ifname)
     assert "listen_port=" in netns.uapi_request(ifname, "get=1\n\n")
     ns.run("ip", "link", "del", ifname)
-    netns.wait_until(lambda: not netns._pid_alive(pids[0]), timeout=10, what="daemon to exit")
+    netlab.wait_until(lambda: not netlab.pid_alive(pids[0]), timeout=10, what="daemon to exit")
     assert not netns.uapi_path(ifname).exists()
 
 
@@ -88,10 +89,10 @@ def test_help() -> None:
 def test_wg_quick_up_and_down(lab: netns.Lab) -> None:
     na, nb = lab.netns("qa"), lab.netns("qb")
     va, vb = lab.veth(na, nb)
-    netns.add_address(na, va, f"{OUTER4[0]}/24")
-    netns.add_address(nb, vb, f"{OUTER4[1]}/24")
+    netlab.add_address(na, va, f"{OUTER4[0]}/24")
+    netlab.add_address(nb, vb, f"{OUTER4[1]}/24")
     keys = [netns.genkey(na), netns.genkey(nb)]
-    names = [netns.unique_name("wq", 8), netns.unique_name("wq", 8)]
+    names = [netlab.unique_name("wq", 8), netlab.unique_name("wq", 8)]
     confdir = lab.tempdir()
     env = {"WG_QUICK_USERSPACE_IMPLEMENTATION": "kubespan-wg"}
     for i, ns in enumerate((na, nb)):
@@ -105,14 +106,14 @@ def test_wg_quick_up_and_down(lab: netns.Lab) -> None:
             f"Endpoint = {OUTER4[1 - i]}:{51830 + 1 - i}\n"
         )
         conf.chmod(0o600)
-        netns.LEDGER.sockets.add(netns.uapi_path(names[i]))
+        netlab.LEDGER.sockets.add(netns.uapi_path(names[i]))
 
-        def down(ns: netns.Netns = ns, conf: Path = conf) -> None:
+        def down(ns: netlab.Netns = ns, conf: Path = conf) -> None:
             ns.run("wg-quick", "down", str(conf), check=False, env=env)
 
         lab.defer(down)
         ns.run("wg-quick", "up", str(conf), env=env)
-        netns.LEDGER.pids.update(ns.pids())
+        netlab.LEDGER.pids.update(ns.pids())
     netns.ping(na, INNER4[1])
     netns.ping(nb, INNER6[0])
     assert "mtu 1380" in na.run("ip", "link", "show", names[0]).stdout
@@ -123,9 +124,9 @@ def test_wg_quick_up_and_down(lab: netns.Lab) -> None:
         ns.run("wg-quick", "down", str(confdir / f"{names[i]}.conf"), env=env)
 
         def exited(pids: list[int] = pids) -> bool:
-            return not any(netns._pid_alive(p) for p in pids)
+            return not any(netlab.pid_alive(p) for p in pids)
 
-        netns.wait_until(
+        netlab.wait_until(
             exited,
             timeout=10,
             what="daemon to exit after wg-quick down",
@@ -137,7 +138,7 @@ def test_wg_quick_up_and_down(lab: netns.Lab) -> None:
 # --------------------------------------------------------------------------- UAPI robustness
 
 
-def configured(lab: netns.Lab) -> tuple[netns.Netns, netns.Daemon]:
+def configured(lab: netns.Lab) -> tuple[netlab.Netns, netns.Daemon]:
     ns = lab.netns()
     d = lab.daemon(ns, "kubespan-wg")
     keyfile = lab.tempdir() / "key"

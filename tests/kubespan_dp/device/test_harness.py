@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from control import netlab
 from tests import netns
 
 pytestmark = pytest.mark.netns
@@ -25,5 +26,5 @@ def test_lab_cleans_up() -> None:
         names = {a.ns.name, b.ns.name}
         sockets = [netns.uapi_path(a.ifname), netns.uapi_path(b.ifname)]
         assert all(p.exists() for p in sockets)
-    assert not names & set(netns.list_namespaces())
+    assert not names & set(netlab.list_namespaces())
     assert not any(p.exists() for p in sockets)

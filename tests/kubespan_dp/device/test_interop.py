@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from control import netlab
 from tests import netns
 from tests.netns import INNER4, INNER6, OUTER4
 
@@ -57,7 +58,7 @@ def test_handshake_and_ping_both_families(
         ra, rb = peer_row(a, b.public_key), peer_row(b, a.public_key)
         return ra[5] == rb[6] and ra[6] == rb[5]
 
-    netns.wait_until(balanced, timeout=15, what="tx/rx counters to match across the pair")
+    netlab.wait_until(balanced, timeout=15, what="tx/rx counters to match across the pair")
 
 
 @pytest.mark.parametrize("kinds", PAIRS, ids=PAIR_IDS)
@@ -117,7 +118,7 @@ def test_roaming(lab: netns.Lab, kinds: tuple[str, str], mover: str) -> None:
     # a new address: the old one is deleted, so the sender must pick the new one
     new_ip = "192.168.77.9"
     moving.ns.run("ip", "addr", "del", f"{ip_now}/24", "dev", moving.veth)
-    netns.add_address(moving.ns, moving.veth, f"{new_ip}/24")
+    netlab.add_address(moving.ns, moving.veth, f"{new_ip}/24")
     netns.ping(moving.ns, INNER4[0] if moving is b else INNER4[1])
     assert peer_row(still, moving.public_key)[2] == f"{new_ip}:40000"
     netns.ping(still.ns, INNER6[1] if moving is b else INNER6[0])
@@ -171,17 +172,17 @@ NAT_TIMEOUT = 2
 
 def build_nat(
     lab: netns.Lab, kinds: tuple[str, str]
-) -> tuple[netns.WgHost, netns.WgHost, netns.Netns]:
+) -> tuple[netns.WgHost, netns.WgHost, netlab.Netns]:
     """a (behind NAT) -- r (masquerade, short UDP conntrack timeouts) -- b (public).
     b knows no route to a's network and no endpoint for a: it can only answer through
     the NAT mapping that a's packets create."""
     na, nr, nb = lab.netns("na"), lab.netns("nr"), lab.netns("nb")
     a0, r0 = lab.veth(na, nr)
     r1, b0 = lab.veth(nr, nb)
-    netns.add_address(na, a0, "192.168.10.2/24")
-    netns.add_address(nr, r0, "192.168.10.1/24")
-    netns.add_address(nr, r1, "192.168.20.1/24")
-    netns.add_address(nb, b0, "192.168.20.2/24")
+    netlab.add_address(na, a0, "192.168.10.2/24")
+    netlab.add_address(nr, r0, "192.168.10.1/24")
+    netlab.add_address(nr, r1, "192.168.20.1/24")
+    netlab.add_address(nb, b0, "192.168.20.2/24")
     na.run("ip", "route", "add", "default", "via", "192.168.10.1")
     nr.run(
         "sysctl",
@@ -209,7 +210,7 @@ def build_nat(
     keydir = lab.tempdir()
     for i, h in enumerate(hosts):
         (keydir / f"k{i}").write_text(h.private_key + "\n")
-        netns.add_address(h.ns, h.ifname, f"{INNER4[i]}/24")
+        netlab.add_address(h.ns, h.ifname, f"{INNER4[i]}/24")
         h.ns.run("ip", "link", "set", h.ifname, "up")
     a.wg(
         "set",
@@ -254,7 +255,7 @@ def build_nat(
 def test_keepalive_holds_nat_mapping(lab: netns.Lab, kinds: tuple[str, str]) -> None:
     a, b, _ = build_nat(lab, kinds)
     # a's keepalive alone makes the handshake: b learns a's public (NATed) endpoint
-    netns.wait_until(
+    netlab.wait_until(
         lambda: peer_row(b, a.public_key)[2].startswith("192.168.20.1:"),
         timeout=20,
         what="b to learn a's NAT endpoint",
@@ -275,7 +276,7 @@ def test_replies_from_the_address_written_to(lab: netns.Lab, outer: str) -> None
     a, b = netns.build_pair(lab, "kubespan-wg", "wireguard-go", outer=outer)
     second = "192.168.77.11" if outer == "4" else "fd00:77::11"
     if outer == "4":
-        netns.add_address(a.ns, a.veth, f"{second}/24")
+        netlab.add_address(a.ns, a.veth, f"{second}/24")
     else:  # deprecated, so the kernel would never pick it as a source by itself
         a.ns.run("ip", "addr", "add", f"{second}/64", "dev", a.veth, "nodad", "preferred_lft", "0")
     endpoint = f"{second}:{a.port}" if outer == "4" else f"[{second}]:{a.port}"

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from control import netlab
 from tests import netns
 from tests.netns import INNER4, INNER6
 
@@ -45,7 +46,7 @@ def test_transfer_both_ways_with_counters(lab: netns.Lab, kinds: tuple[str, str]
         ra, rb = _row(a, b.public_key), _row(b, a.public_key)
         return int(ra[5]), int(ra[6]), int(rb[5]), int(rb[6])  # a rx, a tx, b rx, b tx
 
-    netns.wait_until(
+    netlab.wait_until(
         lambda: (c := counters())[1] >= c[2] > 30 << 20 and c[3] >= c[0] > 30 << 20,
         timeout=15,
         what="counters to cover the transfers",
@@ -63,7 +64,7 @@ def test_transfer_both_ways_with_counters(lab: netns.Lab, kinds: tuple[str, str]
         d = [x - y for x, y in zip(counters(), before, strict=True)]
         return d[1] > 0 and d[1] == d[2] and d[3] == d[0]
 
-    netns.wait_until(balanced, timeout=15, what="ping tx/rx deltas to match across the pair")
+    netlab.wait_until(balanced, timeout=15, what="ping tx/rx deltas to match across the pair")
     assert _row(a, b.public_key)[4] != "0"  # latest handshake
     for host in (a, b):
         if host.daemon.kind == "kubespan-wg":

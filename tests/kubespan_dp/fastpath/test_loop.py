@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from control import netlab
 from kubespan_dp import _fastpath as fp
 from kubespan_dp.tun import Tun
 from tests import netns
@@ -22,10 +23,10 @@ PORT = 51820
 
 
 class Side:
-    def __init__(self, lab: netns.Lab, ns: netns.Netns, i: int) -> None:
+    def __init__(self, lab: netns.Lab, ns: netlab.Netns, i: int) -> None:
         self.ns = ns
         with ns.entered():
-            self.tun = Tun(netns.unique_name("kf", 6))
+            self.tun = Tun(netlab.unique_name("kf", 6))
             self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             self.sock.setsockopt(socket.IPPROTO_IP, 8, 1)  # IP_PKTINFO, as the device
             self.sock.bind(("0.0.0.0", PORT))
@@ -49,8 +50,8 @@ class Side:
 def pair(lab: netns.Lab) -> tuple[Side, Side]:
     a, b = lab.netns("kfa"), lab.netns("kfb")
     va, vb = lab.veth(a, b)
-    netns.add_address(a, va, f"{OUTER[0]}/24")
-    netns.add_address(b, vb, f"{OUTER[1]}/24")
+    netlab.add_address(a, va, f"{OUTER[0]}/24")
+    netlab.add_address(b, vb, f"{OUTER[1]}/24")
     return Side(lab, a, 0), Side(lab, b, 1)
 
 
