@@ -18,9 +18,10 @@ import logging
 from collections.abc import Iterable, Sequence
 from ipaddress import IPv4Address, IPv6Address, ip_address, ip_interface
 
-from control.affiliate import Address, Affiliate, IPAddress, IPNetwork, KubeSpanInfo
+from control.affiliate import Affiliate, KubeSpanInfo
 from control.config import KUBESPAN_DEFAULT_PORT, MachineConfig, parse_subnet_or_address
 from control.identity import KubeSpanIdentity
+from kubespan_dp.netutil import Address, IPAddress, IPNetwork
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,8 @@ import enum
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from control.backends.base import Address, PeerState
+from control.backends.base import PeerState
+from kubespan_dp.netutil import Address
 
 PEER_DOWN_INTERVAL = float(180 + 5 + 90)  # REJECT_AFTER_TIME + REKEY_TIMEOUT + REKEY_ATTEMPT_TIME
 ENDPOINT_CONNECTION_TIMEOUT = 15.0

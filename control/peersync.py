@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from control import records
-from control.affiliate import Address, Affiliate
+from control.affiliate import Affiliate
 from control.backends.base import PeerState
 from control.peerspec import PeerSpec
 from control.peerstate import PeerStateName, PeerStatus, harvest_endpoints
+from kubespan_dp.netutil import Address
 
 
 class PeerTracker:

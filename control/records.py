@@ -16,9 +16,9 @@ from typing import Any
 
 import yaml
 
-from control.affiliate import Address
 from control.identity import KubeSpanIdentity
 from control.peerspec import PeerSpec
+from kubespan_dp.netutil import Address
 
 NAMESPACE = "kubespan"
 REDACTED = "(redacted)"

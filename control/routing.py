@@ -29,7 +29,7 @@ from ipaddress import IPv4Network, IPv6Network
 
 from pyroute2 import IPRoute
 
-IPNetwork = IPv4Network | IPv6Network
+from kubespan_dp.netutil import IPNetwork, check_ifname
 
 NFT_TABLE = "kubespan"  # table inet kubespan
 SET_V4 = "kubespan_targets_ipv4"
@@ -165,15 +165,6 @@ def _check_mtu(mtu: int) -> None:
         raise ValueError(f"MTU must be an integer in [{MIN_MTU}, {MAX_MTU}], got {mtu!r}")
 
 
-def _check_link(link: str) -> None:
-    if (
-        not isinstance(link, str)
-        or not 0 < len(link) <= 15
-        or any(c in link for c in "/ \t\n\"'\0")
-    ):
-        raise ValueError(f"invalid link name {link!r}")
-
-
 def _nft(args: list[str], netns: str | None, stdin: str | None = None) -> str:
     argv = ["nft", *args]
     if netns is not None:
@@ -209,7 +200,7 @@ def _our_rules(ipr: IPRoute, family: int) -> list:
 
 def apply_policy(link: str, mtu: int, *, netns: str | None = None) -> None:
     """Rules `fwmark 0x40/0x60 lookup 180` (v4, v6) and default routes via `link`."""
-    _check_link(link)
+    check_ifname(link)
     _check_mtu(mtu)
     try:
         with IPRoute(**({"netns": netns} if netns else {})) as ipr:
@@ -300,7 +291,7 @@ def _table_routes(ipr: IPRoute, family: int) -> list:
 
 def apply(routed: Iterable[object], link: str, mtu: int, *, netns: str | None = None) -> None:
     """Install or update everything; idempotent. Validates all input before any change."""
-    _check_link(link)
+    check_ifname(link)
     ruleset = build_ruleset(routed, mtu)  # raises ValueError on bad prefixes / MTU
     apply_policy(link, mtu, netns=netns)
     _nft(["-f", "-"], netns, ruleset)

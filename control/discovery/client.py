@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 import grpc
 
-from control.affiliate import Address, Affiliate, IPAddress
+from control.affiliate import Affiliate
 from control.discovery.cipher import AffiliateCipher, CipherError, secret_key
 from control.discovery.codec import (
     CodecError,
@@ -36,6 +36,7 @@ from control.discovery.codec import (
 )
 from control.discovery.proto import cluster_pb2 as pb
 from control.discovery.proto import cluster_pb2_grpc as pbg
+from kubespan_dp.netutil import Address, IPAddress
 
 log = logging.getLogger("control.discovery.client")
 

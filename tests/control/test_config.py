@@ -321,7 +321,10 @@ def test_our_document_values() -> None:
             "pod CIDR is not valid: '10.244.1.0' (missing /prefix-length)",
         ),
         ("KubeSpanPyConfig.stateDir", "must not be empty"),
-        ("KubeSpanPyConfig.linkName", "not a valid Linux interface name: 'this-name-is-too-long'"),
+        (
+            "KubeSpanPyConfig.linkName",
+            "invalid interface name 'this-name-is-too-long': longer than 15 bytes",
+        ),
         (
             "KubeSpanPyConfig.discoveryEndpoint",
             "cluster discovery service registry endpoint is invalid: 'ftp://x/' (expected http(s)://host[:port])",

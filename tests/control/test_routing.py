@@ -58,6 +58,10 @@ def test_build_ruleset_rejects_bad_input() -> None:
     for mtu in (1279, 65536, "1420", None, True):
         with pytest.raises(ValueError):
             routing.build_ruleset([], mtu)  # type: ignore[arg-type]
+    # the link name is checked (the one Linux rule) before anything is touched
+    for link in ("", "x" * 16, "bad/name", "a b"):
+        with pytest.raises(ValueError, match="invalid interface name"):
+            routing.apply([], link, 1420)
 
 
 def test_build_ruleset_mss_follows_mtu() -> None:
