@@ -16,10 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import EllipsisType
 
-from control.backends.base import Address, BackendError, IPNetwork
-
-RUN_DIR = Path("/var/run/wireguard")
-_SECRET_KEYS = {"private_key", "preshared_key"}
+from control.backends.base import BackendError, check_key
+from kubespan_dp.netutil import (
+    Address,
+    IPNetwork,
+    check_endpoint,
+    format_endpoint,
+    parse_endpoint,
+)
 
 
 class UAPIError(BackendError):
@@ -51,29 +55,8 @@ class UAPIDevice:
     peers: list[UAPIPeer] = field(default_factory=list)
 
 
-def socket_path(link: str, run_dir: Path = RUN_DIR) -> Path:
-    return run_dir / f"{link}.sock"
-
-
-def format_endpoint(endpoint: Address) -> str:
-    host, port = endpoint
-    ip = ipaddress.ip_address(host)
-    if not 0 < int(port) < 65536:
-        raise ValueError(f"endpoint port out of range: {port!r}")
-    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
-
-
-def parse_endpoint(text: str) -> Address:
-    host, _, port = text.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    host = host.split("%", 1)[0]  # drop an IPv6 zone if present
-    return str(ipaddress.ip_address(host)), int(port)
-
-
 def key_hex(key: bytes) -> str:
-    if not isinstance(key, (bytes, bytearray)) or len(key) != 32:
-        raise ValueError("WireGuard keys are 32 bytes")
-    return bytes(key).hex()
+    return check_key(key, "a WireGuard key").hex()
 
 
 class UAPIClient:
@@ -195,7 +178,7 @@ def peer_items(
     if preshared_key is not ...:
         items.append(("preshared_key", key_hex(preshared_key) if preshared_key else "0" * 64))
     if endpoint is not None:
-        items.append(("endpoint", format_endpoint(endpoint)))
+        items.append(("endpoint", format_endpoint(check_endpoint(endpoint))))
     if persistent_keepalive is not None:
         if not 0 <= persistent_keepalive <= 65535:
             raise ValueError("persistent keepalive out of range")
