@@ -29,6 +29,7 @@ from ipaddress import IPv4Network, IPv6Network
 
 from pyroute2 import IPRoute
 
+from control.ula import ULA_KUBESPAN, is_ula
 from kubespan_dp.netutil import IPNetwork, check_ifname
 
 NFT_TABLE = "kubespan"  # table inet kubespan
@@ -60,14 +61,6 @@ class RoutingError(RuntimeError):
 # Which prefixes are routed
 
 
-def is_kubespan_ula(net: IPNetwork) -> bool:
-    """KubeSpan's own ULA space (fdXX:XXXX:XXXX:XX02::/64): reached via the link's /64."""
-    if net.version != 6:
-        return False
-    raw = net.network_address.packed
-    return raw[0] == 0xFD and raw[7] == 0x02 and net.prefixlen >= 64
-
-
 def routed_prefixes(
     allowed_ips: Mapping[object, Iterable[IPNetwork]],
     states: Mapping[object, str],
@@ -86,7 +79,8 @@ def routed_prefixes(
         state_name = getattr(state, "value", state)  # PeerStateName or plain string
         if allow_down_peer_bypass and state_name != "up":
             continue
-        picked.extend(n for n in nets if not is_kubespan_ula(n))
+        # KubeSpan's own ULA space is reached via the link's /64, not the marks.
+        picked.extend(n for n in nets if not is_ula(n, ULA_KUBESPAN))
     return _collapse(picked)
 
 
