@@ -39,6 +39,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from control.discovery.target import parse_discovery_endpoint
 from kubespan_dp.netutil import (
     Address,
     InterfaceNameError,
@@ -133,17 +134,8 @@ class MachineConfig:
 
     def discovery_target(self) -> tuple[str, bool]:
         """("host:port", insecure) as Talos normalises the service endpoint."""
-        return normalize_endpoint(self.discovery_endpoint)
-
-
-def normalize_endpoint(url: str) -> tuple[str, bool]:
-    """Discovery URL -> ("host:port", insecure): http means plaintext, default ports 80/443."""
-    parts = urlsplit(url)
-    port = parts.port or (80 if parts.scheme == "http" else 443)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{host}:{port}", parts.scheme == "http"
+        target, tls = parse_discovery_endpoint(self.discovery_endpoint)
+        return target, not tls
 
 
 # --- parsing helpers -------------------------------------------------------------------

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from control.config import ConfigError, MachineConfig, load_config, normalize_endpoint
+from control.config import ConfigError, DiscoverySettings, MachineConfig, load_config
 
 TALOS = Path(__file__).resolve().parents[1] / "data" / "talos"
 SECRET = "BVpg0EsnQ5vfvHvMN5Yc2+qyzbvJpLNokgdNqmYRxEU="
@@ -191,8 +191,11 @@ def test_other_talos_sections_and_kinds_are_ignored() -> None:
 
 
 def test_normalize_endpoint() -> None:
-    assert normalize_endpoint("http://[fd00::1]:3000/") == ("[fd00::1]:3000", True)
-    assert normalize_endpoint("http://host") == ("host:80", True)
+    def target(url: str) -> tuple[str, bool]:
+        return MachineConfig(discovery=DiscoverySettings(service_endpoint=url)).discovery_target()
+
+    assert target("http://[fd00::1]:3000/") == ("[fd00::1]:3000", True)
+    assert target("http://host") == ("host:80", True)
 
 
 # --- every validation problem, with its path ------------------------------------------------
