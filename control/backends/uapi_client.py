@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import EllipsisType
@@ -40,11 +40,19 @@ class UAPIPeer:
     endpoint: Address | None = None
     persistent_keepalive: int = 0
     allowed_ips: list[IPNetwork] = field(default_factory=list)
-    last_handshake: float | None = None  # wall clock; None when 0/0 (never)
+    last_handshake_sec: int = 0  # wall clock, as the daemon reports it
+    last_handshake_nsec: int = 0
     rx_bytes: int = 0
     tx_bytes: int = 0
     protocol_version: int = 1
     has_preshared_key: bool = False
+
+    @property
+    def last_handshake(self) -> float | None:
+        """Wall-clock seconds; None when 0/0 (never)."""
+        if self.last_handshake_sec == 0 and self.last_handshake_nsec == 0:
+            return None
+        return self.last_handshake_sec + self.last_handshake_nsec / 1e9
 
 
 @dataclass
@@ -53,6 +61,30 @@ class UAPIDevice:
     fwmark: int = 0
     has_private_key: bool = False
     peers: list[UAPIPeer] = field(default_factory=list)
+
+
+def _is_set(value: str) -> bool:
+    """Whether a key read back is set; the key itself is dropped."""
+    return any(value.strip("0"))
+
+
+# The `get` reply, key -> (attribute, parser): device keys before the first public_key,
+# then each peer's. Keys not listed are skipped (a newer daemon may send more).
+_DEVICE_KEYS: dict[str, tuple[str, Callable[[str], object]]] = {
+    "listen_port": ("listen_port", int),
+    "fwmark": ("fwmark", int),
+    "private_key": ("has_private_key", _is_set),
+}
+_PEER_KEYS: dict[str, tuple[str, Callable[[str], object]]] = {
+    "endpoint": ("endpoint", parse_endpoint),
+    "persistent_keepalive_interval": ("persistent_keepalive", int),
+    "last_handshake_time_sec": ("last_handshake_sec", int),
+    "last_handshake_time_nsec": ("last_handshake_nsec", int),
+    "rx_bytes": ("rx_bytes", int),
+    "tx_bytes": ("tx_bytes", int),
+    "protocol_version": ("protocol_version", int),
+    "preshared_key": ("has_preshared_key", _is_set),
+}
 
 
 def key_hex(key: bytes) -> str:
@@ -96,41 +128,17 @@ class UAPIClient:
     def get(self) -> UAPIDevice:
         dev = UAPIDevice()
         peer: UAPIPeer | None = None
-        hs_sec = hs_nsec = 0
         for key, value in self._exchange(b"get=1\n\n"):
             if key == "public_key":
-                if peer is not None:
-                    _finish(peer, hs_sec, hs_nsec)
                 peer = UAPIPeer(bytes.fromhex(value))
-                hs_sec = hs_nsec = 0
                 dev.peers.append(peer)
-            elif peer is None:
-                if key == "listen_port":
-                    dev.listen_port = int(value)
-                elif key == "fwmark":
-                    dev.fwmark = int(value)
-                elif key == "private_key":
-                    dev.has_private_key = any(value.strip("0"))
-            elif key == "endpoint":
-                peer.endpoint = parse_endpoint(value)
-            elif key == "persistent_keepalive_interval":
-                peer.persistent_keepalive = int(value)
-            elif key == "allowed_ip":
+            elif key == "allowed_ip" and peer is not None:
                 peer.allowed_ips.append(ipaddress.ip_network(value, strict=False))
-            elif key == "last_handshake_time_sec":
-                hs_sec = int(value)
-            elif key == "last_handshake_time_nsec":
-                hs_nsec = int(value)
-            elif key == "rx_bytes":
-                peer.rx_bytes = int(value)
-            elif key == "tx_bytes":
-                peer.tx_bytes = int(value)
-            elif key == "protocol_version":
-                peer.protocol_version = int(value)
-            elif key == "preshared_key":
-                peer.has_preshared_key = any(value.strip("0"))
-        if peer is not None:
-            _finish(peer, hs_sec, hs_nsec)
+            else:
+                target, fields = (dev, _DEVICE_KEYS) if peer is None else (peer, _PEER_KEYS)
+                if key in fields:
+                    name, parse = fields[key]
+                    setattr(target, name, parse(value))
         return dev
 
     def set(self, items: Sequence[tuple[str, str]]) -> None:
@@ -149,10 +157,6 @@ class UAPIClient:
         except UAPIError:
             return False
         return True
-
-
-def _finish(peer: UAPIPeer, sec: int, nsec: int) -> None:
-    peer.last_handshake = None if sec == 0 and nsec == 0 else sec + nsec / 1e9
 
 
 def peer_items(
