@@ -18,7 +18,8 @@ A Talos machine config is a multi-document YAML stream. We read:
       podCIDRs: [10.244.1.0/24]    # networks this node advertises (advertiseKubernetesNetworks)
       stateDir: /var/lib/kubespan  # identity files live here
       linkName: kubespan           # WireGuard link name
-      discoveryEndpoint: http://10.0.0.1:3000  # overrides cluster.discovery.registries.service.endpoint
+      # overrides cluster.discovery.registries.service.endpoint:
+      discoveryEndpoint: http://10.0.0.1:3000
 
 Everything else in the stream (other sections, other kinds) is ignored. Inside the
 sections we own, unknown keys and wrong types are errors. Every problem is collected
@@ -249,7 +250,7 @@ def _parse_list(
 def _check_service_url(problems: Problems, path: str, url: str) -> None:
     try:
         parts = urlsplit(url)
-        parts.port  # raises ValueError on a bad port
+        _ = parts.port  # raises ValueError on a bad port
     except ValueError as exc:
         problems.append((path, f"cluster discovery service registry endpoint is invalid: {exc}"))
         return

@@ -36,7 +36,8 @@ ENDPOINT_CONNECTION_TIMEOUT = 15.0
 RECONCILE_INTERVAL = 30.0  # the agent also reconciles on every event
 
 
-class PeerStateName(str, enum.Enum):
+# Not StrEnum: that would turn str(member) from "PeerStateName.UP" into "up" under callers.
+class PeerStateName(str, enum.Enum):  # noqa: UP042
     UNKNOWN = "unknown"
     UP = "up"
     DOWN = "down"

@@ -16,7 +16,7 @@ class PeerTracker:
         self.endpoint_changes: dict[str, int] = {}
 
     def observe(self, spec: PeerSpec, wg: PeerState | None, now: float) -> Address | None:
-        """Update one peer from WireGuard; return the endpoint to configure (None: keep WireGuard's)."""
+        """Update one peer from WireGuard; the endpoint to configure (None: keep WireGuard's)."""
         status = self._statuses.setdefault(spec.public_key, PeerStatus(label=spec.label))
         status.label = spec.label
         status.update_from_wireguard(wg)

@@ -144,9 +144,11 @@ def build_ruleset(prefixes: Iterable[object], mtu: int) -> str:
         "\t\ttype route hook output priority filter; policy accept;",
         f"\t\t{own}",
         '\t\toifname "lo" accept',
-        f"\t\tip daddr @{SET_V4} {syn} tcp option maxseg size > {mss4} tcp option maxseg size set {mss4}",
+        f"\t\tip daddr @{SET_V4} {syn} "
+        f"tcp option maxseg size > {mss4} tcp option maxseg size set {mss4}",
         f"\t\tip daddr @{SET_V4} {set_mark}",
-        f"\t\tip6 daddr @{SET_V6} {syn} tcp option maxseg size > {mss6} tcp option maxseg size set {mss6}",
+        f"\t\tip6 daddr @{SET_V6} {syn} "
+        f"tcp option maxseg size > {mss6} tcp option maxseg size set {mss6}",
         f"\t\tip6 daddr @{SET_V6} {set_mark}",
         "\t}",
         "}",

@@ -219,7 +219,7 @@ class DiscoveryClient:
         seen = -1
         while True:
             async with self._changed:
-                await self._changed.wait_for(lambda: self.version != seen)
+                await self._changed.wait_for(lambda seen=seen: self.version != seen)
                 seen = self.version
             yield dict(self.affiliates)
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from control.config import ConfigError, DiscoverySettings, MachineConfig, load_config
 
@@ -131,7 +133,10 @@ def test_samples_are_all_there() -> None:
 
 
 def test_guide_spelling_of_endpoints_kind_is_accepted() -> None:
-    doc = "---\napiVersion: v1alpha1\nkind: KubespanEndpointsConfig\nextraAnnouncedEndpoints: ['[2001:db8::1]:51820']\n"
+    doc = (
+        "---\napiVersion: v1alpha1\nkind: KubespanEndpointsConfig\n"
+        "extraAnnouncedEndpoints: ['[2001:db8::1]:51820']\n"
+    )
     cfg = load_config(base() + doc)
     assert cfg.kubespan.extra_announced_endpoints == (("2001:db8::1", 51820),)
 
@@ -227,8 +232,14 @@ def test_kubespan_with_service_registry_disabled() -> None:
 
 
 def test_malformed_filter_cidr_and_extra_endpoint() -> None:
-    ks = "enabled: true\nfilters:\n  endpoints: ['0.0.0.0/0', '!300.1.0.0/16', 'nope']\n  excludeAdvertisedNetworks: ['10.0.0.0/33', '10.0.0.1']"
-    eps = "---\napiVersion: v1alpha1\nkind: KubeSpanEndpointsConfig\nextraAnnouncedEndpoints: ['1.2.3.4', '1.2.3.4:0', '::1:80', '[1.2.3.4]:5', '1.2.3.4:51820']\n"
+    ks = (
+        "enabled: true\nfilters:\n  endpoints: ['0.0.0.0/0', '!300.1.0.0/16', 'nope']\n"
+        "  excludeAdvertisedNetworks: ['10.0.0.0/33', '10.0.0.1']"
+    )
+    eps = (
+        "---\napiVersion: v1alpha1\nkind: KubeSpanEndpointsConfig\nextraAnnouncedEndpoints: "
+        "['1.2.3.4', '1.2.3.4:0', '::1:80', '[1.2.3.4]:5', '1.2.3.4:51820']\n"
+    )
     got = problems(base(ks) + eps)
     paths = [p for p, _ in got]
     assert paths == [
@@ -285,7 +296,10 @@ def test_unknown_keys_in_owned_sections() -> None:
 
 
 def test_wrong_types() -> None:
-    ks = "enabled: 'yes'\nmtu: '1420'\nfilters: {endpoints: '0.0.0.0/0', excludeAdvertisedNetworks: [1]}"
+    ks = (
+        "enabled: 'yes'\nmtu: '1420'\n"
+        "filters: {endpoints: '0.0.0.0/0', excludeAdvertisedNetworks: [1]}"
+    )
     disc = "enabled: true\nregistries: {service: []}"
     got = problems(base(ks, disc).replace(f"secret: {SECRET}", "secret: 12"))
     assert sorted(got) == sorted(
@@ -382,8 +396,6 @@ def test_kubespan_disabled_without_discovery_is_valid() -> None:
 
 # --- arbitrary input never escapes as anything but ConfigError --------------------------------
 
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st
 
 _scalars = st.one_of(
     st.none(),

@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 
 from control.backends.base import PeerState
 from control.peerspec import PeerSpec
-from control.peersync import PeerTracker
 from control.peerstate import (
     ENDPOINT_CONNECTION_TIMEOUT,
     PEER_DOWN_INTERVAL,
@@ -24,6 +23,7 @@ from control.peerstate import (
 from control.peerstate import (
     PeerStateName as S,
 )
+from control.peersync import PeerTracker
 
 NOW = 1_700_000_000.0
 A, B, C = ("192.0.2.1", 51820), ("192.0.2.2", 51820), ("2001:db8::3", 51820)

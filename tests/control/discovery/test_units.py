@@ -1,4 +1,5 @@
-"""Unit tests: cipher, codec, state rules with explicit time, rate limiter, snapshot file, proto freshness."""
+"""Unit tests: cipher, codec, state rules with explicit time, rate limiter, snapshot
+file, proto freshness."""
 
 from __future__ import annotations
 
