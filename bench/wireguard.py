@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from control.backends.uapi_client import socket_path
 from control.netlab import Lab, Netns, run, stop_processes, unique_name, wait_until
+from kubespan_dp.uapisock import socket_path
 
 REPO = Path(__file__).resolve().parents[1]
 MTU = 1420

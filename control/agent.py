@@ -50,7 +50,6 @@ from control.promhttp import MetricsServer
 
 log = logging.getLogger("control.agent")
 
-WIREGUARD_FWMARK = 0x20
 PERSISTENT_KEEPALIVE = 25
 RECONCILE_INTERVAL = 30.0
 
@@ -176,7 +175,7 @@ class Agent:
                 self.link,
                 self.identity.private_key,
                 cfg.local.listen_port,
-                WIREGUARD_FWMARK,
+                routing.WIREGUARD_MARK,  # what the nftables rules let through untouched
                 cfg.kubespan.mtu,
             )
             await asyncio.to_thread(set_link_address, self.link, self.identity.link_address)

@@ -63,7 +63,10 @@ def get_main(argv: list[str]) -> int:
     parser.add_argument("-o", "--output", choices=("table", "yaml", "json"), default="table")
     parser.add_argument("-w", "--watch", action="store_true", help="print again on every change")
     parser.add_argument(
-        "--link", default="kubespan", help="the agent's link name (default kubespan)"
+        "--link",
+        default="kubespan",
+        type=_link_name,
+        help="the agent's link name (default kubespan)",
     )
     args = parser.parse_args(argv)
     rtype = api.canonical_type(args.type)
@@ -84,6 +87,15 @@ def get_main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _link_name(text: str) -> str:
+    from kubespan_dp.netutil import InterfaceNameError, check_ifname
+
+    try:
+        return check_ifname(text)
+    except InterfaceNameError as exc:  # argparse shows only this kind's message as is
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 if __name__ == "__main__":

@@ -40,7 +40,14 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from control.affiliate import Address, IPNetwork
+from control.discovery.target import parse_discovery_endpoint
+from kubespan_dp.netutil import (
+    Address,
+    InterfaceNameError,
+    IPNetwork,
+    check_ifname,
+    parse_endpoint,
+)
 
 # Talos constants (pkg/machinery/constants).
 KUBESPAN_LINK_NAME = "kubespan"
@@ -128,17 +135,8 @@ class MachineConfig:
 
     def discovery_target(self) -> tuple[str, bool]:
         """("host:port", insecure) as Talos normalises the service endpoint."""
-        return normalize_endpoint(self.discovery_endpoint)
-
-
-def normalize_endpoint(url: str) -> tuple[str, bool]:
-    """Discovery URL -> ("host:port", insecure): http means plaintext, default ports 80/443."""
-    parts = urlsplit(url)
-    port = parts.port or (80 if parts.scheme == "http" else 443)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{host}:{port}", parts.scheme == "http"
+        target, tls = parse_discovery_endpoint(self.discovery_endpoint)
+        return target, not tls
 
 
 # --- parsing helpers -------------------------------------------------------------------
@@ -232,24 +230,6 @@ def parse_subnet_or_address(text: str) -> IPNetwork:
         return parse_cidr(text)
     addr = ip_address(text)
     return ip_network(f"{addr}/{addr.max_prefixlen}")
-
-
-def parse_addr_port(text: str) -> Address:
-    """ "1.2.3.4:5678" or "[2001:db8::1]:51820" -> (ip, port)."""
-    if text.startswith("["):
-        host, sep, port = text[1:].partition("]:")
-        if not sep:
-            raise ValueError("expected [ipv6]:port")
-        if ip_address(host).version != 6:
-            raise ValueError("brackets are only for IPv6 addresses")
-    else:
-        host, sep, port = text.rpartition(":")
-        if not sep or ":" in host:
-            raise ValueError("expected ip:port (IPv6 as [ip]:port)")
-    addr = ip_address(host)
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ValueError(f"port {port!r} is not in 1-65535")
-    return (str(addr), int(port))
 
 
 def _parse_list(
@@ -402,7 +382,7 @@ def _read_v1alpha1(doc: dict, problems: Problems, state: dict) -> None:
 
 
 def _read_endpoints_doc(s: _Section, state: dict) -> None:
-    eps = _parse_list(s, "extraAnnouncedEndpoints", parse_addr_port, "extra announced endpoint")
+    eps = _parse_list(s, "extraAnnouncedEndpoints", parse_endpoint, "extra announced endpoint")
     if eps is not None:
         state["extra_endpoints"] = eps
 
@@ -432,14 +412,10 @@ def _read_py_doc(s: _Section, state: dict) -> None:
             s.error("stateDir", "must not be empty")
     link = s.string("linkName")
     if link is not None:
-        if (
-            1 <= len(link.encode()) <= 15
-            and link not in (".", "..")
-            and not any(ch in link for ch in "/: \t\n")
-        ):
-            out["link_name"] = link
-        else:
-            s.error("linkName", f"not a valid Linux interface name: {link!r}")
+        try:
+            out["link_name"] = check_ifname(link)
+        except InterfaceNameError as exc:
+            s.error("linkName", str(exc))
     endpoint = s.string("discoveryEndpoint")
     if endpoint:
         _check_service_url(s.problems, s.sub("discoveryEndpoint"), endpoint)

@@ -25,13 +25,14 @@ from ipaddress import (
     ip_interface,
 )
 
-from control.affiliate import Address, Affiliate, IPAddress, IPNetwork, KubeSpanInfo
+from control.affiliate import Affiliate, KubeSpanInfo
 from control.config import KUBESPAN_DEFAULT_PORT, MachineConfig, parse_subnet_or_address
 from control.identity import KubeSpanIdentity
+from control.ula import ULA_SIDEROLINK, is_ula
+from kubespan_dp.netutil import Address, IPAddress, IPNetwork
 
 log = logging.getLogger(__name__)
 
-ULA_SIDEROLINK = 0x03
 OPERATING_SYSTEM = "kubespan-py (0.1.0)"
 _RT_SCOPE_LINK = 253
 
@@ -43,11 +44,6 @@ def _as_ip(value: object) -> IPAddress:
     if isinstance(value, (IPv4Address, IPv6Address)):
         return value
     return ip_interface(str(value)).ip
-
-
-def is_ula(ip: IPAddress, space: int) -> bool:
-    """Talos's ULA check: fdXX:XXXX:XXXX:XX<space>::/64-style addresses of one feature."""
-    return ip.version == 6 and ip.packed[0] == 0xFD and ip.packed[7] == space
 
 
 def node_addresses(

@@ -15,7 +15,6 @@ A file that exists but can't be read or parsed is an IdentityError naming it.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import tempfile
@@ -28,11 +27,11 @@ from typing import Any
 import yaml
 
 from control import base62, keys
+from control.ula import ula_prefix
 
 KUBESPAN_IDENTITY_FILE = "kubespan-identity.yaml"
 NODE_IDENTITY_FILE = "node-identity.yaml"
 NODE_ID_SIZE = 32
-ULA_KUBESPAN = 0x02  # Talos's ULA space key for KubeSpan (SideroLink is 0x03)
 FILE_MODE = 0o600
 
 _MAC_RE = re.compile(r"^[0-9a-fA-F]{2}([:-][0-9a-fA-F]{2}){5}$")
@@ -43,14 +42,6 @@ class IdentityError(Exception):
 
 
 # --- address derivation -----------------------------------------------------------------
-
-
-def ula_prefix(cluster_id: str, space: int = ULA_KUBESPAN) -> IPv6Network:
-    """Talos's ULA /64: bytes 16..31 of sha256(cluster id), byte 0 = 0xfd, byte 7 = space."""
-    p = bytearray(hashlib.sha256(cluster_id.encode()).digest()[16:32])
-    p[0] = 0xFD
-    p[7] = space
-    return IPv6Network((bytes(p[:8]) + bytes(8), 64))
 
 
 def parse_mac(mac: str | bytes) -> bytes:

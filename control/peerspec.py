@@ -17,7 +17,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, summarize_address_range
 
-from control.affiliate import Address, Affiliate, IPAddress, IPNetwork
+from control.affiliate import Affiliate
+from kubespan_dp.netutil import Address, IPAddress, IPNetwork
 
 log = logging.getLogger(__name__)
 

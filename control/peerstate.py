@@ -28,7 +28,8 @@ import enum
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from control.backends.base import Address, PeerState
+from control.backends.base import PeerState
+from kubespan_dp.netutil import Address
 
 PEER_DOWN_INTERVAL = float(180 + 5 + 90)  # REJECT_AFTER_TIME + REKEY_TIMEOUT + REKEY_ATTEMPT_TIME
 ENDPOINT_CONNECTION_TIMEOUT = 15.0
@@ -182,6 +183,15 @@ def harvest_endpoints(
     return out
 
 
+def prune_statuses(statuses: dict[str, PeerStatus], keep: Iterable[str]) -> list[str]:
+    """Drop (in place) the statuses of peers no longer specified; the keys dropped."""
+    wanted = set(keep)
+    gone = [key for key in statuses if key not in wanted]
+    for key in gone:
+        del statuses[key]
+    return gone
+
+
 def sync_statuses(
     statuses: dict[str, PeerStatus],
     spec_keys: Iterable[str],
@@ -189,9 +199,7 @@ def sync_statuses(
 ) -> None:
     """Drop statuses of peers no longer specified; create missing ones (in place)."""
     wanted = set(spec_keys)
-    for key in list(statuses):
-        if key not in wanted:
-            del statuses[key]
+    prune_statuses(statuses, wanted)
     for key in wanted:
         if key not in statuses:
             statuses[key] = PeerStatus(label=(labels or {}).get(key, ""))

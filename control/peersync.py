@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from control import records
-from control.affiliate import Address, Affiliate
+from control.affiliate import Affiliate
 from control.backends.base import PeerState
 from control.peerspec import PeerSpec
-from control.peerstate import PeerStateName, PeerStatus, harvest_endpoints
+from control.peerstate import PeerStateName, PeerStatus, harvest_endpoints, prune_statuses
+from kubespan_dp.netutil import Address
 
 
 class PeerTracker:
@@ -28,10 +29,8 @@ class PeerTracker:
         return endpoint
 
     def forget_except(self, keys: set[str]) -> None:
-        for key in list(self._statuses):
-            if key not in keys:
-                del self._statuses[key]
-                self.endpoint_changes.pop(key, None)
+        for key in prune_statuses(self._statuses, keys):
+            self.endpoint_changes.pop(key, None)
 
     def states(self) -> dict[str, PeerStateName]:
         return {key: status.state for key, status in self._statuses.items()}

@@ -16,9 +16,10 @@ from typing import Any
 
 import yaml
 
-from control.affiliate import Address
 from control.identity import KubeSpanIdentity
 from control.peerspec import PeerSpec
+from kubespan_dp import netutil
+from kubespan_dp.netutil import Address
 
 NAMESPACE = "kubespan"
 REDACTED = "(redacted)"
@@ -91,10 +92,7 @@ class Record:
 
 
 def format_endpoint(endpoint: Address | None) -> str:
-    if endpoint is None:
-        return ""
-    ip, port = endpoint
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+    return "" if endpoint is None else netutil.format_endpoint(endpoint)
 
 
 def format_time(when: datetime | float | None) -> str:

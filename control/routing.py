@@ -30,7 +30,8 @@ from typing import TypeVar
 
 from pyroute2 import IPRoute
 
-IPNetwork = IPv4Network | IPv6Network
+from control.ula import ULA_KUBESPAN, is_ula
+from kubespan_dp.netutil import IPNetwork, check_ifname
 
 NFT_TABLE = "kubespan"  # table inet kubespan
 SET_V4 = "kubespan_targets_ipv4"
@@ -61,14 +62,6 @@ class RoutingError(RuntimeError):
 # Which prefixes are routed
 
 
-def is_kubespan_ula(net: IPNetwork) -> bool:
-    """KubeSpan's own ULA space (fdXX:XXXX:XXXX:XX02::/64): reached via the link's /64."""
-    if net.version != 6:
-        return False
-    raw = net.network_address.packed
-    return raw[0] == 0xFD and raw[7] == 0x02 and net.prefixlen >= 64
-
-
 _PeerKey = TypeVar("_PeerKey")
 
 
@@ -90,7 +83,8 @@ def routed_prefixes(
         state_name = getattr(state, "value", state)  # PeerStateName or plain string
         if allow_down_peer_bypass and state_name != "up":
             continue
-        picked.extend(n for n in nets if not is_kubespan_ula(n))
+        # KubeSpan's own ULA space is reached via the link's /64, not the marks.
+        picked.extend(n for n in nets if not is_ula(n, ULA_KUBESPAN))
     return _collapse(picked)
 
 
@@ -171,15 +165,6 @@ def _check_mtu(mtu: int) -> None:
         raise ValueError(f"MTU must be an integer in [{MIN_MTU}, {MAX_MTU}], got {mtu!r}")
 
 
-def _check_link(link: str) -> None:
-    if (
-        not isinstance(link, str)
-        or not 0 < len(link) <= 15
-        or any(c in link for c in "/ \t\n\"'\0")
-    ):
-        raise ValueError(f"invalid link name {link!r}")
-
-
 def _nft(args: list[str], netns: str | None, stdin: str | None = None) -> str:
     argv = ["nft", *args]
     if netns is not None:
@@ -211,7 +196,7 @@ def _our_rules(ipr: IPRoute, family: int) -> list:
 
 def apply_policy(link: str, mtu: int, *, netns: str | None = None) -> None:
     """Rules `fwmark 0x40/0x60 lookup 180` (v4, v6) and default routes via `link`."""
-    _check_link(link)
+    check_ifname(link)
     _check_mtu(mtu)
     try:
         with IPRoute(**({"netns": netns} if netns else {})) as ipr:
@@ -302,7 +287,7 @@ def _table_routes(ipr: IPRoute, family: int) -> list:
 
 def apply(routed: Iterable[object], link: str, mtu: int, *, netns: str | None = None) -> None:
     """Install or update everything; idempotent. Validates all input before any change."""
-    _check_link(link)
+    check_ifname(link)
     ruleset = build_ruleset(routed, mtu)  # raises ValueError on bad prefixes / MTU
     apply_policy(link, mtu, netns=netns)
     _nft(["-f", "-"], netns, ruleset)

@@ -21,10 +21,9 @@ network given with host bits set is stored with those bits masked off.
 from __future__ import annotations
 
 import ipaddress
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from ipaddress import IPv4Network, IPv6Network
 
-IPNetwork = IPv4Network | IPv6Network
-IPAddress = IPv4Address | IPv6Address
+from .netutil import IPAddress, IPNetwork
 
 _WIDTH = {4: 32, 6: 128}
 

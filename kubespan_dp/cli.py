@@ -16,7 +16,8 @@ import socket
 import sys
 from typing import TextIO
 
-from .tun import Tun, valid_ifname
+from .netutil import InterfaceNameError, check_ifname
+from .tun import Tun
 from .uapisock import listen, socket_identity, socket_path
 
 log = logging.getLogger("kubespan_dp")
@@ -68,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
         "--mtu", type=int, default=1420, help="initial MTU of the interface (default 1420)"
     )
     p.add_argument("--version", action="version", version="kubespan-wg (kubespan-py) 0.1.0")
-    p.add_argument("ifname", metavar="IFNAME", help="interface name (at most 15 characters)")
+    p.add_argument("ifname", metavar="IFNAME", help="interface name (at most 15 bytes)")
     return p
 
 
@@ -116,8 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     foreground = args.foreground or os.environ.get("WG_PROCESS_FOREGROUND") == "1"
     ifname: str = args.ifname
     _setup_logging(ifname, sys.stderr)
-    if not valid_ifname(ifname):
-        log.error("invalid interface name %r", ifname)
+    try:
+        check_ifname(ifname)
+    except InterfaceNameError as e:
+        log.error("%s", e)
         return 2
     if not 68 <= args.mtu <= 65535:
         log.error("MTU %d out of range", args.mtu)

@@ -33,16 +33,17 @@ import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network, IPv6Network, ip_network
+from ipaddress import ip_network
 from typing import Final
 
 from . import crypto, messages, noise
 from .allowedips import AllowedIPs
 from .cookie import CookieChecker, RateLimiter
 from .keypair import HandshakeCompleted, Keypair, KeypairExpired, KeypairInstalled, KeypairRetired
+from .netutil import Address, IPNetwork, check_endpoint
 from .noise import Handshake, HandshakeError, IndexTable
 from .padding import ip_packet_length, pad_plaintext
-from .peer import MAX_STAGED_PACKETS, Address, Peer
+from .peer import MAX_STAGED_PACKETS, Peer
 from .timers import (
     KEEPALIVE_TIMEOUT,
     MAX_TIMER_HANDSHAKES,
@@ -81,8 +82,6 @@ class _Unchanged(enum.Enum):
 
 
 _UNCHANGED: Final = _Unchanged.TOKEN
-
-IPNetwork = IPv4Network | IPv6Network
 
 
 @dataclass
@@ -170,7 +169,7 @@ class WireGuardCore:
             if not isinstance(preshared_key, bytes) or len(preshared_key) != 32:
                 raise ValueError("preshared key must be 32 bytes")
         if endpoint is not _UNCHANGED and endpoint is not None:
-            endpoint = _check_endpoint(endpoint)
+            endpoint = check_endpoint(endpoint)  # EndpointError is a ValueError
         if persistent_keepalive is not _UNCHANGED and persistent_keepalive is not None:
             if not isinstance(persistent_keepalive, int) or not 0 <= persistent_keepalive <= 65535:
                 raise ValueError("persistent keepalive must be 0-65535 seconds")
@@ -608,16 +607,3 @@ class WireGuardCore:
         ):
             peer.timers.sent_last_minute_handshake = True
             self._send_handshake_initiation(peer, now, is_retry=False)
-
-
-def _check_endpoint(endpoint: Address) -> Address:
-    import ipaddress
-
-    try:
-        ip, port = endpoint
-        addr = ipaddress.ip_address(ip)
-    except (TypeError, ValueError):
-        raise ValueError(f"invalid endpoint {endpoint!r}") from None
-    if not isinstance(port, int) or not 0 < port <= 65535:
-        raise ValueError(f"invalid endpoint port {port!r}")
-    return (str(addr), port)

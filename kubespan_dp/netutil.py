@@ -1,4 +1,8 @@
-"""UDP endpoint helpers: address text forms, dual-stack binding, sticky source addresses.
+"""Network helpers shared by the data plane and the control plane.
+
+The one home of a few rules both sides need: what a Linux interface name may be, the
+text and tuple forms of a UDP endpoint, and the address type aliases. Then the UDP
+socket side: dual-stack binding and sticky source addresses.
 
 WireGuard answers a peer from the local address the peer wrote to (otherwise a
 multi-homed host replies from the "wrong" address and NATs drop it). We learn that
@@ -12,8 +16,11 @@ import ipaddress
 import re
 import socket
 import struct
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
-Address = tuple[str, int]
+Address = tuple[str, int]  # (ip, port); an IPv6 ip without brackets
+IPNetwork = IPv4Network | IPv6Network
+IPAddress = IPv4Address | IPv6Address
 
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # absent from Python 3.11's socket module
 IPV6_RECVPKTINFO = socket.IPV6_RECVPKTINFO
@@ -24,8 +31,57 @@ CMSG_SPACE = socket.CMSG_SPACE(20) + socket.CMSG_SPACE(20)
 _DIGITS = re.compile(r"[0-9]+")
 
 
-class EndpointError(ValueError):
+# --------------------------------------------------------------------------- interface names
+
+IFNAMSIZ = 16  # the kernel's name buffer, NUL included: a name has at most 15 bytes
+# What the kernel's isspace() matches: lib/ctype.c also counts 0xA0 (Latin-1 NBSP),
+# which shows up inside UTF-8 sequences such as "à".
+_KERNEL_SPACE = frozenset(b" \t\n\v\f\r\xa0")
+_FORBIDDEN = _KERNEL_SPACE | frozenset(b"/:\0")
+
+
+class InterfaceNameError(ValueError):
     pass
+
+
+def check_ifname(name: object) -> str:
+    """The name if Linux would accept it (net/core/dev.c dev_valid_name), else raise.
+
+    1 to 15 bytes (UTF-8), not "." or "..", no '/', ':', whitespace or NUL. The same
+    rule serves the config, the backends, the daemon's command line and the UAPI socket
+    path (a '/' there would leave /var/run/wireguard)."""
+    if not isinstance(name, str):
+        raise InterfaceNameError(f"invalid interface name {name!r}: not a string")
+    try:
+        raw = name.encode()
+    except UnicodeEncodeError:
+        raise InterfaceNameError(f"invalid interface name {name!r}: not UTF-8") from None
+    if not raw:
+        why = "empty"
+    elif len(raw) >= IFNAMSIZ:
+        why = f"longer than {IFNAMSIZ - 1} bytes"
+    elif name in (".", ".."):
+        why = "'.' and '..' are reserved"
+    elif not _FORBIDDEN.isdisjoint(raw):
+        why = "contains '/', ':', whitespace or NUL"
+    else:
+        return name
+    raise InterfaceNameError(f"invalid interface name {name!r}: {why}")
+
+
+def valid_ifname(name: object) -> bool:
+    try:
+        check_ifname(name)
+    except InterfaceNameError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------- endpoints
+
+
+class EndpointError(ValueError):
+    """A malformed endpoint; the message says what is wrong, the caller adds where."""
 
 
 def parse_uint(text: str, maximum: int) -> int:
@@ -39,25 +95,46 @@ def parse_uint(text: str, maximum: int) -> int:
 
 
 def parse_endpoint(text: str) -> Address:
-    """`a.b.c.d:port` or `[v6(%zone)]:port`, numeric only (as UAPI and netip demand)."""
+    """`a.b.c.d:port` or `[v6(%zone)]:port`, numeric only (as UAPI and netip demand).
+
+    Raises EndpointError. An IPv4-mapped IPv6 address comes back as plain IPv4."""
     if text.startswith("["):
         host, sep, port = text[1:].partition("]:")
-        if not sep or ":" not in host:
-            raise EndpointError(f"bad IPv6 endpoint {text!r}")
     else:
         host, sep, port = text.rpartition(":")
-        if not sep or ":" in host:
-            raise EndpointError(f"bad endpoint {text!r}")
+        if ":" in host:
+            sep = ""  # a bare IPv6 address: where would its port start?
+    if not sep:
+        raise EndpointError("expected ip:port (IPv6 as [ip]:port)")
     try:
-        addr = ipaddress.ip_address(host)
         number = parse_uint(port, 0xFFFF)
-    except ValueError as e:
-        raise EndpointError(f"bad endpoint {text!r}: {e}") from None
+    except ValueError:
+        number = 0
     if number == 0:
-        raise EndpointError(f"bad endpoint {text!r}: port 0")
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return str(addr.ipv4_mapped), number
-    return str(addr), number
+        raise EndpointError(f"port {port!r} is not in 1-65535")
+    endpoint = check_endpoint((host, number))
+    if text.startswith("[") and ":" not in host:
+        raise EndpointError("brackets are only for IPv6 addresses")
+    return endpoint
+
+
+def check_endpoint(endpoint: object) -> Address:
+    """An (ip, port) tuple checked and normalised (ip in canonical text, IPv4-mapped
+    IPv6 as IPv4, port 1-65535). Raises EndpointError."""
+    if not isinstance(endpoint, tuple) or len(endpoint) != 2:
+        raise EndpointError(f"expected (ip, port), got {endpoint!r}")
+    host, port = endpoint
+    try:
+        if not isinstance(host, (str, IPv4Address, IPv6Address)):
+            raise ValueError  # ip_address() would take an integer
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        raise EndpointError(f"{host!r} is not an IP address") from None
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port <= 0xFFFF:
+        raise EndpointError(f"port {port!r} is not in 1-65535")
+    if isinstance(addr, IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped), port
+    return str(addr), port
 
 
 def format_endpoint(addr: Address) -> str:
@@ -65,7 +142,7 @@ def format_endpoint(addr: Address) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def parse_prefix(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+def parse_prefix(text: str) -> IPNetwork:
     """`ip/bits`; host bits are masked off as allowed-IPs insertion does."""
     host, sep, bits = text.partition("/")
     if not sep or "%" in host:

@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING
 
 from .cookie import CookieGenerator
 from .keypair import Keypairs
+from .netutil import Address
 from .noise import ZERO_KEY, Handshake
 from .timers import Timers
 
 if TYPE_CHECKING:
     from .allowedips import AllowedIPs
 
-Address = tuple[str, int]
 # Packets waiting for a session (wireguard-go QueueStagedSize = IdealBatchSize).
 MAX_STAGED_PACKETS = 128
 

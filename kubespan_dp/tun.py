@@ -12,6 +12,8 @@ import os
 import socket
 import struct
 
+from .netutil import IFNAMSIZ, check_ifname
+
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
@@ -20,23 +22,12 @@ SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
 SIOCGIFMTU = 0x8921
 SIOCSIFMTU = 0x8922
-IFNAMSIZ = 16
 DEFAULT_MTU = 1420
-
-
-def valid_ifname(name: str) -> bool:
-    return (
-        0 < len(name.encode()) < IFNAMSIZ
-        and name not in (".", "..")
-        and not any(c in name for c in "/: \t\n%")
-        and name.isprintable()
-    )
 
 
 class Tun:
     def __init__(self, name: str, mtu: int = DEFAULT_MTU) -> None:
-        if not valid_ifname(name):
-            raise ValueError(f"invalid interface name {name!r}")
+        check_ifname(name)  # the kernel would refuse it too, with a vaguer EINVAL
         self.fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             ifr = struct.pack("16sH22x", name.encode(), IFF_TUN | IFF_NO_PI)

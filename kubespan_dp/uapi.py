@@ -15,7 +15,6 @@ key keeps its last value.
 from __future__ import annotations
 
 import errno
-import ipaddress
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Final
@@ -23,13 +22,12 @@ from typing import Final
 from .netutil import (
     Address,
     EndpointError,
+    IPNetwork,
     format_endpoint,
     parse_endpoint,
     parse_prefix,
     parse_uint,
 )
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 EINVAL: Final = -errno.EINVAL
 EPROTO: Final = -errno.EPROTO

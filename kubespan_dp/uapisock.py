@@ -16,6 +16,7 @@ import stat
 from pathlib import Path
 from typing import Protocol
 
+from .netutil import check_ifname
 from .uapi import EINVAL, SetRequest, UapiError, format_errno, parse_set
 
 RUN_DIR = Path("/var/run/wireguard")
@@ -31,8 +32,9 @@ class UapiHandler(Protocol):
     def uapi_stats(self) -> str: ...
 
 
-def socket_path(ifname: str) -> Path:
-    return RUN_DIR / f"{ifname}.sock"
+def socket_path(ifname: str, run_dir: Path = RUN_DIR) -> Path:
+    """Where the UAPI socket of `ifname` lives (the name is checked: no way out of run_dir)."""
+    return run_dir / f"{check_ifname(ifname)}.sock"
 
 
 def listen(ifname: str) -> socket.socket:

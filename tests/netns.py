@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from control import netlab
-from control.backends.uapi_client import socket_path as uapi_path
 from control.netlab import LEDGER, Netns, add_address, stop_processes, unique_name, wait_until
+from kubespan_dp.uapisock import socket_path as uapi_path
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = REPO / ".venv" / "bin"

@@ -26,21 +26,22 @@ from dataclasses import dataclass, field
 from pyroute2 import IPRoute, WireGuard
 from pyroute2.netlink.exceptions import NetlinkError
 
-from control.backends.base import Address, BackendError, IPNetwork, PeerConfig, PeerState
+from control.backends.base import (
+    ZERO_KEY,
+    BackendError,
+    PeerConfig,
+    PeerState,
+    PeerUpdate,
+    diff_peers,
+    validate_device,
+    validate_peers,
+)
+from kubespan_dp.netutil import Address, IPNetwork
 
 log = logging.getLogger(__name__)
 
-KEY_SIZE = 32
-ZERO_KEY = bytes(KEY_SIZE)  # what the kernel reports for "no preshared key"
-MIN_MTU = 1280
-MAX_MTU = 65535
-IFNAMSIZ = 15
 NLM_F_DUMP_INTR = 0x10  # the device changed while it was being dumped
 DUMP_RETRIES = 5
-
-
-class InvalidConfig(BackendError, ValueError):
-    """Arguments that cannot be applied; raised before anything is changed."""
 
 
 @dataclass
@@ -98,11 +99,7 @@ class KernelBackend:
         an agent restart does not break sessions; on failure a link this call created
         is removed again.
         """
-        _check_ifname(link)
-        _check_key(private_key, "private key")
-        _check_int(listen_port, 0, 0xFFFF, "listen port")
-        _check_int(fwmark, 0, 0xFFFFFFFF, "fwmark")
-        _check_int(mtu, MIN_MTU, MAX_MTU, "MTU")
+        validate_device(link, private_key, listen_port, fwmark, mtu)
         created = False
         with self._ipr() as ipr:
             index = _lookup(ipr, link)
@@ -163,24 +160,23 @@ class KernelBackend:
 
     def apply_peers(self, peers: Sequence[PeerConfig]) -> None:
         link = self._require_link()
-        wanted = _validate_peers(peers)
-        current = self.read_device().peers
-        removals = [key for key in current if key not in wanted]
-        changes = [p for key, p in wanted.items() if _needs_write(p, current.get(key))]
+        wanted = validate_peers(peers)  # before reading the device: bad input touches nothing
+        diff = diff_peers(self.device_peers(), wanted)
+        if not diff:
+            return
         with self._wg() as wg:
             # Removals first: they free allowed IPs that a changed peer may take over.
-            for key in removals:
+            for key in diff.removed:
                 _wg_set(wg, link, {"public_key": _b64(key), "remove": True})
-            for p in changes:
-                _wg_set(wg, link, _peer_request(p, current.get(p.public_key)))
-        if removals or changes:
-            log.info(
-                "%s: %d peers added or changed, %d removed, %d untouched",
-                link,
-                len(changes),
-                len(removals),
-                len(wanted) - len(changes),
-            )
+            for update in diff.updates:
+                _wg_set(wg, link, _peer_request(update))
+        log.info(
+            "%s: %d peers added or changed, %d removed, %d untouched",
+            link,
+            len(diff.updates),
+            len(diff.removed),
+            diff.unchanged,
+        )
 
     def peer_states(self) -> dict[bytes, PeerState]:
         return {
@@ -250,21 +246,12 @@ def _merge_peer(peer: _DevicePeer, nla) -> None:
         peer.allowed_ips.append(ipaddress.ip_network(aip["addr"], strict=False))
 
 
-# ---------------------------------------------------------------------- diff
+# ---------------------------------------------------------------------- writing
 
 
-def _needs_write(want: PeerConfig, have: _DevicePeer | None) -> bool:
-    if have is None:
-        return True
-    return (
-        want.preshared_key != have.preshared_key
-        or want.persistent_keepalive != have.persistent_keepalive
-        or set(want.allowed_ips) != set(have.allowed_ips)
-        or (want.endpoint is not None and not _same_endpoint(want.endpoint, have.endpoint))
-    )
-
-
-def _peer_request(want: PeerConfig, have: _DevicePeer | None) -> dict:
+def _peer_request(update: PeerUpdate) -> dict:
+    """The whole peer, except an endpoint that did not change (it may have roamed)."""
+    want = update.peer
     req: dict = {
         "public_key": _b64(want.public_key),
         "preshared_key": _b64(want.preshared_key or ZERO_KEY),
@@ -272,91 +259,10 @@ def _peer_request(want: PeerConfig, have: _DevicePeer | None) -> dict:
         "replace_allowed_ips": True,
         "allowed_ips": [str(n) for n in want.allowed_ips],
     }
-    # Write the endpoint only when it changes: the kernel's may have roamed on purpose.
-    if want.endpoint is not None and (
-        have is None or not _same_endpoint(want.endpoint, have.endpoint)
-    ):
+    if "endpoint" in update.fields:
+        assert want.endpoint is not None
         req["endpoint_addr"], req["endpoint_port"] = want.endpoint
     return req
-
-
-def _same_endpoint(a: Address, b: Address | None) -> bool:
-    return (
-        b is not None and a[1] == b[1] and ipaddress.ip_address(a[0]) == ipaddress.ip_address(b[0])
-    )
-
-
-# ---------------------------------------------------------------------- validation
-
-
-def _validate_peers(peers: Sequence[PeerConfig]) -> dict[bytes, PeerConfig]:
-    """Normalise and check every peer before anything is written."""
-    wanted: dict[bytes, PeerConfig] = {}
-    owner: dict[IPNetwork, int] = {}
-    for i, p in enumerate(peers):
-        what = f"peer #{i}"
-        _check_key(p.public_key, f"{what} public key")
-        if p.public_key in wanted:
-            raise InvalidConfig(f"{what}: the same public key appears twice")
-        if p.preshared_key is not None:
-            _check_key(p.preshared_key, f"{what} preshared key")
-        _check_int(p.persistent_keepalive, 0, 0xFFFF, f"{what} persistent keepalive")
-        endpoint = _check_endpoint(p.endpoint, what)
-        nets = []
-        for n in p.allowed_ips:
-            if not isinstance(n, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
-                raise InvalidConfig(f"{what}: allowed IP {n!r} is not an ip_network")
-            n = ipaddress.ip_network(n, strict=False)
-            if n in owner and owner[n] != i:
-                # The kernel would silently move it to whichever peer came last.
-                raise InvalidConfig(f"{what}: allowed IP {n} already belongs to peer #{owner[n]}")
-            owner[n] = i
-            nets.append(n)
-        psk = None if p.preshared_key == ZERO_KEY else p.preshared_key
-        wanted[p.public_key] = PeerConfig(
-            p.public_key, psk, endpoint, p.persistent_keepalive, tuple(dict.fromkeys(nets))
-        )
-    return wanted
-
-
-def _check_endpoint(endpoint: object, what: str) -> Address | None:
-    if endpoint is None:
-        return None
-    bad = InvalidConfig(f"{what}: endpoint must be (ip, port), got {endpoint!r}")
-    if (
-        not isinstance(endpoint, Sequence)
-        or isinstance(endpoint, (str, bytes))
-        or len(endpoint) != 2
-    ):
-        raise bad
-    host, port = endpoint
-    try:
-        ip = ipaddress.ip_address(host)
-    except (TypeError, ValueError):
-        raise bad from None
-    _check_int(port, 1, 0xFFFF, f"{what} endpoint port")
-    return (str(ip), port)
-
-
-def _check_key(key: object, what: str) -> None:
-    if not isinstance(key, bytes) or len(key) != KEY_SIZE:
-        size = len(key) if isinstance(key, (bytes, bytearray)) else type(key).__name__
-        raise InvalidConfig(f"{what} must be {KEY_SIZE} raw bytes (got {size})")
-
-
-def _check_int(value: object, lo: int, hi: int, what: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise InvalidConfig(f"{what} must be an integer in [{lo}, {hi}], got {value!r}")
-
-
-def _check_ifname(name: object) -> None:
-    if (
-        not isinstance(name, str)
-        or not 0 < len(name) <= IFNAMSIZ
-        or name in (".", "..")
-        or any(c in name for c in "/: \t\n")
-    ):
-        raise InvalidConfig(f"invalid interface name {name!r}")
 
 
 # ---------------------------------------------------------------------- helpers

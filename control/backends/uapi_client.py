@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import EllipsisType
 
-from control.backends.base import Address, BackendError, IPNetwork
-
-RUN_DIR = Path("/var/run/wireguard")
-_SECRET_KEYS = {"private_key", "preshared_key"}
+from control.backends.base import BackendError, check_key
+from kubespan_dp.netutil import (
+    Address,
+    IPNetwork,
+    check_endpoint,
+    format_endpoint,
+    parse_endpoint,
+)
 
 
 class UAPIError(BackendError):
@@ -36,11 +40,19 @@ class UAPIPeer:
     endpoint: Address | None = None
     persistent_keepalive: int = 0
     allowed_ips: list[IPNetwork] = field(default_factory=list)
-    last_handshake: float | None = None  # wall clock; None when 0/0 (never)
+    last_handshake_sec: int = 0  # wall clock, as the daemon reports it
+    last_handshake_nsec: int = 0
     rx_bytes: int = 0
     tx_bytes: int = 0
     protocol_version: int = 1
     has_preshared_key: bool = False
+
+    @property
+    def last_handshake(self) -> float | None:
+        """Wall-clock seconds; None when 0/0 (never)."""
+        if self.last_handshake_sec == 0 and self.last_handshake_nsec == 0:
+            return None
+        return self.last_handshake_sec + self.last_handshake_nsec / 1e9
 
 
 @dataclass
@@ -51,29 +63,32 @@ class UAPIDevice:
     peers: list[UAPIPeer] = field(default_factory=list)
 
 
-def socket_path(link: str, run_dir: Path = RUN_DIR) -> Path:
-    return run_dir / f"{link}.sock"
+def _is_set(value: str) -> bool:
+    """Whether a key read back is set; the key itself is dropped."""
+    return any(value.strip("0"))
 
 
-def format_endpoint(endpoint: Address) -> str:
-    host, port = endpoint
-    ip = ipaddress.ip_address(host)
-    if not 0 < int(port) < 65536:
-        raise ValueError(f"endpoint port out of range: {port!r}")
-    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
-
-
-def parse_endpoint(text: str) -> Address:
-    host, _, port = text.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    host = host.split("%", 1)[0]  # drop an IPv6 zone if present
-    return str(ipaddress.ip_address(host)), int(port)
+# The `get` reply, key -> (attribute, parser): device keys before the first public_key,
+# then each peer's. Keys not listed are skipped (a newer daemon may send more).
+_DEVICE_KEYS: dict[str, tuple[str, Callable[[str], object]]] = {
+    "listen_port": ("listen_port", int),
+    "fwmark": ("fwmark", int),
+    "private_key": ("has_private_key", _is_set),
+}
+_PEER_KEYS: dict[str, tuple[str, Callable[[str], object]]] = {
+    "endpoint": ("endpoint", parse_endpoint),
+    "persistent_keepalive_interval": ("persistent_keepalive", int),
+    "last_handshake_time_sec": ("last_handshake_sec", int),
+    "last_handshake_time_nsec": ("last_handshake_nsec", int),
+    "rx_bytes": ("rx_bytes", int),
+    "tx_bytes": ("tx_bytes", int),
+    "protocol_version": ("protocol_version", int),
+    "preshared_key": ("has_preshared_key", _is_set),
+}
 
 
 def key_hex(key: bytes) -> str:
-    if not isinstance(key, (bytes, bytearray)) or len(key) != 32:
-        raise ValueError("WireGuard keys are 32 bytes")
-    return bytes(key).hex()
+    return check_key(key, "a WireGuard key").hex()
 
 
 class UAPIClient:
@@ -113,41 +128,17 @@ class UAPIClient:
     def get(self) -> UAPIDevice:
         dev = UAPIDevice()
         peer: UAPIPeer | None = None
-        hs_sec = hs_nsec = 0
         for key, value in self._exchange(b"get=1\n\n"):
             if key == "public_key":
-                if peer is not None:
-                    _finish(peer, hs_sec, hs_nsec)
                 peer = UAPIPeer(bytes.fromhex(value))
-                hs_sec = hs_nsec = 0
                 dev.peers.append(peer)
-            elif peer is None:
-                if key == "listen_port":
-                    dev.listen_port = int(value)
-                elif key == "fwmark":
-                    dev.fwmark = int(value)
-                elif key == "private_key":
-                    dev.has_private_key = any(value.strip("0"))
-            elif key == "endpoint":
-                peer.endpoint = parse_endpoint(value)
-            elif key == "persistent_keepalive_interval":
-                peer.persistent_keepalive = int(value)
-            elif key == "allowed_ip":
+            elif key == "allowed_ip" and peer is not None:
                 peer.allowed_ips.append(ipaddress.ip_network(value, strict=False))
-            elif key == "last_handshake_time_sec":
-                hs_sec = int(value)
-            elif key == "last_handshake_time_nsec":
-                hs_nsec = int(value)
-            elif key == "rx_bytes":
-                peer.rx_bytes = int(value)
-            elif key == "tx_bytes":
-                peer.tx_bytes = int(value)
-            elif key == "protocol_version":
-                peer.protocol_version = int(value)
-            elif key == "preshared_key":
-                peer.has_preshared_key = any(value.strip("0"))
-        if peer is not None:
-            _finish(peer, hs_sec, hs_nsec)
+            else:
+                target, fields = (dev, _DEVICE_KEYS) if peer is None else (peer, _PEER_KEYS)
+                if key in fields:
+                    name, parse = fields[key]
+                    setattr(target, name, parse(value))
         return dev
 
     def set(self, items: Sequence[tuple[str, str]]) -> None:
@@ -166,10 +157,6 @@ class UAPIClient:
         except UAPIError:
             return False
         return True
-
-
-def _finish(peer: UAPIPeer, sec: int, nsec: int) -> None:
-    peer.last_handshake = None if sec == 0 and nsec == 0 else sec + nsec / 1e9
 
 
 def peer_items(
@@ -195,7 +182,7 @@ def peer_items(
     if preshared_key is not ...:
         items.append(("preshared_key", key_hex(preshared_key) if preshared_key else "0" * 64))
     if endpoint is not None:
-        items.append(("endpoint", format_endpoint(endpoint)))
+        items.append(("endpoint", format_endpoint(check_endpoint(endpoint))))
     if persistent_keepalive is not None:
         if not 0 <= persistent_keepalive <= 65535:
             raise ValueError("persistent keepalive out of range")

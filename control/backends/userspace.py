@@ -15,7 +15,6 @@ with `update_only` so their sessions and counters survive.
 from __future__ import annotations
 
 import collections
-import ipaddress
 import logging
 import os
 import shutil
@@ -26,23 +25,22 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pyroute2 import IPRoute
 
-from control.backends.base import BackendError, PeerConfig, PeerState
-from control.backends.uapi_client import (
-    RUN_DIR,
-    UAPIClient,
-    format_endpoint,
-    key_hex,
-    peer_items,
-    socket_path,
+from control.backends.base import (
+    BackendError,
+    PeerConfig,
+    PeerState,
+    diff_peers,
+    validate_device,
+    validate_peers,
 )
+from control.backends.uapi_client import UAPIClient, key_hex, peer_items
+from kubespan_dp.uapisock import RUN_DIR, socket_path
 
 log = logging.getLogger(__name__)
-
-MIN_MTU = 1280
-MAX_MTU = 65535
 
 
 def default_daemon_argv() -> list[str]:
@@ -54,61 +52,17 @@ def default_daemon_argv() -> list[str]:
     return [found] if found else [sys.executable, "-m", "kubespan_dp.cli"]
 
 
-def _check_link(link: str) -> None:
-    if not isinstance(link, str) or not 0 < len(link) <= 15 or any(c in link for c in "/ \t\n\0:%"):
-        raise ValueError(f"invalid link name {link!r}")
-
-
-def validate_peers(peers: Sequence[PeerConfig]) -> dict[bytes, PeerConfig]:
-    """Check every field before anything is sent; returns the peers by public key."""
-    out: dict[bytes, PeerConfig] = {}
-    for p in peers:
-        if not isinstance(p, PeerConfig):
-            raise ValueError(f"not a PeerConfig: {type(p).__name__}")
-        key_hex(p.public_key)
-        if p.preshared_key is not None:
-            key_hex(p.preshared_key)
-        if p.endpoint is not None:
-            format_endpoint(p.endpoint)
-        if not isinstance(p.persistent_keepalive, int) or not 0 <= p.persistent_keepalive <= 65535:
-            raise ValueError("persistent keepalive must be an integer in [0, 65535]")
-        for net in p.allowed_ips:
-            if not isinstance(net, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
-                raise ValueError(f"allowed IP is not a network: {net!r}")
-        if p.public_key in out:
-            raise ValueError("duplicate peer public key")
-        out[bytes(p.public_key)] = p
-    return out
-
-
 def diff_items(old: dict[bytes, PeerConfig], new: dict[bytes, PeerConfig]) -> list[tuple[str, str]]:
-    """UAPI items turning `old` into `new`, touching only what changed."""
+    """UAPI items turning `old` into `new` (both from validate_peers), touching only what
+    changed: a changed peer gets `update_only` and its changed fields alone, so its
+    session and counters survive."""
+    diff = diff_peers(old, new)
     items: list[tuple[str, str]] = []
-    for key in old:
-        if key not in new:
-            items += peer_items(key, remove=True)
-    for key, want in new.items():
-        have = old.get(key)
-        if have is None:
-            items += peer_items(
-                key,
-                preshared_key=want.preshared_key,
-                endpoint=want.endpoint,
-                persistent_keepalive=want.persistent_keepalive,
-                allowed_ips=want.allowed_ips,
-            )
-            continue
-        changes: dict = {}
-        if want.preshared_key != have.preshared_key:
-            changes["preshared_key"] = want.preshared_key
-        if want.endpoint is not None and want.endpoint != have.endpoint:
-            changes["endpoint"] = want.endpoint
-        if want.persistent_keepalive != have.persistent_keepalive:
-            changes["persistent_keepalive"] = want.persistent_keepalive
-        if set(want.allowed_ips) != set(have.allowed_ips):
-            changes["allowed_ips"] = want.allowed_ips
-        if changes:
-            items += peer_items(key, update_only=True, **changes)
+    for key in diff.removed:
+        items += peer_items(key, remove=True)
+    for update in diff.updates:
+        fields: dict[str, Any] = {name: getattr(update.peer, name) for name in update.fields}
+        items += peer_items(update.peer.public_key, update_only=not update.new, **fields)
     return items
 
 
@@ -155,14 +109,7 @@ class UserspaceBackend:
     # -- the WireGuardBackend contract ------------------------------------------
 
     def up(self, link: str, private_key: bytes, listen_port: int, fwmark: int, mtu: int) -> None:
-        _check_link(link)
-        key_hex(private_key)
-        if not isinstance(listen_port, int) or not 0 <= listen_port <= 65535:
-            raise ValueError("listen port must be in [0, 65535]")
-        if not isinstance(fwmark, int) or not 0 <= fwmark <= 0xFFFFFFFF:
-            raise ValueError("fwmark must be a 32-bit unsigned integer")
-        if not isinstance(mtu, int) or not MIN_MTU <= mtu <= MAX_MTU:
-            raise ValueError(f"MTU must be in [{MIN_MTU}, {MAX_MTU}]")
+        validate_device(link, private_key, listen_port, fwmark, mtu)
         with self._lock:
             if self._link is not None and self._link != link:
                 raise BackendError(f"backend already runs link {self._link!r}")

@@ -21,11 +21,10 @@ import random
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import replace
 from ipaddress import ip_address
-from urllib.parse import urlsplit
 
 import grpc
 
-from control.affiliate import Address, Affiliate, IPAddress
+from control.affiliate import Affiliate
 from control.discovery.cipher import AffiliateCipher, CipherError, secret_key
 from control.discovery.codec import (
     CodecError,
@@ -36,33 +35,14 @@ from control.discovery.codec import (
 )
 from control.discovery.proto import cluster_pb2 as pb
 from control.discovery.proto import cluster_pb2_grpc as pbg
+from control.discovery.target import parse_discovery_endpoint
+from kubespan_dp.netutil import Address, IPAddress
 
 log = logging.getLogger("control.discovery.client")
 
 DEFAULT_TTL = 30 * 60.0
 CLIENT_VERSION = "kubespan-py/0.1.0"
 MAX_REDIRECTS = 5  # in a row, before we treat it as a failure and back off
-
-
-def parse_endpoint(endpoint: str, insecure: bool | None = None) -> tuple[str, bool]:
-    """(gRPC target 'host:port', use TLS) from 'host:port', 'https://host/' or 'http://host:port'."""
-    if "://" in endpoint:
-        url = urlsplit(endpoint)
-        if url.scheme not in ("http", "https", "grpc", "grpcs") or not url.hostname:
-            raise ValueError(f"unsupported discovery endpoint {endpoint!r}")
-        tls = url.scheme in ("https", "grpcs") if insecure is None else not insecure
-        port = url.port or (443 if tls else 80)
-        host = url.hostname
-    else:
-        tls = True if insecure is None else not insecure
-        host, sep, port_s = endpoint.rpartition(":")
-        if not sep or host.endswith(":") or (":" in host and not host.startswith("[")):
-            host, port_s = endpoint, "443"  # bare host or bare IPv6
-        host = host.strip("[]")
-        if not host or not port_s.isdigit() or not 0 < int(port_s) < 65536:
-            raise ValueError(f"invalid discovery endpoint {endpoint!r}")
-        port = int(port_s)
-    return (f"[{host}]:{port}" if ":" in host else f"{host}:{port}"), tls
 
 
 class Backoff:
@@ -114,7 +94,7 @@ class DiscoveryClient:
         rpc_timeout: float = 30.0,
         reconnect_grace: float = 60.0,
     ) -> None:
-        self._target, self._tls = parse_endpoint(endpoint, insecure)
+        self._target, self._tls = parse_discovery_endpoint(endpoint, insecure)
         self._insecure = insecure
         self.cluster_id = cluster_id
         self.affiliate_id = affiliate_id
@@ -274,7 +254,7 @@ class DiscoveryClient:
                 ip_address(hello.client_ip) if len(hello.client_ip) in (4, 16) else None
             )
             if hello.HasField("redirect") and hello.redirect.endpoint:
-                target, tls = parse_endpoint(hello.redirect.endpoint, self._insecure)
+                target, tls = parse_discovery_endpoint(hello.redirect.endpoint, self._insecure)
                 log.info("discovery service redirects us to %s", target)
                 self._target = target
                 if "://" in hello.redirect.endpoint:

@@ -11,8 +11,9 @@ from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
 
 from google.protobuf.message import DecodeError
 
-from control.affiliate import Address, Affiliate, IPAddress, IPNetwork, KubeSpanInfo
+from control.affiliate import Affiliate, KubeSpanInfo
 from control.discovery.proto import affiliate_pb2 as cpb
+from kubespan_dp.netutil import Address, IPAddress, IPNetwork
 
 
 class CodecError(ValueError):

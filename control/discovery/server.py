@@ -26,6 +26,7 @@ from control.discovery.proto import cluster_pb2_grpc as pbg
 from control.discovery.ratelimit import IPRateLimiter
 from control.discovery.state import AffiliateView, LimitError, Limits, Notification, State
 from control.promhttp import MetricsServer
+from kubespan_dp.netutil import format_endpoint
 
 log = logging.getLogger("control.discovery.server")
 T = TypeVar("T")
@@ -337,7 +338,7 @@ class DiscoveryServer:
             ]
         )
         server.add_generic_rpc_handlers((_handlers(_ClusterService(self)),))
-        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        address = format_endpoint((host, port))
         if o.tls_cert_file and o.tls_key_file:
             creds = grpc.ssl_server_credentials(
                 [(Path(o.tls_key_file).read_bytes(), Path(o.tls_cert_file).read_bytes())]

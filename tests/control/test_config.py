@@ -12,7 +12,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from control.config import ConfigError, MachineConfig, load_config, normalize_endpoint
+from control.config import ConfigError, DiscoverySettings, MachineConfig, load_config
 
 TALOS = Path(__file__).resolve().parents[1] / "data" / "talos"
 SECRET = "BVpg0EsnQ5vfvHvMN5Yc2+qyzbvJpLNokgdNqmYRxEU="
@@ -197,8 +197,11 @@ def test_other_talos_sections_and_kinds_are_ignored() -> None:
 
 
 def test_normalize_endpoint() -> None:
-    assert normalize_endpoint("http://[fd00::1]:3000/") == ("[fd00::1]:3000", True)
-    assert normalize_endpoint("http://host") == ("host:80", True)
+    def target(url: str) -> tuple[str, bool]:
+        return MachineConfig(discovery=DiscoverySettings(service_endpoint=url)).discovery_target()
+
+    assert target("http://[fd00::1]:3000/") == ("[fd00::1]:3000", True)
+    assert target("http://host") == ("host:80", True)
 
 
 # --- every validation problem, with its path ------------------------------------------------
@@ -337,7 +340,10 @@ def test_our_document_values() -> None:
             "pod CIDR is not valid: '10.244.1.0' (missing /prefix-length)",
         ),
         ("KubeSpanPyConfig.stateDir", "must not be empty"),
-        ("KubeSpanPyConfig.linkName", "not a valid Linux interface name: 'this-name-is-too-long'"),
+        (
+            "KubeSpanPyConfig.linkName",
+            "invalid interface name 'this-name-is-too-long': longer than 15 bytes",
+        ),
         (
             "KubeSpanPyConfig.discoveryEndpoint",
             "cluster discovery service registry endpoint is invalid: 'ftp://x/' (expected http(s)://host[:port])",

@@ -21,8 +21,8 @@ from control.identity import (
     first_physical_mac,
     load_or_create_kubespan_identity,
     load_or_create_node_id,
-    ula_prefix,
 )
+from control.ula import ula_prefix
 
 # Talos: pkg/machinery/resources/network/ula_test.go and the local affiliate test.
 CLUSTER_ID = "8XuV9TZHW08DOk3bVxQjH9ih_TBKjnh-j44tsCLSBzo="

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from ipaddress import IPv6Address
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from control.backends.base import PeerState
+from control.peerspec import PeerSpec
 from control.peerstate import (
     ENDPOINT_CONNECTION_TIMEOUT,
     PEER_DOWN_INTERVAL,
@@ -14,11 +17,13 @@ from control.peerstate import (
     calculate_state,
     harvest_endpoints,
     pick_next_endpoint,
+    prune_statuses,
     sync_statuses,
 )
 from control.peerstate import (
     PeerStateName as S,
 )
+from control.peersync import PeerTracker
 
 NOW = 1_700_000_000.0
 A, B, C = ("192.0.2.1", 51820), ("192.0.2.2", 51820), ("2001:db8::3", 51820)
@@ -176,3 +181,16 @@ def test_sync_statuses() -> None:
     assert set(statuses) == {"keep", "new"}
     assert statuses["keep"].state is S.UP
     assert statuses["new"].label == "node-new"
+
+
+def test_prune_statuses_and_the_tracker_use_one_rule() -> None:
+    statuses = {"old": PeerStatus(), "keep": PeerStatus(state=S.UP)}
+    assert prune_statuses(statuses, ["keep", "new"]) == ["old"]
+    assert set(statuses) == {"keep"}  # pruning creates nothing
+    tracker = PeerTracker()
+    for key in ("k1", "k2"):
+        spec = PeerSpec(key, IPv6Address("fd00::1"), (), (A,), f"node-{key}")
+        tracker.observe(spec, None, NOW)  # no endpoint yet: the first candidate is set
+    assert tracker.endpoint_changes == {"k1": 1, "k2": 1}
+    tracker.forget_except({"k2"})
+    assert list(tracker.states()) == ["k2"] and tracker.endpoint_changes == {"k2": 1}

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
+from ipaddress import ip_address
 from ipaddress import ip_network as N
 
 import pytest
 
 from control import netlab, routing
 from control.peerstate import PeerStateName
+from control.ula import ULA_KUBESPAN, ULA_SIDEROLINK, is_ula
 from tests import netns as nx
 
 # --------------------------------------------------------------------------- pure
@@ -41,11 +43,19 @@ def test_routed_prefixes_bypass_and_ula() -> None:
 
 
 def test_kubespan_ula_detection() -> None:
-    assert routing.is_kubespan_ula(N("fd7f:175a:b97c:5602:e871:1bff:feb2:ccee/128"))
-    assert routing.is_kubespan_ula(N("fd7f:175a:b97c:5602::/64"))
-    assert not routing.is_kubespan_ula(N("fd7f:175a:b97c:5603::/64"))  # other ULA purpose
-    assert not routing.is_kubespan_ula(N("fc00::/7"))
-    assert not routing.is_kubespan_ula(N("10.0.0.0/8"))
+    assert is_ula(N("fd7f:175a:b97c:5602:e871:1bff:feb2:ccee/128"), ULA_KUBESPAN)
+    assert is_ula(N("fd7f:175a:b97c:5602::/64"), ULA_KUBESPAN)
+    assert not is_ula(N("fd7f:175a:b97c:5603::/64"), ULA_KUBESPAN)  # other ULA purpose
+    assert not is_ula(N("fd7f:175a:b97c:5600::/56"), ULA_KUBESPAN)  # wider than the /64
+    assert not is_ula(N("fc00::/7"), ULA_KUBESPAN)
+    assert not is_ula(N("10.0.0.0/8"), ULA_KUBESPAN)
+    # the same check on addresses (endpoints.py leaves SideroLink addresses out)
+    assert is_ula(ip_address("fd7f:175a:b97c:5603::1"), ULA_SIDEROLINK)
+    assert not is_ula(ip_address("fd7f:175a:b97c:5602::1"), ULA_SIDEROLINK)
+    assert not is_ula(ip_address("10.0.0.3"), ULA_SIDEROLINK)
+    # and the routed prefixes leave KubeSpan's own /64 out
+    ula = N("fd7f:175a:b97c:5602::/64")
+    assert routing.routed_prefixes({"k": [ula, N("10.1.0.0/16")]}, {}, False) == [N("10.1.0.0/16")]
 
 
 def test_build_ruleset_rejects_bad_input() -> None:
@@ -58,6 +68,10 @@ def test_build_ruleset_rejects_bad_input() -> None:
     for mtu in (1279, 65536, "1420", None, True):
         with pytest.raises(ValueError):
             routing.build_ruleset([], mtu)  # type: ignore[arg-type]
+    # the link name is checked (the one Linux rule) before anything is touched
+    for link in ("", "x" * 16, "bad/name", "a b"):
+        with pytest.raises(ValueError, match="invalid interface name"):
+            routing.apply([], link, 1420)
 
 
 def test_build_ruleset_mss_follows_mtu() -> None:

@@ -18,10 +18,12 @@ import pytest
 from pyroute2 import WireGuard
 
 from control import netlab
-from control.backends.base import BackendError, PeerConfig
-from control.backends.kernel import InvalidConfig, KernelBackend
+from control.backends.base import ZERO_KEY, BackendConfigError, BackendError, PeerConfig
+from control.backends.kernel import KernelBackend
 from control.keys import generate_private_key, public_key
 from tests import netns as nx
+from tests.control.backends.cases import BAD_DEVICES
+from tests.control.backends.cases import BAD_PEERS as SHARED_BAD_PEERS
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(600)]
 
@@ -256,7 +258,7 @@ def test_bad_peer_changes_nothing(lab: nx.Lab) -> None:
     before = a.backend.device_peers()
     good_extra = dummy_peers(1, 1)[0]
     for name, bad in BAD_PEERS.items():
-        with pytest.raises(InvalidConfig) as info:
+        with pytest.raises(BackendConfigError) as info:
             a.backend.apply_peers([good_extra, bad(peer_of(b, psk))])
         assert psk.hex() not in str(info.value), name
         assert a.backend.device_peers() == before, name
@@ -266,10 +268,10 @@ def test_duplicate_and_overlapping_peers_rejected(lab: nx.Lab) -> None:
     a, b, psk = make_pair(lab)
     before = a.backend.device_peers()
     p = peer_of(b, psk)
-    with pytest.raises(InvalidConfig, match="twice"):
+    with pytest.raises(BackendConfigError, match="twice"):
         a.backend.apply_peers([p, p])
     other = dummy_peers(1, 1)[0]
-    with pytest.raises(InvalidConfig, match="already belongs"):
+    with pytest.raises(BackendConfigError, match="already belongs"):
         a.backend.apply_peers([p, replace(other, allowed_ips=p.allowed_ips[:1])])
     assert a.backend.device_peers() == before
 
@@ -286,10 +288,39 @@ def test_up_rejects_bad_arguments_without_leftovers(lab: nx.Lab) -> None:
         ("kswgok", key, 1, -1, 1420),
         ("kswgok", key, 1, 0, 1000),
     ]:
-        with pytest.raises(InvalidConfig):
+        with pytest.raises(BackendConfigError):
             backend.up(*args)
     assert ns.run("ip", "-br", "link").stdout.split()[0] == "lo"
     assert len(ns.run("ip", "-br", "link").stdout.splitlines()) == 1
+
+
+def test_refuses_what_the_userspace_backend_refuses(lab: nx.Lab) -> None:
+    """The table tests/control/backends/test_parity.py runs against the userspace
+    backend: the same refusals, word for word, and nothing reaches the kernel."""
+    a, b, psk = make_pair(lab)
+    before = a.backend.device_peers()
+    for name, (peers, message) in SHARED_BAD_PEERS.items():
+        with pytest.raises(BackendConfigError) as info:
+            a.backend.apply_peers(peers())
+        assert str(info.value) == message, name
+    assert a.backend.device_peers() == before
+    for name, (args, message) in BAD_DEVICES.items():
+        with pytest.raises(BackendConfigError) as info:
+            a.backend.up(*args)
+        assert str(info.value) == message, name
+    assert a.backend.link == a.link and a.link in a.links()
+
+
+def test_zero_psk_is_no_psk(lab: nx.Lab, caplog: pytest.LogCaptureFixture) -> None:
+    a, b, psk = make_pair(lab)
+    a.backend.apply_peers([peer_of(b, ZERO_KEY)])
+    assert a.dump()[1][1] == "(none)"  # wg show dump: the peer's preshared key column
+    assert a.backend.device_peers()[b.public_key].preshared_key is None
+    # The zero key and None are one and the same: applying None writes nothing.
+    with caplog.at_level(logging.INFO, logger="control.backends.kernel"):
+        caplog.clear()
+        a.backend.apply_peers([peer_of(b, None)])
+    assert not [r for r in caplog.records if "changed" in r.getMessage()]
 
 
 def test_up_failure_removes_the_link_it_made(lab: nx.Lab) -> None:

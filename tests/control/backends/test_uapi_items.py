@@ -6,9 +6,10 @@ from ipaddress import ip_network as N
 
 import pytest
 
-from control.backends.base import PeerConfig
-from control.backends.uapi_client import format_endpoint, parse_endpoint, peer_items
-from control.backends.userspace import diff_items, validate_peers
+from control.backends.base import PeerConfig, validate_peers
+from control.backends.uapi_client import peer_items
+from control.backends.userspace import diff_items
+from kubespan_dp.netutil import EndpointError, format_endpoint, parse_endpoint
 
 K1, K2, K3 = (bytes([i]) * 32 for i in (1, 2, 3))
 PSK = bytes(range(32))
@@ -19,9 +20,13 @@ def test_endpoints_round_trip() -> None:
     assert format_endpoint(("2001:db8::1", 51820)) == "[2001:db8::1]:51820"
     assert parse_endpoint("[2001:db8::1]:51820") == ("2001:db8::1", 51820)
     assert parse_endpoint("192.0.2.1:1") == ("192.0.2.1", 1)
-    for bad in (("192.0.2.1", 0), ("192.0.2.1", 65536), ("host.example", 1)):
-        with pytest.raises(ValueError):
-            format_endpoint(bad)
+    for bad, why in (
+        (("192.0.2.1", 0), "port 0 is not in 1-65535"),
+        (("192.0.2.1", 65536), "port 65536 is not in 1-65535"),
+        (("host.example", 1), "'host.example' is not an IP address"),
+    ):
+        with pytest.raises(EndpointError, match=why):
+            peer_items(K1, endpoint=bad)  # endpoints are checked before they are written
 
 
 def test_peer_items() -> None:
@@ -38,7 +43,8 @@ def test_peer_items() -> None:
         peer_items(b"\1" * 31)
 
 
-def cfg(key, ep=("192.0.2.1", 51820), ka=25, ips=("10.0.0.1/32",), psk=PSK) -> PeerConfig:
+def cfg(key, ep=("192.0.2.1", 51820), ka=25, ips=None, psk=PSK) -> PeerConfig:
+    ips = ips or (f"10.0.0.{key[0]}/32",)  # one per peer: a prefix belongs to one peer only
     return PeerConfig(key, psk, ep, ka, tuple(N(i) for i in ips))
 
 

@@ -23,8 +23,9 @@ from cryptography.hazmat.primitives.serialization import (
 
 from control import netlab
 from control.backends import BackendError, IPNetwork, PeerConfig, WireGuardBackend
-from control.backends.uapi_client import UAPIClient, socket_path
+from control.backends.uapi_client import UAPIClient
 from control.backends.userspace import UserspaceBackend, default_daemon_argv
+from kubespan_dp.uapisock import socket_path
 from tests import netns as nx
 
 DAEMONS = {

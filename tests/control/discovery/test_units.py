@@ -13,7 +13,7 @@ import pytest
 
 from control.affiliate import Affiliate, KubeSpanInfo
 from control.discovery.cipher import AffiliateCipher, CipherError, secret_key
-from control.discovery.client import Backoff, parse_endpoint
+from control.discovery.client import Backoff
 from control.discovery.codec import (
     CodecError,
     decode_affiliate,
@@ -25,6 +25,7 @@ from control.discovery.proto import generate
 from control.discovery.ratelimit import IPRateLimiter
 from control.discovery.server import write_atomic
 from control.discovery.state import LimitError, Limits, State
+from control.discovery.target import parse_discovery_endpoint as parse_endpoint
 
 from .conftest import endpoints_of, make_affiliate
 
