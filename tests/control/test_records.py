@@ -24,6 +24,7 @@ from control.records import (
     peer_status_record,
     render,
 )
+from tests.talosctl import COMMON_COLUMNS, PEER_STATUS_HEADER
 
 KEY = "mB6WlFOR66Jx5rtPMIpxJ3s4XHyer9NCzqWPP7idGRo="
 SPEC = PeerSpec(
@@ -38,7 +39,7 @@ SPEC = PeerSpec(
 def test_peer_spec_table_has_talosctl_columns() -> None:
     out = render([peer_spec_record(SPEC)], PEER_SPEC, node="172.20.0.2")
     header, row = out.splitlines()
-    assert header.split() == ["NODE", "NAMESPACE", "TYPE", "ID", "VERSION", "LABEL", "ENDPOINTS"]
+    assert header.split() == [*COMMON_COLUMNS, "LABEL", "ENDPOINTS"]
     assert row.split() == [
         "172.20.0.2",
         "kubespan",
@@ -65,40 +66,20 @@ def test_status_identity_endpoint_columns(tmp_path: Path) -> None:
         last_handshake=0.0,
     )
     header, row = render([status], PEER_STATUS).splitlines()
-    assert header.split() == [
-        "NODE",
-        "NAMESPACE",
-        "TYPE",
-        "ID",
-        "VERSION",
-        "LABEL",
-        "ENDPOINT",
-        "STATE",
-        "RX",
-        "TX",
-    ]
+    assert header.split() == PEER_STATUS_HEADER
     assert row.split()[-5:] == ["worker-2", "192.168.3.6:51820", "up", "1234", "5678"]
     assert status.spec["lastHandshakeTime"] == "1970-01-01T00:00:00Z"
     assert status.spec["lastEndpointChange"] == "0001-01-01T00:00:00Z"
 
     identity = load_or_create_kubespan_identity(tmp_path, "cid", "02:00:00:00:00:01")
     header, row = render([identity_record(identity)], IDENTITY).splitlines()
-    assert header.split() == ["NODE", "NAMESPACE", "TYPE", "ID", "VERSION", "ADDRESS", "PUBLICKEY"]
+    assert header.split() == [*COMMON_COLUMNS, "ADDRESS", "PUBLICKEY"]
     assert row.split()[-2:] == [str(identity.address), identity.public_key_b64]
 
     header, row = render(
         [endpoint_record(KEY, "node-a", ("2001:db8::6", 51820))], ENDPOINT
     ).splitlines()
-    assert header.split() == [
-        "NODE",
-        "NAMESPACE",
-        "TYPE",
-        "ID",
-        "VERSION",
-        "ENDPOINT",
-        "AFFILIATE",
-        "ID",
-    ]
+    assert header.split() == [*COMMON_COLUMNS, "ENDPOINT", "AFFILIATE", "ID"]  # AFFILIATE ID
     assert row.split()[-2:] == ["[2001:db8::6]:51820", "node-a"]
 
 

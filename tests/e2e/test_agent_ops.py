@@ -18,6 +18,7 @@ import yaml
 from control.labcluster import LabCluster, NodeOptions
 from tests.cluster import running_cluster
 from tests.promtext import key, samples
+from tests.talosctl import PEER_STATUS_HEADER
 
 pytestmark = pytest.mark.netns
 REPO = Path(__file__).resolve().parents[2]
@@ -92,18 +93,7 @@ def test_get_formats_watch_metrics_json_logs_and_root_only_api(cluster: LabClust
 
     # Table, YAML and JSON agree on the peer.
     table = cluster.get_table(first, "kubespanpeerstatuses").splitlines()
-    assert table[0].split() == [
-        "NODE",
-        "NAMESPACE",
-        "TYPE",
-        "ID",
-        "VERSION",
-        "LABEL",
-        "ENDPOINT",
-        "STATE",
-        "RX",
-        "TX",
-    ]
+    assert table[0].split() == PEER_STATUS_HEADER
     assert "node2" in table[1] and " up " in table[1]
     as_yaml = first.host.run(
         sys.executable,

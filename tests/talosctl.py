@@ -1,0 +1,7 @@
+"""The headers of `talosctl get` tables, which our record tables must print alike."""
+
+from __future__ import annotations
+
+# Every resource's table starts with these; its own print columns follow.
+COMMON_COLUMNS = ["NODE", "NAMESPACE", "TYPE", "ID", "VERSION"]
+PEER_STATUS_HEADER = [*COMMON_COLUMNS, "LABEL", "ENDPOINT", "STATE", "RX", "TX"]
