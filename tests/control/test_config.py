@@ -207,29 +207,42 @@ def test_normalize_endpoint() -> None:
 # --- every validation problem, with its path ------------------------------------------------
 
 
-def test_mtu_below_minimum() -> None:
-    assert problems(base("enabled: true\nmtu: 1279")) == [
-        ("machine.network.kubespan.mtu", "kubespan link MTU must be at least 1280")
-    ]
+NEEDS_DISCOVERY = "KubeSpan requires cluster discovery to be enabled (with the service registry)"
 
 
-def test_kubespan_without_discovery() -> None:
-    assert problems(base(discovery="enabled: false")) == [
-        (
+@pytest.mark.parametrize(
+    "config, path, message",
+    [
+        pytest.param(
+            base("enabled: true\nmtu: 1279"),
+            "machine.network.kubespan.mtu",
+            "kubespan link MTU must be at least 1280",
+            id="mtu-below-minimum",
+        ),
+        pytest.param(
+            base(discovery="enabled: false"),
             "cluster.discovery.enabled",
-            "KubeSpan requires cluster discovery to be enabled (with the service registry)",
-        )
-    ]
-
-
-def test_kubespan_with_service_registry_disabled() -> None:
-    disc = "enabled: true\nregistries:\n  service:\n    disabled: true"
-    assert problems(base(discovery=disc)) == [
-        (
+            NEEDS_DISCOVERY,
+            id="kubespan-without-discovery",
+        ),
+        pytest.param(
+            base(discovery="enabled: true\nregistries:\n  service:\n    disabled: true"),
             "cluster.discovery.registries.service.disabled",
-            "KubeSpan requires cluster discovery to be enabled (with the service registry)",
-        )
-    ]
+            NEEDS_DISCOVERY,
+            id="kubespan-with-service-registry-disabled",
+        ),
+        pytest.param(
+            base(
+                discovery="enabled: true\nregistries: {service: {endpoint: 'https://d.example/api'}}"
+            ),
+            "cluster.discovery.registries.service.endpoint",
+            "cluster discovery service path should be empty",
+            id="service-endpoint-with-path",
+        ),
+    ],
+)
+def test_single_problem(config: str, path: str, message: str) -> None:
+    assert problems(config) == [(path, message)]
 
 
 def test_malformed_filter_cidr_and_extra_endpoint() -> None:
@@ -348,16 +361,6 @@ def test_our_document_values() -> None:
             "KubeSpanPyConfig.discoveryEndpoint",
             "cluster discovery service registry endpoint is invalid: 'ftp://x/' (expected http(s)://host[:port])",
         ),
-    ]
-
-
-def test_service_endpoint_with_path() -> None:
-    disc = "enabled: true\nregistries: {service: {endpoint: 'https://d.example/api'}}"
-    assert problems(base(discovery=disc)) == [
-        (
-            "cluster.discovery.registries.service.endpoint",
-            "cluster discovery service path should be empty",
-        )
     ]
 
 
