@@ -16,6 +16,7 @@ from control.config import ConfigError, DiscoverySettings, MachineConfig, load_c
 
 TALOS = Path(__file__).resolve().parents[1] / "data" / "talos"
 SECRET = "BVpg0EsnQ5vfvHvMN5Yc2+qyzbvJpLNokgdNqmYRxEU="
+NEEDS_DISCOVERY = "KubeSpan requires cluster discovery to be enabled (with the service registry)"
 
 
 def sample(name: str) -> Path:
@@ -104,10 +105,7 @@ def test_kubespan_document_alone_lacks_cluster_identity_and_discovery() -> None:
     assert problems(sample("kubespanconfig.yaml")) == [
         ("cluster.id", "cluster discovery service requires .cluster.id"),
         ("cluster.secret", "cluster discovery service requires .cluster.secret"),
-        (
-            "cluster.discovery.enabled",
-            "KubeSpan requires cluster discovery to be enabled (with the service registry)",
-        ),
+        ("cluster.discovery.enabled", NEEDS_DISCOVERY),
     ]
 
 
@@ -205,9 +203,6 @@ def test_normalize_endpoint() -> None:
 
 
 # --- every validation problem, with its path ------------------------------------------------
-
-
-NEEDS_DISCOVERY = "KubeSpan requires cluster discovery to be enabled (with the service registry)"
 
 
 @pytest.mark.parametrize(
