@@ -165,6 +165,21 @@ class WgHost:
     def wg(self, *args: str, input: str | None = None) -> str:
         return wg(self.ns, *args, input=input)
 
+    def set_peer(self, peer: WgHost, allowed_ips: str, endpoint: str, *options: str) -> None:
+        """`wg set` `peer` as this host's peer with these allowed IPs and endpoint, plus
+        any further peer options (e.g. "preshared-key", FILE)."""
+        self.wg(
+            "set",
+            self.ifname,
+            "peer",
+            peer.public_key,
+            *options,
+            "allowed-ips",
+            allowed_ips,
+            "endpoint",
+            endpoint,
+        )
+
     def dump(self) -> list[list[str]]:
         """`wg show IFNAME dump` split into fields; row 0 is the interface."""
         return [line.split("\t") for line in self.wg("show", self.ifname, "dump").splitlines()]

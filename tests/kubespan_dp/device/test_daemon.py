@@ -376,14 +376,5 @@ def test_handshake_flood_puts_device_under_load(lab: netns.Lab) -> None:
     assert a.dump()[1][4] == handshake
     # once the backlog is gone, a fresh handshake goes through without cookies
     a.wg("set", a.ifname, "peer", b.public_key, "remove")
-    a.wg(
-        "set",
-        a.ifname,
-        "peer",
-        b.public_key,
-        "allowed-ips",
-        f"{INNER4[1]}/32",
-        "endpoint",
-        f"{OUTER4[1]}:{b.port}",
-    )
+    a.set_peer(b, f"{INNER4[1]}/32", f"{OUTER4[1]}:{b.port}")
     netns.ping(a.ns, INNER4[1])

@@ -87,17 +87,12 @@ def test_preshared_key(lab: netns.Lab, kinds: tuple[str, str]) -> None:
     (keys / "same").write_text(psk + "\n")
     b.wg("set", b.ifname, "peer", a.public_key, "preshared-key", str(keys / "other"))
     a.wg("set", a.ifname, "peer", b.public_key, "remove")
-    a.wg(
-        "set",
-        a.ifname,
-        "peer",
-        b.public_key,
+    a.set_peer(
+        b,
+        f"{INNER4[1]}/32,{INNER6[1]}/128",
+        f"{OUTER4[1]}:{b.port}",
         "preshared-key",
         str(keys / "same"),
-        "allowed-ips",
-        f"{INNER4[1]}/32,{INNER6[1]}/128",
-        "endpoint",
-        f"{OUTER4[1]}:{b.port}",
     )
     r = a.ns.run("ping", "-c", "3", "-i", "0.3", "-W", "1", INNER4[1], check=False)
     assert r.returncode != 0, "a handshake with mismatched preshared keys must fail"
@@ -132,16 +127,7 @@ def test_peer_removed_and_readded(lab: netns.Lab, kinds: tuple[str, str]) -> Non
     assert len(a.dump()) == 1
     r = a.ns.run("ping", "-c", "2", "-W", "1", INNER4[1], check=False)
     assert r.returncode != 0
-    a.wg(
-        "set",
-        a.ifname,
-        "peer",
-        b.public_key,
-        "allowed-ips",
-        f"{INNER4[1]}/32,{INNER6[1]}/128",
-        "endpoint",
-        f"{OUTER4[1]}:{b.port}",
-    )
+    a.set_peer(b, f"{INNER4[1]}/32,{INNER6[1]}/128", f"{OUTER4[1]}:{b.port}")
     netns.ping(a.ns, INNER4[1])
     netns.ping(b.ns, INNER6[0])
 
