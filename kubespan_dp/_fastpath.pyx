@@ -536,7 +536,7 @@ cdef class Keypair:
 
     @property
     def send_counter(self) -> int:
-        return self.kp.send_counter
+        return KS_ATOMIC_LOAD64(&self.kp.send_counter)
 
     @property
     def is_initiator(self) -> bool:

@@ -287,10 +287,12 @@ class WireGuardCore:
             return
         batch: list[bytes] = []
         data_sent = False
-        while peer.staged and kp.send_counter < REJECT_AFTER_MESSAGES:
+        while peer.staged:
+            # taken at the counter's owner (the fast path, once it runs the session)
+            counter = kp.take_counter()
+            if counter >= REJECT_AFTER_MESSAGES:
+                break
             plaintext = peer.staged.popleft()
-            counter = kp.send_counter
-            kp.send_counter += 1
             sealed = kp.send.seal(counter, pad_plaintext(plaintext, self.mtu))
             batch.append(messages.Transport(kp.remote_index, counter, sealed).encode())
             data_sent = data_sent or bool(plaintext)

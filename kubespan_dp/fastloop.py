@@ -16,9 +16,11 @@ previous keypairs) and feeds C's activity back to the core (byte counters, roame
 endpoints, and the timer hooks wireguard-go calls on data sent/received), so
 keepalives, rekeys and expiry keep working exactly as in the pure-Python path.
 
-Nonces: once a keypair is in C, C owns its send counter.  If the core later seals on
-that keypair itself (a keepalive from a timer), we reopen that datagram and reseal it
-with a counter taken from C, so no counter is ever used twice on the wire.
+Nonces: once a keypair is in C, C owns its send counter.  The core's keypair hands
+its counter over (`Keypair.hand_counter_to`): whatever the core seals on it later (a
+keepalive from a timer, staged packets) takes its counter from C atomically, so no
+counter is ever used twice on the wire.  Sessions are only ever found by our own
+index (the receiver field of what peers send us), never by the index a peer chose.
 """
 
 from __future__ import annotations
@@ -39,7 +41,6 @@ from .pypath import MAX_SOURCES, PyDataPath
 SYNC_INTERVAL = 0.1  # seconds between C -> core activity syncs
 HANDSHAKE_SIZES = {1: 148, 2: 92}  # initiation, response (cookie replies need no DH)
 _HEADER = struct.Struct("<IIQ")
-REJECT_AFTER_MESSAGES = 2**64 - 2**13 - 1
 
 log = logging.getLogger("kubespan_dp.fastloop")
 
@@ -50,13 +51,16 @@ def fastpath_enabled() -> bool:
 
 
 class _Installed:
-    """A core keypair mirrored in C, with what is needed to reseal core output."""
+    """A core keypair mirrored in C: C owns its send counter and receive window."""
 
-    __slots__ = ("core_kp", "c_kp", "start", "aead")
+    __slots__ = ("core_kp", "c_kp")
 
     def __init__(self, core_kp: Any) -> None:
         self.core_kp = core_kp
-        self.start = core_kp.send_counter  # the core sealed everything below this
+        owner = core_kp.counter_owner
+        if isinstance(owner, fp.Keypair):
+            self.c_kp = owner  # mirrored before: C keeps the one counter and window
+            return
         self.c_kp = fp.Keypair(
             core_kp.send_key,
             core_kp.receive_key,
@@ -69,7 +73,8 @@ class _Installed:
         window = core_kp.replay
         if not window.check(window.last):  # the core already opened packets on it
             self.c_kp.seed_replay(window.last)
-        self.aead = fp.AEADKey(core_kp.send_key)
+        # from now on C alone hands out this session's counters, to C and to the core
+        core_kp.hand_counter_to(self.c_kp)
 
 
 class FastDataPath:
@@ -96,7 +101,6 @@ class FastDataPath:
         self._next_id = 0
         self._keypairs: dict[int, tuple[Any, Any]] = {}  # slot -> core (current, previous)
         self._installed: dict[int, _Installed] = {}  # id(core keypair) -> mirror
-        self._by_remote: dict[int, _Installed] = {}  # remote index -> mirror
         self._by_local: dict[int, _Installed] = {}  # local index -> mirror
         self._endpoints: dict[int, Address | None] = {}
         self._sources: dict[int, tuple[bytes, int]] = {}  # sticky source pushed to C
@@ -143,13 +147,10 @@ class FastDataPath:
         self.reconcile(routes=False)
 
     def _send_output(self, out: Any) -> None:
-        # Datagrams go before reconcile(): a keypair the core made in this very call
-        # is not in C yet, so its datagrams keep the core's counters, and the mirror
-        # starts after them.
+        # Core output is sealed with counters from each session's one owner (the
+        # core's keypair, or C once it runs the session): sent as it is.
         for data, addr in out.datagrams:
-            data = self._reseal(data)
-            if data is not None:
-                self.py.send(data, addr)
+            self.py.send(data, addr)
         if out.packets:
             self.py._write_tun(out.packets)
 
@@ -201,21 +202,6 @@ class FastDataPath:
         mirror = self._by_local.get(receiver)
         if kind == 4 and mirror is not None and not mirror.core_kp.replay.check(counter):
             self.c.mark_received(receiver, counter)
-
-    def _reseal(self, data: bytes) -> bytes | None:
-        """Core output sealed on a keypair C owns gets a counter from C instead."""
-        if len(data) < 32 or data[0] != 4:
-            return data
-        kind, receiver, counter = _HEADER.unpack_from(data)
-        mirror = self._by_remote.get(receiver)
-        if kind != 4 or mirror is None or counter < mirror.start:
-            return data
-        plaintext = mirror.aead.open(counter, data[16:])
-        fresh = mirror.c_kp.reserve_counter()
-        if fresh >= REJECT_AFTER_MESSAGES:
-            self._own_drops["keypair_exhausted"] += 1
-            return None
-        return _HEADER.pack(4, receiver, fresh) + mirror.aead.seal(fresh, plaintext)
 
     def _tick(self) -> None:
         self._tick_handle = None
@@ -336,17 +322,12 @@ class FastDataPath:
                 if old is not None and old is not want[0] and old is not want[1]:
                     self._drop_mirror(old)
             self._keypairs[pid] = want
-        for kp in want:
-            # the core expires keypairs (new private key) by exhausting their counter
-            if kp is not None and kp.send_counter >= REJECT_AFTER_MESSAGES:
-                self._installed[id(kp)].c_kp.expire()
 
     def _mirror(self, kp: Any) -> _Installed:
         m = self._installed.get(id(kp))
         if m is None or m.core_kp is not kp:
             m = _Installed(kp)
             self._installed[id(kp)] = m
-            self._by_remote[kp.remote_index] = m
             self._by_local[kp.local_index] = m
         return m
 
@@ -354,8 +335,6 @@ class FastDataPath:
         m = self._installed.pop(id(kp), None)
         if m is None:
             return
-        if self._by_remote.get(kp.remote_index) is m:
-            del self._by_remote[kp.remote_index]
         if self._by_local.get(kp.local_index) is m:
             del self._by_local[kp.local_index]
 
