@@ -728,6 +728,7 @@ cdef extern from "<sys/socket.h>" nogil:
         AF_INET
         AF_INET6
         MSG_DONTWAIT
+        MSG_TRUNC
 
 cdef extern from *:
     """
@@ -816,7 +817,7 @@ cdef enum:
 DROP_REASONS = ("no_route", "invalid_packet", "slow_queue_full", "udp_send_failed",
                 "replay", "decrypt_failed", "keypair_expired", "invalid_inner_packet",
                 "source_not_allowed", "tun_write_failed", "no_socket_for_family",
-                "too_big")
+                "too_big", "seal_failed", "udp_truncated")
 cdef enum:
     D_NO_ROUTE = 0
     D_INVALID_PACKET
@@ -830,6 +831,8 @@ cdef enum:
     D_TUN_WRITE
     D_NO_SOCKET
     D_TOO_BIG
+    D_SEAL_FAILED
+    D_TRUNCATED
     D_COUNT
 
 
@@ -916,6 +919,11 @@ cdef struct loop_t:
     uint64_t rx_packets
 
 
+cdef inline void _drop(loop_t *L, int reason, uint64_t n) noexcept nogil:
+    # both threads count drops: atomically
+    KS_ATOMIC_ADD64(&L.drops[reason], n)
+
+
 cdef inline double _now() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
@@ -997,12 +1005,12 @@ cdef void _slow_push(loop_t *L, uint8_t kind, int32_t peer, const uint8_t *data,
     cdef slow_t *e
     cdef bint wake
     if n > SLOT_SIZE:
-        L.drops[D_TOO_BIG] += 1
+        _drop(L, D_TOO_BIG, 1)
         return
     pthread_mutex_lock(&L.slow_lock)
     if L.slow_count >= SLOW_CAP:
         pthread_mutex_unlock(&L.slow_lock)
-        L.drops[D_SLOW_FULL] += 1
+        _drop(L, D_SLOW_FULL, 1)
         return
     e = &L.slow[(L.slow_head + L.slow_count) % SLOW_CAP]
     e.kind = kind
@@ -1069,7 +1077,7 @@ cdef void _send_plain(loop_t *L, int fd, mmsghdr *gso) noexcept nogil:
         if r > 0:
             done += r
         else:
-            L.drops[D_UDP_SEND] += 1
+            _drop(L, D_UDP_SEND, 1)
             done += 1
 
 
@@ -1109,8 +1117,9 @@ cdef void _send_run(loop_t *L, int fd, mmsghdr *msgs, int32_t *peers, bint *pkti
             _send_plain(L, fd, &msgs[done])
             done += 1
             continue
-        # a datagram the kernel refuses (e.g. unreachable): skip it
-        L.drops[D_UDP_SEND] += 1
+        # a message the kernel refuses (e.g. unreachable): skip it, counting
+        # every datagram it carried (a GSO message holds up to 64)
+        _drop(L, D_UDP_SEND, msgs[done].msg_hdr.msg_iovlen)
         done += 1
 
 
@@ -1207,7 +1216,7 @@ cdef void _send_all(loop_t *L, io_t *io, int *fds, int nsend) noexcept nogil:
         if j == m or fds[j] != fds[run_start]:
             fd = fds[run_start]
             if fd < 0:
-                L.drops[D_NO_SOCKET] += j - run_start
+                _drop(L, D_NO_SOCKET, j - run_start)
             else:
                 _send_run(L, fd, &g.msgs[run_start], &g.peer[run_start],
                           &g.pktinfo[run_start], j - run_start)
@@ -1245,7 +1254,7 @@ cdef void _tx_loop(loop_t *L) noexcept nogil:
             if r <= 0:
                 break
             if r >= SLOT_SIZE - OVERHEAD - PAD_MULTIPLE:
-                L.drops[D_TOO_BIG] += 1     # maybe truncated: larger than a slot
+                _drop(L, D_TOO_BIG, 1)     # maybe truncated: larger than a slot
                 continue
             io.length[n] = <uint32_t>r
             n += 1
@@ -1258,10 +1267,10 @@ cdef void _tx_loop(loop_t *L) noexcept nogil:
             slot = io.buf + i * SLOT_SIZE
             pid = _route(L, slot + HEADER_LEN, io.length[i], False)
             if pid == NO_PEER or pid >= L.npeers or not L.peers[pid].active:
-                L.drops[D_NO_ROUTE] += 1
+                _drop(L, D_NO_ROUTE, 1)
                 continue
             if _inner_length(slot + HEADER_LEN, io.length[i]) < 0:
-                L.drops[D_INVALID_PACKET] += 1
+                _drop(L, D_INVALID_PACKET, 1)
                 continue
             p = &L.peers[pid]
             kp = p.current
@@ -1287,7 +1296,9 @@ cdef void _tx_loop(loop_t *L) noexcept nogil:
             _put_le32(slot, MSG_TRANSPORT)
             _put_le32(slot + 4, kp.remote_index)
             _put_le64(slot + 8, counter)
-            _seal_one(kp.seal_ctx, counter, slot + HEADER_LEN, <int>padded)
+            if _seal_one(kp.seal_ctx, counter, slot + HEADER_LEN, <int>padded) != 1:
+                _drop(L, D_SEAL_FAILED, 1)     # never send a slot that was not sealed
+                continue
             io.iov[nsend].iov_base = slot
             io.iov[nsend].iov_len = padded + OVERHEAD
             pthread_mutex_lock(&p.ep_lock)
@@ -1340,7 +1351,7 @@ cdef inline bint _same_addr(const sockaddr_in6 *a, socklen_t alen, const sockadd
 DEF RX_MSGS = 32
 DEF RX_BUF = 65536            # a GRO-coalesced datagram can be this long
 DEF RX_CONTROL = 128
-DEF RX_SEGS = 2048            # segments per batch (RX_MSGS * 64 at most)
+DEF RX_SEGS = 2048            # decrypted packets held before writing them to TUN
 
 
 cdef struct rx_t:
@@ -1415,17 +1426,17 @@ cdef inline int _rx_one(loop_t *L, rx_t *rx, int m, uint8_t *slot, uint32_t leng
                    rx.local[m], rx.local_len[m], rx.local_ifindex[m])
         return nwrite
     if kp.created + REJECT_AFTER_TIME < now:
-        L.drops[D_EXPIRED] += 1
+        _drop(L, D_EXPIRED, 1)
         return nwrite
     counter = _get_le64(slot + 8)
     if not _replay_check(&kp.replay, counter):
-        L.drops[D_REPLAY] += 1
+        _drop(L, D_REPLAY, 1)
         return nwrite
     if _open_one(kp.open_ctx, counter, slot + HEADER_LEN, <int>(length - OVERHEAD)) != 1:
-        L.drops[D_DECRYPT] += 1
+        _drop(L, D_DECRYPT, 1)
         return nwrite
     if not _replay_update(&kp.replay, counter):
-        L.drops[D_REPLAY] += 1
+        _drop(L, D_REPLAY, 1)
         return nwrite
     # authenticated from here on
     kp.rx_packets += 1
@@ -1454,15 +1465,23 @@ cdef inline int _rx_one(loop_t *L, rx_t *rx, int m, uint8_t *slot, uint32_t leng
     p.last_rx_data = now
     inner = _inner_length(slot + HEADER_LEN, length - OVERHEAD)
     if inner < 0:
-        L.drops[D_INVALID_INNER] += 1
+        _drop(L, D_INVALID_INNER, 1)
         return nwrite
     pid = _route(L, slot + HEADER_LEN, <uint32_t>inner, True)
     if pid != kp.peer:
-        L.drops[D_SOURCE] += 1
+        _drop(L, D_SOURCE, 1)
         return nwrite
     rx.wptr[nwrite] = slot + HEADER_LEN
     rx.wlen[nwrite] = <uint32_t>inner
     return nwrite + 1
+
+
+cdef void _flush_tun(loop_t *L, rx_t *rx, int nwrite) noexcept nogil:
+    cdef int i
+    for i in range(nwrite):
+        if c_write(L.tun_fd, rx.wptr[i], rx.wlen[i]) < 0:
+            _drop(L, D_TUN_WRITE, 1)
+    KS_ATOMIC_ADD64(&L.rx_packets, nwrite)
 
 
 cdef void _rx_loop(loop_t *L) noexcept nogil:
@@ -1494,22 +1513,24 @@ cdef void _rx_loop(loop_t *L) noexcept nogil:
         nwrite = 0
         pthread_rwlock_rdlock(&L.lock)
         for i in range(n):
+            if rx.msgs[i].msg_hdr.msg_flags & MSG_TRUNC:
+                _drop(L, D_TRUNCATED, 1)   # longer than the buffer: not all of it is here
+                continue
             total = rx.msgs[i].msg_len
             seg = rx.gso[i] if rx.gso[i] else total
             if seg == 0:
                 seg = 1     # an empty datagram: handled (dropped) as one segment
             off = 0
             while off < total or (total == 0 and off == 0):
+                if nwrite >= RX_SEGS:
+                    # a GRO batch of any size: write out what is ready, go on
+                    _flush_tun(L, rx, nwrite)
+                    nwrite = 0
                 nwrite = _rx_one(L, rx, i, rx.buf + i * RX_BUF + off,
                                  seg if total - off > seg else total - off, now, nwrite)
                 off += seg
-                if nwrite >= RX_SEGS:
-                    break
         pthread_rwlock_unlock(&L.lock)
-        for i in range(nwrite):
-            if c_write(L.tun_fd, rx.wptr[i], rx.wlen[i]) < 0:
-                L.drops[D_TUN_WRITE] += 1
-        L.rx_packets += nwrite
+        _flush_tun(L, rx, nwrite)
     OPENSSL_cleanse(rx.buf, RX_MSGS * RX_BUF)
     free(rx.buf)
     free(rx)
@@ -1565,7 +1586,7 @@ cdef class PacketLoop:
     cdef readonly int max_peers
 
     def __cinit__(self, int tun_fd, int sock4_fd, int sock6_fd, int mtu=1420,
-                  int max_peers=1024):
+                  int max_peers=65536):
         cdef pthread_rwlockattr_t attr
         cdef int i
         if mtu < 0 or mtu > 65535:
@@ -1700,11 +1721,13 @@ cdef class PacketLoop:
         cdef peer_t *p = self._peer(pid)
         with nogil:
             pthread_rwlock_wrlock(&self.L.lock)
-        p.active = False
-        p.current = p.previous = NULL
-        p.ep_len = 0
-        self._rebuild_index_locked()
-        pthread_rwlock_unlock(&self.L.lock)
+        try:
+            p.active = False
+            p.current = p.previous = NULL
+            p.ep_len = 0
+            self._rebuild_index_locked()
+        finally:
+            pthread_rwlock_unlock(&self.L.lock)
         self._keypairs.pop(pid, None)
 
     def set_endpoint(self, int pid, object endpoint) -> None:
@@ -1906,21 +1929,30 @@ cdef class PacketLoop:
             if self.L.slow_count == 0:
                 pthread_mutex_unlock(&self.L.slow_lock)
                 break
-            e = &self.L.slow[self.L.slow_head]
-            local = (PyBytes_FromStringAndSize(<char *>e.local, e.local_len), e.local_ifindex) \
-                if e.local_len else None
-            item = (e.kind, PyBytes_FromStringAndSize(<char *>e.data, e.length),
-                    _sockaddr_tuple(&e.addr, e.addrlen), e.peer, local)
-            self.L.slow_head = (self.L.slow_head + 1) % SLOW_CAP
-            self.L.slow_count -= 1
-            pthread_mutex_unlock(&self.L.slow_lock)
+            try:
+                e = &self.L.slow[self.L.slow_head]
+                local = (PyBytes_FromStringAndSize(<char *>e.local, e.local_len),
+                         e.local_ifindex) if e.local_len else None
+                item = (e.kind, PyBytes_FromStringAndSize(<char *>e.data, e.length),
+                        _sockaddr_tuple(&e.addr, e.addrlen), e.peer, local)
+            finally:
+                # consumed even if building it failed: a bad item cannot wedge the queue
+                self.L.slow_head = (self.L.slow_head + 1) % SLOW_CAP
+                self.L.slow_count -= 1
+                pthread_mutex_unlock(&self.L.slow_lock)
             out.append(item)
         if self.L.slow_count:
             _signal(self.L.slow_fd)   # more left: wake the caller again
         return out
 
     def drops(self) -> dict:
-        return {name: self.L.drops[i] for i, name in enumerate(DROP_REASONS) if self.L.drops[i]}
+        cdef int i
+        cdef dict out = {}
+        for i in range(D_COUNT):
+            n = KS_ATOMIC_LOAD64(&self.L.drops[i])
+            if n:
+                out[DROP_REASONS[i]] = n
+        return out
 
     @property
     def link_gone(self) -> bool:

@@ -141,6 +141,7 @@ class WireGuardCore:
         persistent_keepalive: int | None = _UNCHANGED,  # type: ignore[assignment]
         allowed_ips: Iterable[IPNetwork | str] | None = None,
         replace_allowed_ips: bool = False,
+        remove_allowed_ips: Iterable[IPNetwork | str] = (),
     ) -> Peer:
         """Create or update a peer. Everything is validated before anything changes."""
         if not isinstance(public_key, bytes) or len(public_key) != 32:
@@ -156,6 +157,7 @@ class WireGuardCore:
             if not isinstance(persistent_keepalive, int) or not 0 <= persistent_keepalive <= 65535:
                 raise ValueError("persistent keepalive must be 0-65535 seconds")
         networks = [ip_network(n, strict=False) for n in (allowed_ips or ())]
+        removals = [ip_network(n, strict=False) for n in remove_allowed_ips]
 
         peer = self.peers.get(public_key)
         if peer is None:
@@ -172,6 +174,8 @@ class WireGuardCore:
             turned_on = old == 0 and peer.persistent_keepalive != 0
         if replace_allowed_ips:
             self.allowed_ips.remove_peer(peer)
+        for net in removals:  # `allowed_ip=-PREFIX`: only if this peer owns it
+            self.allowed_ips.remove(net, peer)
         for net in networks:
             self.allowed_ips.insert(net, peer)
         if turned_on and self.private_key is not None:

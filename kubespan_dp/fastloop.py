@@ -39,6 +39,7 @@ from .netutil import Address
 from .pypath import MAX_SOURCES, PyDataPath
 
 SYNC_INTERVAL = 0.1  # seconds between C -> core activity syncs
+MAX_PEERS = 1 << 16  # as wireguard-go's MaxPeers; the device refuses more
 HANDSHAKE_SIZES = {1: 148, 2: 92}  # initiation, response (cookie replies need no DH)
 _HEADER = struct.Struct("<IIQ")
 
@@ -92,7 +93,7 @@ class FastDataPath:
         self.on_handshake = on_handshake
         self.on_batch = on_batch
         self.on_link_gone = on_link_gone
-        self.c = fp.PacketLoop(tun_fd, -1, -1, core.mtu)
+        self.c = fp.PacketLoop(tun_fd, -1, -1, core.mtu, max_peers=MAX_PEERS)
         self._mtu = core.mtu
         self.loop: asyncio.AbstractEventLoop | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
@@ -159,39 +160,63 @@ class FastDataPath:
 
     # ------------------------------------------------------------- slow path
 
+    def _internal_error(self, where: str) -> None:
+        """A callback failed on one item: count it, log it, and carry on."""
+        self._own_drops[f"internal_error_{where}"] += 1
+        log.exception("internal error in %s (the packet path carries on)", where)
+
     def _on_slow(self) -> None:
-        if self.c.link_gone:
-            self.on_link_gone()
-            return
-        items = self.c.take_slow()
-        if not items:
-            return
-        now = time.monotonic()
-        self.sync(now)
+        # Never lets an exception out: the event loop would drop this reader.
+        try:
+            if self.c.link_gone:
+                self.on_link_gone()
+                return
+            items = self.c.take_slow()
+            if not items:
+                return
+            now = time.monotonic()
+            self._guarded("sync", self.sync, now)
+            for item in items:
+                try:
+                    self._slow_item(item, now)
+                except Exception:
+                    self._internal_error("slow_item")
+            self._guarded("reconcile", self.reconcile, False)
+            self.on_batch()
+        except Exception:
+            self._internal_error("slow_path")
+
+    def _guarded(self, where: str, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            self._internal_error(where)
+
+    def _slow_item(self, item: tuple[int, bytes, Address | None, int, Any], now: float) -> None:
+        kind, data, source, _peer, local = item
         core = self.core
         sources = self.py.sources
-        for kind, data, source, _peer, local in items:
-            if local is not None and source is not None and sources.get(source) != local:
-                # answer handshakes from the address the peer wrote to (sticky source)
-                if len(sources) >= MAX_SOURCES:
-                    sources.clear()
-                sources[source] = local
-            if kind == fp.SLOW_PACKET:
-                self._send_output(core.send_packet(data, now))
-            elif (
-                data
-                and data[0] in HANDSHAKE_SIZES
-                and len(data) == HANDSHAKE_SIZES[data[0]]
-                and core.cookie_checker.check_mac1(data)
-            ):
-                # only work worth queueing (a DH) waits in the device's handshake
-                # queue; everything else is settled (and counted) by the core at once
-                self.on_handshake(data, source, now)
-            else:
-                self._send_output(core.receive_datagram(data, source, now))
-                self._mirror_replay(data)
-        self.reconcile(routes=False)
-        self.on_batch()
+        if local is not None and source is not None and sources.get(source) != local:
+            # answer handshakes from the address the peer wrote to (sticky source)
+            if len(sources) >= MAX_SOURCES:
+                sources.clear()
+            sources[source] = local
+        if kind == fp.SLOW_PACKET:
+            self._send_output(core.send_packet(data, now))
+        elif source is None:
+            self._own_drops["invalid_source"] += 1
+        elif (
+            data
+            and data[0] in HANDSHAKE_SIZES
+            and len(data) == HANDSHAKE_SIZES[data[0]]
+            and core.cookie_checker.check_mac1(data)
+        ):
+            # only work worth queueing (a DH) waits in the device's handshake
+            # queue; everything else is settled (and counted) by the core at once
+            self.on_handshake(data, source, now)
+        else:
+            self._send_output(core.receive_datagram(data, source, now))
+            self._mirror_replay(data)
 
     def _mirror_replay(self, data: bytes) -> None:
         # The core opened a data packet on a keypair that is (now) in C too: C's
@@ -207,11 +232,13 @@ class FastDataPath:
         self._tick_handle = None
         if self.loop is None:
             return
-        now = time.monotonic()
-        self.sync(now)
-        self.reconcile()
-        self.on_batch()
-        self._tick_handle = self.loop.call_later(SYNC_INTERVAL, self._tick)
+        try:
+            now = time.monotonic()
+            self._guarded("sync", self.sync, now)
+            self._guarded("reconcile", self.reconcile)
+            self._guarded("batch", self.on_batch)
+        finally:
+            self._tick_handle = self.loop.call_later(SYNC_INTERVAL, self._tick)
 
     # ------------------------------------------------------------- C -> core
 
@@ -276,15 +303,26 @@ class FastDataPath:
             self._stats.pop(pid, None)
             self._free.append(pid)
         for key, peer in core.peers.items():
-            pid = self._ids.get(key)
-            if pid is None:
+            known = self._ids.get(key)
+            if known is not None:
+                pid = known
+            else:
+                if not self._free and self._next_id >= self.c.max_peers:
+                    # the device refuses more peers than this at UAPI time
+                    self._own_drops["too_many_peers"] += 1
+                    continue
                 pid = self._free.pop() if self._free else self._take_id()
                 self._ids[key] = pid
                 self.c.add_peer(pid)
                 self._stats[pid] = (0, 0, 0.0, 0.0, 0.0, 0.0)
                 self._endpoints[pid] = None
             if peer.endpoint != self._endpoints.get(pid):
-                self.c.set_endpoint(pid, peer.endpoint)
+                try:
+                    self.c.set_endpoint(pid, peer.endpoint)
+                except (OSError, ValueError, OverflowError):
+                    # e.g. its zone's interface is gone: C has no endpoint for it
+                    self.c.set_endpoint(pid, None)
+                    self._own_drops["endpoint_unusable"] += 1
                 self._endpoints[pid] = peer.endpoint
                 self._sources.pop(pid, None)
             # the core may have heard from this peer first (handshake, first data):
@@ -296,7 +334,9 @@ class FastDataPath:
             self._mirror_keypairs(pid, peer)
         if not routes:
             return
-        table = tuple((self._ids[k], tuple(p.allowed_ips)) for k, p in core.peers.items())
+        table = tuple(
+            (self._ids[k], tuple(p.allowed_ips)) for k, p in core.peers.items() if k in self._ids
+        )
         if table != self._routes:
             self.c.set_allowed_ips(
                 (net.network_address.packed, net.prefixlen, pid)

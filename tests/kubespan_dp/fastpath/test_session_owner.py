@@ -39,6 +39,8 @@ class Hostile:
             wall_clock=lambda: 1_700_000_000.0 + mesh.now,  # TAI64N follows the test clock
         )
         self.index = index
+        assert self.core.public_key is not None
+        self.key: bytes = self.core.public_key
         table = self.core.index_table
 
         def new_index(value: object) -> int:
@@ -54,6 +56,8 @@ class Mesh:
         rng = random.Random(seed)
         self.now = 1000.0
         self.core = WireGuardCore(crypto.clamp(rng.randbytes(32)), rng=rng.randbytes)
+        assert self.core.public_key is not None
+        self.us: bytes = self.core.public_key
         self.tun_r, self.tun_w = os.pipe()
         self.handshakes: list[tuple[bytes, tuple[str, int]]] = []
         self.path = FastDataPath(
@@ -68,14 +72,13 @@ class Mesh:
         self.peers = [Hostile(self, i, rng, COLLIDING) for i in range(n_peers)]
         for p in self.peers:
             self.core.set_peer(
-                p.core.public_key,
+                p.key,
                 self.now,
                 endpoint=p.addr,
                 allowed_ips=[ip_network(f"{p.inner}/32")],
             )
-            assert self.core.public_key is not None
             p.core.set_peer(
-                self.core.public_key,
+                self.us,
                 self.now,
                 endpoint=US,
                 allowed_ips=[ip_network("0.0.0.0/0")],
@@ -115,7 +118,7 @@ class Mesh:
             return
         _, receiver, counter = struct.unpack_from("<IIQ", data)
         assert receiver == peer.index
-        theirs = [k for k in peer.core.peers[self.core.public_key].keypairs.all()]  # type: ignore[index]
+        theirs = [k for k in peer.core.peers[self.us].keypairs.all()]  # type: ignore[index]
         for k in theirs:
             try:
                 k.receive.open(counter, data[16:])
@@ -140,7 +143,7 @@ class Mesh:
 
     def c_sends(self, peer: Hostile, n: int = 3) -> None:
         """The C loop seals on the session it runs for `peer`."""
-        kp = self.core.peers[peer.core.public_key].keypairs.current
+        kp = self.core.peers[peer.key].keypairs.current
         assert kp is not None
         c_kp = self.path._installed[id(kp)].c_kp  # the session as mirrored in C
         batch = fp.PacketBatch(8)
@@ -180,7 +183,7 @@ def test_rehandshake_with_the_index_of_the_live_session(mesh: Mesh) -> None:
     mesh.core_sends(a)
     # a's next session carries the same sender index as its live one
     mesh.now += 130
-    a.core.peers[mesh.core.public_key].handshake.last_sent_handshake = None  # type: ignore[index]
+    a.core.peers[mesh.us].handshake.last_sent_handshake = None  # type: ignore[index]
     mesh.handshake(a)
     for p in (a, b, a):
         mesh.core_sends(p)
@@ -188,7 +191,7 @@ def test_rehandshake_with_the_index_of_the_live_session(mesh: Mesh) -> None:
         mesh.core_sends(p)
     assert len(a.got) == 3 + 3 + 2 * 9 and len(b.got) == 9
     # and the previous session of a, retired in C, is not written to either
-    prev = mesh.core.peers[a.core.public_key].keypairs.previous
+    prev = mesh.core.peers[a.key].keypairs.previous
     assert prev is not None and prev.remote_index == COLLIDING
 
 
