@@ -795,6 +795,8 @@ cdef double ATTENTION_INTERVAL = 1.0   # at most one "rekey due" hand-off per pe
 DEF LOOP_BATCH = 64
 DEF SLOT_SIZE = 9216          # a slot holds a jumbo packet + 32 + padding
 DEF SLOW_CAP = 512
+DEF HS_CAP = 4096             # handshake messages waiting for Python (own queue)
+DEF HS_MAX = 148              # the largest handshake message (an initiation)
 DEF NO_PEER = -1
 
 # flags a peer collects for Python (read and cleared by Python)
@@ -817,7 +819,8 @@ cdef enum:
 DROP_REASONS = ("no_route", "invalid_packet", "slow_queue_full", "udp_send_failed",
                 "replay", "decrypt_failed", "keypair_expired", "invalid_inner_packet",
                 "source_not_allowed", "tun_write_failed", "no_socket_for_family",
-                "too_big", "seal_failed", "udp_truncated")
+                "too_big", "seal_failed", "udp_truncated", "invalid_size",
+                "invalid_type", "unknown_index", "handshake_queue_full")
 cdef enum:
     D_NO_ROUTE = 0
     D_INVALID_PACKET
@@ -833,6 +836,10 @@ cdef enum:
     D_TOO_BIG
     D_SEAL_FAILED
     D_TRUNCATED
+    D_INVALID_SIZE
+    D_INVALID_TYPE
+    D_UNKNOWN_INDEX
+    D_HS_FULL
     D_COUNT
 
 
@@ -871,6 +878,16 @@ cdef struct slow_t:
     uint8_t local_len
     uint32_t local_ifindex
     uint8_t data[SLOT_SIZE]
+
+
+cdef struct hs_t:
+    uint32_t length
+    sockaddr_in6 addr
+    socklen_t addrlen
+    uint8_t local[16]
+    uint8_t local_len
+    uint32_t local_ifindex
+    uint8_t data[HS_MAX]
 
 
 cdef struct io_t:
@@ -914,6 +931,15 @@ cdef struct loop_t:
     slow_t *slow
     int slow_head
     int slow_count
+    # handshake queue: initiations, responses and cookie replies of the right size
+    pthread_mutex_t hs_lock
+    hs_t *hs
+    int hs_head
+    int hs_count
+    # our indices of sessions the core runs and C does not (a responder's session
+    # before its first packet): data on them goes to Python, on others is dropped
+    uint64_t *pend_keys              # index + 1; 0 = empty slot
+    int pend_cap                     # power of two; 0 = none
     uint64_t drops[D_COUNT]
     uint64_t tx_packets
     uint64_t rx_packets
@@ -996,6 +1022,56 @@ cdef inline keypair_t *_index_lookup(loop_t *L, uint32_t index) noexcept nogil:
 cdef inline void _signal(int fd) noexcept nogil:
     cdef uint64_t one = 1
     c_write(fd, &one, 8)
+
+
+cdef inline bint _pending(loop_t *L, uint32_t index) noexcept nogil:
+    cdef uint32_t mask, i
+    if L.pend_cap == 0:
+        return False
+    mask = L.pend_cap - 1
+    i = (index * 2654435761u) & mask
+    while L.pend_keys[i] != 0:
+        if L.pend_keys[i] == <uint64_t>index + 1:
+            return True
+        i = (i + 1) & mask
+    return False
+
+
+cdef inline int _handshake_size(uint32_t kind) noexcept nogil:
+    # wireguard-go receive.go: each handshake type has exactly one size
+    if kind == 1:
+        return 148
+    if kind == 2:
+        return 92
+    if kind == 3:
+        return 64
+    return -1
+
+
+cdef void _hs_push(loop_t *L, const uint8_t *data, uint32_t n, const sockaddr_in6 *addr,
+                   socklen_t addrlen, const uint8_t *local, uint8_t local_len,
+                   uint32_t local_ifindex) noexcept nogil:
+    cdef hs_t *e
+    cdef bint wake
+    pthread_mutex_lock(&L.hs_lock)
+    if L.hs_count >= HS_CAP:
+        pthread_mutex_unlock(&L.hs_lock)
+        _drop(L, D_HS_FULL, 1)
+        return
+    e = &L.hs[(L.hs_head + L.hs_count) % HS_CAP]
+    e.length = n
+    memcpy(e.data, data, n)
+    e.addrlen = addrlen
+    memcpy(&e.addr, addr, addrlen)
+    e.local_len = local_len
+    e.local_ifindex = local_ifindex
+    if local_len:
+        memcpy(e.local, local, local_len)
+    wake = L.hs_count == 0
+    L.hs_count += 1
+    pthread_mutex_unlock(&L.hs_lock)
+    if wake:
+        _signal(L.slow_fd)
 
 
 cdef void _slow_push(loop_t *L, uint8_t kind, int32_t peer, const uint8_t *data,
@@ -1415,15 +1491,36 @@ cdef inline int _rx_one(loop_t *L, rx_t *rx, int m, uint8_t *slot, uint32_t leng
     cdef int64_t inner
     cdef int32_t pid
     cdef socklen_t alen = rx.msgs[m].msg_hdr.msg_namelen
-    if length < OVERHEAD or _get_le32(slot) != MSG_TRANSPORT:
-        _slow_push(L, SK_DATAGRAM, NO_PEER, slot, length, &rx.addr[m], alen,
-                   rx.local[m], rx.local_len[m], rx.local_ifindex[m])
+    cdef uint32_t kind, index
+    cdef int want
+    # C decides per datagram, as wireguard-go's socket reader: wrong sizes, unknown
+    # types and unknown indices are dropped (and counted) here, never queued.
+    if length < 4:
+        _drop(L, D_INVALID_SIZE, 1)
         return nwrite
-    kp = _index_lookup(L, _get_le32(slot + 4))
+    kind = _get_le32(slot)
+    if kind != MSG_TRANSPORT:
+        want = _handshake_size(kind)
+        if want < 0:
+            _drop(L, D_INVALID_TYPE, 1)
+        elif <uint32_t>want != length:
+            _drop(L, D_INVALID_SIZE, 1)
+        else:
+            _hs_push(L, slot, length, &rx.addr[m], alen, rx.local[m], rx.local_len[m],
+                     rx.local_ifindex[m])
+        return nwrite
+    if length < OVERHEAD:
+        _drop(L, D_INVALID_SIZE, 1)
+        return nwrite
+    index = _get_le32(slot + 4)
+    kp = _index_lookup(L, index)
     if kp == NULL:
-        # maybe the core's not-yet-confirmed keypair: it decides
-        _slow_push(L, SK_DATAGRAM, NO_PEER, slot, length, &rx.addr[m], alen,
-                   rx.local[m], rx.local_len[m], rx.local_ifindex[m])
+        if _pending(L, index):
+            # the core's not-yet-confirmed session (Python pushed its index): it decides
+            _slow_push(L, SK_DATAGRAM, NO_PEER, slot, length, &rx.addr[m], alen,
+                       rx.local[m], rx.local_len[m], rx.local_ifindex[m])
+        else:
+            _drop(L, D_UNKNOWN_INDEX, 1)
         return nwrite
     if kp.created + REJECT_AFTER_TIME < now:
         _drop(L, D_EXPIRED, 1)
@@ -1604,11 +1701,13 @@ cdef class PacketLoop:
         self.L.root4 = self.L.root6 = -1
         self.L.peers = <peer_t *>calloc(max_peers, sizeof(peer_t))
         self.L.slow = <slow_t *>calloc(SLOW_CAP, sizeof(slow_t))
-        if self.L.peers == NULL or self.L.slow == NULL:
+        self.L.hs = <hs_t *>calloc(HS_CAP, sizeof(hs_t))
+        if self.L.peers == NULL or self.L.slow == NULL or self.L.hs == NULL:
             raise MemoryError()
         for i in range(max_peers):
             pthread_mutex_init(&self.L.peers[i].ep_lock, NULL)
         pthread_mutex_init(&self.L.slow_lock, NULL)
+        pthread_mutex_init(&self.L.hs_lock, NULL)
         pthread_rwlockattr_init(&attr)
         # Python's updates must not starve behind two busy reader threads.
         pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP)
@@ -1635,6 +1734,9 @@ cdef class PacketLoop:
             OPENSSL_cleanse(self.L.slow, SLOW_CAP * sizeof(slow_t))
         pthread_rwlock_destroy(&self.L.lock)
         pthread_mutex_destroy(&self.L.slow_lock)
+        pthread_mutex_destroy(&self.L.hs_lock)
+        free(self.L.hs)
+        free(self.L.pend_keys)
         free(self.L.peers)
         free(self.L.slow)
         free(self.L.ix_keys)
@@ -1941,9 +2043,71 @@ cdef class PacketLoop:
                 self.L.slow_count -= 1
                 pthread_mutex_unlock(&self.L.slow_lock)
             out.append(item)
-        if self.L.slow_count:
+        if self.L.slow_count or self.L.hs_count:
             _signal(self.L.slow_fd)   # more left: wake the caller again
         return out
+
+    def take_handshakes(self, int limit=HS_CAP) -> list:
+        """Up to ``limit`` queued handshake messages (types 1-3, each of its one
+        valid size): (bytes, (ip, port) | None, (packed local address, ifindex) | None).
+        Does not consume the wakeup: call after ``take_slow``."""
+        cdef hs_t *e
+        cdef list out = []
+        while len(out) < limit:
+            with nogil:
+                pthread_mutex_lock(&self.L.hs_lock)
+            if self.L.hs_count == 0:
+                pthread_mutex_unlock(&self.L.hs_lock)
+                break
+            try:
+                e = &self.L.hs[self.L.hs_head]
+                local = (PyBytes_FromStringAndSize(<char *>e.local, e.local_len),
+                         e.local_ifindex) if e.local_len else None
+                item = (PyBytes_FromStringAndSize(<char *>e.data, e.length),
+                        _sockaddr_tuple(&e.addr, e.addrlen), local)
+            finally:
+                self.L.hs_head = (self.L.hs_head + 1) % HS_CAP
+                self.L.hs_count -= 1
+                pthread_mutex_unlock(&self.L.hs_lock)
+            out.append(item)
+        if self.L.hs_count:
+            _signal(self.L.slow_fd)
+        return out
+
+    @property
+    def handshake_backlog(self) -> int:
+        """Handshake messages waiting in C (the "under load" signal is taken on it)."""
+        return self.L.hs_count
+
+    @property
+    def handshake_capacity(self) -> int:
+        return HS_CAP
+
+    def set_pending(self, indices) -> None:
+        """Our indices of sessions the core runs and C does not: data addressed to
+        them goes to the slow queue; data to any other unknown index is dropped."""
+        cdef list idx = [int(i) for i in indices]
+        cdef int cap = 16, n = len(idx)
+        cdef uint64_t *keys
+        cdef uint32_t j, mask, v
+        for v in idx:          # range-checks each (uint32)
+            pass
+        while cap < 2 * n + 2:
+            cap *= 2
+        keys = <uint64_t *>calloc(cap, sizeof(uint64_t))
+        if keys == NULL:
+            raise MemoryError()
+        mask = cap - 1
+        for v in idx:
+            j = (v * 2654435761u) & mask
+            while keys[j] != 0 and keys[j] != <uint64_t>v + 1:
+                j = (j + 1) & mask
+            keys[j] = <uint64_t>v + 1
+        with nogil:
+            pthread_rwlock_wrlock(&self.L.lock)
+        free(self.L.pend_keys)
+        self.L.pend_keys, self.L.pend_cap = keys, cap
+        pthread_rwlock_unlock(&self.L.lock)
 
     def drops(self) -> dict:
         cdef int i

@@ -194,7 +194,9 @@ class Device:
         # is contained, and the loop is re-armed (or the flag reset) on every path.
         try:
             now = time.monotonic()
-            if len(self.handshakes) >= UNDER_LOAD_QUEUE:
+            # under load: measured on the handshake path's own bounded queues
+            backlog = len(self.handshakes) + self.path.handshake_backlog()
+            if backlog >= UNDER_LOAD_QUEUE:
                 self._under_load_until = now + UNDER_LOAD_AFTER
             self.core.under_load = now < self._under_load_until
             for _ in range(min(HANDSHAKE_BUDGET, len(self.handshakes))):

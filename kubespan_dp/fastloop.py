@@ -35,12 +35,14 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _fastpath as fp
+from .keypair import Keypair
 from .netutil import Address
 from .pypath import MAX_SOURCES, PyDataPath
 
 SYNC_INTERVAL = 0.1  # seconds between C -> core activity syncs
 MAX_PEERS = 1 << 16  # as wireguard-go's MaxPeers; the device refuses more
 HANDSHAKE_SIZES = {1: 148, 2: 92}  # initiation, response (cookie replies need no DH)
+HANDSHAKE_BATCH = 1024  # handshake messages taken from C per wakeup
 _HEADER = struct.Struct("<IIQ")
 
 log = logging.getLogger("kubespan_dp.fastloop")
@@ -108,6 +110,7 @@ class FastDataPath:
         self._stats: dict[int, tuple] = {}
         self._routes: object = None
         self._own_drops: Counter[str] = Counter()
+        self._pending: frozenset[int] = frozenset()
 
     # ------------------------------------------------------------- the device's contract
 
@@ -143,9 +146,12 @@ class FastDataPath:
         )
 
     def emit(self, out: Any) -> None:
+        # A handshake may have produced a session: C learns it (or, for a responder's
+        # unconfirmed one, its index) before the datagrams leave, so the peer's first
+        # packet on it cannot beat it here.  Counters stay right either way: they
+        # come from the session's one owner.
+        self._guarded("reconcile", self.reconcile, False)
         self._send_output(out)
-        # a handshake may have produced a keypair: hand it to C at once
-        self.reconcile(routes=False)
 
     def _send_output(self, out: Any) -> None:
         # Core output is sealed with counters from each session's one owner (the
@@ -172,7 +178,8 @@ class FastDataPath:
                 self.on_link_gone()
                 return
             items = self.c.take_slow()
-            if not items:
+            handshakes = self.c.take_handshakes(HANDSHAKE_BATCH)
+            if not items and not handshakes:
                 return
             now = time.monotonic()
             self._guarded("sync", self.sync, now)
@@ -181,6 +188,11 @@ class FastDataPath:
                     self._slow_item(item, now)
                 except Exception:
                     self._internal_error("slow_item")
+            for data, source, local in handshakes:
+                try:
+                    self._handshake_item(data, source, local, now)
+                except Exception:
+                    self._internal_error("handshake_item")
             self._guarded("reconcile", self.reconcile, False)
             self.on_batch()
         except Exception:
@@ -192,29 +204,45 @@ class FastDataPath:
         except Exception:
             self._internal_error(where)
 
-    def _slow_item(self, item: tuple[int, bytes, Address | None, int, Any], now: float) -> None:
-        kind, data, source, _peer, local = item
-        core = self.core
+    def _note_source(self, source: Address | None, local: tuple[bytes, int] | None) -> None:
         sources = self.py.sources
         if local is not None and source is not None and sources.get(source) != local:
             # answer handshakes from the address the peer wrote to (sticky source)
             if len(sources) >= MAX_SOURCES:
                 sources.clear()
             sources[source] = local
+
+    def _handshake_item(
+        self, data: bytes, source: Address | None, local: tuple[bytes, int] | None, now: float
+    ) -> None:
+        # C checked type and size; only work worth queueing (a DH) waits in the
+        # device's handshake queue, cookie replies are settled by the core at once
+        if source is None:
+            self._own_drops["invalid_source"] += 1
+            return
+        self._note_source(source, local)
+        if data[0] in HANDSHAKE_SIZES:
+            if self.core.cookie_checker.check_mac1(data):
+                self.on_handshake(data, source, now)
+            else:
+                self._own_drops["invalid_mac1"] += 1
+        else:
+            self._send_output(self.core.receive_datagram(data, source, now))
+
+    def handshake_backlog(self) -> int:
+        """Handshake messages still waiting in C's own bounded queue."""
+        return self.c.handshake_backlog
+
+    def _slow_item(self, item: tuple[int, bytes, Address | None, int, Any], now: float) -> None:
+        kind, data, source, _peer, local = item
+        core = self.core
+        self._note_source(source, local)
         if kind == fp.SLOW_PACKET:
             self._send_output(core.send_packet(data, now))
         elif source is None:
             self._own_drops["invalid_source"] += 1
-        elif (
-            data
-            and data[0] in HANDSHAKE_SIZES
-            and len(data) == HANDSHAKE_SIZES[data[0]]
-            and core.cookie_checker.check_mac1(data)
-        ):
-            # only work worth queueing (a DH) waits in the device's handshake
-            # queue; everything else is settled (and counted) by the core at once
-            self.on_handshake(data, source, now)
         else:
+            # data on a session the core runs and C does not (yet): the core decides
             self._send_output(core.receive_datagram(data, source, now))
             self._mirror_replay(data)
 
@@ -332,6 +360,16 @@ class FastDataPath:
                 self.c.set_source(pid, local)
                 self._sources[pid] = local
             self._mirror_keypairs(pid, peer)
+        # data for sessions only the core runs (a responder's before its first
+        # packet) must reach it; data on any other index C does not know is dropped
+        pending = frozenset(
+            index
+            for index, (_, value) in core.index_table.entries.items()
+            if isinstance(value, Keypair) and id(value) not in self._installed
+        )
+        if pending != self._pending:
+            self.c.set_pending(pending)
+            self._pending = pending
         if not routes:
             return
         table = tuple(

@@ -91,6 +91,10 @@ class PyDataPath:
             else:
                 self.loop.remove_reader(sock.fileno())
 
+    def handshake_backlog(self) -> int:
+        """Handshakes waiting before the device's queue: none on this path."""
+        return 0
+
     # ------------------------------------------------------------- outbound
 
     def emit(self, out: object) -> None:
