@@ -340,6 +340,7 @@ class WireGuardCore:
                 crypto.generate_private_key(self._rng(32)),
                 crypto.tai64n(self._wall_clock()),
                 new_index,
+                self.public_key,  # kept: no scalar multiplication per handshake
             )
         except HandshakeError:
             self.index_table.delete(new_index)
@@ -507,7 +508,7 @@ class WireGuardCore:
             return (peer, peer.handshake) if peer is not None else None
 
         try:
-            consumed = noise.consume_initiation(msg, self.private_key, lookup, now)
+            consumed = noise.consume_initiation(msg, self.private_key, lookup, now, self.public_key)
         except HandshakeError as exc:
             self.dropped[_handshake_reason(exc, "invalid_initiation")] += 1
             return
