@@ -799,6 +799,10 @@ DEF HS_CAP = 4096             # handshake messages waiting for Python (own queue
 DEF HS_MAX = 148              # the largest handshake message (an initiation)
 DEF NO_PEER = -1
 
+# The largest IP packet the C loop carries (a TUN read must leave room in a slot for
+# the header, up to 15 bytes of padding and the tag); larger ones are "too_big".
+MAX_PACKET = SLOT_SIZE - OVERHEAD - PAD_MULTIPLE - 1
+
 # flags a peer collects for Python (read and cleared by Python)
 FLAG_ACTIVITY = 1
 FLAG_ENDPOINT = 2

@@ -157,6 +157,12 @@ class FastDataPath:
         # Core output is sealed with counters from each session's one owner (the
         # core's keypair, or C once it runs the session): sent as it is.
         for data, addr in out.datagrams:
+            if data[:1] == b"\x01" and self.py.clear_source_on_retry(addr):
+                for key, pid in self._ids.items():
+                    peer = self.core.peers.get(key)
+                    if peer is not None and peer.endpoint == addr:
+                        self.c.set_source(pid, None)
+                        self._sources.pop(pid, None)
             self.py.send(data, addr)
         if out.packets:
             self.py._write_tun(out.packets)

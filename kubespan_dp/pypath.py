@@ -99,9 +99,24 @@ class PyDataPath:
 
     def emit(self, out: object) -> None:
         for data, addr in out.datagrams:  # type: ignore[attr-defined]
+            if data[:1] == b"\x01":
+                self.clear_source_on_retry(addr)
             self.send(data, addr)
         if out.packets:  # type: ignore[attr-defined]
             self._write_tun(out.packets)  # type: ignore[attr-defined]
+
+    def clear_source_on_retry(self, addr: Address) -> bool:
+        """Before a retried initiation, forget the local address we answered `addr`
+        from (wireguard-go timers.go clears the endpoint's source on retransmit): a
+        source that still exists but no longer routes is never used again.  True if
+        a sticky source was forgotten."""
+        if addr not in self.sources:
+            return False
+        for peer in self.core.peers.values():  # type: ignore[attr-defined]
+            if peer.endpoint == addr and peer.timers.handshake_attempts > 0:
+                del self.sources[addr]
+                return True
+        return False
 
     def send(self, data: bytes, addr: Address) -> None:
         sock = self.sock6 if ":" in addr[0] else self.sock4

@@ -246,3 +246,50 @@ def test_unusable_zone_and_many_peers_reach_c(
     path.reconcile()
     assert path.dropped["endpoint_unusable"] == 1
     assert len(path._ids) == len(core.peers) == 1101
+
+
+def test_mtu_beyond_what_the_c_loop_carries_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubespan_dp import cli
+
+    monkeypatch.setenv("KUBESPAN_WG_FASTPATH", "1")
+    assert cli.max_mtu() == fp.MAX_PACKET < 9216
+    # refused before any TUN device is made (no root needed to get here)
+    assert cli.main(["-f", "--mtu", str(fp.MAX_PACKET + 1), "kstmtu0"]) == 2
+    assert cli.main(["-f", "--mtu", "65535", "kstmtu0"]) == 2
+    monkeypatch.setenv("KUBESPAN_WG_FASTPATH", "0")
+    assert cli.max_mtu() == 65535 - 32
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["python", "c"])
+def test_sticky_source_cleared_on_handshake_retry(fast: bool) -> None:
+    """wireguard-go clears the endpoint's source address on a retried initiation; a
+    first initiation keeps it."""
+    from kubespan_dp.pypath import PyDataPath
+
+    r, w = os.pipe()
+    core = WireGuardCore(_key(1))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    addr = ("127.0.0.1", sock.getsockname()[1])
+    try:
+        path: Any
+        if fast:
+            path = FastDataPath(core, w, lambda *a: None, lambda: None, lambda: None)
+            sources = path.py.sources
+        else:
+            path = PyDataPath(core, w, lambda *a: None, lambda: None, lambda: None)
+            sources = path.sources
+        path.rebind(sock, None)
+        peer = core.set_peer(_pub(2), 0.0, endpoint=addr)
+        local = (socket.inet_aton("127.0.0.1"), 0)
+        sources[addr] = local
+        initiation = Output(datagrams=[(b"\x01" + bytes(147), addr)])
+        path.emit(initiation)  # a first attempt
+        assert sources.get(addr) == local
+        peer.timers.handshake_attempts = 1
+        path.emit(initiation)  # a retry
+        assert addr not in sources
+    finally:
+        sock.close()
+        os.close(r)
+        os.close(w)
