@@ -110,7 +110,7 @@ def _remember_signal(signum: int, _frame: object) -> None:
 def max_mtu() -> int:
     """The largest MTU the packet path in use carries whole: the C loop's slots hold
     MAX_PACKET bytes; the pure-Python path, a UDP payload less the overhead."""
-    from .fastloop import fastpath_enabled
+    from .datapath import fastpath_enabled
 
     if fastpath_enabled():
         from . import _fastpath

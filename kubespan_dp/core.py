@@ -599,6 +599,14 @@ class WireGuardCore:
             return None
         return packet
 
+    def keep_key_fresh_receiving(self, public_key: bytes, now: float) -> None:
+        """A fast path received data for this peer near the session's end: the core
+        decides whether to rekey (receive.go keepKeyFreshReceiving).  The output
+        comes with the next call of an input method (or `on_timer`)."""
+        peer = self.peers.get(public_key)
+        if peer is not None:
+            self._keep_key_fresh_receiving(peer, now)
+
     def _keep_key_fresh_receiving(self, peer: Peer, now: float) -> None:
         if peer.timers.sent_last_minute_handshake:
             return

@@ -19,9 +19,8 @@ from typing import Any
 
 from . import netutil
 from .core import WireGuardCore
-from .fastloop import FastDataPath, fastpath_enabled  # the C packet loop (issue 4)
+from .datapath import DataPath, make_datapath
 from .netutil import Address
-from .pypath import PyDataPath
 from .tun import Tun
 from .uapi import (
     EADDRINUSE,
@@ -72,8 +71,7 @@ class Device:
         self.port = 0
         self.fwmark = 0
         self.sock4, self.sock6, self.port = netutil.bind_pair(0, 0)
-        path_class = FastDataPath if fastpath_enabled() else PyDataPath
-        self.path = path_class(
+        self.path: DataPath = make_datapath(
             self.core,
             tun.fd,
             self._on_handshake,
@@ -251,6 +249,12 @@ class Device:
         except Exception as e:  # a bug, not bad input (that was rejected by parsing)
             log.exception("applying a UAPI set failed")
             raise UapiError(EIO, f"internal error: {type(e).__name__}") from None
+        finally:
+            # allowed IPs (and peers) may have changed: the path applies them now
+            try:
+                self.path.routes_changed()
+            except Exception:
+                self._internal_error("routes")
         self._arm_timer()
 
     def _check_peer_count(self, req: SetRequest) -> None:

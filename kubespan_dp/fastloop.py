@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import struct
 import time
 from collections import Counter
@@ -35,6 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _fastpath as fp
+from .datapath import fastpath_enabled
 from .keypair import Keypair
 from .netutil import Address
 from .pypath import MAX_SOURCES, PyDataPath
@@ -48,9 +48,7 @@ _HEADER = struct.Struct("<IIQ")
 log = logging.getLogger("kubespan_dp.fastloop")
 
 
-def fastpath_enabled() -> bool:
-    """The C packet loop is used unless KUBESPAN_WG_FASTPATH=0 asks for pure Python."""
-    return os.environ.get("KUBESPAN_WG_FASTPATH", "1") != "0"
+__all__ = ["FastDataPath", "fastpath_enabled"]
 
 
 class _Installed:
@@ -235,6 +233,10 @@ class FastDataPath:
         else:
             self._send_output(self.core.receive_datagram(data, source, now))
 
+    def routes_changed(self) -> None:
+        """Allowed IPs changed (UAPI set): C gets the new table now, not on a tick."""
+        self.reconcile(routes=True)
+
     def handshake_backlog(self) -> int:
         """Handshake messages still waiting in C's own bounded queue."""
         return self.c.handshake_backlog
@@ -311,7 +313,7 @@ class FastDataPath:
                 self._endpoints[pid] = endpoint
             if flags & fp.FLAG_REKEY_RX:
                 # receive.go keepKeyFreshReceiving: the core knows whether it is due
-                self.core._keep_key_fresh_receiving(peer, now)
+                self.core.keep_key_fresh_receiving(key, now)
                 out = True
         if out:
             self.emit(self.core.on_timer(now))

@@ -91,6 +91,9 @@ class PyDataPath:
             else:
                 self.loop.remove_reader(sock.fileno())
 
+    def routes_changed(self) -> None:
+        """The core routes every packet itself: nothing to apply."""
+
     def handshake_backlog(self) -> int:
         """Handshakes waiting before the device's queue: none on this path."""
         return 0

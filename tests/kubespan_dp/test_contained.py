@@ -293,3 +293,47 @@ def test_sticky_source_cleared_on_handshake_retry(fast: bool) -> None:
         sock.close()
         os.close(r)
         os.close(w)
+
+
+def test_routes_reach_c_when_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A UAPI set's allowed IPs are in C at once, not on the next tick."""
+    monkeypatch.setenv("KUBESPAN_WG_FASTPATH", "1")
+    r, w = os.pipe()
+    uapi_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    d = Device(FakeTun("kstroute0", w), uapi_sock, None, WireGuardCore(_key(1)))  # type: ignore[arg-type]
+    try:
+        d.uapi_set(parse_set([f"public_key={_pub(2).hex()}", "allowed_ip=10.55.0.0/16"]))
+        assert isinstance(d.path, FastDataPath)
+        probe = bytes([0x45]) + bytes(11) + socket.inet_aton("10.9.0.1")
+        probe += socket.inet_aton("10.55.3.4")
+        assert d.path.c.route(probe) == d.path._ids[_pub(2)]
+        d.uapi_set(parse_set([f"public_key={_pub(2).hex()}", "allowed_ip=-10.55.0.0/16"]))
+        assert d.path.c.route(probe) == -1
+    finally:
+        for s in (d.sock4, d.sock6):
+            if s is not None:
+                s.close()
+        uapi_sock.close()
+        os.close(r)
+        os.close(w)
+
+
+def test_pure_python_path_needs_no_extension() -> None:
+    """With KUBESPAN_WG_FASTPATH=0 the daemon imports and builds its packet path
+    without the compiled `_fastpath` module."""
+    import subprocess
+    import sys
+
+    script = """
+import os, sys
+sys.modules["kubespan_dp._fastpath"] = None  # as if it were not built
+os.environ["KUBESPAN_WG_FASTPATH"] = "0"
+from kubespan_dp import cli, device
+from kubespan_dp.core import WireGuardCore
+from kubespan_dp.datapath import make_datapath
+r, w = os.pipe()
+path = make_datapath(WireGuardCore(), w, lambda *a: None, lambda: None, lambda: None)
+print(type(path).__name__, cli.max_mtu())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["PyDataPath", str(65535 - 32)]

@@ -156,7 +156,8 @@ def test_gso_super_datagram_of_128_messages(lab: netns.Lab, kind: str) -> None:
         msgs = []
         for i in range(128):
             inner = echo_request(p.inner, VICTIM_INNER, 0x4B53, first_seq + i, size=52)
-            counter = kp.take_counter()
+            counter = kp.send_counter  # the hostile side's own core: it owns it
+            kp.send_counter += 1
             sealed = kp.send.seal(counter, inner)  # 80 bytes: no padding needed
             msgs.append(struct.pack("<IIQ", 4, kp.remote_index, counter) + sealed)
         assert len({len(m) for m in msgs}) == 1
