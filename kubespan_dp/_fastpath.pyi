@@ -17,6 +17,8 @@ FLAG_ENDPOINT: int
 FLAG_REKEY_RX: int
 
 MAX_PACKET: int
+
+def constants() -> dict[str, float]: ...
 SLOW_DATAGRAM: int
 SLOW_PACKET: int
 DROP_REASONS: tuple[str, ...]

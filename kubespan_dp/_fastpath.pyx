@@ -799,6 +799,26 @@ DEF HS_CAP = 4096             # handshake messages waiting for Python (own queue
 DEF HS_MAX = 148              # the largest handshake message (an initiation)
 DEF NO_PEER = -1
 
+def constants() -> dict:
+    """The protocol constants compiled into C, for the test that they agree with the
+    Python core's (timers.py, replay.py, messages.py)."""
+    return {
+        "REJECT_AFTER_MESSAGES": REJECT_AFTER_MESSAGES,
+        "REKEY_AFTER_MESSAGES": REKEY_AFTER_MESSAGES,
+        "REKEY_AFTER_TIME": REKEY_AFTER_TIME,
+        "REJECT_AFTER_TIME": REJECT_AFTER_TIME,
+        "KEEPALIVE_TIMEOUT": KEEPALIVE_TIMEOUT,
+        "REKEY_TIMEOUT": REKEY_TIMEOUT,
+        "RING_BLOCKS": RING_BLOCKS,
+        "WINDOW_SIZE": WINDOW_SIZE,
+        "TRANSPORT_HEADER_SIZE": HEADER_LEN,
+        "TRANSPORT_MIN_SIZE": OVERHEAD,
+        "INITIATION_SIZE": _handshake_size(1),
+        "RESPONSE_SIZE": _handshake_size(2),
+        "COOKIE_REPLY_SIZE": _handshake_size(3),
+    }
+
+
 # The largest IP packet the C loop carries (a TUN read must leave room in a slot for
 # the header, up to 15 bytes of padding and the tag); larger ones are "too_big".
 MAX_PACKET = SLOT_SIZE - OVERHEAD - PAD_MULTIPLE - 1
