@@ -11,6 +11,7 @@ STATUS_REPLAY: int
 STATUS_MALFORMED: int
 STATUS_WRONG_INDEX: int
 STATUS_EXHAUSTED: int
+STATUS_SEAL_FAILED: int
 
 FLAG_ACTIVITY: int
 FLAG_ENDPOINT: int
@@ -19,6 +20,7 @@ FLAG_REKEY_RX: int
 MAX_PACKET: int
 
 def constants() -> dict[str, float]: ...
+
 SLOW_DATAGRAM: int
 SLOW_PACKET: int
 DROP_REASONS: tuple[str, ...]

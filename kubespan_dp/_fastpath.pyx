@@ -68,6 +68,7 @@ STATUS_REPLAY = 2
 STATUS_MALFORMED = 3
 STATUS_WRONG_INDEX = 4
 STATUS_EXHAUSTED = 5
+STATUS_SEAL_FAILED = 6
 cdef enum:
     ST_OK = 0
     ST_BAD_TAG = 1
@@ -75,6 +76,7 @@ cdef enum:
     ST_MALFORMED = 3
     ST_WRONG_INDEX = 4
     ST_EXHAUSTED = 5
+    ST_SEAL_FAILED = 6
 
 
 cdef extern from *:
@@ -427,36 +429,43 @@ cdef inline uint64_t _take_counter(keypair_t *kp) noexcept nogil:
     return KS_ATOMIC_ADD64(&kp.send_counter, 1)
 
 
+cdef int _seal_slot(keypair_t *kp, uint8_t *slot, Py_ssize_t n, Py_ssize_t mtu,
+                    Py_ssize_t room, uint32_t *sealed_len) noexcept nogil:
+    """THE seal (the loop and seal_batch both use it): the plaintext at slot+16 (n
+    bytes) becomes, in place, a transport message at slot[0:*sealed_len] with the
+    keypair's next counter, padding, header and tag.  ST_OK, ST_MALFORMED (no room),
+    ST_EXHAUSTED (no counter left; plaintext untouched) or ST_SEAL_FAILED (never send
+    the slot: part of it may be encrypted)."""
+    cdef Py_ssize_t padded = _padded_len(n, mtu)
+    cdef uint64_t counter
+    if padded + OVERHEAD > room:
+        return ST_MALFORMED
+    counter = _take_counter(kp)
+    if counter >= REJECT_AFTER_MESSAGES:
+        return ST_EXHAUSTED
+    if padded > n:
+        memset(slot + HEADER_LEN + n, 0, padded - n)
+    _put_le32(slot, MSG_TRANSPORT)
+    _put_le32(slot + 4, kp.remote_index)
+    _put_le64(slot + 8, counter)
+    if _seal_one(kp.seal_ctx, counter, slot + HEADER_LEN, <int>padded) != 1:
+        return ST_SEAL_FAILED
+    sealed_len[0] = <uint32_t>(padded + OVERHEAD)
+    return ST_OK
+
+
 cdef int _seal_batch(keypair_t *kp, PacketBatch b, Py_ssize_t mtu, int start,
                      int stop) noexcept nogil:
     """Seal slots [start, stop) holding plaintext at offset 16, in place."""
-    cdef int i, sealed = 0
-    cdef uint8_t *slot
-    cdef Py_ssize_t n, padded
-    cdef uint64_t counter
+    cdef int i, st, sealed = 0
+    cdef uint32_t length
     for i in range(start, stop):
-        slot = b.slot(i)
-        n = b.length[i]
-        padded = _padded_len(n, mtu)
-        if padded + OVERHEAD > b.slot_size:
-            b.status[i] = ST_MALFORMED
-            continue
-        counter = _take_counter(kp)
-        if counter >= REJECT_AFTER_MESSAGES:
-            b.status[i] = ST_EXHAUSTED
-            continue
-        if padded > n:
-            memset(slot + HEADER_LEN + n, 0, padded - n)
-        _put_le32(slot, MSG_TRANSPORT)
-        _put_le32(slot + 4, kp.remote_index)
-        _put_le64(slot + 8, counter)
-        if _seal_one(kp.seal_ctx, counter, slot + HEADER_LEN, <int>padded) != 1:
-            b.status[i] = ST_MALFORMED
-            continue
-        b.off[i] = 0
-        b.length[i] = <uint32_t>(padded + OVERHEAD)
-        b.status[i] = ST_OK
-        sealed += 1
+        st = _seal_slot(kp, b.slot(i), b.length[i], mtu, b.slot_size, &length)
+        b.status[i] = st
+        if st == ST_OK:
+            b.off[i] = 0
+            b.length[i] = length
+            sealed += 1
     return sealed
 
 
@@ -792,12 +801,19 @@ cdef double KEEPALIVE_TIMEOUT = 10.0
 cdef double REKEY_TIMEOUT = 5.0
 cdef double ATTENTION_INTERVAL = 1.0   # at most one "rekey due" hand-off per peer per second
 
-DEF LOOP_BATCH = 64
-DEF SLOT_SIZE = 9216          # a slot holds a jumbo packet + 32 + padding
-DEF SLOW_CAP = 512
-DEF HS_CAP = 4096             # handshake messages waiting for Python (own queue)
-DEF HS_MAX = 148              # the largest handshake message (an initiation)
-DEF NO_PEER = -1
+# compile-time sizes (Cython 3: enums, not DEF)
+cdef enum:
+    LOOP_BATCH = 64
+    SLOT_SIZE = 9216          # a slot holds a jumbo packet + 32 + padding
+    SLOW_CAP = 512
+    HS_CAP = 4096             # handshake messages waiting for Python (own queue)
+    HS_MAX = 148              # the largest handshake message (an initiation)
+    NO_PEER = -1
+    CONTROL_LEN = 96
+    RX_MSGS = 32
+    RX_BUF = 65536            # a GRO-coalesced datagram can be this long
+    RX_CONTROL = 128
+    RX_SEGS = 2048            # decrypted packets held before writing them to TUN
 
 def constants() -> dict:
     """The protocol constants compiled into C, for the test that they agree with the
@@ -1223,7 +1239,6 @@ cdef void _send_run(loop_t *L, int fd, mmsghdr *msgs, int32_t *peers, bint *pkti
         done += 1
 
 
-DEF CONTROL_LEN = 96
 
 
 cdef struct gso_t:
@@ -1332,8 +1347,8 @@ cdef void _tx_loop(loop_t *L) noexcept nogil:
     cdef peer_t *p
     cdef keypair_t *kp
     cdef double now
-    cdef uint64_t counter
-    cdef Py_ssize_t padded
+    cdef uint32_t sealed_len
+    cdef int st
     cdef int fds[LOOP_BATCH]
     if io == NULL:
         return
@@ -1386,21 +1401,15 @@ cdef void _tx_loop(loop_t *L) noexcept nogil:
                 p.next_attention = now + ATTENTION_INTERVAL
                 _slow_push(L, SK_PACKET, pid, slot + HEADER_LEN, io.length[i], NULL, 0)
                 continue
-            counter = _take_counter(kp)
-            if counter >= REJECT_AFTER_MESSAGES:
+            st = _seal_slot(kp, slot, io.length[i], L.mtu, SLOT_SIZE, &sealed_len)
+            if st == ST_EXHAUSTED:
                 _slow_push(L, SK_PACKET, pid, slot + HEADER_LEN, io.length[i], NULL, 0)
                 continue
-            padded = _padded_len(io.length[i], L.mtu)
-            if padded > io.length[i]:
-                memset(slot + HEADER_LEN + io.length[i], 0, padded - io.length[i])
-            _put_le32(slot, MSG_TRANSPORT)
-            _put_le32(slot + 4, kp.remote_index)
-            _put_le64(slot + 8, counter)
-            if _seal_one(kp.seal_ctx, counter, slot + HEADER_LEN, <int>padded) != 1:
-                _drop(L, D_SEAL_FAILED, 1)     # never send a slot that was not sealed
-                continue
+            if st != ST_OK:
+                _drop(L, D_SEAL_FAILED if st == ST_SEAL_FAILED else D_TOO_BIG, 1)
+                continue                       # never send a slot that was not sealed
             io.iov[nsend].iov_base = slot
-            io.iov[nsend].iov_len = padded + OVERHEAD
+            io.iov[nsend].iov_len = sealed_len
             pthread_mutex_lock(&p.ep_lock)
             memcpy(&io.addr[nsend], &p.ep, p.ep_len)
             io.msgs[nsend].msg_hdr.msg_namelen = p.ep_len
@@ -1416,7 +1425,7 @@ cdef void _tx_loop(loop_t *L) noexcept nogil:
             io.msgs[nsend].msg_hdr.msg_control = NULL
             io.msgs[nsend].msg_hdr.msg_controllen = 0
             io.msgs[nsend].msg_hdr.msg_flags = 0
-            p.tx_bytes += padded + OVERHEAD
+            p.tx_bytes += sealed_len
             p.last_tx_any = now
             p.last_tx_data = now
             KS_ATOMIC_OR(&p.flags, FL_ACTIVITY)
@@ -1448,10 +1457,6 @@ cdef inline bint _same_addr(const sockaddr_in6 *a, socklen_t alen, const sockadd
     return a.sin6_scope_id == b.sin6_scope_id
 
 
-DEF RX_MSGS = 32
-DEF RX_BUF = 65536            # a GRO-coalesced datagram can be this long
-DEF RX_CONTROL = 128
-DEF RX_SEGS = 2048            # decrypted packets held before writing them to TUN
 
 
 cdef struct rx_t:
@@ -1511,12 +1516,11 @@ cdef inline int _rx_one(loop_t *L, rx_t *rx, int m, uint8_t *slot, uint32_t leng
     """One datagram (or one GRO segment) from message m; returns the new nwrite."""
     cdef keypair_t *kp
     cdef peer_t *p
-    cdef uint64_t counter
     cdef int64_t inner
     cdef int32_t pid
     cdef socklen_t alen = rx.msgs[m].msg_hdr.msg_namelen
     cdef uint32_t kind, index
-    cdef int want
+    cdef int want, st
     # C decides per datagram, as wireguard-go's socket reader: wrong sizes, unknown
     # types and unknown indices are dropped (and counted) here, never queued.
     if length < 4:
@@ -1549,18 +1553,12 @@ cdef inline int _rx_one(loop_t *L, rx_t *rx, int m, uint8_t *slot, uint32_t leng
     if kp.created + REJECT_AFTER_TIME < now:
         _drop(L, D_EXPIRED, 1)
         return nwrite
-    counter = _get_le64(slot + 8)
-    if not _replay_check(&kp.replay, counter):
-        _drop(L, D_REPLAY, 1)
-        return nwrite
-    if _open_one(kp.open_ctx, counter, slot + HEADER_LEN, <int>(length - OVERHEAD)) != 1:
-        _drop(L, D_DECRYPT, 1)
-        return nwrite
-    if not _replay_update(&kp.replay, counter):
-        _drop(L, D_REPLAY, 1)
+    st = _open_slot(kp, slot, length)     # THE open (open_batch uses it too)
+    if st != ST_OK:
+        _drop(L, D_REPLAY if st == ST_REPLAY else D_DECRYPT if st == ST_BAD_TAG
+              else D_INVALID_SIZE, 1)
         return nwrite
     # authenticated from here on
-    kp.rx_packets += 1
     p = &L.peers[kp.peer]
     if not _same_addr(&p.ep, p.ep_len, &rx.addr[m], alen):
         pthread_mutex_lock(&p.ep_lock)

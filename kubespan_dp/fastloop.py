@@ -10,11 +10,13 @@ for the contract with the device).  Division of labour:
   on indices C does not know (the responder's first packet on a fresh keypair), and
   packets for peers without a usable session.
 
-The core stays the single source of truth.  After every core call and on a short
-tick this module mirrors the core into C (peers, endpoints, allowed IPs, current and
-previous keypairs) and feeds C's activity back to the core (byte counters, roamed
-endpoints, and the timer hooks wireguard-go calls on data sent/received), so
-keepalives, rekeys and expiry keep working exactly as in the pure-Python path.
+The core stays the single source of truth.  Its output's events (KeypairInstalled,
+KeypairRetired, KeypairExpired, HandshakeCompleted) name the peers whose sessions
+changed; before that output's datagrams leave, those peers' sessions, endpoints and
+not-yet-confirmed indices are mirrored into C.  A full walk (peers, endpoints,
+allowed IPs) runs after each UAPI set and on a short tick.  C's activity goes back to
+the core (byte counters, roamed endpoints, and the timer hooks wireguard-go calls on
+data sent/received), so keepalives, rekeys and expiry work as in the pure-Python path.
 
 Nonces: once a keypair is in C, C owns its send counter.  The core's keypair hands
 its counter over (`Keypair.hand_counter_to`): whatever the core seals on it later (a
@@ -35,7 +37,6 @@ from typing import Any
 
 from . import _fastpath as fp
 from .datapath import fastpath_enabled
-from .keypair import Keypair
 from .netutil import Address
 from .pypath import MAX_SOURCES, PyDataPath
 
@@ -109,6 +110,7 @@ class FastDataPath:
         self._routes: object = None
         self._own_drops: Counter[str] = Counter()
         self._pending: frozenset[int] = frozenset()
+        self._pending_of: dict[bytes, frozenset[int]] = {}  # peer -> its pending indices
 
     # ------------------------------------------------------------- the device's contract
 
@@ -144,14 +146,14 @@ class FastDataPath:
         )
 
     def emit(self, out: Any) -> None:
+        self._send_output(out)
+
+    def _send_output(self, out: Any) -> None:
         # A handshake may have produced a session: C learns it (or, for a responder's
         # unconfirmed one, its index) before the datagrams leave, so the peer's first
         # packet on it cannot beat it here.  Counters stay right either way: they
         # come from the session's one owner.
-        self._guarded("reconcile", self.reconcile, False)
-        self._send_output(out)
-
-    def _send_output(self, out: Any) -> None:
+        self._guarded("sessions", self._apply_events, out)
         # Core output is sealed with counters from each session's one owner (the
         # core's keypair, or C once it runs the session): sent as it is.
         for data, addr in out.datagrams:
@@ -197,7 +199,6 @@ class FastDataPath:
                     self._handshake_item(data, source, local, now)
                 except Exception:
                     self._internal_error("handshake_item")
-            self._guarded("reconcile", self.reconcile, False)
             self.on_batch()
         except Exception:
             self._internal_error("slow_path")
@@ -323,61 +324,20 @@ class FastDataPath:
     def reconcile(self, routes: bool = True) -> None:
         """Make the C loop's peers, endpoints, keypairs and routes match the core.
 
-        Routes are compared only when asked (the tick and attach): walking every
-        peer's allowed IPs is the costly part, and they change only by UAPI set.
+        The full walk runs on the tick, on attach and after a UAPI set; the core's
+        output in between names the peers whose sessions changed (its events), and
+        only those are brought up to date (`_apply_events`).  Routes are compared
+        only when asked: walking every peer's allowed IPs is the costly part.
         """
         core = self.core
         if core.mtu != self._mtu:  # the device follows the link MTU
             self.c.set_mtu(core.mtu)
             self._mtu = core.mtu
         for key in [k for k in self._ids if k not in core.peers]:
-            pid = self._ids.pop(key)
-            self.c.remove_peer(pid)
-            self._forget_keypairs(pid)
-            self._endpoints.pop(pid, None)
-            self._sources.pop(pid, None)
-            self._stats.pop(pid, None)
-            self._free.append(pid)
-        for key, peer in core.peers.items():
-            known = self._ids.get(key)
-            if known is not None:
-                pid = known
-            else:
-                if not self._free and self._next_id >= self.c.max_peers:
-                    # the device refuses more peers than this at UAPI time
-                    self._own_drops["too_many_peers"] += 1
-                    continue
-                pid = self._free.pop() if self._free else self._take_id()
-                self._ids[key] = pid
-                self.c.add_peer(pid)
-                self._stats[pid] = (0, 0, 0.0, 0.0, 0.0, 0.0)
-                self._endpoints[pid] = None
-            if peer.endpoint != self._endpoints.get(pid):
-                try:
-                    self.c.set_endpoint(pid, peer.endpoint)
-                except (OSError, ValueError, OverflowError):
-                    # e.g. its zone's interface is gone: C has no endpoint for it
-                    self.c.set_endpoint(pid, None)
-                    self._own_drops["endpoint_unusable"] += 1
-                self._endpoints[pid] = peer.endpoint
-                self._sources.pop(pid, None)
-            # the core may have heard from this peer first (handshake, first data):
-            # C must answer from the same local address the Python path would use
-            local = self.py.sources.get(peer.endpoint) if peer.endpoint else None
-            if local is not None and local != self._sources.get(pid):
-                self.c.set_source(pid, local)
-                self._sources[pid] = local
-            self._mirror_keypairs(pid, peer)
-        # data for sessions only the core runs (a responder's before its first
-        # packet) must reach it; data on any other index C does not know is dropped
-        pending = frozenset(
-            index
-            for index, (_, value) in core.index_table.entries.items()
-            if isinstance(value, Keypair) and id(value) not in self._installed
-        )
-        if pending != self._pending:
-            self.c.set_pending(pending)
-            self._pending = pending
+            self._sync_peer(key)
+        for key in core.peers:
+            self._sync_peer(key)
+        self._push_pending()
         if not routes:
             return
         table = tuple(
@@ -390,6 +350,77 @@ class FastDataPath:
                 for net in nets
             )
             self._routes = table
+
+    def _apply_events(self, out: Any) -> None:
+        """The core's events name the peers whose sessions changed (KeypairInstalled,
+        KeypairRetired, KeypairExpired, HandshakeCompleted on confirmation): C gets
+        those peers' sessions, endpoints and pending indices now."""
+        keys: set[bytes] = set()
+        for ev in out.events:
+            key = getattr(ev, "peer_key", None)
+            if isinstance(key, bytes):
+                keys.add(key)
+        if not keys:
+            return
+        for key in keys:
+            self._sync_peer(key)
+        self._push_pending()
+
+    def _sync_peer(self, key: bytes) -> None:
+        peer = self.core.peers.get(key)
+        pid = self._ids.get(key)
+        if peer is None:
+            if pid is not None:  # removed from the core
+                del self._ids[key]
+                self.c.remove_peer(pid)
+                self._forget_keypairs(pid)
+                self._endpoints.pop(pid, None)
+                self._sources.pop(pid, None)
+                self._stats.pop(pid, None)
+                self._free.append(pid)
+            self._pending_of.pop(key, None)
+            return
+        if pid is None:
+            if not self._free and self._next_id >= self.c.max_peers:
+                # the device refuses more peers than this at UAPI time
+                self._own_drops["too_many_peers"] += 1
+                return
+            pid = self._free.pop() if self._free else self._take_id()
+            self._ids[key] = pid
+            self.c.add_peer(pid)
+            self._stats[pid] = (0, 0, 0.0, 0.0, 0.0, 0.0)
+            self._endpoints[pid] = None
+        if peer.endpoint != self._endpoints.get(pid):
+            try:
+                self.c.set_endpoint(pid, peer.endpoint)
+            except (OSError, ValueError, OverflowError):
+                # e.g. its zone's interface is gone: C has no endpoint for it
+                self.c.set_endpoint(pid, None)
+                self._own_drops["endpoint_unusable"] += 1
+            self._endpoints[pid] = peer.endpoint
+            self._sources.pop(pid, None)
+        # the core may have heard from this peer first (handshake, first data):
+        # C must answer from the same local address the Python path would use
+        local = self.py.sources.get(peer.endpoint) if peer.endpoint else None
+        if local is not None and local != self._sources.get(pid):
+            self.c.set_source(pid, local)
+            self._sources[pid] = local
+        self._mirror_keypairs(pid, peer)
+        # data for sessions only the core runs (a responder's before its first
+        # packet) must reach it; data on any other index C does not know is dropped
+        pending = frozenset(
+            kp.local_index for kp in peer.keypairs.all() if id(kp) not in self._installed
+        )
+        if pending:
+            self._pending_of[key] = pending
+        else:
+            self._pending_of.pop(key, None)
+
+    def _push_pending(self) -> None:
+        pending = frozenset().union(*self._pending_of.values())
+        if pending != self._pending:
+            self.c.set_pending(pending)
+            self._pending = pending
 
     def _take_id(self) -> int:
         pid = self._next_id

@@ -212,3 +212,27 @@ def test_core_counter_follows_c() -> None:
 
     kp.send_counter = REJECT_AFTER_MESSAGES  # expiry reaches C
     assert c_kp.reserve_counter() >= REJECT_AFTER_MESSAGES
+
+
+def test_sessions_reach_c_from_the_cores_events(mesh: Mesh) -> None:
+    """C learns a session from the events of the output that carries it, for the
+    peers those events name, without walking every peer."""
+    import hashlib
+
+    for n in range(300):
+        mesh.core.set_peer(hashlib.sha256(n.to_bytes(2, "little")).digest(), mesh.now)
+    mesh.path.reconcile()
+    touched: list[bytes] = []
+    real = mesh.path._sync_peer
+
+    def spy(key: bytes) -> None:
+        touched.append(key)
+        real(key)
+
+    mesh.path._sync_peer = spy  # type: ignore[method-assign]
+    a = mesh.peers[0]
+    mesh.handshake(a)
+    assert touched and set(touched) == {a.key}
+    kp = mesh.core.peers[a.key].keypairs.current
+    assert kp is not None and id(kp) in mesh.path._installed  # in C, counter handed over
+    assert isinstance(kp.counter_owner, fp.Keypair)
