@@ -265,7 +265,8 @@ class Device:
                 keys.discard(p.public_key)
             elif not p.update_only or p.public_key in keys:
                 keys.add(p.public_key)
-        keys.discard(self.core.public_key)  # type: ignore[arg-type]
+        if self.core.public_key is not None:
+            keys.discard(self.core.public_key)
         if len(keys) > MAX_PEERS:
             raise UapiError(EINVAL, f"too many peers: at most {MAX_PEERS}")
 

@@ -106,7 +106,7 @@ class FastDataPath:
         self._by_local: dict[int, _Installed] = {}  # local index -> mirror
         self._endpoints: dict[int, Address | None] = {}
         self._sources: dict[int, tuple[bytes, int]] = {}  # sticky source pushed to C
-        self._stats: dict[int, tuple] = {}
+        self._stats: dict[int, tuple[float, ...]] = {}
         self._routes: object = None
         self._own_drops: Counter[str] = Counter()
         self._pending: frozenset[int] = frozenset()
