@@ -337,3 +337,18 @@ print(type(path).__name__, cli.max_mtu())
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["PyDataPath", str(65535 - 32)]
+
+
+def test_under_load_counts_the_paths_handshake_backlog(dev: Device) -> None:
+    """Handshakes still waiting in C's own queue count for "under load", as
+    wireguard-go measures its handshake queue: cookies engage under a flood."""
+    assert dev.loop is not None
+    dev.path.handshake_backlog = lambda: device.UNDER_LOAD_QUEUE  # type: ignore[method-assign]
+    dev._on_handshake(b"x", SRC, time.monotonic())
+    _run_until(dev.loop, lambda: not dev._draining, "the queue to drain")
+    assert dev.core.under_load
+    dev.path.handshake_backlog = lambda: 0  # type: ignore[method-assign]
+    dev._under_load_until = 0.0
+    dev._on_handshake(b"x", SRC, time.monotonic())
+    _run_until(dev.loop, lambda: not dev._draining, "the queue to drain")
+    assert not dev.core.under_load
