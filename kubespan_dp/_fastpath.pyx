@@ -19,47 +19,11 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcmp, memcpy, memset
 
-cdef extern from "openssl/evp.h" nogil:
-    ctypedef struct EVP_CIPHER_CTX
-    ctypedef struct EVP_CIPHER
-    const EVP_CIPHER *EVP_chacha20_poly1305()
-    EVP_CIPHER_CTX *EVP_CIPHER_CTX_new()
-    void EVP_CIPHER_CTX_free(EVP_CIPHER_CTX *ctx)
-    int EVP_CipherInit_ex(EVP_CIPHER_CTX *ctx, const EVP_CIPHER *cipher, void *impl,
-                          const unsigned char *key, const unsigned char *iv, int enc)
-    int EVP_CipherUpdate(EVP_CIPHER_CTX *ctx, unsigned char *out, int *outl,
-                         const unsigned char *inp, int inl)
-    int EVP_CipherFinal_ex(EVP_CIPHER_CTX *ctx, unsigned char *out, int *outl)
-    int EVP_CIPHER_CTX_ctrl(EVP_CIPHER_CTX *ctx, int type, int arg, void *ptr)
-    int EVP_CTRL_AEAD_SET_TAG
-    int EVP_CTRL_AEAD_GET_TAG
-
-cdef extern from "openssl/crypto.h" nogil:
-    void OPENSSL_cleanse(void *ptr, size_t len)
-
-cdef extern from *:
-    """
-    #define KS_TAG_LEN 16
-    #define KS_HEADER_LEN 16            /* type(4) | receiver index(4) | counter(8) */
-    #define KS_OVERHEAD 32              /* header + tag */
-    #define KS_MSG_TRANSPORT 4
-    #define KS_PAD_MULTIPLE 16
-    /* wireguard-go device/constants.go */
-    #define KS_REJECT_AFTER_MESSAGES 18446744073709543423ULL  /* 2^64 - 2^13 - 1 */
-    #define KS_REKEY_AFTER_MESSAGES 1152921504606846976ULL    /* 2^60 */
-    /* RFC 6479 window as in wireguard-go replay.go: 128 blocks of 64 bits. */
-    #define KS_RING_BLOCKS 128
-    #define KS_WINDOW_SIZE ((KS_RING_BLOCKS - 1) * 64)       /* 8128 */
-    """
-    const int TAG_LEN "KS_TAG_LEN"
-    const int HEADER_LEN "KS_HEADER_LEN"
-    const int OVERHEAD "KS_OVERHEAD"
-    const uint32_t MSG_TRANSPORT "KS_MSG_TRANSPORT"
-    const int PAD_MULTIPLE "KS_PAD_MULTIPLE"
-    const uint64_t REJECT_AFTER_MESSAGES "KS_REJECT_AFTER_MESSAGES"
-    const uint64_t REKEY_AFTER_MESSAGES "KS_REKEY_AFTER_MESSAGES"
-    const int RING_BLOCKS "KS_RING_BLOCKS"
-    const uint64_t WINDOW_SIZE "KS_WINDOW_SIZE"
+# Split by concern into inline-only .pxd files compiled into this one module:
+from kubespan_dp._wg_defs cimport *      # wire constants, statuses, atomics
+from kubespan_dp._wg_crypto cimport *    # EVP, nonce, THE seal/open of one payload
+from kubespan_dp._wg_replay cimport *    # the replay window
+from kubespan_dp._wg_tables cimport *    # allowed-IPs trie, index tables
 
 # Per-slot status after seal_batch / open_batch / the loop.
 STATUS_OK = 0
@@ -69,29 +33,6 @@ STATUS_MALFORMED = 3
 STATUS_WRONG_INDEX = 4
 STATUS_EXHAUSTED = 5
 STATUS_SEAL_FAILED = 6
-cdef enum:
-    ST_OK = 0
-    ST_BAD_TAG = 1
-    ST_REPLAY = 2
-    ST_MALFORMED = 3
-    ST_WRONG_INDEX = 4
-    ST_EXHAUSTED = 5
-    ST_SEAL_FAILED = 6
-
-
-cdef extern from *:
-    """
-    #define KS_ATOMIC_OR(p, v) __atomic_fetch_or((p), (v), __ATOMIC_RELAXED)
-    #define KS_ATOMIC_XCHG(p, v) __atomic_exchange_n((p), (v), __ATOMIC_RELAXED)
-    #define KS_ATOMIC_ADD64(p, v) __atomic_fetch_add((p), (v), __ATOMIC_RELAXED)
-    #define KS_ATOMIC_LOAD64(p) __atomic_load_n((p), __ATOMIC_RELAXED)
-    #define KS_ATOMIC_STORE64(p, v) __atomic_store_n((p), (v), __ATOMIC_RELAXED)
-    """
-    uint32_t KS_ATOMIC_OR(uint32_t *p, uint32_t v) nogil
-    uint32_t KS_ATOMIC_XCHG(uint32_t *p, uint32_t v) nogil
-    uint64_t KS_ATOMIC_ADD64(uint64_t *p, uint64_t v) nogil
-    uint64_t KS_ATOMIC_LOAD64(uint64_t *p) nogil
-    void KS_ATOMIC_STORE64(uint64_t *p, uint64_t v) nogil
 
 class AuthenticationError(ValueError):
     """The Poly1305 tag did not verify."""
@@ -99,92 +40,6 @@ class AuthenticationError(ValueError):
 
 # ---------------------------------------------------------------------------
 # Small C helpers
-
-cdef inline void _nonce(uint8_t *out, uint64_t counter) noexcept nogil:
-    # WireGuard nonce: 4 zero bytes then the 64-bit counter, little endian.
-    cdef int i
-    memset(out, 0, 4)
-    for i in range(8):
-        out[4 + i] = <uint8_t>((counter >> (8 * i)) & 0xFF)
-
-
-cdef inline void _put_le32(uint8_t *p, uint32_t v) noexcept nogil:
-    p[0] = v & 0xFF
-    p[1] = (v >> 8) & 0xFF
-    p[2] = (v >> 16) & 0xFF
-    p[3] = (v >> 24) & 0xFF
-
-
-cdef inline uint32_t _get_le32(const uint8_t *p) noexcept nogil:
-    return <uint32_t>p[0] | (<uint32_t>p[1] << 8) | (<uint32_t>p[2] << 16) | (<uint32_t>p[3] << 24)
-
-
-cdef inline void _put_le64(uint8_t *p, uint64_t v) noexcept nogil:
-    cdef int i
-    for i in range(8):
-        p[i] = (v >> (8 * i)) & 0xFF
-
-
-cdef inline uint64_t _get_le64(const uint8_t *p) noexcept nogil:
-    cdef uint64_t v = 0
-    cdef int i
-    for i in range(8):
-        v |= (<uint64_t>p[i]) << (8 * i)
-    return v
-
-
-cdef inline Py_ssize_t _padded_len(Py_ssize_t n, Py_ssize_t mtu) noexcept nogil:
-    # wireguard-go calculatePaddingSize: round up to 16, never beyond the MTU.
-    cdef Py_ssize_t last = n
-    cdef Py_ssize_t padded
-    if mtu == 0:
-        return (n + PAD_MULTIPLE - 1) & ~(PAD_MULTIPLE - 1)
-    if last > mtu:
-        last = last % mtu
-    padded = (last + PAD_MULTIPLE - 1) & ~(PAD_MULTIPLE - 1)
-    if padded > mtu:
-        padded = mtu
-    return n + (padded - last)
-
-
-cdef inline int _seal_one(EVP_CIPHER_CTX *ctx, uint64_t counter, uint8_t *data,
-                          int n) noexcept nogil:
-    """Encrypt data[0:n] in place and write the tag at data[n]. 1 on success."""
-    cdef uint8_t nonce[12]
-    cdef int outl = 0, ok = 1
-    _nonce(nonce, counter)
-    ok &= EVP_CipherInit_ex(ctx, NULL, NULL, NULL, nonce, 1)
-    if n:
-        ok &= EVP_CipherUpdate(ctx, data, &outl, data, n)
-    ok &= EVP_CipherFinal_ex(ctx, data + n, &outl)
-    ok &= EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_GET_TAG, TAG_LEN, data + n)
-    return ok
-
-
-cdef inline int _open_one(EVP_CIPHER_CTX *ctx, uint64_t counter, uint8_t *data,
-                          int n) noexcept nogil:
-    """Decrypt data[0:n] in place, verifying the tag at data[n]. 1 if authentic."""
-    cdef uint8_t nonce[12]
-    cdef uint8_t scratch[16]
-    cdef int outl = 0, ok = 1
-    _nonce(nonce, counter)
-    ok &= EVP_CipherInit_ex(ctx, NULL, NULL, NULL, nonce, 0)
-    if n:
-        ok &= EVP_CipherUpdate(ctx, data, &outl, data, n)
-    ok &= EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_TAG, TAG_LEN, data + n)
-    ok &= EVP_CipherFinal_ex(ctx, scratch, &outl) > 0
-    return ok
-
-
-cdef EVP_CIPHER_CTX *_new_ctx(const uint8_t *key, int enc) except NULL:
-    cdef EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new()
-    if ctx == NULL:
-        raise MemoryError()
-    if EVP_CipherInit_ex(ctx, EVP_chacha20_poly1305(), NULL, key, NULL, enc) != 1:
-        EVP_CIPHER_CTX_free(ctx)
-        raise RuntimeError("EVP_CipherInit_ex failed")
-    return ctx
-
 
 cdef bytes _key32(object key, str what):
     if not isinstance(key, (bytes, bytearray)) or len(key) != 32:
@@ -365,48 +220,6 @@ cdef class PacketBatch:
 
 # ---------------------------------------------------------------------------
 # 3. Keypair: one session's keys, counter and replay window in C
-
-cdef struct replay_t:
-    uint64_t last
-    uint64_t ring[128]
-
-
-cdef inline bint _replay_check(const replay_t *r, uint64_t counter) noexcept nogil:
-    # Would the window accept this counter?  No state change (cheap pre-check
-    # before spending a decryption on a packet that will be dropped anyway).
-    if counter >= REJECT_AFTER_MESSAGES:
-        return False
-    if counter > r.last:
-        return True
-    if r.last - counter > WINDOW_SIZE:
-        return False
-    return (r.ring[(counter >> 6) & (RING_BLOCKS - 1)] >> (counter & 63)) & 1 == 0
-
-
-cdef inline bint _replay_update(replay_t *r, uint64_t counter) noexcept nogil:
-    # wireguard-go ReplayFilter.ValidateCounter; call only after the tag verified.
-    cdef uint64_t index_block, current, diff, i, old, new
-    if counter >= REJECT_AFTER_MESSAGES:
-        return False
-    index_block = counter >> 6
-    if counter > r.last:
-        current = r.last >> 6
-        diff = index_block - current
-        if diff > RING_BLOCKS:
-            diff = RING_BLOCKS
-        i = current + 1
-        while i <= current + diff:
-            r.ring[i & (RING_BLOCKS - 1)] = 0
-            i += 1
-        r.last = counter
-    elif r.last - counter > WINDOW_SIZE:
-        return False
-    index_block &= RING_BLOCKS - 1
-    old = r.ring[index_block]
-    new = old | (<uint64_t>1 << (counter & 63))
-    r.ring[index_block] = new
-    return old != new
-
 
 cdef struct keypair_t:
     EVP_CIPHER_CTX *seal_ctx
@@ -808,7 +621,6 @@ cdef enum:
     SLOW_CAP = 512
     HS_CAP = 4096             # handshake messages waiting for Python (own queue)
     HS_MAX = 148              # the largest handshake message (an initiation)
-    NO_PEER = -1
     CONTROL_LEN = 96
     RX_MSGS = 32
     RX_BUF = 65536            # a GRO-coalesced datagram can be this long
@@ -881,11 +693,6 @@ cdef enum:
     D_UNKNOWN_INDEX
     D_HS_FULL
     D_COUNT
-
-
-cdef struct trie_node_t:
-    int32_t child[2]
-    int32_t peer
 
 
 cdef struct peer_t:
@@ -996,20 +803,6 @@ cdef inline double _now() noexcept nogil:
     return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
-cdef inline int32_t _trie_lookup(loop_t *L, const uint8_t *addr, int bits,
-                                 int32_t root) noexcept nogil:
-    cdef int32_t node = root, best = NO_PEER
-    cdef int i = 0
-    while node >= 0:
-        if L.nodes[node].peer != NO_PEER:
-            best = L.nodes[node].peer
-        if i == bits:
-            break
-        node = L.nodes[node].child[(addr[i >> 3] >> (7 - (i & 7))) & 1]
-        i += 1
-    return best
-
-
 cdef inline int32_t _route(loop_t *L, const uint8_t *pkt, uint32_t n, bint source) noexcept nogil:
     # Peer owning the packet's destination (or source) address; NO_PEER if none or
     # the header is unusable.
@@ -1018,9 +811,9 @@ cdef inline int32_t _route(loop_t *L, const uint8_t *pkt, uint32_t n, bint sourc
         return NO_PEER
     v = pkt[0] >> 4
     if v == 4 and n >= 20:
-        return _trie_lookup(L, pkt + (12 if source else 16), 32, L.root4)
+        return _trie_lookup(L.nodes, pkt + (12 if source else 16), 32, L.root4)
     if v == 6 and n >= 40:
-        return _trie_lookup(L, pkt + (8 if source else 24), 128, L.root6)
+        return _trie_lookup(L.nodes, pkt + (8 if source else 24), 128, L.root6)
     return NO_PEER
 
 
@@ -1047,16 +840,8 @@ cdef inline int64_t _inner_length(const uint8_t *pkt, uint32_t n) noexcept nogil
 
 
 cdef inline keypair_t *_index_lookup(loop_t *L, uint32_t index) noexcept nogil:
-    cdef uint32_t mask, i
-    if L.ix_cap == 0:
-        return NULL
-    mask = L.ix_cap - 1
-    i = (index * 2654435761u) & mask
-    while L.ix_vals[i] != NULL:
-        if L.ix_keys[i] == index:
-            return L.ix_vals[i]
-        i = (i + 1) & mask
-    return NULL
+    cdef int slot = _ix_find(L.ix_keys, <const void **>L.ix_vals, L.ix_cap, index)
+    return L.ix_vals[slot] if slot >= 0 else NULL
 
 
 cdef inline void _signal(int fd) noexcept nogil:
@@ -1075,17 +860,6 @@ cdef inline bint _pending(loop_t *L, uint32_t index) noexcept nogil:
             return True
         i = (i + 1) & mask
     return False
-
-
-cdef inline int _handshake_size(uint32_t kind) noexcept nogil:
-    # wireguard-go receive.go: each handshake type has exactly one size
-    if kind == 1:
-        return 148
-    if kind == 2:
-        return 92
-    if kind == 3:
-        return 64
-    return -1
 
 
 cdef void _hs_push(loop_t *L, const uint8_t *data, uint32_t n, const sockaddr_in6 *addr,
