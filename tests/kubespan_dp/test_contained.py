@@ -352,3 +352,30 @@ def test_under_load_counts_the_paths_handshake_backlog(dev: Device) -> None:
     dev._on_handshake(b"x", SRC, time.monotonic())
     _run_until(dev.loop, lambda: not dev._draining, "the queue to drain")
     assert not dev.core.under_load
+
+
+def test_pure_python_path_queues_only_handshakes_of_the_right_size() -> None:
+    from kubespan_dp.pypath import PyDataPath
+
+    r, w = os.pipe()
+    queued: list[bytes] = []
+    path = PyDataPath(
+        WireGuardCore(_key(1)), w, lambda d, s, n: queued.append(d), lambda: None, lambda: None
+    )
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        rx.bind(("127.0.0.1", 0))
+        rx.setblocking(False)
+        good = [b"\x01" + bytes(147), b"\x02" + bytes(91), b"\x03" + bytes(63)]
+        bad = [b"\x01" + bytes(99), b"\x02", b"\x03" + bytes(200)]
+        for d in good + bad:
+            tx.sendto(d, rx.getsockname())
+        path._on_udp(rx)
+        assert queued == good
+        assert path.dropped["invalid_size"] == 3
+    finally:
+        rx.close()
+        tx.close()
+        os.close(r)
+        os.close(w)
