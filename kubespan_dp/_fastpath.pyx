@@ -19,47 +19,11 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcmp, memcpy, memset
 
-cdef extern from "openssl/evp.h" nogil:
-    ctypedef struct EVP_CIPHER_CTX
-    ctypedef struct EVP_CIPHER
-    const EVP_CIPHER *EVP_chacha20_poly1305()
-    EVP_CIPHER_CTX *EVP_CIPHER_CTX_new()
-    void EVP_CIPHER_CTX_free(EVP_CIPHER_CTX *ctx)
-    int EVP_CipherInit_ex(EVP_CIPHER_CTX *ctx, const EVP_CIPHER *cipher, void *impl,
-                          const unsigned char *key, const unsigned char *iv, int enc)
-    int EVP_CipherUpdate(EVP_CIPHER_CTX *ctx, unsigned char *out, int *outl,
-                         const unsigned char *inp, int inl)
-    int EVP_CipherFinal_ex(EVP_CIPHER_CTX *ctx, unsigned char *out, int *outl)
-    int EVP_CIPHER_CTX_ctrl(EVP_CIPHER_CTX *ctx, int type, int arg, void *ptr)
-    int EVP_CTRL_AEAD_SET_TAG
-    int EVP_CTRL_AEAD_GET_TAG
-
-cdef extern from "openssl/crypto.h" nogil:
-    void OPENSSL_cleanse(void *ptr, size_t len)
-
-cdef extern from *:
-    """
-    #define KS_TAG_LEN 16
-    #define KS_HEADER_LEN 16            /* type(4) | receiver index(4) | counter(8) */
-    #define KS_OVERHEAD 32              /* header + tag */
-    #define KS_MSG_TRANSPORT 4
-    #define KS_PAD_MULTIPLE 16
-    /* wireguard-go device/constants.go */
-    #define KS_REJECT_AFTER_MESSAGES 18446744073709543423ULL  /* 2^64 - 2^13 - 1 */
-    #define KS_REKEY_AFTER_MESSAGES 1152921504606846976ULL    /* 2^60 */
-    /* RFC 6479 window as in wireguard-go replay.go: 128 blocks of 64 bits. */
-    #define KS_RING_BLOCKS 128
-    #define KS_WINDOW_SIZE ((KS_RING_BLOCKS - 1) * 64)       /* 8128 */
-    """
-    const int TAG_LEN "KS_TAG_LEN"
-    const int HEADER_LEN "KS_HEADER_LEN"
-    const int OVERHEAD "KS_OVERHEAD"
-    const uint32_t MSG_TRANSPORT "KS_MSG_TRANSPORT"
-    const int PAD_MULTIPLE "KS_PAD_MULTIPLE"
-    const uint64_t REJECT_AFTER_MESSAGES "KS_REJECT_AFTER_MESSAGES"
-    const uint64_t REKEY_AFTER_MESSAGES "KS_REKEY_AFTER_MESSAGES"
-    const int RING_BLOCKS "KS_RING_BLOCKS"
-    const uint64_t WINDOW_SIZE "KS_WINDOW_SIZE"
+# Split by concern into inline-only .pxd files compiled into this one module:
+from kubespan_dp._wg_defs cimport *      # wire constants, statuses, atomics
+from kubespan_dp._wg_crypto cimport *    # EVP, nonce, THE seal/open of one payload
+from kubespan_dp._wg_replay cimport *    # the replay window
+from kubespan_dp._wg_tables cimport *    # allowed-IPs trie, index tables
 
 # Per-slot status after seal_batch / open_batch / the loop.
 STATUS_OK = 0
@@ -68,28 +32,7 @@ STATUS_REPLAY = 2
 STATUS_MALFORMED = 3
 STATUS_WRONG_INDEX = 4
 STATUS_EXHAUSTED = 5
-cdef enum:
-    ST_OK = 0
-    ST_BAD_TAG = 1
-    ST_REPLAY = 2
-    ST_MALFORMED = 3
-    ST_WRONG_INDEX = 4
-    ST_EXHAUSTED = 5
-
-
-cdef extern from *:
-    """
-    #define KS_ATOMIC_OR(p, v) __atomic_fetch_or((p), (v), __ATOMIC_RELAXED)
-    #define KS_ATOMIC_XCHG(p, v) __atomic_exchange_n((p), (v), __ATOMIC_RELAXED)
-    #define KS_ATOMIC_ADD64(p, v) __atomic_fetch_add((p), (v), __ATOMIC_RELAXED)
-    #define KS_ATOMIC_LOAD64(p) __atomic_load_n((p), __ATOMIC_RELAXED)
-    #define KS_ATOMIC_STORE64(p, v) __atomic_store_n((p), (v), __ATOMIC_RELAXED)
-    """
-    uint32_t KS_ATOMIC_OR(uint32_t *p, uint32_t v) nogil
-    uint32_t KS_ATOMIC_XCHG(uint32_t *p, uint32_t v) nogil
-    uint64_t KS_ATOMIC_ADD64(uint64_t *p, uint64_t v) nogil
-    uint64_t KS_ATOMIC_LOAD64(uint64_t *p) nogil
-    void KS_ATOMIC_STORE64(uint64_t *p, uint64_t v) nogil
+STATUS_SEAL_FAILED = 6
 
 class AuthenticationError(ValueError):
     """The Poly1305 tag did not verify."""
@@ -97,92 +40,6 @@ class AuthenticationError(ValueError):
 
 # ---------------------------------------------------------------------------
 # Small C helpers
-
-cdef inline void _nonce(uint8_t *out, uint64_t counter) noexcept nogil:
-    # WireGuard nonce: 4 zero bytes then the 64-bit counter, little endian.
-    cdef int i
-    memset(out, 0, 4)
-    for i in range(8):
-        out[4 + i] = <uint8_t>((counter >> (8 * i)) & 0xFF)
-
-
-cdef inline void _put_le32(uint8_t *p, uint32_t v) noexcept nogil:
-    p[0] = v & 0xFF
-    p[1] = (v >> 8) & 0xFF
-    p[2] = (v >> 16) & 0xFF
-    p[3] = (v >> 24) & 0xFF
-
-
-cdef inline uint32_t _get_le32(const uint8_t *p) noexcept nogil:
-    return <uint32_t>p[0] | (<uint32_t>p[1] << 8) | (<uint32_t>p[2] << 16) | (<uint32_t>p[3] << 24)
-
-
-cdef inline void _put_le64(uint8_t *p, uint64_t v) noexcept nogil:
-    cdef int i
-    for i in range(8):
-        p[i] = (v >> (8 * i)) & 0xFF
-
-
-cdef inline uint64_t _get_le64(const uint8_t *p) noexcept nogil:
-    cdef uint64_t v = 0
-    cdef int i
-    for i in range(8):
-        v |= (<uint64_t>p[i]) << (8 * i)
-    return v
-
-
-cdef inline Py_ssize_t _padded_len(Py_ssize_t n, Py_ssize_t mtu) noexcept nogil:
-    # wireguard-go calculatePaddingSize: round up to 16, never beyond the MTU.
-    cdef Py_ssize_t last = n
-    cdef Py_ssize_t padded
-    if mtu == 0:
-        return (n + PAD_MULTIPLE - 1) & ~(PAD_MULTIPLE - 1)
-    if last > mtu:
-        last = last % mtu
-    padded = (last + PAD_MULTIPLE - 1) & ~(PAD_MULTIPLE - 1)
-    if padded > mtu:
-        padded = mtu
-    return n + (padded - last)
-
-
-cdef inline int _seal_one(EVP_CIPHER_CTX *ctx, uint64_t counter, uint8_t *data,
-                          int n) noexcept nogil:
-    """Encrypt data[0:n] in place and write the tag at data[n]. 1 on success."""
-    cdef uint8_t nonce[12]
-    cdef int outl = 0, ok = 1
-    _nonce(nonce, counter)
-    ok &= EVP_CipherInit_ex(ctx, NULL, NULL, NULL, nonce, 1)
-    if n:
-        ok &= EVP_CipherUpdate(ctx, data, &outl, data, n)
-    ok &= EVP_CipherFinal_ex(ctx, data + n, &outl)
-    ok &= EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_GET_TAG, TAG_LEN, data + n)
-    return ok
-
-
-cdef inline int _open_one(EVP_CIPHER_CTX *ctx, uint64_t counter, uint8_t *data,
-                          int n) noexcept nogil:
-    """Decrypt data[0:n] in place, verifying the tag at data[n]. 1 if authentic."""
-    cdef uint8_t nonce[12]
-    cdef uint8_t scratch[16]
-    cdef int outl = 0, ok = 1
-    _nonce(nonce, counter)
-    ok &= EVP_CipherInit_ex(ctx, NULL, NULL, NULL, nonce, 0)
-    if n:
-        ok &= EVP_CipherUpdate(ctx, data, &outl, data, n)
-    ok &= EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_TAG, TAG_LEN, data + n)
-    ok &= EVP_CipherFinal_ex(ctx, scratch, &outl) > 0
-    return ok
-
-
-cdef EVP_CIPHER_CTX *_new_ctx(const uint8_t *key, int enc) except NULL:
-    cdef EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new()
-    if ctx == NULL:
-        raise MemoryError()
-    if EVP_CipherInit_ex(ctx, EVP_chacha20_poly1305(), NULL, key, NULL, enc) != 1:
-        EVP_CIPHER_CTX_free(ctx)
-        raise RuntimeError("EVP_CipherInit_ex failed")
-    return ctx
-
 
 cdef bytes _key32(object key, str what):
     if not isinstance(key, (bytes, bytearray)) or len(key) != 32:
@@ -364,48 +221,6 @@ cdef class PacketBatch:
 # ---------------------------------------------------------------------------
 # 3. Keypair: one session's keys, counter and replay window in C
 
-cdef struct replay_t:
-    uint64_t last
-    uint64_t ring[128]
-
-
-cdef inline bint _replay_check(const replay_t *r, uint64_t counter) noexcept nogil:
-    # Would the window accept this counter?  No state change (cheap pre-check
-    # before spending a decryption on a packet that will be dropped anyway).
-    if counter >= REJECT_AFTER_MESSAGES:
-        return False
-    if counter > r.last:
-        return True
-    if r.last - counter > WINDOW_SIZE:
-        return False
-    return (r.ring[(counter >> 6) & (RING_BLOCKS - 1)] >> (counter & 63)) & 1 == 0
-
-
-cdef inline bint _replay_update(replay_t *r, uint64_t counter) noexcept nogil:
-    # wireguard-go ReplayFilter.ValidateCounter; call only after the tag verified.
-    cdef uint64_t index_block, current, diff, i, old, new
-    if counter >= REJECT_AFTER_MESSAGES:
-        return False
-    index_block = counter >> 6
-    if counter > r.last:
-        current = r.last >> 6
-        diff = index_block - current
-        if diff > RING_BLOCKS:
-            diff = RING_BLOCKS
-        i = current + 1
-        while i <= current + diff:
-            r.ring[i & (RING_BLOCKS - 1)] = 0
-            i += 1
-        r.last = counter
-    elif r.last - counter > WINDOW_SIZE:
-        return False
-    index_block &= RING_BLOCKS - 1
-    old = r.ring[index_block]
-    new = old | (<uint64_t>1 << (counter & 63))
-    r.ring[index_block] = new
-    return old != new
-
-
 cdef struct keypair_t:
     EVP_CIPHER_CTX *seal_ctx
     EVP_CIPHER_CTX *open_ctx
@@ -427,36 +242,43 @@ cdef inline uint64_t _take_counter(keypair_t *kp) noexcept nogil:
     return KS_ATOMIC_ADD64(&kp.send_counter, 1)
 
 
+cdef int _seal_slot(keypair_t *kp, uint8_t *slot, Py_ssize_t n, Py_ssize_t mtu,
+                    Py_ssize_t room, uint32_t *sealed_len) noexcept nogil:
+    """THE seal (the loop and seal_batch both use it): the plaintext at slot+16 (n
+    bytes) becomes, in place, a transport message at slot[0:*sealed_len] with the
+    keypair's next counter, padding, header and tag.  ST_OK, ST_MALFORMED (no room),
+    ST_EXHAUSTED (no counter left; plaintext untouched) or ST_SEAL_FAILED (never send
+    the slot: part of it may be encrypted)."""
+    cdef Py_ssize_t padded = _padded_len(n, mtu)
+    cdef uint64_t counter
+    if padded + OVERHEAD > room:
+        return ST_MALFORMED
+    counter = _take_counter(kp)
+    if counter >= REJECT_AFTER_MESSAGES:
+        return ST_EXHAUSTED
+    if padded > n:
+        memset(slot + HEADER_LEN + n, 0, padded - n)
+    _put_le32(slot, MSG_TRANSPORT)
+    _put_le32(slot + 4, kp.remote_index)
+    _put_le64(slot + 8, counter)
+    if _seal_one(kp.seal_ctx, counter, slot + HEADER_LEN, <int>padded) != 1:
+        return ST_SEAL_FAILED
+    sealed_len[0] = <uint32_t>(padded + OVERHEAD)
+    return ST_OK
+
+
 cdef int _seal_batch(keypair_t *kp, PacketBatch b, Py_ssize_t mtu, int start,
                      int stop) noexcept nogil:
     """Seal slots [start, stop) holding plaintext at offset 16, in place."""
-    cdef int i, sealed = 0
-    cdef uint8_t *slot
-    cdef Py_ssize_t n, padded
-    cdef uint64_t counter
+    cdef int i, st, sealed = 0
+    cdef uint32_t length
     for i in range(start, stop):
-        slot = b.slot(i)
-        n = b.length[i]
-        padded = _padded_len(n, mtu)
-        if padded + OVERHEAD > b.slot_size:
-            b.status[i] = ST_MALFORMED
-            continue
-        counter = _take_counter(kp)
-        if counter >= REJECT_AFTER_MESSAGES:
-            b.status[i] = ST_EXHAUSTED
-            continue
-        if padded > n:
-            memset(slot + HEADER_LEN + n, 0, padded - n)
-        _put_le32(slot, MSG_TRANSPORT)
-        _put_le32(slot + 4, kp.remote_index)
-        _put_le64(slot + 8, counter)
-        if _seal_one(kp.seal_ctx, counter, slot + HEADER_LEN, <int>padded) != 1:
-            b.status[i] = ST_MALFORMED
-            continue
-        b.off[i] = 0
-        b.length[i] = <uint32_t>(padded + OVERHEAD)
-        b.status[i] = ST_OK
-        sealed += 1
+        st = _seal_slot(kp, b.slot(i), b.length[i], mtu, b.slot_size, &length)
+        b.status[i] = st
+        if st == ST_OK:
+            b.off[i] = 0
+            b.length[i] = length
+            sealed += 1
     return sealed
 
 
@@ -536,7 +358,7 @@ cdef class Keypair:
 
     @property
     def send_counter(self) -> int:
-        return self.kp.send_counter
+        return KS_ATOMIC_LOAD64(&self.kp.send_counter)
 
     @property
     def is_initiator(self) -> bool:
@@ -728,6 +550,7 @@ cdef extern from "<sys/socket.h>" nogil:
         AF_INET
         AF_INET6
         MSG_DONTWAIT
+        MSG_TRUNC
 
 cdef extern from *:
     """
@@ -791,10 +614,42 @@ cdef double KEEPALIVE_TIMEOUT = 10.0
 cdef double REKEY_TIMEOUT = 5.0
 cdef double ATTENTION_INTERVAL = 1.0   # at most one "rekey due" hand-off per peer per second
 
-DEF LOOP_BATCH = 64
-DEF SLOT_SIZE = 9216          # a slot holds a jumbo packet + 32 + padding
-DEF SLOW_CAP = 512
-DEF NO_PEER = -1
+# compile-time sizes (Cython 3: enums, not DEF)
+cdef enum:
+    LOOP_BATCH = 64
+    SLOT_SIZE = 9216          # a slot holds a jumbo packet + 32 + padding
+    SLOW_CAP = 512
+    HS_CAP = 4096             # handshake messages waiting for Python (own queue)
+    HS_MAX = 148              # the largest handshake message (an initiation)
+    CONTROL_LEN = 96
+    RX_MSGS = 32
+    RX_BUF = 65536            # a GRO-coalesced datagram can be this long
+    RX_CONTROL = 128
+    RX_SEGS = 2048            # decrypted packets held before writing them to TUN
+
+def constants() -> dict:
+    """The protocol constants compiled into C, for the test that they agree with the
+    Python core's (timers.py, replay.py, messages.py)."""
+    return {
+        "REJECT_AFTER_MESSAGES": REJECT_AFTER_MESSAGES,
+        "REKEY_AFTER_MESSAGES": REKEY_AFTER_MESSAGES,
+        "REKEY_AFTER_TIME": REKEY_AFTER_TIME,
+        "REJECT_AFTER_TIME": REJECT_AFTER_TIME,
+        "KEEPALIVE_TIMEOUT": KEEPALIVE_TIMEOUT,
+        "REKEY_TIMEOUT": REKEY_TIMEOUT,
+        "RING_BLOCKS": RING_BLOCKS,
+        "WINDOW_SIZE": WINDOW_SIZE,
+        "TRANSPORT_HEADER_SIZE": HEADER_LEN,
+        "TRANSPORT_MIN_SIZE": OVERHEAD,
+        "INITIATION_SIZE": _handshake_size(1),
+        "RESPONSE_SIZE": _handshake_size(2),
+        "COOKIE_REPLY_SIZE": _handshake_size(3),
+    }
+
+
+# The largest IP packet the C loop carries (a TUN read must leave room in a slot for
+# the header, up to 15 bytes of padding and the tag); larger ones are "too_big".
+MAX_PACKET = SLOT_SIZE - OVERHEAD - PAD_MULTIPLE - 1
 
 # flags a peer collects for Python (read and cleared by Python)
 FLAG_ACTIVITY = 1
@@ -816,7 +671,8 @@ cdef enum:
 DROP_REASONS = ("no_route", "invalid_packet", "slow_queue_full", "udp_send_failed",
                 "replay", "decrypt_failed", "keypair_expired", "invalid_inner_packet",
                 "source_not_allowed", "tun_write_failed", "no_socket_for_family",
-                "too_big")
+                "too_big", "seal_failed", "udp_truncated", "invalid_size",
+                "invalid_type", "unknown_index", "handshake_queue_full")
 cdef enum:
     D_NO_ROUTE = 0
     D_INVALID_PACKET
@@ -830,12 +686,13 @@ cdef enum:
     D_TUN_WRITE
     D_NO_SOCKET
     D_TOO_BIG
+    D_SEAL_FAILED
+    D_TRUNCATED
+    D_INVALID_SIZE
+    D_INVALID_TYPE
+    D_UNKNOWN_INDEX
+    D_HS_FULL
     D_COUNT
-
-
-cdef struct trie_node_t:
-    int32_t child[2]
-    int32_t peer
 
 
 cdef struct peer_t:
@@ -868,6 +725,16 @@ cdef struct slow_t:
     uint8_t local_len
     uint32_t local_ifindex
     uint8_t data[SLOT_SIZE]
+
+
+cdef struct hs_t:
+    uint32_t length
+    sockaddr_in6 addr
+    socklen_t addrlen
+    uint8_t local[16]
+    uint8_t local_len
+    uint32_t local_ifindex
+    uint8_t data[HS_MAX]
 
 
 cdef struct io_t:
@@ -911,29 +778,29 @@ cdef struct loop_t:
     slow_t *slow
     int slow_head
     int slow_count
+    # handshake queue: initiations, responses and cookie replies of the right size
+    pthread_mutex_t hs_lock
+    hs_t *hs
+    int hs_head
+    int hs_count
+    # our indices of sessions the core runs and C does not (a responder's session
+    # before its first packet): data on them goes to Python, on others is dropped
+    uint64_t *pend_keys              # index + 1; 0 = empty slot
+    int pend_cap                     # power of two; 0 = none
     uint64_t drops[D_COUNT]
     uint64_t tx_packets
     uint64_t rx_packets
+
+
+cdef inline void _drop(loop_t *L, int reason, uint64_t n) noexcept nogil:
+    # both threads count drops: atomically
+    KS_ATOMIC_ADD64(&L.drops[reason], n)
 
 
 cdef inline double _now() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return ts.tv_sec + ts.tv_nsec * 1e-9
-
-
-cdef inline int32_t _trie_lookup(loop_t *L, const uint8_t *addr, int bits,
-                                 int32_t root) noexcept nogil:
-    cdef int32_t node = root, best = NO_PEER
-    cdef int i = 0
-    while node >= 0:
-        if L.nodes[node].peer != NO_PEER:
-            best = L.nodes[node].peer
-        if i == bits:
-            break
-        node = L.nodes[node].child[(addr[i >> 3] >> (7 - (i & 7))) & 1]
-        i += 1
-    return best
 
 
 cdef inline int32_t _route(loop_t *L, const uint8_t *pkt, uint32_t n, bint source) noexcept nogil:
@@ -944,9 +811,9 @@ cdef inline int32_t _route(loop_t *L, const uint8_t *pkt, uint32_t n, bint sourc
         return NO_PEER
     v = pkt[0] >> 4
     if v == 4 and n >= 20:
-        return _trie_lookup(L, pkt + (12 if source else 16), 32, L.root4)
+        return _trie_lookup(L.nodes, pkt + (12 if source else 16), 32, L.root4)
     if v == 6 and n >= 40:
-        return _trie_lookup(L, pkt + (8 if source else 24), 128, L.root6)
+        return _trie_lookup(L.nodes, pkt + (8 if source else 24), 128, L.root6)
     return NO_PEER
 
 
@@ -973,21 +840,52 @@ cdef inline int64_t _inner_length(const uint8_t *pkt, uint32_t n) noexcept nogil
 
 
 cdef inline keypair_t *_index_lookup(loop_t *L, uint32_t index) noexcept nogil:
-    cdef uint32_t mask, i
-    if L.ix_cap == 0:
-        return NULL
-    mask = L.ix_cap - 1
-    i = (index * 2654435761u) & mask
-    while L.ix_vals[i] != NULL:
-        if L.ix_keys[i] == index:
-            return L.ix_vals[i]
-        i = (i + 1) & mask
-    return NULL
+    cdef int slot = _ix_find(L.ix_keys, <const void **>L.ix_vals, L.ix_cap, index)
+    return L.ix_vals[slot] if slot >= 0 else NULL
 
 
 cdef inline void _signal(int fd) noexcept nogil:
     cdef uint64_t one = 1
     c_write(fd, &one, 8)
+
+
+cdef inline bint _pending(loop_t *L, uint32_t index) noexcept nogil:
+    cdef uint32_t mask, i
+    if L.pend_cap == 0:
+        return False
+    mask = L.pend_cap - 1
+    i = (index * 2654435761u) & mask
+    while L.pend_keys[i] != 0:
+        if L.pend_keys[i] == <uint64_t>index + 1:
+            return True
+        i = (i + 1) & mask
+    return False
+
+
+cdef void _hs_push(loop_t *L, const uint8_t *data, uint32_t n, const sockaddr_in6 *addr,
+                   socklen_t addrlen, const uint8_t *local, uint8_t local_len,
+                   uint32_t local_ifindex) noexcept nogil:
+    cdef hs_t *e
+    cdef bint wake
+    pthread_mutex_lock(&L.hs_lock)
+    if L.hs_count >= HS_CAP:
+        pthread_mutex_unlock(&L.hs_lock)
+        _drop(L, D_HS_FULL, 1)
+        return
+    e = &L.hs[(L.hs_head + L.hs_count) % HS_CAP]
+    e.length = n
+    memcpy(e.data, data, n)
+    e.addrlen = addrlen
+    memcpy(&e.addr, addr, addrlen)
+    e.local_len = local_len
+    e.local_ifindex = local_ifindex
+    if local_len:
+        memcpy(e.local, local, local_len)
+    wake = L.hs_count == 0
+    L.hs_count += 1
+    pthread_mutex_unlock(&L.hs_lock)
+    if wake:
+        _signal(L.slow_fd)
 
 
 cdef void _slow_push(loop_t *L, uint8_t kind, int32_t peer, const uint8_t *data,
@@ -997,12 +895,12 @@ cdef void _slow_push(loop_t *L, uint8_t kind, int32_t peer, const uint8_t *data,
     cdef slow_t *e
     cdef bint wake
     if n > SLOT_SIZE:
-        L.drops[D_TOO_BIG] += 1
+        _drop(L, D_TOO_BIG, 1)
         return
     pthread_mutex_lock(&L.slow_lock)
     if L.slow_count >= SLOW_CAP:
         pthread_mutex_unlock(&L.slow_lock)
-        L.drops[D_SLOW_FULL] += 1
+        _drop(L, D_SLOW_FULL, 1)
         return
     e = &L.slow[(L.slow_head + L.slow_count) % SLOW_CAP]
     e.kind = kind
@@ -1069,7 +967,7 @@ cdef void _send_plain(loop_t *L, int fd, mmsghdr *gso) noexcept nogil:
         if r > 0:
             done += r
         else:
-            L.drops[D_UDP_SEND] += 1
+            _drop(L, D_UDP_SEND, 1)
             done += 1
 
 
@@ -1109,12 +1007,12 @@ cdef void _send_run(loop_t *L, int fd, mmsghdr *msgs, int32_t *peers, bint *pkti
             _send_plain(L, fd, &msgs[done])
             done += 1
             continue
-        # a datagram the kernel refuses (e.g. unreachable): skip it
-        L.drops[D_UDP_SEND] += 1
+        # a message the kernel refuses (e.g. unreachable): skip it, counting
+        # every datagram it carried (a GSO message holds up to 64)
+        _drop(L, D_UDP_SEND, msgs[done].msg_hdr.msg_iovlen)
         done += 1
 
 
-DEF CONTROL_LEN = 96
 
 
 cdef struct gso_t:
@@ -1207,7 +1105,7 @@ cdef void _send_all(loop_t *L, io_t *io, int *fds, int nsend) noexcept nogil:
         if j == m or fds[j] != fds[run_start]:
             fd = fds[run_start]
             if fd < 0:
-                L.drops[D_NO_SOCKET] += j - run_start
+                _drop(L, D_NO_SOCKET, j - run_start)
             else:
                 _send_run(L, fd, &g.msgs[run_start], &g.peer[run_start],
                           &g.pktinfo[run_start], j - run_start)
@@ -1223,8 +1121,8 @@ cdef void _tx_loop(loop_t *L) noexcept nogil:
     cdef peer_t *p
     cdef keypair_t *kp
     cdef double now
-    cdef uint64_t counter
-    cdef Py_ssize_t padded
+    cdef uint32_t sealed_len
+    cdef int st
     cdef int fds[LOOP_BATCH]
     if io == NULL:
         return
@@ -1245,7 +1143,7 @@ cdef void _tx_loop(loop_t *L) noexcept nogil:
             if r <= 0:
                 break
             if r >= SLOT_SIZE - OVERHEAD - PAD_MULTIPLE:
-                L.drops[D_TOO_BIG] += 1     # maybe truncated: larger than a slot
+                _drop(L, D_TOO_BIG, 1)     # maybe truncated: larger than a slot
                 continue
             io.length[n] = <uint32_t>r
             n += 1
@@ -1258,10 +1156,10 @@ cdef void _tx_loop(loop_t *L) noexcept nogil:
             slot = io.buf + i * SLOT_SIZE
             pid = _route(L, slot + HEADER_LEN, io.length[i], False)
             if pid == NO_PEER or pid >= L.npeers or not L.peers[pid].active:
-                L.drops[D_NO_ROUTE] += 1
+                _drop(L, D_NO_ROUTE, 1)
                 continue
             if _inner_length(slot + HEADER_LEN, io.length[i]) < 0:
-                L.drops[D_INVALID_PACKET] += 1
+                _drop(L, D_INVALID_PACKET, 1)
                 continue
             p = &L.peers[pid]
             kp = p.current
@@ -1277,19 +1175,15 @@ cdef void _tx_loop(loop_t *L) noexcept nogil:
                 p.next_attention = now + ATTENTION_INTERVAL
                 _slow_push(L, SK_PACKET, pid, slot + HEADER_LEN, io.length[i], NULL, 0)
                 continue
-            counter = _take_counter(kp)
-            if counter >= REJECT_AFTER_MESSAGES:
+            st = _seal_slot(kp, slot, io.length[i], L.mtu, SLOT_SIZE, &sealed_len)
+            if st == ST_EXHAUSTED:
                 _slow_push(L, SK_PACKET, pid, slot + HEADER_LEN, io.length[i], NULL, 0)
                 continue
-            padded = _padded_len(io.length[i], L.mtu)
-            if padded > io.length[i]:
-                memset(slot + HEADER_LEN + io.length[i], 0, padded - io.length[i])
-            _put_le32(slot, MSG_TRANSPORT)
-            _put_le32(slot + 4, kp.remote_index)
-            _put_le64(slot + 8, counter)
-            _seal_one(kp.seal_ctx, counter, slot + HEADER_LEN, <int>padded)
+            if st != ST_OK:
+                _drop(L, D_SEAL_FAILED if st == ST_SEAL_FAILED else D_TOO_BIG, 1)
+                continue                       # never send a slot that was not sealed
             io.iov[nsend].iov_base = slot
-            io.iov[nsend].iov_len = padded + OVERHEAD
+            io.iov[nsend].iov_len = sealed_len
             pthread_mutex_lock(&p.ep_lock)
             memcpy(&io.addr[nsend], &p.ep, p.ep_len)
             io.msgs[nsend].msg_hdr.msg_namelen = p.ep_len
@@ -1305,7 +1199,7 @@ cdef void _tx_loop(loop_t *L) noexcept nogil:
             io.msgs[nsend].msg_hdr.msg_control = NULL
             io.msgs[nsend].msg_hdr.msg_controllen = 0
             io.msgs[nsend].msg_hdr.msg_flags = 0
-            p.tx_bytes += padded + OVERHEAD
+            p.tx_bytes += sealed_len
             p.last_tx_any = now
             p.last_tx_data = now
             KS_ATOMIC_OR(&p.flags, FL_ACTIVITY)
@@ -1337,10 +1231,6 @@ cdef inline bint _same_addr(const sockaddr_in6 *a, socklen_t alen, const sockadd
     return a.sin6_scope_id == b.sin6_scope_id
 
 
-DEF RX_MSGS = 32
-DEF RX_BUF = 65536            # a GRO-coalesced datagram can be this long
-DEF RX_CONTROL = 128
-DEF RX_SEGS = 2048            # segments per batch (RX_MSGS * 64 at most)
 
 
 cdef struct rx_t:
@@ -1400,35 +1290,49 @@ cdef inline int _rx_one(loop_t *L, rx_t *rx, int m, uint8_t *slot, uint32_t leng
     """One datagram (or one GRO segment) from message m; returns the new nwrite."""
     cdef keypair_t *kp
     cdef peer_t *p
-    cdef uint64_t counter
     cdef int64_t inner
     cdef int32_t pid
     cdef socklen_t alen = rx.msgs[m].msg_hdr.msg_namelen
-    if length < OVERHEAD or _get_le32(slot) != MSG_TRANSPORT:
-        _slow_push(L, SK_DATAGRAM, NO_PEER, slot, length, &rx.addr[m], alen,
-                   rx.local[m], rx.local_len[m], rx.local_ifindex[m])
+    cdef uint32_t kind, index
+    cdef int want, st
+    # C decides per datagram, as wireguard-go's socket reader: wrong sizes, unknown
+    # types and unknown indices are dropped (and counted) here, never queued.
+    if length < 4:
+        _drop(L, D_INVALID_SIZE, 1)
         return nwrite
-    kp = _index_lookup(L, _get_le32(slot + 4))
+    kind = _get_le32(slot)
+    if kind != MSG_TRANSPORT:
+        want = _handshake_size(kind)
+        if want < 0:
+            _drop(L, D_INVALID_TYPE, 1)
+        elif <uint32_t>want != length:
+            _drop(L, D_INVALID_SIZE, 1)
+        else:
+            _hs_push(L, slot, length, &rx.addr[m], alen, rx.local[m], rx.local_len[m],
+                     rx.local_ifindex[m])
+        return nwrite
+    if length < OVERHEAD:
+        _drop(L, D_INVALID_SIZE, 1)
+        return nwrite
+    index = _get_le32(slot + 4)
+    kp = _index_lookup(L, index)
     if kp == NULL:
-        # maybe the core's not-yet-confirmed keypair: it decides
-        _slow_push(L, SK_DATAGRAM, NO_PEER, slot, length, &rx.addr[m], alen,
-                   rx.local[m], rx.local_len[m], rx.local_ifindex[m])
+        if _pending(L, index):
+            # the core's not-yet-confirmed session (Python pushed its index): it decides
+            _slow_push(L, SK_DATAGRAM, NO_PEER, slot, length, &rx.addr[m], alen,
+                       rx.local[m], rx.local_len[m], rx.local_ifindex[m])
+        else:
+            _drop(L, D_UNKNOWN_INDEX, 1)
         return nwrite
     if kp.created + REJECT_AFTER_TIME < now:
-        L.drops[D_EXPIRED] += 1
+        _drop(L, D_EXPIRED, 1)
         return nwrite
-    counter = _get_le64(slot + 8)
-    if not _replay_check(&kp.replay, counter):
-        L.drops[D_REPLAY] += 1
-        return nwrite
-    if _open_one(kp.open_ctx, counter, slot + HEADER_LEN, <int>(length - OVERHEAD)) != 1:
-        L.drops[D_DECRYPT] += 1
-        return nwrite
-    if not _replay_update(&kp.replay, counter):
-        L.drops[D_REPLAY] += 1
+    st = _open_slot(kp, slot, length)     # THE open (open_batch uses it too)
+    if st != ST_OK:
+        _drop(L, D_REPLAY if st == ST_REPLAY else D_DECRYPT if st == ST_BAD_TAG
+              else D_INVALID_SIZE, 1)
         return nwrite
     # authenticated from here on
-    kp.rx_packets += 1
     p = &L.peers[kp.peer]
     if not _same_addr(&p.ep, p.ep_len, &rx.addr[m], alen):
         pthread_mutex_lock(&p.ep_lock)
@@ -1454,15 +1358,23 @@ cdef inline int _rx_one(loop_t *L, rx_t *rx, int m, uint8_t *slot, uint32_t leng
     p.last_rx_data = now
     inner = _inner_length(slot + HEADER_LEN, length - OVERHEAD)
     if inner < 0:
-        L.drops[D_INVALID_INNER] += 1
+        _drop(L, D_INVALID_INNER, 1)
         return nwrite
     pid = _route(L, slot + HEADER_LEN, <uint32_t>inner, True)
     if pid != kp.peer:
-        L.drops[D_SOURCE] += 1
+        _drop(L, D_SOURCE, 1)
         return nwrite
     rx.wptr[nwrite] = slot + HEADER_LEN
     rx.wlen[nwrite] = <uint32_t>inner
     return nwrite + 1
+
+
+cdef void _flush_tun(loop_t *L, rx_t *rx, int nwrite) noexcept nogil:
+    cdef int i
+    for i in range(nwrite):
+        if c_write(L.tun_fd, rx.wptr[i], rx.wlen[i]) < 0:
+            _drop(L, D_TUN_WRITE, 1)
+    KS_ATOMIC_ADD64(&L.rx_packets, nwrite)
 
 
 cdef void _rx_loop(loop_t *L) noexcept nogil:
@@ -1494,22 +1406,24 @@ cdef void _rx_loop(loop_t *L) noexcept nogil:
         nwrite = 0
         pthread_rwlock_rdlock(&L.lock)
         for i in range(n):
+            if rx.msgs[i].msg_hdr.msg_flags & MSG_TRUNC:
+                _drop(L, D_TRUNCATED, 1)   # longer than the buffer: not all of it is here
+                continue
             total = rx.msgs[i].msg_len
             seg = rx.gso[i] if rx.gso[i] else total
             if seg == 0:
                 seg = 1     # an empty datagram: handled (dropped) as one segment
             off = 0
             while off < total or (total == 0 and off == 0):
+                if nwrite >= RX_SEGS:
+                    # a GRO batch of any size: write out what is ready, go on
+                    _flush_tun(L, rx, nwrite)
+                    nwrite = 0
                 nwrite = _rx_one(L, rx, i, rx.buf + i * RX_BUF + off,
                                  seg if total - off > seg else total - off, now, nwrite)
                 off += seg
-                if nwrite >= RX_SEGS:
-                    break
         pthread_rwlock_unlock(&L.lock)
-        for i in range(nwrite):
-            if c_write(L.tun_fd, rx.wptr[i], rx.wlen[i]) < 0:
-                L.drops[D_TUN_WRITE] += 1
-        L.rx_packets += nwrite
+        _flush_tun(L, rx, nwrite)
     OPENSSL_cleanse(rx.buf, RX_MSGS * RX_BUF)
     free(rx.buf)
     free(rx)
@@ -1565,7 +1479,7 @@ cdef class PacketLoop:
     cdef readonly int max_peers
 
     def __cinit__(self, int tun_fd, int sock4_fd, int sock6_fd, int mtu=1420,
-                  int max_peers=1024):
+                  int max_peers=65536):
         cdef pthread_rwlockattr_t attr
         cdef int i
         if mtu < 0 or mtu > 65535:
@@ -1583,11 +1497,13 @@ cdef class PacketLoop:
         self.L.root4 = self.L.root6 = -1
         self.L.peers = <peer_t *>calloc(max_peers, sizeof(peer_t))
         self.L.slow = <slow_t *>calloc(SLOW_CAP, sizeof(slow_t))
-        if self.L.peers == NULL or self.L.slow == NULL:
+        self.L.hs = <hs_t *>calloc(HS_CAP, sizeof(hs_t))
+        if self.L.peers == NULL or self.L.slow == NULL or self.L.hs == NULL:
             raise MemoryError()
         for i in range(max_peers):
             pthread_mutex_init(&self.L.peers[i].ep_lock, NULL)
         pthread_mutex_init(&self.L.slow_lock, NULL)
+        pthread_mutex_init(&self.L.hs_lock, NULL)
         pthread_rwlockattr_init(&attr)
         # Python's updates must not starve behind two busy reader threads.
         pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP)
@@ -1614,6 +1530,9 @@ cdef class PacketLoop:
             OPENSSL_cleanse(self.L.slow, SLOW_CAP * sizeof(slow_t))
         pthread_rwlock_destroy(&self.L.lock)
         pthread_mutex_destroy(&self.L.slow_lock)
+        pthread_mutex_destroy(&self.L.hs_lock)
+        free(self.L.hs)
+        free(self.L.pend_keys)
         free(self.L.peers)
         free(self.L.slow)
         free(self.L.ix_keys)
@@ -1700,11 +1619,13 @@ cdef class PacketLoop:
         cdef peer_t *p = self._peer(pid)
         with nogil:
             pthread_rwlock_wrlock(&self.L.lock)
-        p.active = False
-        p.current = p.previous = NULL
-        p.ep_len = 0
-        self._rebuild_index_locked()
-        pthread_rwlock_unlock(&self.L.lock)
+        try:
+            p.active = False
+            p.current = p.previous = NULL
+            p.ep_len = 0
+            self._rebuild_index_locked()
+        finally:
+            pthread_rwlock_unlock(&self.L.lock)
         self._keypairs.pop(pid, None)
 
     def set_endpoint(self, int pid, object endpoint) -> None:
@@ -1906,21 +1827,92 @@ cdef class PacketLoop:
             if self.L.slow_count == 0:
                 pthread_mutex_unlock(&self.L.slow_lock)
                 break
-            e = &self.L.slow[self.L.slow_head]
-            local = (PyBytes_FromStringAndSize(<char *>e.local, e.local_len), e.local_ifindex) \
-                if e.local_len else None
-            item = (e.kind, PyBytes_FromStringAndSize(<char *>e.data, e.length),
-                    _sockaddr_tuple(&e.addr, e.addrlen), e.peer, local)
-            self.L.slow_head = (self.L.slow_head + 1) % SLOW_CAP
-            self.L.slow_count -= 1
-            pthread_mutex_unlock(&self.L.slow_lock)
+            try:
+                e = &self.L.slow[self.L.slow_head]
+                local = (PyBytes_FromStringAndSize(<char *>e.local, e.local_len),
+                         e.local_ifindex) if e.local_len else None
+                item = (e.kind, PyBytes_FromStringAndSize(<char *>e.data, e.length),
+                        _sockaddr_tuple(&e.addr, e.addrlen), e.peer, local)
+            finally:
+                # consumed even if building it failed: a bad item cannot wedge the queue
+                self.L.slow_head = (self.L.slow_head + 1) % SLOW_CAP
+                self.L.slow_count -= 1
+                pthread_mutex_unlock(&self.L.slow_lock)
             out.append(item)
-        if self.L.slow_count:
+        if self.L.slow_count or self.L.hs_count:
             _signal(self.L.slow_fd)   # more left: wake the caller again
         return out
 
+    def take_handshakes(self, int limit=HS_CAP) -> list:
+        """Up to ``limit`` queued handshake messages (types 1-3, each of its one
+        valid size): (bytes, (ip, port) | None, (packed local address, ifindex) | None).
+        Does not consume the wakeup: call after ``take_slow``."""
+        cdef hs_t *e
+        cdef list out = []
+        while len(out) < limit:
+            with nogil:
+                pthread_mutex_lock(&self.L.hs_lock)
+            if self.L.hs_count == 0:
+                pthread_mutex_unlock(&self.L.hs_lock)
+                break
+            try:
+                e = &self.L.hs[self.L.hs_head]
+                local = (PyBytes_FromStringAndSize(<char *>e.local, e.local_len),
+                         e.local_ifindex) if e.local_len else None
+                item = (PyBytes_FromStringAndSize(<char *>e.data, e.length),
+                        _sockaddr_tuple(&e.addr, e.addrlen), local)
+            finally:
+                self.L.hs_head = (self.L.hs_head + 1) % HS_CAP
+                self.L.hs_count -= 1
+                pthread_mutex_unlock(&self.L.hs_lock)
+            out.append(item)
+        if self.L.hs_count:
+            _signal(self.L.slow_fd)
+        return out
+
+    @property
+    def handshake_backlog(self) -> int:
+        """Handshake messages waiting in C (the "under load" signal is taken on it)."""
+        return self.L.hs_count
+
+    @property
+    def handshake_capacity(self) -> int:
+        return HS_CAP
+
+    def set_pending(self, indices) -> None:
+        """Our indices of sessions the core runs and C does not: data addressed to
+        them goes to the slow queue; data to any other unknown index is dropped."""
+        cdef list idx = [int(i) for i in indices]
+        cdef int cap = 16, n = len(idx)
+        cdef uint64_t *keys
+        cdef uint32_t j, mask, v
+        for v in idx:          # range-checks each (uint32)
+            pass
+        while cap < 2 * n + 2:
+            cap *= 2
+        keys = <uint64_t *>calloc(cap, sizeof(uint64_t))
+        if keys == NULL:
+            raise MemoryError()
+        mask = cap - 1
+        for v in idx:
+            j = (v * 2654435761u) & mask
+            while keys[j] != 0 and keys[j] != <uint64_t>v + 1:
+                j = (j + 1) & mask
+            keys[j] = <uint64_t>v + 1
+        with nogil:
+            pthread_rwlock_wrlock(&self.L.lock)
+        free(self.L.pend_keys)
+        self.L.pend_keys, self.L.pend_cap = keys, cap
+        pthread_rwlock_unlock(&self.L.lock)
+
     def drops(self) -> dict:
-        return {name: self.L.drops[i] for i, name in enumerate(DROP_REASONS) if self.L.drops[i]}
+        cdef int i
+        cdef dict out = {}
+        for i in range(D_COUNT):
+            n = KS_ATOMIC_LOAD64(&self.L.drops[i])
+            if n:
+                out[DROP_REASONS[i]] = n
+        return out
 
     @property
     def link_gone(self) -> bool:

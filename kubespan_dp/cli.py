@@ -109,6 +109,18 @@ def _remember_signal(signum: int, _frame: object) -> None:
     _early_signal = _early_signal or f"signal {signal.Signals(signum).name}"
 
 
+def max_mtu() -> int:
+    """The largest MTU the packet path in use carries whole: the C loop's slots hold
+    MAX_PACKET bytes; the pure-Python path, a UDP payload less the overhead."""
+    from .datapath import fastpath_enabled
+
+    if fastpath_enabled():
+        from . import _fastpath
+
+        return int(_fastpath.MAX_PACKET)
+    return 65535 - 32
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -122,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     except InterfaceNameError as e:
         log.error("%s", e)
         return 2
-    if not 68 <= args.mtu <= 65535:
-        log.error("MTU %d out of range", args.mtu)
+    highest = max_mtu()
+    if not 68 <= args.mtu <= highest:
+        log.error("MTU %d out of range (68-%d)", args.mtu, highest)
         return 2
     try:
         tun = Tun(ifname, args.mtu)

@@ -159,6 +159,7 @@ class WireGuardCore:
         persistent_keepalive: int | None | _Unchanged = _UNCHANGED,
         allowed_ips: Iterable[IPNetwork | str] | None = None,
         replace_allowed_ips: bool = False,
+        remove_allowed_ips: Iterable[IPNetwork | str] = (),
     ) -> Peer:
         """Create or update a peer. Everything is validated before anything changes."""
         if not isinstance(public_key, bytes) or len(public_key) != 32:
@@ -174,6 +175,7 @@ class WireGuardCore:
             if not isinstance(persistent_keepalive, int) or not 0 <= persistent_keepalive <= 65535:
                 raise ValueError("persistent keepalive must be 0-65535 seconds")
         networks = [ip_network(n, strict=False) for n in (allowed_ips or ())]
+        removals = [ip_network(n, strict=False) for n in remove_allowed_ips]
 
         peer = self.peers.get(public_key)
         if peer is None:
@@ -190,6 +192,8 @@ class WireGuardCore:
             turned_on = old == 0 and peer.persistent_keepalive != 0
         if replace_allowed_ips:
             self.allowed_ips.remove_peer(peer)
+        for net in removals:  # `allowed_ip=-PREFIX`: only if this peer owns it
+            self.allowed_ips.remove(net, peer)
         for net in networks:
             self.allowed_ips.insert(net, peer)
         if turned_on and self.private_key is not None:
@@ -305,10 +309,12 @@ class WireGuardCore:
             return
         batch: list[bytes] = []
         data_sent = False
-        while peer.staged and kp.send_counter < REJECT_AFTER_MESSAGES:
+        while peer.staged:
+            # taken at the counter's owner (the fast path, once it runs the session)
+            counter = kp.take_counter()
+            if counter >= REJECT_AFTER_MESSAGES:
+                break
             plaintext = peer.staged.popleft()
-            counter = kp.send_counter
-            kp.send_counter += 1
             sealed = kp.send.seal(counter, pad_plaintext(plaintext, self.mtu))
             batch.append(messages.Transport(kp.remote_index, counter, sealed).encode())
             data_sent = data_sent or bool(plaintext)
@@ -352,6 +358,7 @@ class WireGuardCore:
                 crypto.generate_private_key(self._rng(32)),
                 crypto.tai64n(self._wall_clock()),
                 new_index,
+                self.public_key,  # kept: no scalar multiplication per handshake
             )
         except HandshakeError as exc:
             self.index_table.delete(new_index)
@@ -507,7 +514,7 @@ class WireGuardCore:
             return (peer, peer.handshake) if peer is not None else None
 
         try:
-            consumed = noise.consume_initiation(msg, self.private_key, lookup, now)
+            consumed = noise.consume_initiation(msg, self.private_key, lookup, now, self.public_key)
         except HandshakeError as exc:
             self.dropped[exc.reason.value] += 1
             return
@@ -595,6 +602,14 @@ class WireGuardCore:
             self.dropped["source_not_allowed"] += 1
             return None
         return packet
+
+    def keep_key_fresh_receiving(self, public_key: bytes, now: float) -> None:
+        """A fast path received data for this peer near the session's end: the core
+        decides whether to rekey (receive.go keepKeyFreshReceiving).  The output
+        comes with the next call of an input method (or `on_timer`)."""
+        peer = self.peers.get(public_key)
+        if peer is not None:
+            self._keep_key_fresh_receiving(peer, now)
 
     def _keep_key_fresh_receiving(self, peer: Peer, now: float) -> None:
         if peer.timers.sent_last_minute_handshake:

@@ -15,15 +15,16 @@ import logging
 import socket
 import time
 from collections import Counter, deque
+from typing import Any
 
 from . import netutil
 from .core import WireGuardCore
-from .fastloop import FastDataPath, fastpath_enabled  # the C packet loop (issue 4)
+from .datapath import DataPath, make_datapath
 from .netutil import Address
-from .pypath import PyDataPath
 from .tun import Tun
 from .uapi import (
     EADDRINUSE,
+    EINVAL,
     EIO,
     UNSET,
     DeviceInfo,
@@ -41,6 +42,7 @@ UNDER_LOAD_QUEUE = HANDSHAKE_QUEUE // 8
 UNDER_LOAD_AFTER = 1.0  # stay "under load" this long after the backlog clears
 HANDSHAKE_BUDGET = 32  # handshakes per loop turn, so data keeps flowing
 WATCH_INTERVAL = 0.5  # how often to check that link and socket still exist
+MAX_PEERS = 1 << 16  # as wireguard-go's MaxPeers
 
 
 def short_key(key: bytes) -> str:
@@ -69,8 +71,7 @@ class Device:
         self.port = 0
         self.fwmark = 0
         self.sock4, self.sock6, self.port = netutil.bind_pair(0, 0)
-        path_class = FastDataPath if fastpath_enabled() else PyDataPath
-        self.path = path_class(
+        self.path: DataPath = make_datapath(
             self.core,
             tun.fd,
             self._on_handshake,
@@ -163,8 +164,17 @@ class Device:
     def _on_timer(self) -> None:
         self._timer = None
         self._deadline = None
-        self.path.emit(self.core.on_timer(time.monotonic()))
-        self._arm_timer()
+        try:
+            self.path.emit(self.core.on_timer(time.monotonic()))
+        except Exception:  # a bug: counted and logged, the timer keeps running
+            self._internal_error("timer")
+        finally:
+            self._arm_timer()
+
+    def _internal_error(self, where: str) -> None:
+        """A callback failed on one item: count it, log it, and carry on."""
+        self.dropped[f"internal_error_{where}"] += 1
+        log.exception("internal error in %s (the daemon carries on)", where)
 
     # ------------------------------------------------------------------ handshakes
 
@@ -178,18 +188,29 @@ class Device:
             self.loop.call_soon(self._drain_handshakes)
 
     def _drain_handshakes(self) -> None:
-        now = time.monotonic()
-        if len(self.handshakes) >= UNDER_LOAD_QUEUE:
-            self._under_load_until = now + UNDER_LOAD_AFTER
-        self.core.under_load = now < self._under_load_until
-        for _ in range(min(HANDSHAKE_BUDGET, len(self.handshakes))):
-            data, source = self.handshakes.popleft()
-            self.path.emit(self.core.receive_datagram(data, source, now))
-        self._arm_timer()
-        if self.handshakes and self.loop is not None:
-            self.loop.call_soon(self._drain_handshakes)
-        else:
-            self._draining = False
+        # Whatever happens to one handshake, the next ones are processed: each item
+        # is contained, and the loop is re-armed (or the flag reset) on every path.
+        try:
+            now = time.monotonic()
+            # under load: measured on the handshake path's own bounded queues
+            backlog = len(self.handshakes) + self.path.handshake_backlog()
+            if backlog >= UNDER_LOAD_QUEUE:
+                self._under_load_until = now + UNDER_LOAD_AFTER
+            self.core.under_load = now < self._under_load_until
+            for _ in range(min(HANDSHAKE_BUDGET, len(self.handshakes))):
+                data, source = self.handshakes.popleft()
+                try:
+                    self.path.emit(self.core.receive_datagram(data, source, now))
+                except Exception:
+                    self._internal_error("handshake")
+            self._arm_timer()
+        except Exception:
+            self._internal_error("handshake_queue")
+        finally:
+            if self.handshakes and self.loop is not None:
+                self.loop.call_soon(self._drain_handshakes)
+            else:
+                self._draining = False
 
     # ------------------------------------------------------------------ UAPI
 
@@ -221,13 +242,33 @@ class Device:
         return "".join(line + "\n" for line in lines)
 
     def uapi_set(self, req: SetRequest) -> None:
+        self._check_peer_count(req)
         self._apply_binding(req)  # the only step that can fail: first, all or nothing
         try:
             self._apply_config(req)
         except Exception as e:  # a bug, not bad input (that was rejected by parsing)
             log.exception("applying a UAPI set failed")
             raise UapiError(EIO, f"internal error: {type(e).__name__}") from None
+        finally:
+            # allowed IPs (and peers) may have changed: the path applies them now
+            try:
+                self.path.routes_changed()
+            except Exception:
+                self._internal_error("routes")
         self._arm_timer()
+
+    def _check_peer_count(self, req: SetRequest) -> None:
+        """Refuse (nothing applied) a request that would leave more than MAX_PEERS."""
+        keys = set() if req.replace_peers else set(self.core.peers)
+        for p in req.peers:
+            if p.remove:
+                keys.discard(p.public_key)
+            elif not p.update_only or p.public_key in keys:
+                keys.add(p.public_key)
+        if self.core.public_key is not None:
+            keys.discard(self.core.public_key)
+        if len(keys) > MAX_PEERS:
+            raise UapiError(EINVAL, f"too many peers: at most {MAX_PEERS}")
 
     def _apply_binding(self, req: SetRequest) -> None:
         port = self.requested_port if req.listen_port is UNSET else req.listen_port
@@ -280,7 +321,7 @@ class Device:
                 continue
             if p.update_only and not exists:
                 continue
-            kwargs: dict[str, object] = {}
+            kwargs: dict[str, Any] = {}
             if p.preshared_key is not UNSET:
                 kwargs["preshared_key"] = p.preshared_key
             if p.endpoint is not UNSET:
@@ -290,6 +331,8 @@ class Device:
             if p.allowed_ips or p.replace_allowed_ips:
                 kwargs["allowed_ips"] = p.allowed_ips
                 kwargs["replace_allowed_ips"] = p.replace_allowed_ips
+            if p.remove_allowed_ips:
+                kwargs["remove_allowed_ips"] = p.remove_allowed_ips
             core.set_peer(p.public_key, now, **kwargs)
             if not exists:
                 log.info("peer %s added", short_key(p.public_key))

@@ -16,27 +16,84 @@ keypairs from the index table and reports them as ``KeypairRetired``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from . import crypto
 from .replay import ReplayWindow
+from .timers import REJECT_AFTER_MESSAGES
+
+
+class CounterOwner(Protocol):
+    """Who owns a keypair's send counter once a fast path runs the session."""
+
+    @property
+    def send_counter(self) -> int: ...
+
+    def reserve_counter(self) -> int: ...
+
+    def expire(self) -> None: ...
 
 
 @dataclass(eq=False)
 class Keypair:
+    """One session.  Its send counter has exactly one owner: the keypair itself, or,
+    once a fast path took the session over (`hand_counter_to`), that fast path.
+    Every nonce is taken with `take_counter()`, atomically at the owner, so the core
+    and the fast path can both seal on a session without ever reusing a nonce."""
+
     send_key: bytes = field(repr=False)
     receive_key: bytes = field(repr=False)
     local_index: int
     remote_index: int
     is_initiator: bool
     created: float
-    send_counter: int = 0
     replay: ReplayWindow = field(default_factory=ReplayWindow, repr=False)
     send: crypto.AEAD = field(init=False, repr=False)
     receive: crypto.AEAD = field(init=False, repr=False)
+    _counter: int = field(default=0, init=False, repr=False)
+    _owner: CounterOwner | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.send = crypto.AEAD(self.send_key)
         self.receive = crypto.AEAD(self.receive_key)
+
+    @property
+    def send_counter(self) -> int:
+        """The next counter the owner would hand out (the limit: exhausted)."""
+        if self._owner is not None:
+            return min(self._owner.send_counter, REJECT_AFTER_MESSAGES)
+        return self._counter
+
+    @send_counter.setter
+    def send_counter(self, value: int) -> None:
+        # Only expiry (the limit) may be set once the counter is handed over.
+        if self._owner is not None:
+            if value != REJECT_AFTER_MESSAGES:
+                raise ValueError("the send counter belongs to the fast path")
+            self._owner.expire()
+        self._counter = value
+
+    def take_counter(self) -> int:
+        """The next nonce counter, never handed out twice; the limit if exhausted."""
+        if self._owner is not None:
+            return min(self._owner.reserve_counter(), REJECT_AFTER_MESSAGES)
+        counter = self._counter
+        if counter >= REJECT_AFTER_MESSAGES:
+            return REJECT_AFTER_MESSAGES
+        self._counter = counter + 1
+        return counter
+
+    def hand_counter_to(self, owner: CounterOwner) -> None:
+        """From now on `owner` hands out the counters; it must start at ours."""
+        if self._owner is not None and self._owner is not owner:
+            raise ValueError("the send counter already has another owner")
+        if owner.send_counter < self._counter:
+            raise ValueError("the new owner would reuse counters")
+        self._owner = owner
+
+    @property
+    def counter_owner(self) -> CounterOwner | None:
+        return self._owner
 
 
 @dataclass

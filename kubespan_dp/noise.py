@@ -92,6 +92,7 @@ def write_first(
     e_priv: bytes,
     payload: bytes,
     static_static: bytes | None = None,
+    s_pub: bytes | None = None,
 ) -> tuple[bytes, bytes, bytes]:
     """Initiator: -> e, es, s, ss, {payload}. Returns (e_pub, enc_static, enc_payload).
 
@@ -102,15 +103,18 @@ def write_first(
     st.mix_key(e_pub)
     st.mix_hash(e_pub)
     key = st.mix_key_with_output(crypto.dh(e_priv, rs))
-    enc_static = st.encrypt_and_hash(key, crypto.public_key(s_priv))
+    enc_static = st.encrypt_and_hash(key, s_pub or crypto.public_key(s_priv))
     key = st.mix_key_with_output(static_static or crypto.dh(s_priv, rs))
     enc_payload = st.encrypt_and_hash(key, payload)
     return e_pub, enc_static, enc_payload
 
 
-def read_first_static(st: SymmetricState, s_priv: bytes, e_pub: bytes, enc_static: bytes) -> bytes:
-    """Responder, first half of the first message: returns the initiator's static key."""
-    st.mix_hash(crypto.public_key(s_priv))
+def read_first_static(
+    st: SymmetricState, s_priv: bytes, e_pub: bytes, enc_static: bytes, s_pub: bytes | None = None
+) -> bytes:
+    """Responder, first half of the first message: returns the initiator's static key.
+    ``s_pub`` is our static public key when the caller keeps it (saves a scalar mult)."""
+    st.mix_hash(s_pub or crypto.public_key(s_priv))
     st.mix_key(e_pub)
     st.mix_hash(e_pub)
     key = st.mix_key_with_output(crypto.dh(s_priv, e_pub))
@@ -225,6 +229,7 @@ def create_initiation(
     ephemeral_private: bytes,
     timestamp: bytes,
     sender_index: int,
+    local_public: bytes | None = None,
 ) -> Initiation:
     """Build the first message (macs zero; the cookie generator adds them)."""
     if hs.static_static == ZERO_KEY:
@@ -233,7 +238,13 @@ def create_initiation(
     st = SymmetricState(ck, h)
     try:
         e_pub, enc_static, enc_ts = write_first(
-            st, local_private, hs.remote_static, ephemeral_private, timestamp, hs.static_static
+            st,
+            local_private,
+            hs.remote_static,
+            ephemeral_private,
+            timestamp,
+            hs.static_static,
+            local_public,
         )
     except crypto.InvalidPublicKey as exc:
         raise HandshakeError(Reason.NOT_POSSIBLE, str(exc)) from None
@@ -294,12 +305,13 @@ def consume_initiation(
     local_private: bytes,
     lookup_peer: Callable[[bytes], tuple[P, Handshake] | None],
     now: float,
+    local_public: bytes | None = None,
 ) -> ConsumedInitiation[P]:
     """Verify an initiation; raises HandshakeError. Changes nothing until commit()."""
     ck, h = initial_state()
     st = SymmetricState(ck, h)
     try:
-        peer_static = read_first_static(st, local_private, msg.ephemeral, msg.static)
+        peer_static = read_first_static(st, local_private, msg.ephemeral, msg.static, local_public)
     except (crypto.InvalidPublicKey, crypto.AuthenticationError):
         raise HandshakeError(
             Reason.INVALID_INITIATION, "initiation: static key did not decrypt"

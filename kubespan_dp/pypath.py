@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import socket
 import time
@@ -30,7 +31,10 @@ from .netutil import CMSG_SPACE, Address, local_from_ancillary, source_cmsg
 BATCH = 64
 MAX_DATAGRAM = 65535
 MAX_SOURCES = 4096
-HANDSHAKE_TYPES = frozenset((1, 2, 3))
+# handshake-type messages and their only valid sizes (initiation, response, cookie)
+HANDSHAKE_SIZES = {1: 148, 2: 92, 3: 64}
+HANDSHAKE_TYPES = frozenset(HANDSHAKE_SIZES)
+log = logging.getLogger("kubespan_dp.pypath")
 _STICKY_ERRORS = frozenset((errno.EINVAL, errno.EADDRNOTAVAIL, errno.ENETUNREACH))
 
 
@@ -87,13 +91,35 @@ class PyDataPath:
             else:
                 self.loop.remove_reader(sock.fileno())
 
+    def routes_changed(self) -> None:
+        """The core routes every packet itself: nothing to apply."""
+
+    def handshake_backlog(self) -> int:
+        """Handshakes waiting before the device's queue: none on this path."""
+        return 0
+
     # ------------------------------------------------------------- outbound
 
     def emit(self, out: object) -> None:
         for data, addr in out.datagrams:  # type: ignore[attr-defined]
+            if data[:1] == b"\x01":
+                self.clear_source_on_retry(addr)
             self.send(data, addr)
         if out.packets:  # type: ignore[attr-defined]
             self._write_tun(out.packets)  # type: ignore[attr-defined]
+
+    def clear_source_on_retry(self, addr: Address) -> bool:
+        """Before a retried initiation, forget the local address we answered `addr`
+        from (wireguard-go timers.go clears the endpoint's source on retransmit): a
+        source that still exists but no longer routes is never used again.  True if
+        a sticky source was forgotten."""
+        if addr not in self.sources:
+            return False
+        for peer in self.core.peers.values():  # type: ignore[attr-defined]
+            if peer.endpoint == addr and peer.timers.handshake_attempts > 0:
+                del self.sources[addr]
+                return True
+        return False
 
     def send(self, data: bytes, addr: Address) -> None:
         sock = self.sock6 if ":" in addr[0] else self.sock4
@@ -112,7 +138,8 @@ class PyDataPath:
             return
         except OSError as e:
             if local is None or e.errno not in _STICKY_ERRORS:
-                self.dropped[f"udp_send_{errno.errorcode.get(e.errno, e.errno)}"] += 1
+                code = e.errno or 0
+                self.dropped[f"udp_send_{errno.errorcode.get(code, code)}"] += 1
                 return
         # the local address we used to answer from is gone: let the kernel pick
         self.sources.pop(addr, None)
@@ -151,8 +178,21 @@ class PyDataPath:
                 raise
             if not packet:
                 break
-            emit(core_send(packet, now))
-        self.on_batch()
+            try:
+                emit(core_send(packet, now))
+            except Exception:  # a bug: counted and logged, the reader stays
+                self._internal_error("tun_packet")
+        self._after_batch()
+
+    def _internal_error(self, where: str) -> None:
+        self.dropped[f"internal_error_{where}"] += 1
+        log.exception("internal error in %s (the packet path carries on)", where)
+
+    def _after_batch(self) -> None:
+        try:
+            self.on_batch()
+        except Exception:
+            self._internal_error("batch")
 
     def _on_udp(self, sock: socket.socket) -> None:
         core_receive = self.core.receive_datagram  # type: ignore[attr-defined]
@@ -177,8 +217,13 @@ class PyDataPath:
                 if len(sources) >= MAX_SOURCES:
                     sources.clear()  # bounded: garbage senders cannot grow it
                 sources[source] = local
-            if data and data[0] in HANDSHAKE_TYPES:
-                self.on_handshake(data, source, now)
-            else:
-                emit(core_receive(data, source, now))
-        self.on_batch()
+            try:
+                if data and data[0] in HANDSHAKE_SIZES and len(data) == HANDSHAKE_SIZES[data[0]]:
+                    self.on_handshake(data, source, now)
+                elif data and data[0] in HANDSHAKE_SIZES:
+                    self.dropped["invalid_size"] += 1  # as wireguard-go's receive.go
+                else:
+                    emit(core_receive(data, source, now))
+            except Exception:
+                self._internal_error("datagram")
+        self._after_batch()

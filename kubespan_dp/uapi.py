@@ -15,6 +15,8 @@ key keeps its last value.
 from __future__ import annotations
 
 import errno
+import socket
+import string
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Final
@@ -62,6 +64,9 @@ class PeerUpdate:
     persistent_keepalive: int | _Unset = UNSET
     replace_allowed_ips: bool = False
     allowed_ips: list[IPNetwork] = field(default_factory=list)
+    # `allowed_ip=-PREFIX`: removed before the additions are made (a later line about
+    # the same prefix wins, so the result is that of applying the lines in order)
+    remove_allowed_ips: list[IPNetwork] = field(default_factory=list)
 
 
 @dataclass
@@ -73,13 +78,32 @@ class SetRequest:
     peers: list[PeerUpdate] = field(default_factory=list)
 
 
+_HEX = frozenset(string.hexdigits)
+
+
 def parse_key(value: str, what: str) -> bytes:
     if len(value) != 64:
         raise UapiError(EINVAL, f"{what}: a key is 64 hex digits, got {len(value)} characters")
+    # bytes.fromhex skips whitespace: "ab cd..." would become a 31-byte key
+    if not _HEX.issuperset(value):
+        raise UapiError(EINVAL, f"{what}: not hex")
+    return bytes.fromhex(value)
+
+
+def check_zone(host: str) -> None:
+    """An IPv6 zone (`fe80::1%eth0`) must name an interface that exists, or be a
+    32-bit index: refused at set time, not when the endpoint is first used."""
+    _, sep, zone = host.partition("%")
+    if not sep:
+        return
+    if zone.isdigit():
+        if int(zone) >= 1 << 32:
+            raise UapiError(EINVAL, f"zone index {zone[:12]!r} out of range")
+        return
     try:
-        return bytes.fromhex(value)
-    except ValueError:
-        raise UapiError(EINVAL, f"{what}: not hex") from None
+        socket.if_nametoindex(zone)
+    except (OSError, ValueError):
+        raise UapiError(EINVAL, f"no interface {zone[:16]!r} for the endpoint's zone") from None
 
 
 def _flag(value: str, key: str) -> bool:
@@ -141,16 +165,25 @@ def _peer_line(peer: PeerUpdate, key: str, value: str) -> None:
             peer.endpoint = parse_endpoint(value)
         except EndpointError as e:
             raise UapiError(EINVAL, str(e)) from None
+        check_zone(peer.endpoint[0])
     elif key == "persistent_keepalive_interval":
         peer.persistent_keepalive = _number(value, 0xFFFF, key)
     elif key == "replace_allowed_ips":
         peer.replace_allowed_ips = _flag(value, key)
         peer.allowed_ips.clear()
+        peer.remove_allowed_ips.clear()
     elif key == "allowed_ip":
+        remove = value.startswith("-")
         try:
-            peer.allowed_ips.append(parse_prefix(value))
+            net = parse_prefix(value[1:] if remove else value)
         except ValueError as e:
             raise UapiError(EINVAL, f"allowed_ip {value[:50]!r}: {e}") from None
+        if remove:
+            peer.allowed_ips[:] = [n for n in peer.allowed_ips if n != net]
+            peer.remove_allowed_ips.append(net)
+        else:
+            peer.remove_allowed_ips[:] = [n for n in peer.remove_allowed_ips if n != net]
+            peer.allowed_ips.append(net)
     elif key == "protocol_version":
         if value != "1":
             raise UapiError(EINVAL, f"unsupported protocol_version {value[:10]!r}")

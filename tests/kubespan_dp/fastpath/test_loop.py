@@ -99,7 +99,7 @@ def test_no_keypair_goes_to_the_slow_queue(pair: tuple[Side, Side]) -> None:
     assert data[0] >> 4 == 4 and socket.inet_ntoa(data[16:20]) == INNER[1]
 
 
-def test_handshake_datagrams_go_to_the_slow_queue_with_their_source(pair) -> None:
+def test_handshake_datagrams_go_to_their_own_queue_with_their_source(pair) -> None:
     a, b = pair
     with a.ns.entered():
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -107,12 +107,47 @@ def test_handshake_datagrams_go_to_the_slow_queue_with_their_source(pair) -> Non
         s.bind((OUTER[0], 40000))
         msg = struct.pack("<I", 1) + os.urandom(144)
         s.sendto(msg, (OUTER[1], PORT))
-        items = _wait(b.loop.take_slow)
+        items = _wait(b.loop.take_handshakes)
     finally:
         s.close()
-    assert items == [
-        (fp.SLOW_DATAGRAM, msg, (OUTER[0], 40000), -1, (socket.inet_aton(OUTER[1]), 0))
+    assert items == [(msg, (OUTER[0], 40000), (socket.inet_aton(OUTER[1]), 0))]
+    assert b.loop.take_slow() == []
+
+
+def test_c_drops_by_size_type_and_index(pair) -> None:
+    """wireguard-go's socket reader drops these; so does C, counted per reason,
+    and none of them reaches Python.  Data on an index Python pushed does."""
+    a, b = pair
+    _keys(a, b)
+    junk = [
+        b"",  # empty
+        b"\x01\x00",  # short
+        struct.pack("<I", 1) + bytes(100),  # initiation of the wrong size
+        struct.pack("<I", 2) + bytes(87),  # response of the wrong size
+        struct.pack("<I", 3) + bytes(61),  # cookie reply of the wrong size
+        struct.pack("<I", 4) + bytes(20),  # transport shorter than header + tag
+        struct.pack("<I", 9) + bytes(60),  # no such type
+        struct.pack("<I", 0x101) + bytes(144),  # reserved bytes set
+        struct.pack("<IIQ", 4, 0x5555, 1) + bytes(32),  # an index nobody has
     ]
+    with a.ns.entered():
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for msg in junk:
+            s.sendto(msg, (OUTER[1], PORT))
+        want = {"invalid_size": 6, "invalid_type": 2, "unknown_index": 1}
+        _wait(lambda: all(b.loop.drops().get(k, 0) >= n for k, n in want.items()))
+        assert b.loop.take_slow() == [] and b.loop.take_handshakes() == []
+        # the core's not-yet-confirmed session: Python pushed its index
+        b.loop.set_pending([0x5555])
+        pending = struct.pack("<IIQ", 4, 0x5555, 2) + bytes(32)
+        s.sendto(pending, (OUTER[1], PORT))
+        items = _wait(b.loop.take_slow)
+        assert [i[1] for i in items] == [pending]
+    finally:
+        s.close()
+    drops = b.loop.drops()
+    assert {k: drops.get(k) for k in want} == want, drops
 
 
 def test_wrong_source_and_forged_packets_dropped_and_endpoint_roams(pair) -> None:

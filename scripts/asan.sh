@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Build the C fast path once with AddressSanitizer (into a scratch copy of the
+# package; the worktree's own build is left alone) and run the fast-path tests on it:
+#   scripts/asan.sh [pytest args...]      (default: tests/kubespan_dp/fastpath/)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=$(mktemp -d /tmp/ks-asan.XXXXXX)
+trap 'rm -rf "$out"' EXIT
+flags="-fsanitize=address -fno-omit-frame-pointer -g -O1"
+# pip builds in isolation (its own Cython), with the sanitizer flags from the env
+CFLAGS="$flags" LDFLAGS="-fsanitize=address" \
+    .venv/bin/python -m pip wheel -q --no-deps --no-cache-dir -w "$out/wheel" . >/dev/null
+.venv/bin/python - "$out" <<'PY'
+import glob, shutil, sys, zipfile
+out = sys.argv[1]
+skip = shutil.ignore_patterns("_fastpath*.so", "__pycache__", "*.c")
+for tree in ("kubespan_dp", "tests"):
+    shutil.copytree(tree, f"{out}/{tree}", ignore=skip)
+shutil.copy("pyproject.toml", out)
+(wheel,) = glob.glob(f"{out}/wheel/*.whl")
+with zipfile.ZipFile(wheel) as z:
+    (so,) = [n for n in z.namelist() if n.startswith("kubespan_dp/_fastpath") and n.endswith(".so")]
+    z.extract(so, out)
+PY
+# A venv of its own that sees .venv's packages (pytest, hypothesis, ...) but not the
+# editable install's import hook, which would load the worktree's build instead.
+python3 -m venv --without-pip "$out/venv"
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+own=$("$out/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "$site" > "$own/ks-asan-deps.pth"
+py="$out/venv/bin/python"
+ln -s "$PWD/.venv" "$out/.venv"     # the netns tests start daemons from .venv/bin
+repo=$PWD
+cd "$out"                           # the copy is the repository the tests see
+libasan=$(gcc -print-file-name=libasan.so)
+export PYTHONPATH="$out${PYTHONPATH:+:$PYTHONPATH}"
+export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1"
+# the interpreter is not instrumented: the runtime has to come first
+LD_PRELOAD="$libasan" "$py" - <<'PY'
+import kubespan_dp._fastpath as fp
+assert "/ks-asan." in fp.__file__, fp.__file__
+assert b"__asan_report" in open(fp.__file__, "rb").read(), "not instrumented"
+print("ASan build:", fp.__file__)
+PY
+if [ $# -eq 0 ]; then set -- tests/kubespan_dp/fastpath/; fi
+# test paths are given relative to the repository; the copy has the same layout
+[ -d "$repo" ]
+# (daemons the netns tests start run .venv's own build: in-process code is checked)
+LD_PRELOAD="$libasan" "$py" -m pytest -q -p no:cacheprovider "$@"

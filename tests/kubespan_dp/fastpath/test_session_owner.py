@@ -1,0 +1,238 @@
+"""One owner per session: the core and the C loop share a keypair's send counter
+through one owner, and sessions are never looked up by the index a peer chose.
+
+No namespaces: our core sits behind a `FastDataPath` whose C loop is not started
+(the mirror into C, the counters and the index table are all exercised), and two
+hostile peers are sans-I/O cores that pick the sender index we tell them to.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+from collections.abc import Iterator
+from ipaddress import ip_network
+
+import pytest
+
+from kubespan_dp import _fastpath as fp
+from kubespan_dp import crypto, messages
+from kubespan_dp.core import Output, WireGuardCore
+from kubespan_dp.fastloop import FastDataPath
+from kubespan_dp.keypair import Keypair
+from tests.kubespan_dp.wgpair import ipv4_packet
+
+US = ("10.0.0.1", 51820)
+COLLIDING = 0xC0111DE5  # the sender index both hostile peers use
+
+
+class Hostile:
+    """A peer whose every handshake uses the sender index it is told."""
+
+    def __init__(self, mesh: Mesh, n: int, rng: random.Random, index: int) -> None:
+        self.addr = (f"10.0.0.{10 + n}", 51820)
+        self.inner = f"192.168.0.{10 + n}"
+        self.core = WireGuardCore(
+            crypto.clamp(rng.randbytes(32)),
+            rng=rng.randbytes,
+            wall_clock=lambda: 1_700_000_000.0 + mesh.now,  # TAI64N follows the test clock
+        )
+        self.index = index
+        assert self.core.public_key is not None
+        self.key: bytes = self.core.public_key
+        table = self.core.index_table
+
+        def new_index(value: object) -> int:
+            table.entries[self.index] = value  # type: ignore[assignment]
+            return self.index
+
+        table.new_index = new_index  # type: ignore[method-assign]
+        self.got: list[bytes] = []
+
+
+class Mesh:
+    def __init__(self, n_peers: int = 2, seed: int = 7) -> None:
+        rng = random.Random(seed)
+        self.now = 1000.0
+        self.core = WireGuardCore(crypto.clamp(rng.randbytes(32)), rng=rng.randbytes)
+        assert self.core.public_key is not None
+        self.us: bytes = self.core.public_key
+        self.tun_r, self.tun_w = os.pipe()
+        self.handshakes: list[tuple[bytes, tuple[str, int]]] = []
+        self.path = FastDataPath(
+            self.core,
+            self.tun_w,
+            lambda data, source, now: self.handshakes.append((data, source)),
+            lambda: None,
+            lambda: None,
+        )
+        self.wire: list[tuple[bytes, tuple[str, int]]] = []
+        self.path.py.send = lambda data, addr: self.wire.append((data, addr))  # type: ignore[method-assign]
+        self.peers = [Hostile(self, i, rng, COLLIDING) for i in range(n_peers)]
+        for p in self.peers:
+            self.core.set_peer(
+                p.key,
+                self.now,
+                endpoint=p.addr,
+                allowed_ips=[ip_network(f"{p.inner}/32")],
+            )
+            p.core.set_peer(
+                self.us,
+                self.now,
+                endpoint=US,
+                allowed_ips=[ip_network("0.0.0.0/0")],
+            )
+        self.path.reconcile()
+        # every (session, counter) our side ever sealed, and what peers sent us
+        self.seen: set[tuple[int, int]] = set()
+
+    def close(self) -> None:
+        os.close(self.tun_r)
+        os.close(self.tun_w)
+
+    def _to_us(self, out: Output, peer: Hostile) -> None:
+        for data, addr in out.datagrams:
+            assert addr == US
+            self.path.emit(self.core.receive_datagram(data, peer.addr, self.now))
+        # the device's handshake queue, drained at once
+        while self.handshakes:
+            data, source = self.handshakes.pop(0)
+            self.path.emit(self.core.receive_datagram(data, source, self.now))
+        peer.got += out.packets
+
+    def settle(self) -> None:
+        for _ in range(100):
+            if not self.wire:
+                return
+            data, addr = self.wire.pop(0)
+            peer = next(p for p in self.peers if p.addr == addr)
+            self.check_ours(data, peer)
+            self._to_us(peer.core.receive_datagram(data, US, self.now), peer)
+        raise AssertionError("did not settle")
+
+    def check_ours(self, data: bytes, peer: Hostile) -> None:
+        """A transport message we sent `peer` opens with one of `peer`'s sessions,
+        and no (session, counter) pair ever repeats."""
+        if data[0] != messages.TRANSPORT:
+            return
+        _, receiver, counter = struct.unpack_from("<IIQ", data)
+        assert receiver == peer.index
+        theirs = [k for k in peer.core.peers[self.us].keypairs.all()]
+        for k in theirs:
+            try:
+                k.receive.open(counter, data[16:])
+            except crypto.AuthenticationError:
+                continue
+            key = (id(k), counter)
+            assert key not in self.seen, f"nonce reused: counter {counter}"
+            self.seen.add(key)
+            return
+        raise AssertionError(f"a datagram for {peer.addr} does not open with its keys")
+
+    def handshake(self, peer: Hostile) -> None:
+        """`peer` initiates (with its chosen index) and confirms with a data packet."""
+        self._to_us(peer.core.send_packet(ipv4_packet(peer.inner, "10.9.9.9"), self.now), peer)
+        self.settle()
+
+    def core_sends(self, peer: Hostile, n: int = 3) -> None:
+        """The core seals on the session C runs (what the slow path and timers do)."""
+        for _ in range(n):
+            self.path.emit(self.core.send_packet(ipv4_packet("10.9.9.9", peer.inner), self.now))
+        self.settle()
+
+    def c_sends(self, peer: Hostile, n: int = 3) -> None:
+        """The C loop seals on the session it runs for `peer`."""
+        kp = self.core.peers[peer.key].keypairs.current
+        assert kp is not None
+        c_kp = self.path._installed[id(kp)].c_kp  # the session as mirrored in C
+        batch = fp.PacketBatch(8)
+        for _ in range(n):
+            batch.add_plaintext(ipv4_packet("10.9.9.9", peer.inner))
+        assert c_kp.seal_batch(batch) == n
+        for data in batch.packets():
+            self.wire.append((data, peer.addr))
+        self.settle()
+
+
+@pytest.fixture
+def mesh() -> Iterator[Mesh]:
+    m = Mesh()
+    yield m
+    m.close()
+
+
+def test_two_peers_with_one_sender_index(mesh: Mesh) -> None:
+    a, b = mesh.peers
+    mesh.handshake(a)
+    mesh.handshake(b)
+    for _ in range(3):
+        for p in (a, b):
+            mesh.c_sends(p)
+            mesh.core_sends(p)
+    for p in (a, b):
+        assert len(p.got) == 3 * 3 * 2
+    assert not mesh.core.dropped
+
+
+def test_rehandshake_with_the_index_of_the_live_session(mesh: Mesh) -> None:
+    a, b = mesh.peers
+    mesh.handshake(a)
+    mesh.handshake(b)
+    mesh.c_sends(a)
+    mesh.core_sends(a)
+    # a's next session carries the same sender index as its live one
+    mesh.now += 130
+    a.core.peers[mesh.us].handshake.last_sent_handshake = None
+    mesh.handshake(a)
+    for p in (a, b, a):
+        mesh.core_sends(p)
+        mesh.c_sends(p)
+        mesh.core_sends(p)
+    assert len(a.got) == 3 + 3 + 2 * 9 and len(b.got) == 9
+    # and the previous session of a, retired in C, is not written to either
+    prev = mesh.core.peers[a.key].keypairs.previous
+    assert prev is not None and prev.remote_index == COLLIDING
+
+
+def test_core_counter_follows_c() -> None:
+    """REKEY_AFTER_MESSAGES: the core sees the counter C advanced."""
+    c_kp = fp.Keypair(bytes(32), bytes(32), 1, 2, send_counter=5)
+    kp = Keypair(bytes(32), bytes(32), 1, 2, True, 0.0)
+    kp.send_counter = 5
+    kp.hand_counter_to(c_kp)
+    batch = fp.PacketBatch(4)
+    batch.fill_plaintext(b"", 4)
+    c_kp.seal_batch(batch)
+    assert kp.send_counter == 9
+    assert kp.take_counter() == 9 and c_kp.send_counter == 10
+    with pytest.raises(ValueError):
+        kp.send_counter = 3
+    from kubespan_dp.timers import REJECT_AFTER_MESSAGES
+
+    kp.send_counter = REJECT_AFTER_MESSAGES  # expiry reaches C
+    assert c_kp.reserve_counter() >= REJECT_AFTER_MESSAGES
+
+
+def test_sessions_reach_c_from_the_cores_events(mesh: Mesh) -> None:
+    """C learns a session from the events of the output that carries it, for the
+    peers those events name, without walking every peer."""
+    import hashlib
+
+    for n in range(300):
+        mesh.core.set_peer(hashlib.sha256(n.to_bytes(2, "little")).digest(), mesh.now)
+    mesh.path.reconcile()
+    touched: list[bytes] = []
+    real = mesh.path._sync_peer
+
+    def spy(key: bytes) -> None:
+        touched.append(key)
+        real(key)
+
+    mesh.path._sync_peer = spy  # type: ignore[method-assign]
+    a = mesh.peers[0]
+    mesh.handshake(a)
+    assert touched and set(touched) == {a.key}
+    kp = mesh.core.peers[a.key].keypairs.current
+    assert kp is not None and id(kp) in mesh.path._installed  # in C, counter handed over
+    assert isinstance(kp.counter_owner, fp.Keypair)
