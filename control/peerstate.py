@@ -190,16 +190,3 @@ def prune_statuses(statuses: dict[str, PeerStatus], keep: Iterable[str]) -> list
     for key in gone:
         del statuses[key]
     return gone
-
-
-def sync_statuses(
-    statuses: dict[str, PeerStatus],
-    spec_keys: Iterable[str],
-    labels: Mapping[str, str] | None = None,
-) -> None:
-    """Drop statuses of peers no longer specified; create missing ones (in place)."""
-    wanted = set(spec_keys)
-    prune_statuses(statuses, wanted)
-    for key in wanted:
-        if key not in statuses:
-            statuses[key] = PeerStatus(label=(labels or {}).get(key, ""))

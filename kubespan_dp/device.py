@@ -1,10 +1,10 @@
 """The userspace WireGuard device: one event loop around the sans-I/O core.
 
 It owns the TUN interface, the UDP sockets (v4 and v6 on one port), the UAPI
-socket and the core. The packet path (`pypath.PyDataPath`, later the fast path)
-moves packets; this module does everything else: UAPI get/set, binding, the
-handshake queue and its "under load" signal, the timer, and noticing when the
-link or the UAPI socket is removed so the daemon can stop.
+socket and the core. A data path (`fastloop.FastDataPath`, the C loop, or
+`pypath.PyDataPath`) moves data packets; this module does everything else: UAPI
+get/set, binding, the handshake queue and its "under load" signal, the timer, and
+noticing when the link or the UAPI socket is removed so the daemon can stop.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from . import netutil
 from .core import WireGuardCore
 from .datapath import DataPath, make_datapath
 from .netutil import Address
+from .peer import MAX_PEERS
 from .tun import Tun
 from .uapi import (
     EADDRINUSE,
@@ -42,7 +43,6 @@ UNDER_LOAD_QUEUE = HANDSHAKE_QUEUE // 8
 UNDER_LOAD_AFTER = 1.0  # stay "under load" this long after the backlog clears
 HANDSHAKE_BUDGET = 32  # handshakes per loop turn, so data keeps flowing
 WATCH_INTERVAL = 0.5  # how often to check that link and socket still exist
-MAX_PEERS = 1 << 16  # as wireguard-go's MaxPeers
 
 
 def short_key(key: bytes) -> str:

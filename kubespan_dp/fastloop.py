@@ -38,10 +38,10 @@ from typing import Any
 from . import _fastpath as fp
 from .datapath import fastpath_enabled
 from .netutil import Address
+from .peer import MAX_PEERS
 from .pypath import MAX_SOURCES, PyDataPath
 
 SYNC_INTERVAL = 0.1  # seconds between C -> core activity syncs
-MAX_PEERS = 1 << 16  # as wireguard-go's MaxPeers; the device refuses more
 HANDSHAKE_SIZES = {1: 148, 2: 92}  # initiation, response (cookie replies need no DH)
 HANDSHAKE_BATCH = 1024  # handshake messages taken from C per wakeup
 _HEADER = struct.Struct("<IIQ")

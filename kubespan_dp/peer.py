@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 # Packets waiting for a session (wireguard-go QueueStagedSize = IdealBatchSize).
 MAX_STAGED_PACKETS = 128
+MAX_PEERS = 1 << 16  # peers per device, as wireguard-go\'s MaxPeers
 
 
 class Peer:

@@ -18,7 +18,6 @@ from control.peerstate import (
     harvest_endpoints,
     pick_next_endpoint,
     prune_statuses,
-    sync_statuses,
 )
 from control.peerstate import (
     PeerStateName as S,
@@ -173,14 +172,6 @@ def test_harvest_only_up_peers_with_endpoint_and_affiliate() -> None:
         {"k1": "node-1", "k2": "node-2", "k3": "node-3"},
     )
     assert {k: (v.affiliate_id, v.endpoint) for k, v in got.items()} == {"k1": ("node-1", A)}
-
-
-def test_sync_statuses() -> None:
-    statuses = {"old": PeerStatus(), "keep": PeerStatus(state=S.UP)}
-    sync_statuses(statuses, ["keep", "new"], {"new": "node-new"})
-    assert set(statuses) == {"keep", "new"}
-    assert statuses["keep"].state is S.UP
-    assert statuses["new"].label == "node-new"
 
 
 def test_prune_statuses_and_the_tracker_use_one_rule() -> None:
