@@ -15,6 +15,7 @@ import pytest
 from kubespan_dp import _fastpath as fp
 from tests import netns
 from tests.kubespan_dp.fastpath.test_loop import INNER, OUTER, PORT, Side, _wait
+from tests.kubespan_dp.wgpair import ipv4_packet
 
 pytestmark = pytest.mark.netns
 
@@ -23,21 +24,8 @@ SO_RCVBUFFORCE = 33
 
 
 def _udp4(src: str, dst: str, payload: bytes) -> bytes:
-    total = 20 + 8 + len(payload)
-    header = struct.pack(
-        "!BBHHHBBH4s4s",
-        0x45,
-        0,
-        total,
-        0,
-        0,
-        64,
-        17,
-        0,
-        socket.inet_aton(src),
-        socket.inet_aton(dst),
-    )
-    return header + struct.pack("!HHHH", 9, 9, 8 + len(payload), 0) + payload
+    udp = struct.pack("!HHHH", 9, 9, 8 + len(payload), 0)
+    return ipv4_packet(src, dst, udp + payload)
 
 
 def test_gro_burst_of_4096_segments(lab: netns.Lab) -> None:
