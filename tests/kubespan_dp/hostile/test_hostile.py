@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import subprocess
 import sys
 import time
 
@@ -139,7 +140,9 @@ def test_unauthenticated_flood(lab: netns.Lab, kind: str, mode: str) -> None:
     real = net.add_peer(None)
     procs, each, gso = FLOODS[mode]
     script = _flooder(FLOOD_SECONDS, each, gso)
-    floods = [net.ns_h.popen([sys.executable, "-c", script]) for _ in range(procs)]
+    floods = [
+        net.ns_h.popen([sys.executable, "-c", script], stdout=subprocess.PIPE) for _ in range(procs)
+    ]
     try:
         # the flood is under way before the handshake starts
         net.pump(0.5)
