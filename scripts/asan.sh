@@ -14,7 +14,7 @@ CFLAGS="$flags" LDFLAGS="-fsanitize=address" \
 import glob, shutil, sys, zipfile
 out = sys.argv[1]
 skip = shutil.ignore_patterns("_fastpath*.so", "__pycache__", "*.c")
-for tree in ("kubespan_dp", "tests"):
+for tree in ("kubespan_dp", "control", "tests"):
     shutil.copytree(tree, f"{out}/{tree}", ignore=skip)
 shutil.copy("pyproject.toml", out)
 (wheel,) = glob.glob(f"{out}/wheel/*.whl")
