@@ -1,30 +1,30 @@
-"""WireGuard wire constants, slot statuses and relaxed atomics shared by the C
-packet path (inline only: compiled into each module that cimports it)."""
+"""WireGuard wire constants (from the generated _wg_constants.h), slot statuses and
+relaxed atomics shared by the C packet path (inline only: compiled into each module
+that cimports it)."""
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
 
-cdef extern from *:
-    """
-    #define KS_TAG_LEN 16
-    #define KS_HEADER_LEN 16            /* type(4) | receiver index(4) | counter(8) */
-    #define KS_OVERHEAD 32              /* header + tag */
-    #define KS_MSG_TRANSPORT 4
-    #define KS_PAD_MULTIPLE 16
-    /* wireguard-go device/constants.go */
-    #define KS_REJECT_AFTER_MESSAGES 18446744073709543423ULL  /* 2^64 - 2^13 - 1 */
-    #define KS_REKEY_AFTER_MESSAGES 1152921504606846976ULL    /* 2^60 */
-    /* RFC 6479 window as in wireguard-go replay.go: 128 blocks of 64 bits. */
-    #define KS_RING_BLOCKS 128
-    #define KS_WINDOW_SIZE ((KS_RING_BLOCKS - 1) * 64)       /* 8128 */
-    """
-    const int TAG_LEN "KS_TAG_LEN"
-    const int HEADER_LEN "KS_HEADER_LEN"
-    const int OVERHEAD "KS_OVERHEAD"
-    const uint32_t MSG_TRANSPORT "KS_MSG_TRANSPORT"
-    const int PAD_MULTIPLE "KS_PAD_MULTIPLE"
+# The protocol constants come from kubespan_dp/constants.py, the module the Python
+# core imports: setup.py writes them into this header (KS_<name>).
+cdef extern from "_wg_constants.h":
+    const int TAG_LEN "KS_TAG_SIZE"
+    const int HEADER_LEN "KS_TRANSPORT_HEADER_SIZE"   # type(4) | receiver index(4) | counter(8)
+    const int OVERHEAD "KS_TRANSPORT_MIN_SIZE"        # header + tag
+    const uint32_t MSG_INITIATION "KS_INITIATION"
+    const uint32_t MSG_RESPONSE "KS_RESPONSE"
+    const uint32_t MSG_COOKIE_REPLY "KS_COOKIE_REPLY"
+    const uint32_t MSG_TRANSPORT "KS_TRANSPORT"
+    const int INITIATION_SIZE "KS_INITIATION_SIZE"
+    const int RESPONSE_SIZE "KS_RESPONSE_SIZE"
+    const int COOKIE_REPLY_SIZE "KS_COOKIE_REPLY_SIZE"
+    const int PAD_MULTIPLE "KS_PADDING_MULTIPLE"
     const uint64_t REJECT_AFTER_MESSAGES "KS_REJECT_AFTER_MESSAGES"
     const uint64_t REKEY_AFTER_MESSAGES "KS_REKEY_AFTER_MESSAGES"
-    const int RING_BLOCKS "KS_RING_BLOCKS"
+    const double REKEY_AFTER_TIME "KS_REKEY_AFTER_TIME"
+    const double REJECT_AFTER_TIME "KS_REJECT_AFTER_TIME"
+    const double KEEPALIVE_TIMEOUT "KS_KEEPALIVE_TIMEOUT"
+    const double REKEY_TIMEOUT "KS_REKEY_TIMEOUT"
+    const int RING_BLOCKS "KS_RING_BLOCKS"            # RFC 6479 window of replay.go
     const uint64_t WINDOW_SIZE "KS_WINDOW_SIZE"
 
 
@@ -55,10 +55,10 @@ cdef extern from *:
 
 cdef inline int _handshake_size(uint32_t kind) noexcept nogil:
     # wireguard-go receive.go: each handshake type has exactly one size
-    if kind == 1:
-        return 148
-    if kind == 2:
-        return 92
-    if kind == 3:
-        return 64
+    if kind == MSG_INITIATION:
+        return INITIATION_SIZE
+    if kind == MSG_RESPONSE:
+        return RESPONSE_SIZE
+    if kind == MSG_COOKIE_REPLY:
+        return COOKIE_REPLY_SIZE
     return -1

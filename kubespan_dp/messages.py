@@ -17,16 +17,17 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, fields
 
-INITIATION = 1
-RESPONSE = 2
-COOKIE_REPLY = 3
-TRANSPORT = 4
+# one source with the C fast path (setup.py generates its header from constants.py)
+from .constants import COOKIE_REPLY as COOKIE_REPLY
+from .constants import COOKIE_REPLY_SIZE as COOKIE_REPLY_SIZE
+from .constants import INITIATION as INITIATION
+from .constants import INITIATION_SIZE as INITIATION_SIZE
+from .constants import RESPONSE as RESPONSE
+from .constants import RESPONSE_SIZE as RESPONSE_SIZE
+from .constants import TRANSPORT as TRANSPORT
+from .constants import TRANSPORT_HEADER_SIZE as TRANSPORT_HEADER_SIZE
+from .constants import TRANSPORT_MIN_SIZE as TRANSPORT_MIN_SIZE  # header + tag: a keepalive
 
-INITIATION_SIZE = 148
-RESPONSE_SIZE = 92
-COOKIE_REPLY_SIZE = 64
-TRANSPORT_HEADER_SIZE = 16
-TRANSPORT_MIN_SIZE = 32  # header + Poly1305 tag: a keepalive
 KEEPALIVE_SIZE = TRANSPORT_MIN_SIZE
 MAX_MESSAGE_SIZE = (1 << 16) - 1  # largest UDP payload
 

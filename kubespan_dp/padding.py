@@ -8,7 +8,8 @@ receiver strips the padding again by reading the length the IP header states.
 
 from __future__ import annotations
 
-PADDING_MULTIPLE = 16
+from .constants import PADDING_MULTIPLE as PADDING_MULTIPLE  # one source with the C fast path
+
 IPV4_HEADER_LEN = 20
 IPV6_HEADER_LEN = 40
 

@@ -17,14 +17,15 @@ packets look too old.
 
 from __future__ import annotations
 
-BLOCK_BIT_LOG = 6
-BLOCK_BITS = 1 << BLOCK_BIT_LOG  # 64 bits per block
-RING_BLOCKS = 1 << 7  # 128 blocks, 8192 bits in all
-WINDOW_SIZE = (RING_BLOCKS - 1) * BLOCK_BITS  # 8128
+# one source with the C fast path (setup.py generates its header from constants.py)
+from .constants import BLOCK_BITS as BLOCK_BITS  # 64 bits per block
+from .constants import REJECT_AFTER_MESSAGES as REJECT_AFTER_MESSAGES
+from .constants import RING_BLOCKS as RING_BLOCKS  # 128 blocks, 8192 bits in all
+from .constants import WINDOW_SIZE as WINDOW_SIZE  # 8128
+
+BLOCK_BIT_LOG = BLOCK_BITS.bit_length() - 1  # 6
 BLOCK_MASK = RING_BLOCKS - 1
 BIT_MASK = BLOCK_BITS - 1
-
-REJECT_AFTER_MESSAGES = 2**64 - 2**13 - 1
 
 
 class ReplayWindow:

@@ -22,13 +22,15 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-REKEY_AFTER_MESSAGES = 1 << 60
-REJECT_AFTER_MESSAGES = (1 << 64) - (1 << 13) - 1
-REKEY_AFTER_TIME = 120.0
-REJECT_AFTER_TIME = 180.0
-REKEY_ATTEMPT_TIME = 90.0
-REKEY_TIMEOUT = 5.0
-KEEPALIVE_TIMEOUT = 10.0
+# one source with the C fast path (setup.py generates its header from constants.py)
+from .constants import KEEPALIVE_TIMEOUT as KEEPALIVE_TIMEOUT
+from .constants import REJECT_AFTER_MESSAGES as REJECT_AFTER_MESSAGES
+from .constants import REJECT_AFTER_TIME as REJECT_AFTER_TIME
+from .constants import REKEY_AFTER_MESSAGES as REKEY_AFTER_MESSAGES
+from .constants import REKEY_AFTER_TIME as REKEY_AFTER_TIME
+from .constants import REKEY_ATTEMPT_TIME as REKEY_ATTEMPT_TIME
+from .constants import REKEY_TIMEOUT as REKEY_TIMEOUT
+
 MAX_TIMER_HANDSHAKES = int(REKEY_ATTEMPT_TIME / REKEY_TIMEOUT)  # 18
 REKEY_TIMEOUT_JITTER_MAX_MS = 334
 

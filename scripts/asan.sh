@@ -13,14 +13,17 @@ CFLAGS="$flags" LDFLAGS="-fsanitize=address" \
 .venv/bin/python - "$out" <<'PY'
 import glob, shutil, sys, zipfile
 out = sys.argv[1]
-skip = shutil.ignore_patterns("_fastpath*.so", "__pycache__", "*.c")
+skip = shutil.ignore_patterns("*.so", "__pycache__", "*.c")
 for tree in ("kubespan_dp", "control", "tests"):
     shutil.copytree(tree, f"{out}/{tree}", ignore=skip)
 shutil.copy("pyproject.toml", out)
 (wheel,) = glob.glob(f"{out}/wheel/*.whl")
 with zipfile.ZipFile(wheel) as z:
-    (so,) = [n for n in z.namelist() if n.startswith("kubespan_dp/_fastpath") and n.endswith(".so")]
-    z.extract(so, out)
+    # every extension (_fastpath, _batch, ...): none may come from the worktree's build
+    sos = [n for n in z.namelist() if n.startswith("kubespan_dp/") and n.endswith(".so")]
+    assert any("/_fastpath" in n for n in sos) and any("/_batch" in n for n in sos), sos
+    for so in sos:
+        z.extract(so, out)
 PY
 # A venv of its own that sees .venv's packages (pytest, hypothesis, ...) but not the
 # editable install's import hook, which would load the worktree's build instead.
@@ -37,10 +40,12 @@ export PYTHONPATH="$out${PYTHONPATH:+:$PYTHONPATH}"
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1"
 # the interpreter is not instrumented: the runtime has to come first
 LD_PRELOAD="$libasan" "$py" - <<'PY'
+import kubespan_dp._batch as bt
 import kubespan_dp._fastpath as fp
-assert "/ks-asan." in fp.__file__, fp.__file__
-assert b"__asan_report" in open(fp.__file__, "rb").read(), "not instrumented"
-print("ASan build:", fp.__file__)
+for mod in (fp, bt):
+    assert "/ks-asan." in mod.__file__, mod.__file__
+    assert b"__asan_report" in open(mod.__file__, "rb").read(), "not instrumented"
+    print("ASan build:", mod.__file__)
 PY
 if [ $# -eq 0 ]; then set -- tests/kubespan_dp/fastpath/; fi
 # test paths are given relative to the repository; the copy has the same layout

@@ -24,5 +24,5 @@ fi
 echo "[bootstrap] installing the package and its test dependencies into .venv"
 .venv/bin/pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/pip install -q -e '.[test,bench]' 2>&1 | grep -vE "^WARNING: Location|^\s*$" | grep -iE "error|fail" || true
-.venv/bin/python -c "import kubespan_dp._fastpath" || { echo "[bootstrap] the fast-path extension did not build" >&2; exit 1; }
+.venv/bin/python -c "import kubespan_dp._fastpath, kubespan_dp._batch" || { echo "[bootstrap] the fast-path extension did not build" >&2; exit 1; }
 echo "[bootstrap] ready"

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from kubespan_dp import _batch as bt
 from kubespan_dp import _fastpath as fp
 from tests import netns
 from tests.kubespan_dp.fastpath.test_loop import INNER, OUTER, PORT, Side, _wait
@@ -38,7 +39,7 @@ def test_gro_burst_of_4096_segments(lab: netns.Lab) -> None:
     k1, k2 = os.urandom(32), os.urandom(32)
     now = time.monotonic()
     b.loop.set_keypairs(0, fp.Keypair(k2, k1, 0x2222, 0x1111, created=now), None)
-    seal = fp.AEADKey(k1)
+    seal = bt.AEADKey(k1)
     # the loop's threads wait until the whole burst is queued on the socket: its
     # first receive then gets all 32 messages (4096 segments) in one batch
     b.loop.stop()
