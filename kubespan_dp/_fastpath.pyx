@@ -159,9 +159,11 @@ MAX_PACKET = SLOT_SIZE - OVERHEAD - PAD_MULTIPLE - 1
 FLAG_ACTIVITY = 1
 FLAG_ENDPOINT = 2
 FLAG_REKEY_RX = 4
+
 # slow-queue kinds
 SLOW_DATAGRAM = 1      # a UDP payload for the core (handshake, cookie, unknown index)
 SLOW_PACKET = 2        # an IP packet from TUN for a peer without a usable session
+
 # drop counters, by reason (index into loop_t.drops)
 DROP_REASONS = ("no_route", "invalid_packet", "slow_queue_full", "udp_send_failed",
                 "replay", "decrypt_failed", "keypair_expired", "invalid_inner_packet",

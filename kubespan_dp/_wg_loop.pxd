@@ -28,15 +28,18 @@ cdef extern from "_wg_constants.h":
         HS_MAX "KS_INITIATION_SIZE"   # the largest handshake message (an initiation)
 
 
+# flags a peer collects for Python (FLAG_* in _fastpath)
 cdef enum:
     FL_ACTIVITY = 1
     FL_ENDPOINT = 2
     FL_REKEY_RX = 4
 
+# slow-queue kinds (SLOW_* in _fastpath)
 cdef enum:
     SK_DATAGRAM = 1
     SK_PACKET = 2
 
+# drop reasons: index into loop_t.drops and _fastpath.DROP_REASONS
 cdef enum:
     D_NO_ROUTE = 0
     D_INVALID_PACKET
@@ -124,8 +127,9 @@ cdef struct loop_t:
     int nnodes
     int32_t root4
     int32_t root6
-    ring_t slow                      # slow queue of slow_t
-    # handshake queue of hs_t: initiations, responses and cookie replies of the right size
+    # the slow queue (slow_t items) and the handshake queue (hs_t items: initiations,
+    # responses and cookie replies of the right size); both wake Python on slow_fd
+    ring_t slow
     ring_t hs
     # our indices of sessions the core runs and C does not (a responder's session
     # before its first packet): data on them goes to Python, on others is dropped
@@ -206,9 +210,9 @@ cdef inline bint _pending(loop_t *L, uint32_t index) noexcept nogil:
     return False
 
 
-cdef inline void _hs_push(loop_t *L, const uint8_t *data, uint32_t n, const sockaddr_in6 *addr,
-                          socklen_t addrlen, const uint8_t *local, uint8_t local_len,
-                          uint32_t local_ifindex) noexcept nogil:
+cdef inline void _hs_push(loop_t *L, const uint8_t *data, uint32_t n,
+                          const sockaddr_in6 *addr, socklen_t addrlen, const uint8_t *local,
+                          uint8_t local_len, uint32_t local_ifindex) noexcept nogil:
     cdef hs_t *e = <hs_t *>_ring_push_begin(&L.hs)
     if e == NULL:
         _drop(L, D_HS_FULL, 1)
