@@ -95,9 +95,10 @@ def chart(results: dict, path: Path) -> bool:
         [METRICS[m][0] + ("\n(lower better)" if not METRICS[m][3] else "") for m in metrics],
         fontsize=8,
     )
-    anchor = results.get("wireguard_go", {}).get("wireguard-go", {}).get("version", "")
-    ax.set_ylabel(f"ratio to wireguard-go {anchor} <-> wireguard-go".replace("  ", " "))
-    ax.set_title(f"kubespan-py benchmark {results['timestamp']}")
+    ax.set_ylabel("ratio to b) wireguard-go <-> wireguard-go")
+    anchor = results.get("wireguard_go", {}).get("wireguard-go", {})
+    measured = f", wireguard-go {describe(anchor).split(' [')[0]}" if anchor else ""
+    ax.set_title(f"kubespan-py benchmark {results['timestamp']}{measured}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
