@@ -50,10 +50,20 @@ def table(results: dict) -> str:
             row += f" {cell:>31}"
         lines.append(row)
     lines.append("ratios are to b); higher is better except ping RTT and CPU per GB")
+    for impl, build in results.get("wireguard_go", {}).items():
+        lines.append(f"{impl}: {describe(build)}")
     for k in keys:
         if scen[k]["status"] != "ok":
             lines.append(f"{k}) {scen[k]['status']}: {scen[k].get('reason', '')}")
     return "\n".join(lines)
+
+
+def describe(build: dict[str, str]) -> str:
+    """One wireguard-go build as recorded by the run: version, package, path."""
+    if "missing" in build:
+        return f"missing ({build['missing']})"
+    pkg = f" (Debian {build['package']})" if build.get("package") else ""
+    return f"{build['version']}{pkg} [{build['flavour']}] {build['path']}"
 
 
 def save_json(results: dict, path: Path) -> None:
@@ -85,8 +95,10 @@ def chart(results: dict, path: Path) -> bool:
         [METRICS[m][0] + ("\n(lower better)" if not METRICS[m][3] else "") for m in metrics],
         fontsize=8,
     )
-    ax.set_ylabel("ratio to wireguard-go <-> wireguard-go")
-    ax.set_title(f"kubespan-py benchmark {results['timestamp']}")
+    ax.set_ylabel("ratio to b) wireguard-go <-> wireguard-go")
+    anchor = results.get("wireguard_go", {}).get("wireguard-go", {})
+    measured = f", wireguard-go {describe(anchor).split(' [')[0]}" if anchor else ""
+    ax.set_title(f"kubespan-py benchmark {results['timestamp']}{measured}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -1,13 +1,17 @@
-"""The benchmark: two namespaces over veth, four ways to join them, same measurements.
+"""The benchmark: two namespaces over veth, several ways to join them, same measurements.
 
     .venv/bin/python -m bench [--repeats N] [--duration S] [--only a,b,...]
 
 (a) plain veth, (b) wireguard-go <-> wireguard-go, (c) ours <-> ours,
-(d) ours <-> wireguard-go.  For each: iperf3 TCP 1 and 4 streams, UDP packets/s with
-1420-byte IP packets and with 64-byte payloads, idle ping RTT, and CPU seconds of the
-WireGuard processes per GB moved (during the TCP 1-stream runs).  Each figure is the
-median of ``--repeats`` runs; the table shows ratios to (b).  JSON and a PNG chart go
-to bench/results/.  Every address used lives inside the namespaces this run creates.
+(d) ours <-> wireguard-go; on request (e) the old wireguard-go on both ends.
+"wireguard-go" is the modern one (bookworm-backports: UDP GSO/GRO, TUN offloads),
+the anchor; "wggo-old" is bookworm's 0.0.20220316 (scripts/bootstrap.sh installs
+both; the versions measured are printed, and recorded in the JSON).  For each: iperf3
+TCP 1 and 4 streams, UDP packets/s with 1420-byte IP packets and with 64-byte payloads,
+idle ping RTT, and CPU seconds of the WireGuard processes per GB moved (during the TCP
+1-stream runs).  Each figure is the median of ``--repeats`` runs; the table shows
+ratios to (b).  JSON and a PNG chart go to bench/results/.  Every address used lives
+inside the namespaces this run creates.
 """
 
 from __future__ import annotations
@@ -21,7 +25,15 @@ import time
 from pathlib import Path
 
 from bench import measure, report
-from bench.wireguard import Endpoint, Unavailable, configure_pair, ping_ok, start
+from bench.wireguard import (
+    WGGO,
+    Endpoint,
+    Unavailable,
+    configure_pair,
+    ping_ok,
+    start,
+    wggo_build,
+)
 from control.netlab import Lab, add_address
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -35,7 +47,9 @@ SCENARIOS = {
     "b": ("wireguard-go <-> wireguard-go", "wireguard-go", "wireguard-go"),
     "c": ("ours <-> ours", "ours", "ours"),
     "d": ("ours <-> wireguard-go", "ours", "wireguard-go"),
+    "e": ("wggo-old <-> wggo-old", "wireguard-go-old", "wireguard-go-old"),
 }
+DEFAULT = "a,b,c,d"
 
 
 def progress(msg: str) -> None:
@@ -104,6 +118,26 @@ def run_scenario(key: str, repeats: int, duration: float, logdir: Path) -> dict:
         lab.close()
 
 
+def wireguard_go_builds(keys: list[str]) -> dict[str, dict[str, str]]:
+    """Which wireguard-go each implementation these scenarios use is (path, version)."""
+    builds: dict[str, dict[str, str]] = {}
+    impls = {impl for k in keys for impl in SCENARIOS[k][1:] if impl in WGGO}
+    for impl in sorted(impls):
+        try:
+            b = wggo_build(impl)
+        except Unavailable as e:
+            builds[impl] = {"missing": str(e)}
+            continue
+        builds[impl] = {
+            "flavour": b.flavour,
+            "path": str(b.path),
+            "version": b.version,
+            "package": b.package,
+        }
+        progress(f"{impl}: {b.describe()} at {b.path}")
+    return builds
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m bench",
@@ -112,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--repeats", type=int, default=3, help="runs per figure (median)")
     p.add_argument("--duration", type=float, default=4.0, help="seconds per iperf3 run")
-    p.add_argument("--only", default="a,b,c,d", help="comma-separated scenarios")
+    p.add_argument("--only", default=DEFAULT, help=f"comma-separated scenarios (default {DEFAULT})")
     p.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
@@ -126,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     logdir = args.out / f"logs-{stamp}"
     logdir.mkdir()
     scenarios: dict[str, dict] = {}
+    builds = wireguard_go_builds(keys)
     results: dict[str, object] = {
         "timestamp": stamp,
         "machine": {"cpus": os.cpu_count(), "kernel": platform.release()},
@@ -134,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             "duration_s": args.duration,
             "udp_full_payload": UDP_FULL_PAYLOAD,
         },
+        "wireguard_go": builds,
         "scenarios": scenarios,
     }
     for k in keys:

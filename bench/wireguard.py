@@ -1,20 +1,21 @@
 """Bring up a WireGuard pair across two namespaces with a chosen implementation.
 
-Implementations: "wireguard-go" (Debian's) and "ours" (`kubespan-wg`, our daemon).
-Both are configured the same way, through their UAPI socket with stock `wg`.
+Implementations: "wireguard-go" (the modern one with offloads, from bookworm-backports),
+"wireguard-go-old" (bookworm's 0.0.20220316; control.netlab.wggo finds both) and
+"ours" (`kubespan-wg`, our daemon). All are configured the same way, through their
+UAPI socket with stock `wg`.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from control.netlab import Lab, Netns, run, stop_processes, unique_name, wait_until
+from control.netlab import Lab, Netns, run, stop_processes, unique_name, wait_until, wggo
 from kubespan_dp.uapisock import socket_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,12 +27,20 @@ class Unavailable(Exception):
     """This implementation cannot run here (e.g. our daemon not built yet)."""
 
 
+# implementation -> control.netlab.wggo flavour
+WGGO = {"wireguard-go": "modern", "wireguard-go-old": "old"}
+
+
+def wggo_build(impl: str) -> wggo.WireguardGo:
+    try:
+        return wggo.find(WGGO[impl])
+    except wggo.Missing as e:
+        raise Unavailable(str(e)) from None
+
+
 def daemon_command(impl: str, ifname: str) -> list[str]:
-    if impl == "wireguard-go":
-        exe = shutil.which("wireguard-go")
-        if exe is None:
-            raise Unavailable("wireguard-go not installed")
-        return [exe, "-f", ifname]
+    if impl in WGGO:
+        return [str(wggo_build(impl).path), "-f", ifname]
     if impl == "ours":
         venv_exe = REPO / ".venv" / "bin" / "kubespan-wg"
         try:

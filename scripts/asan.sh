@@ -33,11 +33,13 @@ own=$("$out/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["
 echo "$site" > "$own/ks-asan-deps.pth"
 py="$out/venv/bin/python"
 ln -s "$PWD/.venv" "$out/.venv"     # the netns tests start daemons from .venv/bin
+ln -s "$PWD/.cache" "$out/.cache"   # bookworm's old wireguard-go (control/netlab/wggo.py)
 repo=$PWD
 cd "$out"                           # the copy is the repository the tests see
 libasan=$(gcc -print-file-name=libasan.so)
 export PYTHONPATH="$out${PYTHONPATH:+:$PYTHONPATH}"
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1"
+export KS_ASAN_BUILD="$out"         # tests/netns.py checks our daemons run this build
 # the interpreter is not instrumented: the runtime has to come first
 LD_PRELOAD="$libasan" "$py" - <<'PY'
 import kubespan_dp._batch as bt
@@ -50,5 +52,7 @@ PY
 if [ $# -eq 0 ]; then set -- tests/kubespan_dp/fastpath/; fi
 # test paths are given relative to the repository; the copy has the same layout
 [ -d "$repo" ]
-# (daemons the netns tests start run .venv's own build: in-process code is checked)
+# Daemons the netns tests start inherit LD_PRELOAD and PYTHONPATH, so they run the
+# ASan build too (.venv's python, but the copy comes first on sys.path); a daemon
+# that crashed or printed an ASan report fails its test (tests/netns.py).
 LD_PRELOAD="$libasan" "$py" -m pytest -q -p no:cacheprovider "$@"

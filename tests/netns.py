@@ -8,14 +8,17 @@ wait_until) live in control.netlab; `Lab` here adds the facility check and `daem
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from control import netlab
-from control.netlab import LEDGER, Netns, add_address, stop_processes, unique_name, wait_until
+from control.netlab import LEDGER, Netns, add_address, stop_processes, unique_name, wait_until, wggo
 from kubespan_dp.uapisock import socket_path as uapi_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +45,7 @@ class Lab(netlab.Lab):
     ) -> Daemon:
         ifname = ifname or unique_name("wg", 8)
         d = start_daemon(ns, ifname, kind, env)
-        self.defer(d.stop)
+        self.defer(d.finish)
         return d
 
 
@@ -83,6 +86,15 @@ def uapi_request(ifname: str, request: str, timeout: float = 10) -> str:
     return buf.decode()
 
 
+# Exit statuses of a crash (ASan's abort_on_error ends in SIGABRT), never of a stop.
+CRASH_SIGNALS = {-signal.SIGABRT, -signal.SIGSEGV, -signal.SIGBUS, -signal.SIGILL, -signal.SIGFPE}
+SANITIZER_REPORT = "ERROR: AddressSanitizer"
+
+
+class DaemonCrashed(AssertionError):
+    """A daemon died of a crash or a sanitizer reported an error in it."""
+
+
 @dataclass
 class Daemon:
     """A WireGuard userspace daemon (wireguard-go or ours) running in the foreground."""
@@ -91,6 +103,7 @@ class Daemon:
     ifname: str
     proc: subprocess.Popen
     kind: str
+    _output: str | None = None
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -99,17 +112,35 @@ class Daemon:
         """Everything the daemon printed (only after it stopped)."""
         if self.proc.stdout is None or self.alive():
             return ""
-        return self.proc.stdout.read().decode(errors="replace")
+        if self._output is None:
+            self._output = self.proc.stdout.read().decode(errors="replace")
+        return self._output
 
     def stop(self, timeout: float = 10) -> int:
         stop_processes([self.proc], grace=timeout)
         return self.proc.returncode
 
+    def finish(self) -> None:
+        """Stop it (the lab's cleanup) and raise if it had crashed or a sanitizer
+        reported an error: then the test fails, also when that came late."""
+        code = self.stop()
+        out = self.output()
+        if code in CRASH_SIGNALS or SANITIZER_REPORT in out:
+            uapi_path(self.ifname).unlink(missing_ok=True)  # a crash leaves it behind
+            sys.stderr.write(out)  # pytest shows the whole report with the failure
+            raise DaemonCrashed(f"{self.kind} {self.ifname} exited {code}: ...{out[-1500:]}")
+
+
+# Daemon kinds: ours, the modern wireguard-go (the anchor), bookworm's old one.
+WGGO_KINDS = {"wireguard-go": "modern", "wireguard-go-old": "old"}
+# test ids for the wireguard-go kinds
+WGGO_IDS = {"wireguard-go": "wggo-modern", "wireguard-go-old": "wggo-old"}
+
 
 def start_daemon(ns: Netns, ifname: str, kind: str, env: dict[str, str] | None = None) -> Daemon:
-    """Start `wireguard-go` or `kubespan-wg` in the foreground inside `ns`."""
-    if kind == "wireguard-go":
-        argv = ["wireguard-go", "-f", ifname]
+    """Start `kubespan-wg` or a wireguard-go (WGGO_KINDS) in the foreground inside `ns`."""
+    if kind in WGGO_KINDS:
+        argv = [str(wggo.binary(WGGO_KINDS[kind])), "-f", ifname]
     elif kind == "kubespan-wg":
         argv = [str(VENV_BIN / "kubespan-wg"), "-f", ifname]
     else:
@@ -120,10 +151,26 @@ def start_daemon(ns: Netns, ifname: str, kind: str, env: dict[str, str] | None =
     daemon = Daemon(ns, ifname, proc, kind)
     try:
         wait_for_uapi(ifname, proc=proc)
+        if kind == "kubespan-wg" and ASAN_BUILD:
+            check_sanitized(proc.pid, ASAN_BUILD)
     except BaseException:
         daemon.stop()
         raise
     return daemon
+
+
+# scripts/asan.sh: the scratch copy whose AddressSanitizer build our daemons must run
+ASAN_BUILD = os.environ.get("KS_ASAN_BUILD", "")
+
+
+def check_sanitized(pid: int, build: str) -> None:
+    """The daemon runs with the ASan runtime and the fast path of `build`, not the
+    worktree's (which an import hook or another interpreter could bring in)."""
+    maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    files = {line.split()[-1] for line in maps if "/" in line}
+    fastpath = {f for f in files if "/_fastpath" in f}
+    assert any("/libasan" in f for f in files), f"daemon {pid} runs without libasan"
+    assert all(f.startswith(build + "/") for f in fastpath), f"daemon {pid} loaded {fastpath}"
 
 
 def wg(ns: Netns, *args: str, input: str | None = None) -> str:

@@ -1,6 +1,7 @@
 """UserspaceBackend against real daemons in two network namespaces.
 
-Runs with Debian's wireguard-go (the UAPI reference) and with our kubespan-wg.
+Runs with both wireguard-go builds (the UAPI reference; control.netlab.wggo: the
+modern one and bookworm's old one) and with our kubespan-wg.
 """
 
 from __future__ import annotations
@@ -25,13 +26,11 @@ from control import netlab
 from control.backends import BackendError, IPNetwork, PeerConfig, WireGuardBackend
 from control.backends.uapi_client import UAPIClient
 from control.backends.userspace import UserspaceBackend, default_daemon_argv
+from control.netlab import wggo
 from kubespan_dp.uapisock import socket_path
 from tests import netns as nx
 
-DAEMONS = {
-    "wireguard-go": ["wireguard-go"],
-    "kubespan-wg": default_daemon_argv(),
-}
+DAEMONS = ["kubespan-wg", "wggo-modern", "wggo-old"]
 PSK = bytes(range(32))
 
 
@@ -55,9 +54,15 @@ class Node:
     inner: str
 
 
-@pytest.fixture(params=sorted(DAEMONS))
+def daemon_argv(daemon: str) -> list[str]:
+    if daemon == "kubespan-wg":
+        return default_daemon_argv()
+    return [str(wggo.binary(daemon.removeprefix("wggo-")))]
+
+
+@pytest.fixture(params=DAEMONS)
 def pair(request: pytest.FixtureRequest, lab: nx.Lab) -> tuple[Node, Node]:
-    argv = DAEMONS[request.param]
+    argv = daemon_argv(request.param)
     nss = [lab.netns("ua"), lab.netns("ub")]
     veths = lab.veth(nss[0], nss[1])
     nodes = []

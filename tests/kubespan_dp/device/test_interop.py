@@ -1,6 +1,8 @@
-"""Our daemon against Debian's wireguard-go and against itself, configured with stock `wg`.
+"""Our daemon against wireguard-go and against itself, configured with stock `wg`.
 
-Each scenario runs for both pairings; the first host (`a`) is always ours.
+Each scenario runs against both wireguard-go builds (control.netlab.wggo: the modern
+one with offloads, "wggo-modern", and bookworm's old one, "wggo-old") and against
+ours; the first host (`a`) is always ours.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from tests.netns import INNER4, INNER6, OUTER4
 
 pytestmark = pytest.mark.netns
 
-PAIRS = [("kubespan-wg", "wireguard-go"), ("kubespan-wg", "kubespan-wg")]
-PAIR_IDS = ["ours-wggo", "ours-ours"]
+WGGO = list(netns.WGGO_KINDS)
+WGGO_IDS = [netns.WGGO_IDS[k] for k in WGGO]
+PAIRS = [("kubespan-wg", k) for k in WGGO] + [("kubespan-wg", "kubespan-wg")]
+PAIR_IDS = [f"ours-{i}" for i in WGGO_IDS] + ["ours-ours"]
 TRANSFER_BYTES = 100 * 1000 * 1000
 
 
@@ -231,12 +235,12 @@ def build_nat(
 
 @pytest.mark.parametrize(
     "kinds",
-    [
-        ("kubespan-wg", "wireguard-go"),
-        ("wireguard-go", "kubespan-wg"),
-        ("kubespan-wg", "kubespan-wg"),
-    ],
-    ids=["ours-behind-nat", "wggo-behind-nat", "ours-ours"],
+    [("kubespan-wg", k) for k in WGGO]
+    + [(k, "kubespan-wg") for k in WGGO]
+    + [("kubespan-wg", "kubespan-wg")],
+    ids=[f"ours-behind-nat-{i}" for i in WGGO_IDS]
+    + [f"{i}-behind-nat" for i in WGGO_IDS]
+    + ["ours-ours"],
 )
 def test_keepalive_holds_nat_mapping(lab: netns.Lab, kinds: tuple[str, str]) -> None:
     a, b, _ = build_nat(lab, kinds)
@@ -255,11 +259,12 @@ def test_keepalive_holds_nat_mapping(lab: netns.Lab, kinds: tuple[str, str]) -> 
     assert r.returncode != 0, "the NAT mapping should have expired without keepalives"
 
 
+@pytest.mark.parametrize("wggo", WGGO, ids=WGGO_IDS)
 @pytest.mark.parametrize("outer", ["4", "6"])
-def test_replies_from_the_address_written_to(lab: netns.Lab, outer: str) -> None:
+def test_replies_from_the_address_written_to(lab: netns.Lab, outer: str, wggo: str) -> None:
     """b knows ours (a) by a secondary address; a must answer from that address, or
     b (wireguard-go, which roams to the source of what it receives) would move away."""
-    a, b = netns.build_pair(lab, "kubespan-wg", "wireguard-go", outer=outer)
+    a, b = netns.build_pair(lab, "kubespan-wg", wggo, outer=outer)
     second = "192.168.77.11" if outer == "4" else "fd00:77::11"
     if outer == "4":
         netlab.add_address(a.ns, a.veth, f"{second}/24")

@@ -1,6 +1,7 @@
 """Our daemon with the C packet loop (KUBESPAN_WG_FASTPATH=1) against itself and
-against wireguard-go: the session is negotiated by the Python core, the data moves
-through C, and everything the core reports (counters, endpoint) stays right."""
+against both wireguard-go builds (modern and old, control.netlab.wggo): the session
+is negotiated by the Python core, the data moves through C, and everything the core
+reports (counters, endpoint) stays right."""
 
 from __future__ import annotations
 
@@ -14,12 +15,17 @@ from tests.netns import INNER4, INNER6
 
 pytestmark = pytest.mark.netns
 
-PAIRS = [
-    ("kubespan-wg", "kubespan-wg"),
-    ("kubespan-wg", "wireguard-go"),
-    ("wireguard-go", "kubespan-wg"),
-]
-IDS = ["ours-ours", "ours-wggo", "wggo-ours"]
+WGGO = list(netns.WGGO_KINDS)
+PAIRS = (
+    [("kubespan-wg", "kubespan-wg")]
+    + [("kubespan-wg", k) for k in WGGO]
+    + [(k, "kubespan-wg") for k in WGGO]
+)
+IDS = (
+    ["ours-ours"]
+    + [f"ours-{netns.WGGO_IDS[k]}" for k in WGGO]
+    + [f"{netns.WGGO_IDS[k]}-ours" for k in WGGO]
+)
 
 
 @pytest.fixture(autouse=True)
@@ -82,8 +88,8 @@ def test_roaming_port_change_through_c_loop(lab: netns.Lab) -> None:
 
 @pytest.mark.parametrize(
     "kinds",
-    [("kubespan-wg", "kubespan-wg"), ("kubespan-wg", "wireguard-go")],
-    ids=["ours-ours", "ours-wggo"],
+    PAIRS[:3],
+    ids=IDS[:3],
 )
 def test_core_keepalives_resealed_on_c_keypairs(lab: netns.Lab, kinds: tuple[str, str]) -> None:
     """Persistent keepalives come from the core's timers but the keypair's counter

@@ -1,5 +1,6 @@
-"""Hostile peers against our daemon AND against wireguard-go (the same scenario
-passing on wireguard-go shows it is a fair one).  Namespaces, real sockets."""
+"""Hostile peers against our daemon AND against both wireguard-go builds, modern and
+old (the same scenario passing on wireguard-go shows it is a fair one).  Namespaces,
+real sockets."""
 
 from __future__ import annotations
 
@@ -24,12 +25,13 @@ from tests.kubespan_dp.hostile.peers import (
 
 pytestmark = pytest.mark.netns
 
-KINDS = ["kubespan-wg", "wireguard-go"]
+KINDS = ["kubespan-wg", *netns.WGGO_KINDS]
+KIND_IDS = ["kubespan-wg", *netns.WGGO_IDS.values()]
 COLLIDING = 0x0BADC0DE
 UDP_SEGMENT = 103
 
 
-@pytest.fixture(params=KINDS)
+@pytest.fixture(params=KINDS, ids=KIND_IDS)
 def kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("KUBESPAN_WG_FASTPATH", "1")
     return str(request.param)
@@ -182,9 +184,19 @@ def test_unauthenticated_flood(lab: netns.Lab, kind: str, mode: str) -> None:
     )
 
 
-def test_gso_super_datagram_of_128_messages(lab: netns.Lab, kind: str) -> None:
+def test_gso_super_datagram_of_128_messages(
+    lab: netns.Lab, kind: str, request: pytest.FixtureRequest
+) -> None:
     """One UDP GSO send of 128 valid transport messages (and then a burst of 32 such)
     from an authenticated peer over veth: every inner packet is delivered."""
+    if kind == "wireguard-go":
+        # Seen with Debian's 0.0.20231211: over veth the datagram reaches its UDP_GRO
+        # socket whole, and splitting it into 128 overflows its 128-message read batch
+        # (it reads at the batch's end): "splitting coalesced packet resulted in
+        # overflow", all 128 dropped (127 still pass). Strict: a fix shows up here.
+        request.applymarker(
+            pytest.mark.xfail(strict=True, reason="wireguard-go drops a 128-segment GRO read")
+        )
     net = HostileNet(lab, kind, keepalive=0)
     p = net.add_peer(None)
     net.handshake(p)
