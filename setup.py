@@ -50,6 +50,8 @@ extensions = [
     Extension("kubespan_dp._fastpath", sources=["kubespan_dp/_fastpath.pyx"], **common),
     # tests and benchmarks only: PacketBatch, the batch API, the EVP baseline
     Extension("kubespan_dp._batch", sources=["kubespan_dp/_batch.pyx"], **common),
+    # tests only: the TUN offload kernels (_wg_offload.pxd) behind Python wrappers
+    Extension("kubespan_dp._offload", sources=["kubespan_dp/_offload.pyx"], **common),
 ]
 
 setup(ext_modules=cythonize(extensions, language_level=3))
