@@ -47,8 +47,18 @@ class Keypair:
 class PacketLoop:
     max_peers: int
     def __init__(
-        self, tun_fd: int, sock4_fd: int, sock6_fd: int, mtu: int = 1420, max_peers: int = 65536
+        self,
+        tun_fd: int,
+        sock4_fd: int,
+        sock6_fd: int,
+        mtu: int = 1420,
+        max_peers: int = 65536,
+        *,
+        vnet_hdr: bool = False,
+        uso: bool = False,
     ) -> None: ...
+    @property
+    def vnet_hdr(self) -> bool: ...
     @property
     def running(self) -> bool: ...
     def start(self) -> None: ...

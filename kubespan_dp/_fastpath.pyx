@@ -169,44 +169,103 @@ DROP_REASONS = ("no_route", "invalid_packet", "slow_queue_full", "udp_send_faile
                 "replay", "decrypt_failed", "keypair_expired", "invalid_inner_packet",
                 "source_not_allowed", "tun_write_failed", "no_socket_for_family",
                 "too_big", "seal_failed", "udp_truncated", "invalid_size",
-                "invalid_type", "unknown_index", "handshake_queue_full")
+                "invalid_type", "unknown_index", "handshake_queue_full", "offload_invalid")
+
+
+cdef struct tx_stage_t:
+    # a TUN read with its virtio header, split into slots over one or more batches
+    uint8_t *buf                     # TUN_READ bytes
+    size_t length                    # bytes read; 0: nothing pending
+    size_t next                      # its next segment to split
+    vnet_hdr_t h
+
+
+cdef inline bint _tun_read_failed(loop_t *L, ssize_t r) noexcept nogil:
+    # EBADFD/EIO: the link is gone; tell Python and stop reading
+    if r < 0 and errno != EAGAIN and errno != EINTR:
+        L.link_gone = True
+        _signal(L.slow_fd)
+        return True
+    return False
+
+
+cdef int _read_plain(loop_t *L, io_t *io) noexcept nogil:
+    # Up to LOOP_BATCH packets from a plain TUN, one per slot (at HEADER_LEN).
+    cdef int n = 0
+    cdef ssize_t r
+    cdef uint8_t *slot
+    while n < LOOP_BATCH:
+        slot = io.buf + n * SLOT_SIZE
+        r = c_read(L.tun_fd, slot + HEADER_LEN, SLOT_SIZE - OVERHEAD - PAD_MULTIPLE)
+        if r <= 0 or _tun_read_failed(L, r):
+            break
+        if r >= SLOT_SIZE - OVERHEAD - PAD_MULTIPLE:
+            _drop(L, D_TOO_BIG, 1)     # maybe truncated: larger than a slot
+            continue
+        io.length[n] = <uint32_t>r
+        n += 1
+    return n
+
+
+cdef int _read_vnet(loop_t *L, io_t *io, tx_stage_t *st) noexcept nogil:
+    """Fill up to LOOP_BATCH slots from a TUN with a virtio header: each read (a
+    TSO/USO super-packet of up to 64 KiB, or one packet) is segmented into MTU-sized
+    IP packets (gso_split_part: sequence numbers, lengths, ids, checksums); a
+    super-packet larger than the slots left continues in the next batch."""
+    cdef int n = 0, k, total
+    cdef ssize_t r
+    while n < LOOP_BATCH:
+        if st.length == 0:
+            r = c_read(L.tun_fd, st.buf, TUN_READ)
+            if r <= 0 or _tun_read_failed(L, r):
+                break
+            if r <= VIRTIO_NET_HDR_LEN:
+                _drop(L, D_OFFLOAD, 1)
+                continue
+            vnet_parse(st.buf, &st.h)
+            st.length = <size_t>r
+            st.next = 0
+        k = gso_split_part(&st.h, st.buf + VIRTIO_NET_HDR_LEN, st.length - VIRTIO_NET_HDR_LEN,
+                           st.next, io.buf + n * SLOT_SIZE, SLOT_SIZE, HEADER_LEN,
+                           SLOT_SIZE - OVERHEAD - PAD_MULTIPLE - 1, LOOP_BATCH - n,
+                           &io.length[n], &total)
+        if k < 0:
+            _drop(L, D_TOO_BIG if k == OFL_E_TOO_BIG else D_OFFLOAD, 1)
+            st.length = 0
+            continue
+        n += k
+        st.next += k
+        if st.next >= <size_t>total:
+            st.length = 0
+    return n
 
 
 cdef void _tx_loop(loop_t *L) noexcept nogil:
     cdef io_t *io = <io_t *>calloc(1, sizeof(io_t))
+    cdef tx_stage_t st
     cdef int i, n, j, fd, run_start, nsend
-    cdef ssize_t r
     cdef uint8_t *slot
     cdef int32_t pid
     cdef peer_t *p
     cdef keypair_t *kp
     cdef double now
     cdef uint32_t sealed_len
-    cdef int st
+    cdef int st_
     cdef int fds[LOOP_BATCH]
     if io == NULL:
         return
+    memset(&st, 0, sizeof(st))
     io.buf = <uint8_t *>malloc(LOOP_BATCH * SLOT_SIZE)
-    if io.buf == NULL:
+    if L.vnet_hdr:
+        st.buf = <uint8_t *>malloc(TUN_READ)
+    if io.buf == NULL or (L.vnet_hdr and st.buf == NULL):
+        free(io.buf)
+        free(st.buf)
         free(io)
         return
-    while not L.link_gone and _wait(L, L.tun_fd, -1) != 0:
-        n = 0
-        while n < LOOP_BATCH:
-            slot = io.buf + n * SLOT_SIZE
-            r = c_read(L.tun_fd, slot + HEADER_LEN, SLOT_SIZE - OVERHEAD - PAD_MULTIPLE)
-            if r < 0 and errno != EAGAIN and errno != EINTR:
-                # EBADFD/EIO: the link is gone; tell Python and stop reading
-                L.link_gone = True
-                _signal(L.slow_fd)
-                break
-            if r <= 0:
-                break
-            if r >= SLOT_SIZE - OVERHEAD - PAD_MULTIPLE:
-                _drop(L, D_TOO_BIG, 1)     # maybe truncated: larger than a slot
-                continue
-            io.length[n] = <uint32_t>r
-            n += 1
+    # (a super-packet still being split needs no wait)
+    while not L.link_gone and not L.stopping and (st.length or _wait(L, L.tun_fd, -1) != 0):
+        n = _read_vnet(L, io, &st) if L.vnet_hdr else _read_plain(L, io)
         if n == 0:
             continue
         now = _now()
@@ -235,12 +294,12 @@ cdef void _tx_loop(loop_t *L) noexcept nogil:
                 p.next_attention = now + ATTENTION_INTERVAL
                 _slow_push(L, SK_PACKET, pid, slot + HEADER_LEN, io.length[i], NULL, 0)
                 continue
-            st = _seal_slot(kp, slot, io.length[i], L.mtu, SLOT_SIZE, &sealed_len)
-            if st == ST_EXHAUSTED:
+            st_ = _seal_slot(kp, slot, io.length[i], L.mtu, SLOT_SIZE, &sealed_len)
+            if st_ == ST_EXHAUSTED:
                 _slow_push(L, SK_PACKET, pid, slot + HEADER_LEN, io.length[i], NULL, 0)
                 continue
-            if st != ST_OK:
-                _drop(L, D_SEAL_FAILED if st == ST_SEAL_FAILED else D_TOO_BIG, 1)
+            if st_ != ST_OK:
+                _drop(L, D_SEAL_FAILED if st_ == ST_SEAL_FAILED else D_TOO_BIG, 1)
                 continue                       # never send a slot that was not sealed
             io.iov[nsend].iov_base = slot
             io.iov[nsend].iov_len = sealed_len
@@ -268,6 +327,9 @@ cdef void _tx_loop(loop_t *L) noexcept nogil:
         _send_all(L, io, fds, nsend)
         L.tx_packets += nsend
     OPENSSL_cleanse(io.buf, LOOP_BATCH * SLOT_SIZE)
+    if st.buf != NULL:
+        OPENSSL_cleanse(st.buf, TUN_READ)
+    free(st.buf)
     free(io.buf)
     free(io)
 
@@ -383,9 +445,17 @@ cdef void _rx_loop(loop_t *L) noexcept nogil:
     if rx == NULL:
         return
     rx.buf = <uint8_t *>malloc(RX_MSGS * RX_BUF)
-    if rx.buf == NULL:
+    if L.vnet_hdr:
+        rx.gro = <gro_state_t *>malloc(sizeof(gro_state_t))
+        rx.arena = <uint8_t *>malloc(RX_ARENA)
+    if rx.buf == NULL or (L.vnet_hdr and (rx.gro == NULL or rx.arena == NULL)):
+        free(rx.buf)
+        free(rx.gro)
+        free(rx.arena)
         free(rx)
         return
+    if rx.gro != NULL:
+        gro_init(rx.gro, L.gro_seed)
     # UDP GRO: the kernel hands over runs of same-size datagrams from one sender as
     # one buffer (split again below); old kernels refuse and nothing changes.
     if L.sock4 >= 0:
@@ -423,10 +493,15 @@ cdef void _rx_loop(loop_t *L) noexcept nogil:
         pthread_rwlock_unlock(&L.lock)
         _flush_tun(L, rx, nwrite)
     OPENSSL_cleanse(rx.buf, RX_MSGS * RX_BUF)
+    if rx.arena != NULL:
+        OPENSSL_cleanse(rx.arena, RX_ARENA)
+    free(rx.arena)
+    free(rx.gro)
     free(rx.buf)
     free(rx)
 
 
+import os as _os
 import socket as _socket
 import threading as _threading
 
@@ -477,7 +552,7 @@ cdef class PacketLoop:
     cdef readonly int max_peers
 
     def __cinit__(self, int tun_fd, int sock4_fd, int sock6_fd, int mtu=1420,
-                  int max_peers=65536):
+                  int max_peers=65536, *, bint vnet_hdr=False, bint uso=False):
         cdef pthread_rwlockattr_t attr
         cdef int i
         if mtu < 0 or mtu > 65535:
@@ -491,6 +566,9 @@ cdef class PacketLoop:
         if self.L == NULL:
             raise MemoryError()
         self.L.tun_fd, self.L.sock4, self.L.sock6, self.L.mtu = tun_fd, sock4_fd, sock6_fd, mtu
+        # a TUN opened with IFF_VNET_HDR and TSO (uso: USO too, Linux 6.2+)
+        self.L.vnet_hdr, self.L.uso = vnet_hdr, vnet_hdr and uso
+        self.L.gro_seed = int.from_bytes(_os.urandom(8), "little")
         self.L.stop_fd = self.L.slow_fd = -1
         self.L.root4 = self.L.root6 = -1
         self.L.peers = <peer_t *>calloc(max_peers, sizeof(peer_t))
@@ -540,6 +618,11 @@ cdef class PacketLoop:
     def _run_rx(self):
         with nogil:
             _rx_loop(self.L)
+
+    @property
+    def vnet_hdr(self) -> bool:
+        """The TUN carries virtio headers: TSO/USO reads are split, writes coalesced."""
+        return self.L.vnet_hdr
 
     @property
     def running(self) -> bool:
