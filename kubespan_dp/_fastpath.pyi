@@ -16,6 +16,8 @@ SLOW_DATAGRAM: int
 SLOW_PACKET: int
 DROP_REASONS: tuple[str, ...]
 
+def crypto_lanes() -> int: ...
+
 class Keypair:
     def __init__(
         self,
@@ -95,3 +97,5 @@ class PacketLoop:
     def tx_packets(self) -> int: ...
     @property
     def rx_packets(self) -> int: ...
+    @property
+    def crypto_shared(self) -> tuple[int, int]: ...

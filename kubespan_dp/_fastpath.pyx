@@ -11,11 +11,14 @@ concern into inline-only .pxd files compiled into this module:
 - ``_wg_crypto``: ChaCha20-Poly1305 on EVP, THE seal/open of one payload;
 - ``_wg_replay``: the RFC 6479 replay window;
 - ``_wg_tables``: the allowed-IPs trie and the index tables;
-- ``_wg_keypair``: ``keypair_t`` and THE seal/open of a transport message in a slot;
+- ``_wg_keypair``: ``keypair_t`` and THE seal/open of a transport message in a slot
+  (in steps, so the cipher can run on several threads);
 - ``_wg_os``: the libc / Linux declarations (sockets, cmsg, poll, eventfd, pthread);
 - ``_wg_ring``: the bounded queue (the slow queue and the handshake queue);
 - ``_wg_loop``: ``loop_t``, the state the threads and Python share, drops, routing;
-- ``_wg_io``: batched I/O (recvmmsg + GRO, sendmmsg + GSO, sticky source, TUN writes).
+- ``_wg_io``: batched I/O (recvmmsg + GRO, sendmmsg + GSO, sticky source, TUN writes);
+- ``_wg_offload``: TUN offloads (virtio header, TSO/USO segmentation, GRO coalescing);
+- ``_wg_crew``: crypto lanes, helper threads that share a batch's cipher work.
 
 Test and benchmark helpers (``PacketBatch``, the batch seal/open, ``AEADKey``, the
 EVP baseline) live in ``kubespan_dp._batch``, built from the same .pxd files.
@@ -33,12 +36,35 @@ from kubespan_dp._wg_tables cimport *
 from kubespan_dp._wg_keypair cimport *
 from kubespan_dp._wg_os cimport *
 from kubespan_dp._wg_ring cimport *
+from kubespan_dp._wg_crew cimport *
 from kubespan_dp._wg_loop cimport *
 from kubespan_dp._wg_io cimport *
+
+import os as _os
+import socket as _socket
+import threading as _threading
 
 
 # ---------------------------------------------------------------------------
 # Small C helpers
+
+def _lanes_from_env() -> int:
+    """Crypto lanes per loop direction: the CPUs this process may run on, at most
+    CRYPTO_LANES; KUBESPAN_WG_CRYPTO_LANES=N overrides (1: the loop threads alone)."""
+    raw = _os.environ.get("KUBESPAN_WG_CRYPTO_LANES", "")
+    n = int(raw) if raw.strip().isdigit() else len(_os.sched_getaffinity(0))
+    return max(1, min(n, CRYPTO_LANES))
+
+
+# fixed at import: every Keypair gets one EVP context pair per lane the loop uses
+cdef int _LANES = _lanes_from_env()
+
+
+def crypto_lanes() -> int:
+    """Threads that run the cipher for each direction of a PacketLoop (the loop
+    thread and crypto_lanes() - 1 helpers)."""
+    return _LANES
+
 
 cdef bytes _key32(object key, str what):
     if not isinstance(key, (bytes, bytearray)) or len(key) != 32:
@@ -65,8 +91,10 @@ cdef class Keypair:
         self.kp = <keypair_t *>calloc(1, sizeof(keypair_t))
         if self.kp == NULL:
             raise MemoryError()
-        self.kp.seal_ctx = _new_ctx(<const uint8_t *>sk, 1)
-        self.kp.open_ctx = _new_ctx(<const uint8_t *>rk, 0)
+        cdef int lane
+        for lane in range(_LANES):
+            self.kp.seal_ctx[lane] = _new_ctx(<const uint8_t *>sk, 1)
+            self.kp.open_ctx[lane] = _new_ctx(<const uint8_t *>rk, 0)
         self.kp.local_index = local_index
         self.kp.remote_index = remote_index
         self.kp.is_initiator = is_initiator
@@ -74,11 +102,13 @@ cdef class Keypair:
         self.kp.send_counter = send_counter
 
     def __dealloc__(self):
+        cdef int lane
         if self.kp != NULL:
-            if self.kp.seal_ctx != NULL:
-                EVP_CIPHER_CTX_free(self.kp.seal_ctx)
-            if self.kp.open_ctx != NULL:
-                EVP_CIPHER_CTX_free(self.kp.open_ctx)
+            for lane in range(CRYPTO_LANES):
+                if self.kp.seal_ctx[lane] != NULL:
+                    EVP_CIPHER_CTX_free(self.kp.seal_ctx[lane])
+                if self.kp.open_ctx[lane] != NULL:
+                    EVP_CIPHER_CTX_free(self.kp.open_ctx[lane])
             OPENSSL_cleanse(self.kp, sizeof(keypair_t))
             free(self.kp)
 
@@ -133,14 +163,18 @@ cdef class Keypair:
 # ---------------------------------------------------------------------------
 # 2. PacketLoop: the data path between TUN and UDP, two C threads
 #
-# TX thread: poll TUN -> read a batch -> allowed-IPs lookup (destination) -> pick the
-#   peer's current keypair -> pad + seal in place -> sendmmsg to the peer's endpoint,
-#   runs of same-size datagrams to one endpoint as one UDP GSO send, from the local
-#   address the peer last wrote to (sticky source, IP_PKTINFO).
+# TX thread: poll TUN -> read a batch (with a virtio header: TSO/USO super-packets,
+#   segmented into the slots) -> allowed-IPs lookup (destination) -> pick the peer's
+#   current keypair -> counter, header, padding -> the batch's cipher in place (shared
+#   with the crypto-lane helpers) -> sendmmsg to the peer's endpoint, runs of same-size
+#   datagrams to one endpoint as one UDP GSO send, from the local address the peer
+#   last wrote to (sticky source, IP_PKTINFO).
 # RX thread: poll the UDP sockets -> recvmmsg a batch (UDP GRO on: one buffer may hold
-#   many datagrams, split here) -> receiver-index lookup -> replay pre-check -> open
-#   in place -> replay update -> roam the endpoint -> strip padding -> source must map
-#   to the same peer -> write to TUN.
+#   many datagrams, split here) -> receiver-index lookup -> replay pre-check -> the
+#   batch's cipher in place (shared with the helpers) -> in arrival order: replay
+#   update -> roam the endpoint -> strip padding -> source must map to the same peer
+#   -> write to TUN (with a virtio header: a flow's TCP segments, and UDP datagrams
+#   with USO, coalesced into super-packets first).
 #
 # Both run with the GIL released for their whole life.  Anything they cannot finish
 # (handshake and cookie messages, unknown indices, packets for a peer without a
@@ -250,7 +284,8 @@ cdef void _tx_loop(loop_t *L) noexcept nogil:
     cdef keypair_t *kp
     cdef double now
     cdef uint32_t sealed_len
-    cdef int st_
+    cdef int st_, nitems
+    cdef size_t nbytes
     cdef int fds[LOOP_BATCH]
     if io == NULL:
         return
@@ -270,6 +305,8 @@ cdef void _tx_loop(loop_t *L) noexcept nogil:
             continue
         now = _now()
         nsend = 0
+        nitems = 0
+        nbytes = 0
         pthread_rwlock_rdlock(&L.lock)
         for i in range(n):
             slot = io.buf + i * SLOT_SIZE
@@ -294,14 +331,30 @@ cdef void _tx_loop(loop_t *L) noexcept nogil:
                 p.next_attention = now + ATTENTION_INTERVAL
                 _slow_push(L, SK_PACKET, pid, slot + HEADER_LEN, io.length[i], NULL, 0)
                 continue
-            st_ = _seal_slot(kp, slot, io.length[i], L.mtu, SLOT_SIZE, &sealed_len)
+            # THE seal, step 1 (counter, header, padding); the cipher runs below
+            st_ = _seal_prepare(kp, slot, io.length[i], L.mtu, SLOT_SIZE, &sealed_len)
             if st_ == ST_EXHAUSTED:
                 _slow_push(L, SK_PACKET, pid, slot + HEADER_LEN, io.length[i], NULL, 0)
                 continue
             if st_ != ST_OK:
-                _drop(L, D_SEAL_FAILED if st_ == ST_SEAL_FAILED else D_TOO_BIG, 1)
+                _drop(L, D_TOO_BIG, 1)
+                continue
+            io.items[nitems].kp = kp
+            io.items[nitems].slot = slot
+            io.items[nitems].length = sealed_len
+            io.peer[nitems] = pid
+            nitems += 1
+            nbytes += sealed_len
+        # the cipher for the whole batch, on every lane
+        _crew_run(&L.crew_tx, CREW_SEAL, io.items, nitems, nbytes)
+        for j in range(nitems):
+            if io.items[j].status != ST_OK:
+                _drop(L, D_SEAL_FAILED, 1)
                 continue                       # never send a slot that was not sealed
-            io.iov[nsend].iov_base = slot
+            pid = io.peer[j]                   # (j >= nsend: not overwritten yet)
+            p = &L.peers[pid]
+            sealed_len = io.items[j].length
+            io.iov[nsend].iov_base = io.items[j].slot
             io.iov[nsend].iov_len = sealed_len
             pthread_mutex_lock(&p.ep_lock)
             memcpy(&io.addr[nsend], &p.ep, p.ep_len)
@@ -353,21 +406,21 @@ cdef inline bint _same_addr(const sockaddr_in6 *a, socklen_t alen, const sockadd
     return a.sin6_scope_id == b.sin6_scope_id
 
 
-cdef inline int _rx_one(loop_t *L, rx_t *rx, int m, uint8_t *slot, uint32_t length,
-                        double now, int nwrite) noexcept nogil:
-    """One datagram (or one GRO segment) from message m; returns the new nwrite."""
+cdef inline void _rx_check(loop_t *L, rx_t *rx, int m, uint8_t *slot, uint32_t length,
+                           double now) noexcept nogil:
+    """Receive, step 1: one datagram (or one GRO segment) from message m.  A transport
+    message for a known keypair whose counter is new joins the round's items (for
+    the cipher); anything else is queued for Python or dropped here."""
     cdef keypair_t *kp
-    cdef peer_t *p
-    cdef int64_t inner
-    cdef int32_t pid
     cdef socklen_t alen = rx.msgs[m].msg_hdr.msg_namelen
     cdef uint32_t kind, index
     cdef int want, st
+    cdef crew_item_t *it
     # C decides per datagram, as wireguard-go's socket reader: wrong sizes, unknown
     # types and unknown indices are dropped (and counted) here, never queued.
     if length < 4:
         _drop(L, D_INVALID_SIZE, 1)
-        return nwrite
+        return
     kind = _get_le32(slot)
     if kind != MSG_TRANSPORT:
         want = _handshake_size(kind)
@@ -378,10 +431,10 @@ cdef inline int _rx_one(loop_t *L, rx_t *rx, int m, uint8_t *slot, uint32_t leng
         else:
             _hs_push(L, slot, length, &rx.addr[m], alen, rx.local[m], rx.local_len[m],
                      rx.local_ifindex[m])
-        return nwrite
+        return
     if length < OVERHEAD:
         _drop(L, D_INVALID_SIZE, 1)
-        return nwrite
+        return
     index = _get_le32(slot + 4)
     kp = _index_lookup(L, index)
     if kp == NULL:
@@ -391,14 +444,40 @@ cdef inline int _rx_one(loop_t *L, rx_t *rx, int m, uint8_t *slot, uint32_t leng
                        rx.local[m], rx.local_len[m], rx.local_ifindex[m])
         else:
             _drop(L, D_UNKNOWN_INDEX, 1)
-        return nwrite
+        return
     if kp.created + REJECT_AFTER_TIME < now:
         _drop(L, D_EXPIRED, 1)
-        return nwrite
-    st = _open_slot(kp, slot, length)     # THE open (open_batch uses it too)
+        return
+    st = _open_check(kp, slot, length)    # THE open, step 1 (open_batch: _open_slot)
     if st != ST_OK:
-        _drop(L, D_REPLAY if st == ST_REPLAY else D_DECRYPT if st == ST_BAD_TAG
-              else D_INVALID_SIZE, 1)
+        _drop(L, D_REPLAY if st == ST_REPLAY else D_INVALID_SIZE, 1)
+        return
+    it = &rx.items[rx.nitems]
+    it.kp = kp
+    it.slot = slot
+    it.length = length
+    rx.item_msg[rx.nitems] = m
+    rx.nitems += 1
+    rx.item_bytes += length
+
+
+cdef inline int _rx_deliver(loop_t *L, rx_t *rx, int j, double now, int nwrite) noexcept nogil:
+    """Receive, step 3 (after the cipher, in arrival order): item j's replay window,
+    endpoint, counters and inner packet; returns the new nwrite."""
+    cdef crew_item_t *it = &rx.items[j]
+    cdef keypair_t *kp = it.kp
+    cdef uint8_t *slot = it.slot
+    cdef uint32_t length = it.length
+    cdef int m = rx.item_msg[j]
+    cdef socklen_t alen = rx.msgs[m].msg_hdr.msg_namelen
+    cdef peer_t *p
+    cdef int64_t inner
+    cdef int32_t pid
+    if it.status != ST_OK:
+        _drop(L, D_DECRYPT, 1)
+        return nwrite
+    if _open_commit(kp, slot) != ST_OK:
+        _drop(L, D_REPLAY, 1)             # a copy earlier in this batch got there first
         return nwrite
     # authenticated from here on
     p = &L.peers[kp.peer]
@@ -437,6 +516,18 @@ cdef inline int _rx_one(loop_t *L, rx_t *rx, int m, uint8_t *slot, uint32_t leng
     return nwrite + 1
 
 
+cdef inline int _rx_round(loop_t *L, rx_t *rx, double now) noexcept nogil:
+    """Steps 2 and 3 for the items collected so far: the cipher (on every lane), then
+    each in order; returns how many packets wait for the TUN write."""
+    cdef int j, nwrite = 0
+    _crew_run(&L.crew_rx, CREW_OPEN, rx.items, rx.nitems, rx.item_bytes)
+    for j in range(rx.nitems):
+        nwrite = _rx_deliver(L, rx, j, now, nwrite)
+    rx.nitems = 0
+    rx.item_bytes = 0
+    return nwrite
+
+
 cdef void _rx_loop(loop_t *L) noexcept nogil:
     cdef rx_t *rx = <rx_t *>calloc(1, sizeof(rx_t))
     cdef int i, n, n4, ready, one = 1, nwrite
@@ -471,7 +562,8 @@ cdef void _rx_loop(loop_t *L) noexcept nogil:
         if n == 0:
             continue
         now = _now()
-        nwrite = 0
+        rx.nitems = 0
+        rx.item_bytes = 0
         pthread_rwlock_rdlock(&L.lock)
         for i in range(n):
             if rx.msgs[i].msg_hdr.msg_flags & MSG_TRUNC:
@@ -483,13 +575,13 @@ cdef void _rx_loop(loop_t *L) noexcept nogil:
                 seg = 1     # an empty datagram: handled (dropped) as one segment
             off = 0
             while off < total or (total == 0 and off == 0):
-                if nwrite >= RX_SEGS:
-                    # a GRO batch of any size: write out what is ready, go on
-                    _flush_tun(L, rx, nwrite)
-                    nwrite = 0
-                nwrite = _rx_one(L, rx, i, rx.buf + i * RX_BUF + off,
-                                 seg if total - off > seg else total - off, now, nwrite)
+                if rx.nitems >= RX_SEGS:
+                    # a GRO batch of any size: open and write out what is ready, go on
+                    _flush_tun(L, rx, _rx_round(L, rx, now))
+                _rx_check(L, rx, i, rx.buf + i * RX_BUF + off,
+                          seg if total - off > seg else total - off, now)
                 off += seg
+        nwrite = _rx_round(L, rx, now)
         pthread_rwlock_unlock(&L.lock)
         _flush_tun(L, rx, nwrite)
     OPENSSL_cleanse(rx.buf, RX_MSGS * RX_BUF)
@@ -500,10 +592,6 @@ cdef void _rx_loop(loop_t *L) noexcept nogil:
     free(rx.buf)
     free(rx)
 
-
-import os as _os
-import socket as _socket
-import threading as _threading
 
 
 cdef bytes _sockaddr_bytes(object endpoint):
@@ -581,6 +669,8 @@ cdef class PacketLoop:
         # Python's updates must not starve behind two busy reader threads.
         pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP)
         pthread_rwlock_init(&self.L.lock, &attr)
+        _crew_init(&self.L.crew_tx, _LANES)
+        _crew_init(&self.L.crew_rx, _LANES)
         self.L.stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
         self.L.slow_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
         if self.L.stop_fd < 0 or self.L.slow_fd < 0:
@@ -601,6 +691,8 @@ cdef class PacketLoop:
             OPENSSL_cleanse(self.L.peers, self.max_peers * sizeof(peer_t))
         _ring_free(&self.L.slow)
         _ring_free(&self.L.hs)
+        _crew_destroy(&self.L.crew_tx)
+        _crew_destroy(&self.L.crew_rx)
         pthread_rwlock_destroy(&self.L.lock)
         free(self.L.pend_keys)
         free(self.L.peers)
@@ -619,6 +711,10 @@ cdef class PacketLoop:
         with nogil:
             _rx_loop(self.L)
 
+    def _run_helper(self, bint tx, int lane):
+        with nogil:
+            _crew_helper(&self.L.crew_tx if tx else &self.L.crew_rx, lane)
+
     @property
     def vnet_hdr(self) -> bool:
         """The TUN carries virtio headers: TSO/USO reads are split, writes coalesced."""
@@ -633,8 +729,16 @@ cdef class PacketLoop:
             return
         self.L.stopping = False
         self.L.link_gone = False
-        self._threads = [_threading.Thread(target=self._run_tx, name="ks-fast-tx", daemon=True),
-                         _threading.Thread(target=self._run_rx, name="ks-fast-rx", daemon=True)]
+        _crew_quit(&self.L.crew_tx, False)
+        _crew_quit(&self.L.crew_rx, False)
+        # helpers first: each lane > 0 of both directions (none with one lane)
+        self._threads = [
+            _threading.Thread(target=self._run_helper, args=(tx, lane),
+                              name=f"ks-crypto-{'tx' if tx else 'rx'}{lane}", daemon=True)
+            for tx in (True, False) for lane in range(1, _LANES)]
+        self._threads += [
+            _threading.Thread(target=self._run_tx, name="ks-fast-tx", daemon=True),
+            _threading.Thread(target=self._run_rx, name="ks-fast-rx", daemon=True)]
         for t in self._threads:
             t.start()
 
@@ -644,6 +748,10 @@ cdef class PacketLoop:
             return
         self.L.stopping = True
         _signal(self.L.stop_fd)
+        for t in self._threads[-2:]:           # the loop threads: no job is left after them
+            t.join()
+        _crew_quit(&self.L.crew_tx, True)
+        _crew_quit(&self.L.crew_rx, True)
         for t in self._threads:
             t.join()
         self._threads = []
@@ -992,3 +1100,10 @@ cdef class PacketLoop:
     @property
     def rx_packets(self) -> int:
         return self.L.rx_packets
+
+    @property
+    def crypto_shared(self) -> tuple:
+        """Packets the crypto-lane helpers sealed and opened (the loop threads' own
+        share not counted): (tx, rx)."""
+        return (KS_ATOMIC_LOAD64(&self.L.crew_tx.helped),
+                KS_ATOMIC_LOAD64(&self.L.crew_rx.helped))

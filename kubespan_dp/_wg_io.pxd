@@ -4,6 +4,7 @@ the per-thread batch buffers, sendmmsg with UDP GSO runs and a sticky source add
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
 from kubespan_dp._wg_defs cimport *
+from kubespan_dp._wg_crew cimport *
 from kubespan_dp._wg_loop cimport *
 from kubespan_dp._wg_offload cimport *
 from kubespan_dp._wg_os cimport *
@@ -20,6 +21,7 @@ cdef struct io_t:
     uint8_t src_len[LOOP_BATCH]
     uint32_t src_ifindex[LOOP_BATCH]
     int32_t peer[LOOP_BATCH]
+    crew_item_t items[LOOP_BATCH]    # prepared slots for the cipher (THE seal, step 2)
 
 
 cdef inline int _wait(loop_t *L, int fd1, int fd2) noexcept nogil:
@@ -221,6 +223,10 @@ cdef struct rx_t:
     uint8_t local[RX_MSGS][16]       # our address the datagram was sent to
     uint8_t local_len[RX_MSGS]
     uint32_t local_ifindex[RX_MSGS]
+    crew_item_t items[RX_SEGS]       # checked messages for the cipher (THE open, step 2)
+    int32_t item_msg[RX_SEGS]        # the message each came in
+    int nitems
+    size_t item_bytes
     uint8_t *wptr[RX_SEGS]           # decrypted packets waiting for the TUN write
     uint32_t wlen[RX_SEGS]
     # with a virtio header on the TUN (L.vnet_hdr): the coalescing scratch, the arena

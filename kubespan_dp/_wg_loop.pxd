@@ -4,6 +4,7 @@ routing and the pushes onto the slow and handshake queues (two _wg_ring rings)."
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
 from kubespan_dp._wg_defs cimport *
+from kubespan_dp._wg_crew cimport crew_t
 from kubespan_dp._wg_keypair cimport keypair_t
 from kubespan_dp._wg_os cimport *
 from kubespan_dp._wg_ring cimport *
@@ -144,6 +145,9 @@ cdef struct loop_t:
     uint64_t drops[D_COUNT]
     uint64_t tx_packets
     uint64_t rx_packets
+    # crypto lanes: helper threads that share each batch's cipher work (_wg_crew)
+    crew_t crew_tx
+    crew_t crew_rx
 
 
 cdef inline void _drop(loop_t *L, int reason, uint64_t n) noexcept nogil:
