@@ -104,6 +104,14 @@ class DiscoverySettings:
 
 
 @dataclass(frozen=True)
+class DiscoveryService:
+    """One discovery service the node publishes to and watches."""
+
+    name: str
+    endpoint: str  # the URL as configured
+
+
+@dataclass(frozen=True)
 class LocalSettings:
     """What this project adds (the KubeSpanPyConfig document)."""
 
@@ -132,6 +140,13 @@ class MachineConfig:
     def discovery_endpoint(self) -> str:
         """The discovery service URL in effect (the local override wins)."""
         return self.local.discovery_endpoint or self.discovery.service_endpoint
+
+    @property
+    def discovery_services(self) -> tuple[DiscoveryService, ...]:
+        """The services in effect, in order; none when the service registry is off."""
+        if not self.discovery.service_active:
+            return ()
+        return (DiscoveryService("default", self.discovery_endpoint),)
 
     def discovery_target(self) -> tuple[str, bool]:
         """("host:port", insecure) as Talos normalises the service endpoint."""
@@ -269,8 +284,10 @@ def _check_service_url(problems: Problems, path: str, url: str) -> None:
 # --- the documents ----------------------------------------------------------------------
 
 
-def _read_kubespan(s: _Section) -> dict:
-    """Keys shared by machine.network.kubespan and the KubeSpanConfig document."""
+def _read_kubespan(s: _Section, zero_mtu_is_default: bool = False) -> dict:
+    """Keys shared by machine.network.kubespan and the KubeSpanConfig document.
+
+    ``zero_mtu_is_default``: in machine.network.kubespan, Talos reads mtu 0 as 1420."""
     out: dict[str, Any] = {}
     for key, attr in (
         ("enabled", "enabled"),
@@ -282,6 +299,8 @@ def _read_kubespan(s: _Section) -> dict:
         if value is not None:
             out[attr] = value
     mtu = s.integer("mtu")
+    if mtu == 0 and zero_mtu_is_default:
+        mtu = None
     if mtu is not None:
         out["mtu"] = mtu
         if mtu < KUBESPAN_LINK_MINIMUM_MTU:
@@ -324,7 +343,7 @@ def _read_v1alpha1(doc: dict, problems: Problems, state: dict) -> None:
         elif isinstance(network, dict) and "kubespan" in network:
             ks = _Section(network, "machine.network", problems).section("kubespan")
             if ks is not None:
-                state["kubespan"] = _read_kubespan(ks)
+                state["kubespan"] = _read_kubespan(ks, zero_mtu_is_default=True)
                 ks.finish()
     cluster = root.data.get("cluster")
     if cluster is not None and not isinstance(cluster, dict):
