@@ -41,7 +41,6 @@ from control.backends.base import BackendError, PeerConfig, WireGuardBackend
 from control.backends.select import select_backend
 from control.config import ConfigError, MachineConfig, load_config
 from control.discovery.pool import DiscoveryPool, ServiceTarget
-from control.discovery.target import parse_discovery_endpoint
 from control.endpoints import local_affiliate, system_addresses
 from control.identity import (
     IdentityError,
@@ -360,11 +359,7 @@ class Agent:
 
 def service_targets(config: MachineConfig) -> list[ServiceTarget]:
     """The configured discovery services as the clients connect to them."""
-    out = []
-    for service in config.discovery_services:
-        target, tls = parse_discovery_endpoint(service.endpoint)
-        out.append(ServiceTarget(service.name, target, insecure=not tls))
-    return out
+    return [ServiceTarget(s.name, s.target, s.insecure) for s in config.discovery_services]
 
 
 def needs_rebuild(old: MachineConfig, new: MachineConfig) -> bool:

@@ -92,23 +92,31 @@ class KubeSpanSettings:
 
 
 @dataclass(frozen=True)
+class DiscoveryService:
+    """One discovery service to register with (Talos's cluster.ServiceEndpoint)."""
+
+    name: str
+    endpoint: str  # the URL as configured
+    target: str  # "host:port" to dial
+    insecure: bool  # plaintext gRPC (an http:// endpoint)
+
+    @classmethod
+    def from_url(cls, name: str, endpoint: str) -> DiscoveryService:
+        target, tls = parse_discovery_endpoint(endpoint)
+        return cls(name, endpoint, target, not tls)
+
+
+@dataclass(frozen=True)
 class DiscoverySettings:
     enabled: bool = False
     service_enabled: bool = True
     service_endpoint: str = DEFAULT_DISCOVERY_SERVICE_ENDPOINT
     kubernetes_enabled: bool = True
+    services: tuple[DiscoveryService, ...] = ()  # from documents, in document order
 
     @property
     def service_active(self) -> bool:
-        return self.enabled and self.service_enabled
-
-
-@dataclass(frozen=True)
-class DiscoveryService:
-    """One discovery service the node publishes to and watches."""
-
-    name: str
-    endpoint: str  # the URL as configured
+        return bool(self.services) or (self.enabled and self.service_enabled)
 
 
 @dataclass(frozen=True)
@@ -143,10 +151,15 @@ class MachineConfig:
 
     @property
     def discovery_services(self) -> tuple[DiscoveryService, ...]:
-        """The services in effect, in order; none when the service registry is off."""
+        """Every discovery service to register with, in config order (empty: discovery off).
+
+        Minimal until the full DiscoveryServiceConfig support lands: the documents'
+        services, else the one service in effect."""
+        if self.discovery.services and not self.local.discovery_endpoint:
+            return self.discovery.services
         if not self.discovery.service_active:
             return ()
-        return (DiscoveryService("default", self.discovery_endpoint),)
+        return (DiscoveryService.from_url("legacy", self.discovery_endpoint),)
 
     def discovery_target(self) -> tuple[str, bool]:
         """("host:port", insecure) as Talos normalises the service endpoint."""
@@ -488,6 +501,9 @@ def _read_stream(text: str, problems: Problems, state: dict) -> None:
             _read_v1alpha1(doc, problems, state)
         elif kind == KUBESPAN_KIND or kind in ENDPOINTS_KINDS or kind == PY_KIND:
             _read_meta_doc(doc, kind, problems, state)
+        elif kind == "DiscoveryServiceConfig":  # minimal: name and endpoint only
+            service = DiscoveryService.from_url(str(doc.get("name")), str(doc.get("endpoint")))
+            state.setdefault("discovery_services", []).append(service)
         # other kinds and versions belong to parts of Talos we do not implement
 
 
@@ -510,6 +526,9 @@ def _build(state: dict, problems: Problems) -> MachineConfig:
     d = dict(state.get("discovery", {}))
     endpoint_path = d.pop("service_endpoint_path", None)
     discovery = DiscoverySettings(**d)
+    if "discovery_services" in state:
+        services = tuple(state["discovery_services"])
+        discovery = DiscoverySettings(True, True, services[0].endpoint, False, services)
     local = LocalSettings(**state.get("local", {}))
     cfg = MachineConfig(
         cluster_id=state.get("cluster_id", ""),

@@ -9,8 +9,7 @@ import pytest
 
 from control.agent import left_cluster, needs_rebuild, service_targets
 from control.config import KUBESPAN_LINK_MTU, ConfigError, load_config
-from control.discovery.pool import ServiceTarget
-from tests.control.test_config import base
+from tests.control.test_config import SECRET, base
 
 KUBESPAN_DOC = "apiVersion: v1alpha1\nkind: KubeSpanConfig\nenabled: true\nmtu: 0\n"
 
@@ -28,14 +27,25 @@ def test_mtu_zero_in_the_kubespan_document_is_refused_as_in_talos() -> None:
 
 
 def test_service_targets_from_the_config() -> None:
-    cfg = load_config(
-        base(discovery="enabled: true\nregistries:\n  service:\n    endpoint: http://10.0.0.1:3000")
+    def targets(text: str) -> list[tuple[str, bool]]:
+        return [(t.endpoint, t.insecure) for t in service_targets(load_config(text))]
+
+    endpoint = "registries:\n  service:\n    endpoint: http://10.0.0.1:3000"
+    assert targets(base(discovery=f"enabled: true\n{endpoint}")) == [("10.0.0.1:3000", True)]
+    assert targets(base()) == [("discovery.talos.dev:443", False)]
+    assert targets(base("enabled: false", discovery="enabled: false")) == []
+    # Talos 1.14 style: no .cluster.discovery, one DiscoveryServiceConfig per service.
+    v1alpha1 = "version: v1alpha1\nmachine: {network: {kubespan: {enabled: true}}}\n"
+    v1alpha1 += f"cluster: {{id: {'c' * 43}=, secret: {SECRET}}}\n"
+    two = "".join(
+        f"---\napiVersion: v1alpha1\nkind: DiscoveryServiceConfig\nname: {name}\nendpoint: {url}\n"
+        for name, url in (("one", "http://192.0.2.250:3000"), ("two", "https://d.example/"))
     )
-    assert service_targets(cfg) == [ServiceTarget("default", "10.0.0.1:3000", insecure=True)]
-    tls = load_config(base())
-    assert service_targets(tls) == [ServiceTarget("default", "discovery.talos.dev:443", False)]
-    off = load_config(base("enabled: false", discovery="enabled: false"))
-    assert service_targets(off) == []
+    documents = service_targets(load_config(v1alpha1 + two))
+    assert [(t.name, t.endpoint, t.insecure) for t in documents] == [
+        ("one", "192.0.2.250:3000", True),
+        ("two", "d.example:443", False),
+    ]
 
 
 def test_what_a_reload_rebuilds_and_what_it_changes_in_place() -> None:
