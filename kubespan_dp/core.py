@@ -7,7 +7,8 @@ The device feeds it three kinds of input and forwards what comes out:
     on_timer(now)                         when next_deadline() has come
 
 Each returns an ``Output``: datagrams to send, decrypted packets for the TUN
-device, and events (keypairs installed/retired, handshakes completed). The
+device, and events (keypairs installed/confirmed/retired/expired, endpoints
+learned, handshakes completed: everything a fast path mirrors). The
 core never reads a clock or a socket; ``now`` is a monotonic time in seconds.
 Two things are injected: ``rng`` (ephemeral keys, indices, jitter, cookie
 secrets) and ``wall_clock`` (only for the TAI64N timestamp of initiations,
@@ -39,7 +40,15 @@ from typing import Final
 from . import crypto, messages, noise
 from .allowedips import AllowedIPs
 from .cookie import CookieChecker, RateLimiter
-from .keypair import HandshakeCompleted, Keypair, KeypairExpired, KeypairInstalled, KeypairRetired
+from .keypair import (
+    EndpointChanged,
+    HandshakeCompleted,
+    Keypair,
+    KeypairConfirmed,
+    KeypairExpired,
+    KeypairInstalled,
+    KeypairRetired,
+)
 from .netutil import Address, IPNetwork, check_endpoint
 from .noise import Handshake, HandshakeError, IndexTable
 from .padding import ip_packet_length, pad_plaintext
@@ -63,8 +72,10 @@ __all__ = [
     "Peer",
     "WireGuardCore",
     "KeypairInstalled",
+    "KeypairConfirmed",
     "KeypairRetired",
     "KeypairExpired",
+    "EndpointChanged",
     "HandshakeCompleted",
 ]
 
@@ -406,13 +417,22 @@ class WireGuardCore:
         self.index_table.replace(kp.local_index, (peer, kp))
         for old in peer.keypairs.install(kp):
             self._retire(peer, old)
-        self._out.events.append(KeypairInstalled.of(peer.public_key, kp))
+        confirmed = peer.keypairs.current is kp
+        self._out.events.append(
+            KeypairInstalled(peer.public_key, kp, confirmed, peer.keypairs.previous)
+        )
 
     def _retire(self, peer: Peer, kp: Keypair) -> None:
         entry = self.index_table.get(kp.local_index)
         if entry is not None and entry[1] is kp:
             self.index_table.delete(kp.local_index)
         self._out.events.append(KeypairRetired(peer.public_key, kp.local_index))
+
+    def _roam(self, peer: Peer, source: Address) -> None:
+        """An authenticated message came from `source`: answer there from now on."""
+        if peer.endpoint != source:
+            peer.endpoint = source
+            self._out.events.append(EndpointChanged(peer.public_key, source))
 
     def _handshake_complete(self, peer: Peer, now: float) -> None:
         peer.timers.on_handshake_complete()
@@ -522,7 +542,7 @@ class WireGuardCore:
         peer = consumed.peer
         peer.timers.on_any_authenticated_packet_traversal(now, peer.persistent_keepalive)
         peer.timers.on_any_authenticated_packet_received()
-        peer.endpoint = source
+        self._roam(peer, source)
         peer.rx_bytes += len(data)
         self._send_handshake_response(peer, now)
 
@@ -539,7 +559,7 @@ class WireGuardCore:
             self.dropped[exc.reason.value] += 1
             return
         consumed.commit()
-        peer.endpoint = source
+        self._roam(peer, source)
         peer.rx_bytes += len(data)
         peer.timers.on_any_authenticated_packet_traversal(now, peer.persistent_keepalive)
         peer.timers.on_any_authenticated_packet_received()
@@ -558,7 +578,9 @@ class WireGuardCore:
         if kp.created + REJECT_AFTER_TIME < now:
             self.dropped["keypair_expired"] += 1
             return
-        if not kp.replay.check(msg.counter):
+        # the window's one owner: ours, or the fast path's once it runs the session
+        window = kp.window
+        if not window.check(msg.counter):
             self.dropped["replay"] += 1
             return
         try:
@@ -566,7 +588,7 @@ class WireGuardCore:
         except crypto.AuthenticationError:
             self.dropped["decrypt_failed"] += 1
             return
-        if not kp.replay.update(msg.counter):
+        if not window.update(msg.counter):
             self.dropped["replay"] += 1
             return
 
@@ -575,12 +597,13 @@ class WireGuardCore:
         if promoted:
             for old in retired:
                 self._retire(peer, old)
-            peer.endpoint = source
+            self._out.events.append(KeypairConfirmed(peer.public_key, kp, peer.keypairs.previous))
+            self._roam(peer, source)
             self._handshake_complete(peer, now)
             self._send_staged(peer, now)
         peer.rx_bytes += len(plaintext) + messages.TRANSPORT_MIN_SIZE
         packet = self._inner_packet(peer, plaintext)
-        peer.endpoint = source
+        self._roam(peer, source)
         self._keep_key_fresh_receiving(peer, now)
         peer.timers.on_any_authenticated_packet_traversal(now, peer.persistent_keepalive)
         peer.timers.on_any_authenticated_packet_received()
