@@ -94,6 +94,10 @@ class _Unchanged(enum.Enum):
 
 _UNCHANGED: Final = _Unchanged.TOKEN
 
+# One UAPI allowed-IP line: (PREFIX, True) adds, (PREFIX, False) removes, (None,
+# False) is `replace_allowed_ips` (see `WireGuardCore.set_peer`).
+AllowedIPChange = tuple[IPNetwork | str | None, bool]
+
 
 @dataclass
 class Output:
@@ -170,9 +174,16 @@ class WireGuardCore:
         persistent_keepalive: int | None | _Unchanged = _UNCHANGED,
         allowed_ips: Iterable[IPNetwork | str] | None = None,
         replace_allowed_ips: bool = False,
-        remove_allowed_ips: Iterable[IPNetwork | str] = (),
+        allowed_ip_changes: Iterable[AllowedIPChange] = (),
     ) -> Peer:
-        """Create or update a peer. Everything is validated before anything changes."""
+        """Create or update a peer. Everything is validated before anything changes.
+
+        Allowed IPs: `replace_allowed_ips` drops the peer's, then `allowed_ips` are
+        added, then `allowed_ip_changes` are applied one after the other (UAPI lines,
+        order-sensitive as in wireguard-go): (PREFIX, True) takes the prefix from
+        whichever peer has it, (PREFIX, False) drops it if this peer has it, (None,
+        False) drops all of this peer's.
+        """
         if not isinstance(public_key, bytes) or len(public_key) != 32:
             raise ValueError("peer public key must be 32 bytes")
         if public_key == self.public_key:
@@ -186,7 +197,10 @@ class WireGuardCore:
             if not isinstance(persistent_keepalive, int) or not 0 <= persistent_keepalive <= 65535:
                 raise ValueError("persistent keepalive must be 0-65535 seconds")
         networks = [ip_network(n, strict=False) for n in (allowed_ips or ())]
-        removals = [ip_network(n, strict=False) for n in remove_allowed_ips]
+        changes = [
+            (ip_network(n, strict=False) if n is not None else None, bool(add))
+            for n, add in allowed_ip_changes
+        ]
 
         peer = self.peers.get(public_key)
         if peer is None:
@@ -203,10 +217,15 @@ class WireGuardCore:
             turned_on = old == 0 and peer.persistent_keepalive != 0
         if replace_allowed_ips:
             self.allowed_ips.remove_peer(peer)
-        for net in removals:  # `allowed_ip=-PREFIX`: only if this peer owns it
-            self.allowed_ips.remove(net, peer)
         for net in networks:
             self.allowed_ips.insert(net, peer)
+        for change, add in changes:
+            if change is None:
+                self.allowed_ips.remove_peer(peer)
+            elif add:
+                self.allowed_ips.insert(change, peer)
+            else:  # `allowed_ip=-PREFIX`: only if this peer owns it
+                self.allowed_ips.remove(change, peer)
         if turned_on and self.private_key is not None:
             # wireguard-go sends a keepalive at once when the interval is switched on.
             self._send_keepalive(peer, now)
