@@ -318,8 +318,10 @@ cdef int _open_batch(keypair_t *kp, PacketBatch b) noexcept nogil:
 cdef class Keypair:
     """Both directions of one WireGuard session, ready for the C packet path.
 
-    The send counter and the replay window live here in C; the Python core hands the
-    keys over once (KeypairInstalled) and never sends on this keypair itself.
+    The send counter and the replay window live here in C.  Once the Python core
+    hands a session over (fastloop), they are the session's only ones: what the core
+    still seals on it takes ``reserve_counter()``, what it still opens goes through
+    ``PacketLoop.replay_check`` / ``replay_update``.
     """
     cdef keypair_t *kp
 

@@ -378,7 +378,9 @@ class FastDataPath:
         if core.mtu != self._mtu:  # the device follows the link MTU
             self.c.set_mtu(core.mtu)
             self._mtu = core.mtu
-        # gone, or removed and added again (a new peer with the same key)
+        # gone, or removed and added again (a new peer with the same key: its slot
+        # and slots copy start empty, as the device reconciles right after a UAPI
+        # set, before the new peer can have a session)
         for key in [k for k, pid in self._ids.items() if core.peers.get(k) is not self._peer[pid]]:
             self._remove_peer(key)
         for key, peer in core.peers.items():
