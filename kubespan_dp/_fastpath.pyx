@@ -915,6 +915,12 @@ cdef class PacketLoop:
         return self.L.link_gone
 
     @property
+    def udp_gso(self) -> bool:
+        """Runs of same-size datagrams still leave as one UDP GSO send (False once
+        the kernel said GSO cannot work here)."""
+        return not self.L.no_gso
+
+    @property
     def tx_packets(self) -> int:
         return self.L.tx_packets
 
