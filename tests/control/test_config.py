@@ -339,6 +339,20 @@ def test_identity_document_alone_and_duplicated() -> None:
     assert problems(IDENTITY_DOC, KUBESPAN_ON) == [("DiscoveryServiceConfig", NEEDS_DISCOVERY)]
 
 
+def test_readme_talos_example_loads() -> None:
+    """The README's current-style Talos config, with its local.yaml, is what it says."""
+    readme = (TALOS.parents[2] / "README.md").read_text()
+    block = readme.split("# worker.yaml, from talosctl (abridged)\n", 1)[1].split("```", 1)[0]
+    local = "apiVersion: v1alpha1\nkind: KubeSpanPyConfig\npodCIDRs: [10.244.7.0/24]\n"
+    assert f"printf '{local.replace(chr(10), chr(92) + 'n')}' > local.yaml" in readme
+    cfg = load_config(block, local)
+    assert cfg.kubespan.enabled and cfg.discovery_services == (TALOS_DEFAULT_SERVICE,)
+    assert cfg.cluster_id == "0raF93qnkMvF-FZNuvyGozXNdLiT2FOWSlyBaW4PR-w="
+    assert cfg.kubernetes_networks == tuple(
+        ip_network(n) for n in ("10.244.0.0/16", "10.96.0.0/12", "10.244.7.0/24")
+    )
+
+
 # --- node data: machine type, API server port, Kubernetes networks, sort order --------------
 
 
