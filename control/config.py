@@ -80,8 +80,12 @@ OVERRIDE_DISCOVERY_SERVICE_NAME = "discoveryEndpoint"  # ours, from KubeSpanPyCo
 
 WIREGUARD_MODES = ("auto", "kernel", "userspace")
 # machine.type as Talos parses it: "" and "join" mean worker.
-MACHINE_TYPES = {"": "worker", "join": "worker", "worker": "worker"} | {
-    t: t for t in ("init", "controlplane")
+MACHINE_TYPES = {
+    "": "worker",
+    "join": "worker",
+    "worker": "worker",
+    "init": "init",
+    "controlplane": "controlplane",
 }
 CONTROL_PLANE_TYPES = ("init", "controlplane")
 ADDRESS_SORT_ALGORITHMS = ("v1", "v2")  # v1 is the default (machine.features)
