@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import logging
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -30,9 +29,9 @@ from control import api, records, routing
 from control.affiliate import Affiliate
 from control.backends.base import BackendError, PeerConfig, WireGuardBackend
 from control.backends.select import select_backend
-from control.config import ConfigError, MachineConfig, load_config
+from control.config import POD_CIDRS_HELP, ConfigError, MachineConfig, load_config
 from control.discovery.client import DiscoveryClient
-from control.endpoints import local_affiliate, system_addresses
+from control.endpoints import local_affiliate, system_addresses, system_hostname
 from control.identity import (
     IdentityError,
     KubeSpanIdentity,
@@ -70,7 +69,7 @@ class Agent:
     def __init__(self, config: MachineConfig, options: AgentOptions) -> None:
         self.config = config
         self.options = options
-        self.hostname = options.hostname or socket.gethostname()
+        self.hostname = options.hostname or system_hostname()  # the FQDN, as Talos
         self.store = records.RecordStore()
         self.api_store = api.ResourceStore()
         self.reconciles = ReconcileStats()
@@ -314,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
         "discovery service, keep a full mesh with every other node and route traffic "
         "for them through it. Needs root. SIGHUP reloads the config; SIGINT/SIGTERM "
         "stop the agent and remove everything it set up.",
+        epilog=POD_CIDRS_HELP,
     )
     parser.add_argument(
         "--config",
