@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import logging
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -39,9 +38,9 @@ from control import api, records, routing
 from control.affiliate import Affiliate
 from control.backends.base import BackendError, PeerConfig, WireGuardBackend
 from control.backends.select import select_backend
-from control.config import ConfigError, MachineConfig, load_config
+from control.config import POD_CIDRS_HELP, ConfigError, MachineConfig, load_config
 from control.discovery.pool import DiscoveryPool, ServiceTarget
-from control.endpoints import local_affiliate, system_addresses
+from control.endpoints import local_affiliate, system_addresses, system_hostname
 from control.identity import (
     IdentityError,
     KubeSpanIdentity,
@@ -79,7 +78,7 @@ class Agent:
     def __init__(self, config: MachineConfig, options: AgentOptions) -> None:
         self.config = config
         self.options = options
-        self.hostname = options.hostname or socket.gethostname()
+        self.hostname = options.hostname or system_hostname()  # the FQDN, as Talos
         self.store = records.RecordStore()
         self.api_store = api.ResourceStore()
         self.reconciles = ReconcileStats()
@@ -396,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
         "can); SIGINT/SIGTERM stop the agent and remove everything it set up on this "
         "machine, but the node stays registered with discovery so that its peers keep "
         "it across a restart (`kubespan leave` withdraws it).",
+        epilog=POD_CIDRS_HELP,
     )
     parser.add_argument(
         "--config",
