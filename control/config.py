@@ -3,11 +3,23 @@
 A Talos machine config is a multi-document YAML stream. We read:
 
 * the v1alpha1 document (the one with ``version: v1alpha1`` and no ``kind``):
-  ``machine.network.kubespan`` and ``cluster.{id, secret, discovery}``;
+  ``machine.network.kubespan``, ``cluster.{id, secret, discovery}`` (the form Talos
+  wrote before 1.14), and for what the node publishes ``machine.type``,
+  ``machine.features.nodeAddressSortAlgorithm``, ``machine.kubelet.registerWithFQDN``,
+  ``cluster.network.{podSubnets, serviceSubnets}`` and
+  ``cluster.controlPlane.localAPIServerPort``;
+* ``DiscoveryIdentityConfig`` (``clusterID``, ``clusterSecret``) and one
+  ``DiscoveryServiceConfig`` per discovery service (``name``, ``endpoint``): what
+  ``talosctl gen config`` writes since Talos 1.14 instead of ``cluster.id``,
+  ``cluster.secret`` and ``cluster.discovery`` (each conflicts with its v1alpha1 form,
+  as in Talos);
 * a ``KubeSpanConfig`` document (newer Talos; conflicts with
   ``machine.network.kubespan``, as in Talos);
 * a ``KubeSpanEndpointsConfig`` document (also accepted spelled
   ``KubespanEndpointsConfig``, as Talos's KubeSpan guide writes it);
+* from Talos's Kubernetes documents (1.14+), only what decides the published node
+  data: ``KubeNetworkConfig`` (pod and service subnets), ``KubeAPIServerConfig``
+  (``apiPort``) and ``KubeNodeConfig`` (``registerWithFQDN``);
 * our own ``KubeSpanPyConfig`` document (apiVersion v1alpha1) with what this
   project adds::
 
@@ -18,11 +30,12 @@ A Talos machine config is a multi-document YAML stream. We read:
       podCIDRs: [10.244.1.0/24]    # networks this node advertises (advertiseKubernetesNetworks)
       stateDir: /var/lib/kubespan  # identity files live here
       linkName: kubespan           # WireGuard link name
-      # discoveryEndpoint overrides cluster.discovery.registries.service.endpoint
+      # discoveryEndpoint replaces every configured discovery service with this one
       discoveryEndpoint: http://10.0.0.1:3000
 
 Everything else in the stream (other sections, other kinds) is ignored. Inside the
-sections we own, unknown keys and wrong types are errors. Every problem is collected
+sections and documents we own, unknown keys and wrong types are errors; in Talos's
+Kubernetes documents only the keys we read are checked. Every problem is collected
 with its YAML path and raised at once as one ``ConfigError``.
 """
 
@@ -40,12 +53,12 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from control.discovery.target import parse_discovery_endpoint
 from kubespan_dp.netutil import (
     Address,
     InterfaceNameError,
     IPNetwork,
     check_ifname,
+    format_endpoint,
     parse_endpoint,
 )
 
@@ -59,10 +72,52 @@ DEFAULT_STATE_DIR = "/var/lib/kubespan"
 CLUSTER_SECRET_SIZE = 32
 MAX_CLUSTER_ID_BYTES = 256  # the discovery service rejects longer ids
 
+DEFAULT_CONTROL_PLANE_PORT = 6443  # the kube-apiserver's local port
+DEFAULT_POD_SUBNET = "10.244.0.0/16"  # cluster.network without podSubnets
+DEFAULT_SERVICE_SUBNET = "10.96.0.0/12"  # cluster.network without serviceSubnets
+LEGACY_DISCOVERY_SERVICE_NAME = "legacy"  # what Talos calls the .cluster.discovery service
+OVERRIDE_DISCOVERY_SERVICE_NAME = "discoveryEndpoint"  # ours, from KubeSpanPyConfig
+
 WIREGUARD_MODES = ("auto", "kernel", "userspace")
+# machine.type as Talos parses it: "" and "join" mean worker.
+MACHINE_TYPES = {
+    "": "worker",
+    "join": "worker",
+    "worker": "worker",
+    "init": "init",
+    "controlplane": "controlplane",
+}
+CONTROL_PLANE_TYPES = ("init", "controlplane")
+ADDRESS_SORT_ALGORITHMS = ("v1", "v2")  # v1 is the default (machine.features)
 ENDPOINTS_KINDS = ("KubeSpanEndpointsConfig", "KubespanEndpointsConfig")
 KUBESPAN_KIND = "KubeSpanConfig"
 PY_KIND = "KubeSpanPyConfig"
+DISCOVERY_SERVICE_KIND = "DiscoveryServiceConfig"
+DISCOVERY_IDENTITY_KIND = "DiscoveryIdentityConfig"
+KUBE_NETWORK_KIND = "KubeNetworkConfig"
+KUBE_API_SERVER_KIND = "KubeAPIServerConfig"
+KUBE_NODE_KIND = "KubeNodeConfig"
+OWNED_KINDS = (
+    KUBESPAN_KIND,
+    *ENDPOINTS_KINDS,
+    PY_KIND,
+    DISCOVERY_SERVICE_KIND,
+    DISCOVERY_IDENTITY_KIND,
+)
+KUBE_KINDS = (KUBE_NETWORK_KIND, KUBE_API_SERVER_KIND, KUBE_NODE_KIND)
+
+KUBESPAN_NEEDS_DISCOVERY = (
+    "KubeSpan requires cluster discovery to be enabled "
+    "(a DiscoveryServiceConfig document, or .cluster.discovery with the service registry)"
+)
+
+# Where advertised pod CIDRs come from; shown by --help and by the agent's warning.
+POD_CIDRS_HELP = (
+    "advertiseKubernetesNetworks: true announces this node's pod CIDRs to its peers. Talos "
+    "takes them from the Kubernetes Node object (spec.podCIDRs); this agent does not watch "
+    "Kubernetes, so list them in the KubeSpanPyConfig document (podCIDRs: [10.244.1.0/24]) "
+    "or with `kubespan gen config --pod-cidr`."
+)
 
 
 class ConfigError(ValueError):
@@ -92,15 +147,33 @@ class KubeSpanSettings:
 
 
 @dataclass(frozen=True)
+class DiscoveryService:
+    """One discovery service to register with (Talos's cluster.ServiceEndpoint)."""
+
+    name: str
+    endpoint: str  # the URL as configured
+    target: str  # "host:port" to dial
+    insecure: bool  # plaintext gRPC (an http:// endpoint)
+
+    @classmethod
+    def from_url(cls, name: str, endpoint: str) -> DiscoveryService:
+        target, insecure = normalize_discovery_endpoint(endpoint)
+        return cls(name, endpoint, target, insecure)
+
+
+@dataclass(frozen=True)
 class DiscoverySettings:
+    """.cluster.discovery, or the DiscoveryServiceConfig documents (then `services`)."""
+
     enabled: bool = False
     service_enabled: bool = True
     service_endpoint: str = DEFAULT_DISCOVERY_SERVICE_ENDPOINT
     kubernetes_enabled: bool = True
+    services: tuple[DiscoveryService, ...] = ()  # from documents, in document order
 
     @property
     def service_active(self) -> bool:
-        return self.enabled and self.service_enabled
+        return bool(self.services) or (self.enabled and self.service_enabled)
 
 
 @dataclass(frozen=True)
@@ -116,12 +189,31 @@ class LocalSettings:
 
 
 @dataclass(frozen=True)
+class NodeSettings:
+    """Talos settings that decide what the node publishes about itself."""
+
+    machine_type: str = "worker"  # worker | controlplane | init
+    api_server_port: int = DEFAULT_CONTROL_PLANE_PORT
+    register_with_fqdn: bool = False  # the nodename is the FQDN, not the short hostname
+    address_sort: str = "v1"  # machine.features.nodeAddressSortAlgorithm
+    # Kubernetes networks (cluster.network or KubeNetworkConfig); their addresses are
+    # never node addresses. Empty when the config has no Kubernetes network section.
+    pod_subnets: tuple[IPNetwork, ...] = ()
+    service_subnets: tuple[IPNetwork, ...] = ()
+
+    @property
+    def control_plane(self) -> bool:
+        return self.machine_type in CONTROL_PLANE_TYPES
+
+
+@dataclass(frozen=True)
 class MachineConfig:
     cluster_id: str = ""
     cluster_secret: str = field(default="", repr=False)
     kubespan: KubeSpanSettings = KubeSpanSettings()
     discovery: DiscoverySettings = DiscoverySettings()
     local: LocalSettings = LocalSettings()
+    node: NodeSettings = NodeSettings()
 
     @property
     def secret_bytes(self) -> bytes:
@@ -129,14 +221,56 @@ class MachineConfig:
         return base64.b64decode(self.cluster_secret)
 
     @property
+    def discovery_services(self) -> tuple[DiscoveryService, ...]:
+        """Every discovery service to register with, in config order (empty: discovery off).
+
+        Our KubeSpanPyConfig discoveryEndpoint replaces them all; otherwise the
+        DiscoveryServiceConfig documents, or the one .cluster.discovery service."""
+        if self.local.discovery_endpoint:
+            endpoint = self.local.discovery_endpoint
+            return (DiscoveryService.from_url(OVERRIDE_DISCOVERY_SERVICE_NAME, endpoint),)
+        if self.discovery.services:
+            return self.discovery.services
+        if self.discovery.service_active:
+            endpoint = self.discovery.service_endpoint
+            return (DiscoveryService.from_url(LEGACY_DISCOVERY_SERVICE_NAME, endpoint),)
+        return ()
+
+    @property
     def discovery_endpoint(self) -> str:
-        """The discovery service URL in effect (the local override wins)."""
-        return self.local.discovery_endpoint or self.discovery.service_endpoint
+        """The first discovery service's URL (the local override wins)."""
+        services = self.discovery_services
+        return services[0].endpoint if services else self.discovery.service_endpoint
 
     def discovery_target(self) -> tuple[str, bool]:
-        """("host:port", insecure) as Talos normalises the service endpoint."""
-        target, tls = parse_discovery_endpoint(self.discovery_endpoint)
-        return target, not tls
+        """("host:port", insecure) of the first discovery service (see discovery_services)."""
+        return normalize_discovery_endpoint(self.discovery_endpoint)
+
+    @property
+    def kubernetes_networks(self) -> tuple[IPNetwork, ...]:
+        """Pod and service networks: addresses in them are not node addresses.
+
+        Talos excludes the cluster's pod and service subnets plus the node's own pod
+        CIDRs; ours are the KubeSpanPyConfig podCIDRs (always excluded: they are pod
+        networks whatever the rest of the config says)."""
+        nets = (*self.node.pod_subnets, *self.node.service_subnets, *self.local.pod_cidrs)
+        return tuple(dict.fromkeys(nets))
+
+
+def normalize_discovery_endpoint(endpoint: str) -> tuple[str, bool]:
+    """("host:port", insecure) from a discovery service URL, as Talos's NormalizeEndpoint:
+    the scheme is http, https or grpc; only http is plaintext; the port defaults to 80
+    for http, else 443. Raises ValueError."""
+    parts = urlsplit(endpoint)
+    port = parts.port  # raises ValueError on a bad port
+    if not parts.scheme:
+        raise ValueError("endpoint scheme is required")
+    if parts.scheme not in ("http", "https", "grpc"):
+        raise ValueError("endpoint scheme must be http://, https:// or grpc://")
+    if not parts.hostname:
+        raise ValueError("endpoint host is required")
+    insecure = parts.scheme == "http"
+    return format_endpoint((parts.hostname, port or (80 if insecure else 443))), insecure
 
 
 # --- parsing helpers -------------------------------------------------------------------
@@ -254,23 +388,49 @@ def _check_service_url(problems: Problems, path: str, url: str) -> None:
     except ValueError as exc:
         problems.append((path, f"cluster discovery service registry endpoint is invalid: {exc}"))
         return
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    if parts.scheme not in ("http", "https", "grpc") or not parts.hostname:
         problems.append(
             (
                 path,
                 f"cluster discovery service registry endpoint is invalid: {url!r} "
-                "(expected http(s)://host[:port])",
+                "(expected http://, https:// or grpc://host[:port])",
             )
         )
     elif parts.path not in ("", "/") or parts.query or parts.fragment:
         problems.append((path, "cluster discovery service path should be empty"))
 
 
+def _check_secret(s: _Section, key: str) -> None:
+    """The cluster secret is the AES-256 key: standard base64 of 32 bytes."""
+    secret = s.data.get(key)
+    if not isinstance(secret, str) or not secret:
+        return
+    try:
+        raw = base64.b64decode(secret, validate=True)
+    except (binascii.Error, ValueError):
+        s.error(key, "cluster secret must be base64 of 32 bytes: not valid base64")
+        return
+    if len(raw) != CLUSTER_SECRET_SIZE:
+        s.error(key, f"cluster secret must be base64 of 32 bytes: decodes to {len(raw)} bytes")
+
+
+def _check_cluster_id(s: _Section, key: str) -> None:
+    cid = s.data.get(key)
+    if isinstance(cid, str) and len(cid.encode()) > MAX_CLUSTER_ID_BYTES:
+        s.error(key, f"cluster id must be at most {MAX_CLUSTER_ID_BYTES} bytes")
+
+
+def _read_subnets(s: _Section, key: str) -> tuple[IPNetwork, ...] | None:
+    return _parse_list(s, key, parse_cidr, "subnet")
+
+
 # --- the documents ----------------------------------------------------------------------
 
 
-def _read_kubespan(s: _Section) -> dict:
-    """Keys shared by machine.network.kubespan and the KubeSpanConfig document."""
+def _read_kubespan(s: _Section, zero_mtu_is_default: bool = False) -> dict:
+    """Keys shared by machine.network.kubespan and the KubeSpanConfig document.
+
+    ``zero_mtu_is_default``: in machine.network.kubespan, Talos reads mtu 0 as 1420."""
     out: dict[str, Any] = {}
     for key, attr in (
         ("enabled", "enabled"),
@@ -282,6 +442,8 @@ def _read_kubespan(s: _Section) -> dict:
         if value is not None:
             out[attr] = value
     mtu = s.integer("mtu")
+    if mtu == 0 and zero_mtu_is_default:
+        mtu = None
     if mtu is not None:
         out["mtu"] = mtu
         if mtu < KUBESPAN_LINK_MINIMUM_MTU:
@@ -312,48 +474,74 @@ def _read_kubespan(s: _Section) -> dict:
     return out
 
 
+def _read_machine(machine: _Section, state: dict) -> None:
+    """machine.*: KubeSpan (ours) and, leniently, what shapes the published node data."""
+    mtype = machine.string("type")
+    if mtype is not None:
+        if mtype in MACHINE_TYPES:
+            state["machine_type"] = MACHINE_TYPES[mtype]
+        else:
+            machine.error("type", f"unknown machine type {mtype!r}")
+    features = machine.section("features")
+    if features is not None:
+        algorithm = features.string("nodeAddressSortAlgorithm")
+        if algorithm:
+            if algorithm.lower() in ADDRESS_SORT_ALGORITHMS:
+                state["address_sort"] = algorithm.lower()
+            else:
+                features.error(
+                    "nodeAddressSortAlgorithm",
+                    f"invalid node address sort algorithm: {algorithm!r} (expected v1 or v2)",
+                )
+    kubelet = machine.section("kubelet")
+    if kubelet is not None:
+        fqdn = kubelet.boolean("registerWithFQDN")
+        if fqdn is not None:
+            state["register_with_fqdn"] = fqdn
+    network = machine.section("network")
+    if network is not None and "kubespan" in network.data:
+        ks = network.section("kubespan")
+        if ks is not None:
+            state["kubespan"] = _read_kubespan(ks, zero_mtu_is_default=True)
+            ks.finish()
+
+
+def _read_cluster_network(network: _Section, state: dict) -> None:
+    """cluster.network: when present, Talos defaults the subnets it leaves empty."""
+    pods = _read_subnets(network, "podSubnets")
+    services = _read_subnets(network, "serviceSubnets")
+    state["pod_subnets"] = pods or (ip_network(DEFAULT_POD_SUBNET),)
+    state["service_subnets"] = services or (ip_network(DEFAULT_SERVICE_SUBNET),)
+
+
 def _read_v1alpha1(doc: dict, problems: Problems, state: dict) -> None:
     root = _Section(doc, "", problems)
-    machine = root.data.get("machine")
-    if machine is not None and not isinstance(machine, dict):
-        root.error("machine", f"expected a mapping, got {_type_name(machine)}")
-    elif isinstance(machine, dict):
-        network = machine.get("network")
-        if network is not None and not isinstance(network, dict):
-            problems.append(("machine.network", f"expected a mapping, got {_type_name(network)}"))
-        elif isinstance(network, dict) and "kubespan" in network:
-            ks = _Section(network, "machine.network", problems).section("kubespan")
-            if ks is not None:
-                state["kubespan"] = _read_kubespan(ks)
-                ks.finish()
-    cluster = root.data.get("cluster")
-    if cluster is not None and not isinstance(cluster, dict):
-        root.error("cluster", f"expected a mapping, got {_type_name(cluster)}")
+    machine = root.section("machine")
+    if machine is not None:
+        _read_machine(machine, state)
+    c = root.section("cluster")
+    if c is None:
         return
-    if not isinstance(cluster, dict):
-        return
-    c = _Section(cluster, "cluster", problems)
     cid = c.string("id")
-    if cid is not None:
+    if cid:
         state["cluster_id"] = cid
-        if len(cid.encode()) > MAX_CLUSTER_ID_BYTES:
-            c.error("id", f"cluster id must be at most {MAX_CLUSTER_ID_BYTES} bytes")
+        _check_cluster_id(c, "id")
     secret = c.string("secret")
-    if secret is not None:
+    if secret:
         state["cluster_secret"] = secret
-        try:
-            raw = base64.b64decode(secret, validate=True)
-        except (binascii.Error, ValueError):
-            c.error("secret", "cluster secret must be base64 of 32 bytes: not valid base64")
-        else:
-            if len(raw) != CLUSTER_SECRET_SIZE:
-                c.error(
-                    "secret",
-                    f"cluster secret must be base64 of 32 bytes: decodes to {len(raw)} bytes",
-                )
+        _check_secret(c, "secret")
+    network = c.section("network")
+    if network is not None:
+        _read_cluster_network(network, state)
+    control_plane = c.section("controlPlane")
+    if control_plane is not None:
+        port = control_plane.integer("localAPIServerPort")
+        if port:  # 0 means the default, as in Talos
+            state["api_server_port"] = port
     disc = c.section("discovery")
     if disc is None:
         return
+    state["has_discovery_block"] = True  # present at all: conflicts with the documents
     d: dict[str, Any] = {}
     enabled = disc.boolean("enabled")
     if enabled is not None:
@@ -423,24 +611,81 @@ def _read_py_doc(s: _Section, state: dict) -> None:
     state["local"] = out
 
 
+def _read_discovery_service_doc(s: _Section, state: dict) -> None:
+    name = s.string("name")
+    endpoint = s.string("endpoint")
+    if not name:
+        s.error("name", "name is required")
+    if not endpoint:
+        s.error("endpoint", "endpoint is required")
+    elif name:
+        try:
+            service = DiscoveryService.from_url(name, endpoint)
+        except ValueError as exc:
+            s.error("endpoint", f"discovery service endpoint is invalid: {exc}")
+        else:
+            state.setdefault("discovery_services", []).append(service)
+    state.setdefault("discovery_service_docs", []).append(s.path)
+
+
+def _read_discovery_identity_doc(s: _Section, state: dict) -> None:
+    # Talos never decodes the id (any string is a valid id); the secret is the AES key.
+    cid, secret = s.string("clusterID"), s.string("clusterSecret")
+    if not cid:
+        s.error("clusterID", "clusterID is required")
+    else:
+        _check_cluster_id(s, "clusterID")
+    if not secret:
+        s.error("clusterSecret", "clusterSecret is required")
+    else:
+        _check_secret(s, "clusterSecret")
+    state["identity_doc"] = (cid or "", secret or "")
+
+
+def _read_kube_doc(s: _Section, kind: str, state: dict) -> None:
+    """Talos's Kubernetes documents: only the keys we use (the first document counts)."""
+    if kind == KUBE_NETWORK_KIND:
+        state["kube_pod_subnets"] = _read_subnets(s, "podSubnets") or ()
+        state["kube_service_subnets"] = _read_subnets(s, "serviceSubnets") or ()
+    elif kind == KUBE_API_SERVER_KIND:
+        port = s.integer("apiPort")
+        state["kube_api_port"] = port if port is not None else DEFAULT_CONTROL_PLANE_PORT
+    else:
+        fqdn = s.boolean("registerWithFQDN")
+        state["kube_register_with_fqdn"] = bool(fqdn)
+
+
 def _read_meta_doc(doc: dict, kind: str, problems: Problems, state: dict) -> None:
-    s = _Section(doc, kind, problems)
+    named = kind == DISCOVERY_SERVICE_KIND
+    # Talos names a document by kind and, for named kinds, name: its duplicates check.
+    name = doc.get("name")
+    doc_id = f"{kind}/{name}" if named and name else kind
+    s = _Section(doc, doc_id, problems)
     s.known.update(("apiVersion", "kind"))
     if doc.get("apiVersion") != "v1alpha1":
+        if kind in KUBE_KINDS:
+            return  # a version of a document we do not own: not ours to judge
         s.error(
             "apiVersion", f"unsupported apiVersion {doc.get('apiVersion')!r} (expected v1alpha1)"
         )
         return
     seen = state.setdefault("seen_kinds", set())
-    canonical = ENDPOINTS_KINDS[0] if kind in ENDPOINTS_KINDS else kind
+    canonical = ENDPOINTS_KINDS[0] if kind in ENDPOINTS_KINDS else doc_id
     if canonical in seen:
-        problems.append((kind, f"duplicate {kind} document"))
+        problems.append((doc_id, f"duplicate {doc_id} document"))
         return
     seen.add(canonical)
+    if kind in KUBE_KINDS:
+        _read_kube_doc(s, kind, state)
+        return  # not ours: other keys are Talos's business
     if kind == KUBESPAN_KIND:
         state["kubespan_doc"] = _read_kubespan(s)
     elif kind in ENDPOINTS_KINDS:
         _read_endpoints_doc(s, state)
+    elif kind == DISCOVERY_SERVICE_KIND:
+        _read_discovery_service_doc(s, state)
+    elif kind == DISCOVERY_IDENTITY_KIND:
+        _read_discovery_identity_doc(s, state)
     else:
         _read_py_doc(s, state)
     s.finish()
@@ -467,9 +712,71 @@ def _read_stream(text: str, problems: Problems, state: dict) -> None:
                 continue
             state["has_v1alpha1"] = True
             _read_v1alpha1(doc, problems, state)
-        elif kind == KUBESPAN_KIND or kind in ENDPOINTS_KINDS or kind == PY_KIND:
+        elif kind in OWNED_KINDS or kind in KUBE_KINDS:
             _read_meta_doc(doc, kind, problems, state)
         # other kinds and versions belong to parts of Talos we do not implement
+
+
+def _build_discovery(state: dict, problems: Problems) -> DiscoverySettings:
+    """.cluster.discovery or the DiscoveryServiceConfig documents (never both, as Talos)."""
+    d = dict(state.get("discovery", {}))
+    endpoint_path = d.pop("service_endpoint_path", None)
+    docs = state.get("discovery_service_docs", [])
+    if docs and state.get("has_discovery_block"):
+        for doc_id in docs:
+            problems.append(
+                (
+                    doc_id,
+                    "discovery service is already configured in .cluster.discovery "
+                    "of the v1alpha1 config",
+                )
+            )
+    if docs:
+        services = tuple(state.get("discovery_services", ()))
+        # Talos's Kubernetes registry is a .cluster.discovery setting: off without one.
+        first = services[0].endpoint if services else DEFAULT_DISCOVERY_SERVICE_ENDPOINT
+        return DiscoverySettings(True, True, first, False, services)
+    discovery = DiscoverySettings(**d)
+    if discovery.service_active and endpoint_path:
+        _check_service_url(problems, endpoint_path, discovery.service_endpoint)
+    return discovery
+
+
+def _build_identity(state: dict, problems: Problems) -> tuple[str, str]:
+    """(cluster id, secret) from .cluster.id/.cluster.secret or DiscoveryIdentityConfig."""
+    legacy = (state.get("cluster_id", ""), state.get("cluster_secret", ""))
+    if "identity_doc" not in state:
+        return legacy
+    if any(legacy):
+        problems.append(
+            (
+                DISCOVERY_IDENTITY_KIND,
+                "cluster identity is already configured in .cluster.id/.cluster.secret "
+                "of the v1alpha1 config",
+            )
+        )
+        return legacy
+    return state["identity_doc"]
+
+
+def _build_node(state: dict) -> NodeSettings:
+    # A KubeNetworkConfig document wins over cluster.network (Talos reads it first).
+    if "kube_pod_subnets" in state:
+        pods, services = state["kube_pod_subnets"], state["kube_service_subnets"]
+    else:
+        pods, services = state.get("pod_subnets", ()), state.get("service_subnets", ())
+    return NodeSettings(
+        machine_type=state.get("machine_type", "worker"),
+        api_server_port=state.get(
+            "kube_api_port", state.get("api_server_port", DEFAULT_CONTROL_PLANE_PORT)
+        ),
+        register_with_fqdn=state.get(
+            "kube_register_with_fqdn", state.get("register_with_fqdn", False)
+        ),
+        address_sort=state.get("address_sort", "v1"),
+        pod_subnets=tuple(pods),
+        service_subnets=tuple(services),
+    )
 
 
 def _build(state: dict, problems: Problems) -> MachineConfig:
@@ -488,36 +795,43 @@ def _build(state: dict, problems: Problems) -> MachineConfig:
         ks_fields["extra_announced_endpoints"] = state["extra_endpoints"]
     kubespan = KubeSpanSettings(**ks_fields)
 
-    d = dict(state.get("discovery", {}))
-    endpoint_path = d.pop("service_endpoint_path", None)
-    discovery = DiscoverySettings(**d)
-    local = LocalSettings(**state.get("local", {}))
+    discovery = _build_discovery(state, problems)
+    cluster_id, cluster_secret = _build_identity(state, problems)
     cfg = MachineConfig(
-        cluster_id=state.get("cluster_id", ""),
-        cluster_secret=state.get("cluster_secret", ""),
+        cluster_id=cluster_id,
+        cluster_secret=cluster_secret,
         kubespan=kubespan,
         discovery=discovery,
-        local=local,
+        local=LocalSettings(**state.get("local", {})),
+        node=_build_node(state),
     )
 
-    if discovery.service_active and endpoint_path:
-        _check_service_url(problems, endpoint_path, discovery.service_endpoint)
-    if discovery.service_active or kubespan.enabled:
+    if (discovery.service_active or kubespan.enabled) and "identity_doc" not in state:
+        # (a DiscoveryIdentityConfig document reports its own missing fields)
         if not cfg.cluster_id:
-            problems.append(("cluster.id", "cluster discovery service requires .cluster.id"))
+            problems.append(
+                (
+                    "cluster.id",
+                    "cluster discovery requires a cluster id "
+                    "(.cluster.id or a DiscoveryIdentityConfig document)",
+                )
+            )
         if not cfg.cluster_secret:
             problems.append(
-                ("cluster.secret", "cluster discovery service requires .cluster.secret")
+                (
+                    "cluster.secret",
+                    "cluster discovery requires a cluster secret "
+                    "(.cluster.secret or a DiscoveryIdentityConfig document)",
+                )
             )
     if kubespan.enabled and not discovery.service_active:
-        where = (
-            "cluster.discovery.enabled"
-            if not discovery.enabled
-            else "cluster.discovery.registries.service.disabled"
-        )
-        problems.append(
-            (where, "KubeSpan requires cluster discovery to be enabled (with the service registry)")
-        )
+        if not state.get("has_discovery_block"):
+            where = DISCOVERY_SERVICE_KIND
+        elif not discovery.enabled:
+            where = "cluster.discovery.enabled"
+        else:
+            where = "cluster.discovery.registries.service.disabled"
+        problems.append((where, KUBESPAN_NEEDS_DISCOVERY))
     return cfg
 
 

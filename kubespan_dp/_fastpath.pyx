@@ -78,8 +78,10 @@ cdef bytes _key32(object key, str what):
 cdef class Keypair:
     """Both directions of one WireGuard session, ready for the C packet path.
 
-    The send counter and the replay window live here in C; the Python core hands the
-    keys over once (KeypairInstalled) and never sends on this keypair itself.
+    The send counter and the replay window live here in C.  Once the Python core
+    hands a session over (fastloop), they are the session's only ones: what the core
+    still seals on it takes ``reserve_counter()``, what it still opens goes through
+    ``PacketLoop.replay_check`` / ``replay_update``.
     """
     # cdef keypair_t *kp: declared in _fastpath.pxd (kubespan_dp._batch uses it)
 
@@ -136,19 +138,19 @@ cdef class Keypair:
     def rx_packets(self) -> int:
         return self.kp.rx_packets
 
-    def seed_replay(self, uint64_t last) -> None:
-        """Treat every counter up to ``last`` as already received.
-
-        For a keypair whose first packets the Python core opened before handing it
-        over: those (and anything older) must not be accepted a second time.
-        """
-        cdef int k, block = (last >> 6) & (RING_BLOCKS - 1)
+    def load_replay(self, uint64_t last, ring) -> None:
+        """Take over a receive window as it stands: the greatest counter accepted and
+        the 128 blocks of 64 bits (a Python ``ReplayWindow``'s ``state()``, the same
+        layout).  For a keypair whose first packets the Python core opened before
+        handing it over: C then accepts exactly what the core's window would."""
+        cdef int k
         if last >= REJECT_AFTER_MESSAGES:
             raise ValueError("counter beyond the limit")
+        if len(ring) != RING_BLOCKS:
+            raise ValueError(f"a window has {RING_BLOCKS} blocks")
+        blocks = [<uint64_t>b for b in ring]      # range-checks every block first
         for k in range(RING_BLOCKS):
-            self.kp.replay.ring[k] = <uint64_t>0xFFFFFFFFFFFFFFFF
-        # bits above ``last`` in its own block stay clear: those counters are new
-        self.kp.replay.ring[block] = (<uint64_t>0xFFFFFFFFFFFFFFFF) >> (63 - (last & 63))
+            self.kp.replay.ring[k] = blocks[k]
         self.kp.replay.last = last
 
     def reserve_counter(self) -> int:
@@ -968,16 +970,26 @@ cdef class PacketLoop:
             pthread_rwlock_unlock(&self.L.lock)
         return r
 
-    def mark_received(self, uint32_t local_index, uint64_t counter) -> bool:
-        """Record in the C replay window a counter that the Python core opened and
-        authenticated on an installed keypair (so the loop never accepts it again)."""
-        cdef keypair_t *k
-        cdef bint ok = False
+    def replay_check(self, Keypair kp not None, uint64_t counter) -> bool:
+        """Would ``kp``'s receive window accept ``counter``?  For the core opening
+        data on a keypair C owns: under the write lock, as the receiving thread
+        changes the windows of installed keypairs."""
+        cdef keypair_t *k = kp.kp
+        cdef bint ok
         with nogil:
             pthread_rwlock_wrlock(&self.L.lock)
-            k = _index_lookup(self.L, local_index)
-            if k != NULL:
-                ok = _replay_update(&k.replay, counter)
+            ok = _replay_check(&k.replay, counter)
+            pthread_rwlock_unlock(&self.L.lock)
+        return ok
+
+    def replay_update(self, Keypair kp not None, uint64_t counter) -> bool:
+        """Record ``counter`` (authenticated by the core) in ``kp``'s receive window;
+        False if it was accepted before or is too old: then it must be dropped."""
+        cdef keypair_t *k = kp.kp
+        cdef bint ok
+        with nogil:
+            pthread_rwlock_wrlock(&self.L.lock)
+            ok = _replay_update(&k.replay, counter)
             pthread_rwlock_unlock(&self.L.lock)
         return ok
 
@@ -1092,6 +1104,12 @@ cdef class PacketLoop:
     def link_gone(self) -> bool:
         """The TUN device failed for good (deleted); the sending thread stopped."""
         return self.L.link_gone
+
+    @property
+    def udp_gso(self) -> bool:
+        """Runs of same-size datagrams still leave as one UDP GSO send (False once
+        the kernel said GSO cannot work here)."""
+        return not self.L.no_gso
 
     @property
     def tx_packets(self) -> int:

@@ -104,9 +104,13 @@ cdef inline void _send_run(loop_t *L, int fd, mmsghdr *msgs, int32_t *peers, bin
             _send_plain(L, fd, &msgs[done])
             done += 1
             continue
-        if msgs[done].msg_hdr.msg_iovlen > 1 and not L.no_gso:
-            # the kernel refused UDP_SEGMENT (no GSO here): never again
-            L.no_gso = True
+        if msgs[done].msg_hdr.msg_iovlen > 1 and (err == EIO or err == EINVAL):
+            # EIO: the route's device cannot checksum UDP GSO for us (wireguard-go
+            # turns GSO off on it too): never again.  EINVAL: this one message broke
+            # a GSO limit.  Either way its datagrams go out one by one.  Any other
+            # error (say, one peer unreachable) says nothing about GSO.
+            if err == EIO:
+                L.no_gso = True
             _send_plain(L, fd, &msgs[done])
             done += 1
             continue

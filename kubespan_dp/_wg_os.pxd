@@ -12,6 +12,7 @@ cdef extern from "<errno.h>" nogil:
         EINTR
         EWOULDBLOCK
         EINVAL
+        EIO
         EADDRNOTAVAIL
         ENETUNREACH
 

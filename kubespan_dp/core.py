@@ -7,7 +7,8 @@ The device feeds it three kinds of input and forwards what comes out:
     on_timer(now)                         when next_deadline() has come
 
 Each returns an ``Output``: datagrams to send, decrypted packets for the TUN
-device, and events (keypairs installed/retired, handshakes completed). The
+device, and events (keypairs installed/confirmed/retired/expired, endpoints
+learned, handshakes completed: everything a fast path mirrors). The
 core never reads a clock or a socket; ``now`` is a monotonic time in seconds.
 Two things are injected: ``rng`` (ephemeral keys, indices, jitter, cookie
 secrets) and ``wall_clock`` (only for the TAI64N timestamp of initiations,
@@ -39,7 +40,15 @@ from typing import Final
 from . import crypto, messages, noise
 from .allowedips import AllowedIPs
 from .cookie import CookieChecker, RateLimiter
-from .keypair import HandshakeCompleted, Keypair, KeypairExpired, KeypairInstalled, KeypairRetired
+from .keypair import (
+    EndpointChanged,
+    HandshakeCompleted,
+    Keypair,
+    KeypairConfirmed,
+    KeypairExpired,
+    KeypairInstalled,
+    KeypairRetired,
+)
 from .netutil import Address, IPNetwork, check_endpoint
 from .noise import Handshake, HandshakeError, IndexTable
 from .padding import ip_packet_length, pad_plaintext
@@ -63,8 +72,10 @@ __all__ = [
     "Peer",
     "WireGuardCore",
     "KeypairInstalled",
+    "KeypairConfirmed",
     "KeypairRetired",
     "KeypairExpired",
+    "EndpointChanged",
     "HandshakeCompleted",
 ]
 
@@ -82,6 +93,10 @@ class _Unchanged(enum.Enum):
 
 
 _UNCHANGED: Final = _Unchanged.TOKEN
+
+# One UAPI allowed-IP line: (PREFIX, True) adds, (PREFIX, False) removes, (None,
+# False) is `replace_allowed_ips` (see `WireGuardCore.set_peer`).
+AllowedIPChange = tuple[IPNetwork | str | None, bool]
 
 
 @dataclass
@@ -159,9 +174,16 @@ class WireGuardCore:
         persistent_keepalive: int | None | _Unchanged = _UNCHANGED,
         allowed_ips: Iterable[IPNetwork | str] | None = None,
         replace_allowed_ips: bool = False,
-        remove_allowed_ips: Iterable[IPNetwork | str] = (),
+        allowed_ip_changes: Iterable[AllowedIPChange] = (),
     ) -> Peer:
-        """Create or update a peer. Everything is validated before anything changes."""
+        """Create or update a peer. Everything is validated before anything changes.
+
+        Allowed IPs: `replace_allowed_ips` drops the peer's, then `allowed_ips` are
+        added, then `allowed_ip_changes` are applied one after the other (UAPI lines,
+        order-sensitive as in wireguard-go): (PREFIX, True) takes the prefix from
+        whichever peer has it, (PREFIX, False) drops it if this peer has it, (None,
+        False) drops all of this peer's.
+        """
         if not isinstance(public_key, bytes) or len(public_key) != 32:
             raise ValueError("peer public key must be 32 bytes")
         if public_key == self.public_key:
@@ -175,7 +197,10 @@ class WireGuardCore:
             if not isinstance(persistent_keepalive, int) or not 0 <= persistent_keepalive <= 65535:
                 raise ValueError("persistent keepalive must be 0-65535 seconds")
         networks = [ip_network(n, strict=False) for n in (allowed_ips or ())]
-        removals = [ip_network(n, strict=False) for n in remove_allowed_ips]
+        changes = [
+            (ip_network(n, strict=False) if n is not None else None, bool(add))
+            for n, add in allowed_ip_changes
+        ]
 
         peer = self.peers.get(public_key)
         if peer is None:
@@ -192,10 +217,15 @@ class WireGuardCore:
             turned_on = old == 0 and peer.persistent_keepalive != 0
         if replace_allowed_ips:
             self.allowed_ips.remove_peer(peer)
-        for net in removals:  # `allowed_ip=-PREFIX`: only if this peer owns it
-            self.allowed_ips.remove(net, peer)
         for net in networks:
             self.allowed_ips.insert(net, peer)
+        for change, add in changes:
+            if change is None:
+                self.allowed_ips.remove_peer(peer)
+            elif add:
+                self.allowed_ips.insert(change, peer)
+            else:  # `allowed_ip=-PREFIX`: only if this peer owns it
+                self.allowed_ips.remove(change, peer)
         if turned_on and self.private_key is not None:
             # wireguard-go sends a keepalive at once when the interval is switched on.
             self._send_keepalive(peer, now)
@@ -406,13 +436,22 @@ class WireGuardCore:
         self.index_table.replace(kp.local_index, (peer, kp))
         for old in peer.keypairs.install(kp):
             self._retire(peer, old)
-        self._out.events.append(KeypairInstalled.of(peer.public_key, kp))
+        confirmed = peer.keypairs.current is kp
+        self._out.events.append(
+            KeypairInstalled(peer.public_key, kp, confirmed, peer.keypairs.previous)
+        )
 
     def _retire(self, peer: Peer, kp: Keypair) -> None:
         entry = self.index_table.get(kp.local_index)
         if entry is not None and entry[1] is kp:
             self.index_table.delete(kp.local_index)
         self._out.events.append(KeypairRetired(peer.public_key, kp.local_index))
+
+    def _roam(self, peer: Peer, source: Address) -> None:
+        """An authenticated message came from `source`: answer there from now on."""
+        if peer.endpoint != source:
+            peer.endpoint = source
+            self._out.events.append(EndpointChanged(peer.public_key, source))
 
     def _handshake_complete(self, peer: Peer, now: float) -> None:
         peer.timers.on_handshake_complete()
@@ -522,7 +561,7 @@ class WireGuardCore:
         peer = consumed.peer
         peer.timers.on_any_authenticated_packet_traversal(now, peer.persistent_keepalive)
         peer.timers.on_any_authenticated_packet_received()
-        peer.endpoint = source
+        self._roam(peer, source)
         peer.rx_bytes += len(data)
         self._send_handshake_response(peer, now)
 
@@ -539,7 +578,7 @@ class WireGuardCore:
             self.dropped[exc.reason.value] += 1
             return
         consumed.commit()
-        peer.endpoint = source
+        self._roam(peer, source)
         peer.rx_bytes += len(data)
         peer.timers.on_any_authenticated_packet_traversal(now, peer.persistent_keepalive)
         peer.timers.on_any_authenticated_packet_received()
@@ -558,7 +597,9 @@ class WireGuardCore:
         if kp.created + REJECT_AFTER_TIME < now:
             self.dropped["keypair_expired"] += 1
             return
-        if not kp.replay.check(msg.counter):
+        # the window's one owner: ours, or the fast path's once it runs the session
+        window = kp.window
+        if not window.check(msg.counter):
             self.dropped["replay"] += 1
             return
         try:
@@ -566,7 +607,7 @@ class WireGuardCore:
         except crypto.AuthenticationError:
             self.dropped["decrypt_failed"] += 1
             return
-        if not kp.replay.update(msg.counter):
+        if not window.update(msg.counter):
             self.dropped["replay"] += 1
             return
 
@@ -575,12 +616,13 @@ class WireGuardCore:
         if promoted:
             for old in retired:
                 self._retire(peer, old)
-            peer.endpoint = source
+            self._out.events.append(KeypairConfirmed(peer.public_key, kp, peer.keypairs.previous))
+            self._roam(peer, source)
             self._handshake_complete(peer, now)
             self._send_staged(peer, now)
         peer.rx_bytes += len(plaintext) + messages.TRANSPORT_MIN_SIZE
         packet = self._inner_packet(peer, plaintext)
-        peer.endpoint = source
+        self._roam(peer, source)
         self._keep_key_fresh_receiving(peer, now)
         peer.timers.on_any_authenticated_packet_traversal(now, peer.persistent_keepalive)
         peer.timers.on_any_authenticated_packet_received()

@@ -329,11 +329,8 @@ class Device:
                 kwargs["endpoint"] = p.endpoint
             if p.persistent_keepalive is not UNSET:
                 kwargs["persistent_keepalive"] = p.persistent_keepalive
-            if p.allowed_ips or p.replace_allowed_ips:
-                kwargs["allowed_ips"] = p.allowed_ips
-                kwargs["replace_allowed_ips"] = p.replace_allowed_ips
-            if p.remove_allowed_ips:
-                kwargs["remove_allowed_ips"] = p.remove_allowed_ips
+            if p.allowed_ip_changes:  # in order, replace_allowed_ips included
+                kwargs["allowed_ip_changes"] = p.allowed_ip_changes
             core.set_peer(p.public_key, now, **kwargs)
             if not exists:
                 log.info("peer %s added", short_key(p.public_key))

@@ -10,26 +10,31 @@ for the contract with the device).  Division of labour:
   on indices C does not know (the responder's first packet on a fresh keypair), and
   packets for peers without a usable session.
 
-The core stays the single source of truth.  Its output's events (KeypairInstalled,
-KeypairRetired, KeypairExpired, HandshakeCompleted) name the peers whose sessions
-changed; before that output's datagrams leave, those peers' sessions, endpoints and
-not-yet-confirmed indices are mirrored into C.  A full walk (peers, endpoints,
-allowed IPs) runs after each UAPI set and on a short tick.  C's activity goes back to
-the core (byte counters, roamed endpoints, and the timer hooks wireguard-go calls on
-data sent/received), so keepalives, rekeys and expiry work as in the pure-Python path.
+The core stays the single source of truth, and its output's events are the seam:
+KeypairInstalled / KeypairConfirmed / KeypairRetired / KeypairExpired move keypairs
+between a peer's slots (this module keeps a copy, `_Slots`, and never reads the
+core's), EndpointChanged carries a roam the core saw.  Before that output's datagrams
+leave, C has the touched peers' confirmed keypairs, the indices of sessions only the
+core runs, and the new endpoints.  Configuration (peers, configured endpoints,
+allowed IPs, MTU) is walked after each UAPI set and on a short tick.  C's activity
+goes back to the core (byte counters, roamed endpoints, and the timer hooks
+wireguard-go calls on data sent/received), so keepalives, rekeys and expiry work as
+in the pure-Python path.
 
-Nonces: once a keypair is in C, C owns its send counter.  The core's keypair hands
-its counter over (`Keypair.hand_counter_to`): whatever the core seals on it later (a
-keepalive from a timer, staged packets) takes its counter from C atomically, so no
-counter is ever used twice on the wire.  Sessions are only ever found by our own
-index (the receiver field of what peers send us), never by the index a peer chose.
+One owner per session: once a keypair is in C, C owns its send counter and its
+receive window.  The core's keypair hands both over (`Keypair.hand_counter_to`,
+`hand_window_to`): whatever the core seals on it later (a keepalive from a timer,
+staged packets) takes its counter from C atomically, and whatever data the core
+still opens on it (queued for Python before the hand-over) is checked and recorded
+in C's window, under the loop's lock; so no counter is used twice on the wire and
+none is accepted twice.  Sessions are only ever found by our own index (the
+receiver field of what peers send us), never by the index a peer chose.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import struct
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -37,6 +42,14 @@ from typing import Any
 
 from . import _fastpath as fp
 from .datapath import fastpath_enabled
+from .keypair import (
+    EndpointChanged,
+    Keypair,
+    KeypairConfirmed,
+    KeypairExpired,
+    KeypairInstalled,
+    KeypairRetired,
+)
 from .netutil import Address
 from .peer import MAX_PEERS
 from .pypath import MAX_SOURCES, PyDataPath
@@ -45,7 +58,6 @@ from .tun import UDP_OFFLOADS
 SYNC_INTERVAL = 0.1  # seconds between C -> core activity syncs
 HANDSHAKE_SIZES = {1: 148, 2: 92}  # initiation, response (cookie replies need no DH)
 HANDSHAKE_BATCH = 1024  # handshake messages taken from C per wakeup
-_HEADER = struct.Struct("<IIQ")
 
 log = logging.getLogger("kubespan_dp.fastloop")
 
@@ -53,12 +65,28 @@ log = logging.getLogger("kubespan_dp.fastloop")
 __all__ = ["FastDataPath", "fastpath_enabled"]
 
 
+class _CWindow:
+    """C's receive window of a keypair, for the core (`keypair.ReceiveWindow`): both
+    calls take the loop's write lock, so the receiving thread never runs beside them."""
+
+    __slots__ = ("loop", "c_kp")
+
+    def __init__(self, loop: fp.PacketLoop, c_kp: fp.Keypair) -> None:
+        self.loop, self.c_kp = loop, c_kp
+
+    def check(self, counter: int) -> bool:
+        return 0 <= counter < 1 << 64 and self.loop.replay_check(self.c_kp, counter)
+
+    def update(self, counter: int) -> bool:
+        return 0 <= counter < 1 << 64 and self.loop.replay_update(self.c_kp, counter)
+
+
 class _Installed:
     """A core keypair mirrored in C: C owns its send counter and receive window."""
 
     __slots__ = ("core_kp", "c_kp")
 
-    def __init__(self, core_kp: Any) -> None:
+    def __init__(self, core_kp: Keypair, loop: fp.PacketLoop) -> None:
         self.core_kp = core_kp
         owner = core_kp.counter_owner
         if isinstance(owner, fp.Keypair):
@@ -73,11 +101,37 @@ class _Installed:
             created=core_kp.created,
             send_counter=core_kp.send_counter,
         )
-        window = core_kp.replay
-        if not window.check(window.last):  # the core already opened packets on it
-            self.c_kp.seed_replay(window.last)
-        # from now on C alone hands out this session's counters, to C and to the core
+        # the core's window, the only one so far, moves to C as it stands
+        self.c_kp.load_replay(*core_kp.replay.state())
+        # from now on C alone hands out this session's counters and decides which
+        # counters it accepts, for C and for the core
         core_kp.hand_counter_to(self.c_kp)
+        core_kp.hand_window_to(_CWindow(loop, self.c_kp))
+
+
+class _Slots:
+    """A peer's keypair slots as the core's events described them (`Keypairs`)."""
+
+    __slots__ = ("current", "previous", "next")
+
+    def __init__(self) -> None:
+        self.current: Keypair | None = None
+        self.previous: Keypair | None = None
+        self.next: Keypair | None = None
+
+    def all(self) -> list[Keypair]:
+        return [k for k in (self.current, self.previous, self.next) if k is not None]
+
+    def empty(self) -> bool:
+        return not self.all()
+
+    def retire(self, local_index: int) -> None:
+        if self.current is not None and self.current.local_index == local_index:
+            self.current = None
+        if self.previous is not None and self.previous.local_index == local_index:
+            self.previous = None
+        if self.next is not None and self.next.local_index == local_index:
+            self.next = None
 
 
 class FastDataPath:
@@ -107,9 +161,10 @@ class FastDataPath:
         self._ids: dict[bytes, int] = {}  # peer public key -> C slot
         self._free: list[int] = []
         self._next_id = 0
+        self._peer: dict[int, Any] = {}  # C slot -> the core's Peer it stands for
+        self._slots: dict[bytes, _Slots] = {}  # peer public key -> its keypairs
         self._keypairs: dict[int, tuple[Any, Any]] = {}  # slot -> core (current, previous)
         self._installed: dict[int, _Installed] = {}  # id(core keypair) -> mirror
-        self._by_local: dict[int, _Installed] = {}  # local index -> mirror
         self._endpoints: dict[int, Address | None] = {}
         self._sources: dict[int, tuple[bytes, int]] = {}  # sticky source pushed to C
         self._stats: dict[int, tuple[float, ...]] = {}
@@ -257,19 +312,9 @@ class FastDataPath:
         elif source is None:
             self._own_drops["invalid_source"] += 1
         else:
-            # data on a session the core runs and C does not (yet): the core decides
+            # data on a session the core runs (or ran when C queued it): the core
+            # decides, through the session's one receive window
             self._send_output(core.receive_datagram(data, source, now))
-            self._mirror_replay(data)
-
-    def _mirror_replay(self, data: bytes) -> None:
-        # The core opened a data packet on a keypair that is (now) in C too: C's
-        # window must learn the counter, or a replay of it would pass there.
-        if len(data) < 32:
-            return
-        kind, receiver, counter = _HEADER.unpack_from(data)
-        mirror = self._by_local.get(receiver)
-        if kind == 4 and mirror is not None and not mirror.core_kp.replay.check(counter):
-            self.c.mark_received(receiver, counter)
 
     def _tick(self) -> None:
         self._tick_handle = None
@@ -328,21 +373,30 @@ class FastDataPath:
     # ------------------------------------------------------------- core -> C
 
     def reconcile(self, routes: bool = True) -> None:
-        """Make the C loop's peers, endpoints, keypairs and routes match the core.
+        """Make the C loop's peers, configured endpoints and routes match the core.
 
-        The full walk runs on the tick, on attach and after a UAPI set; the core's
-        output in between names the peers whose sessions changed (its events), and
-        only those are brought up to date (`_apply_events`).  Routes are compared
-        only when asked: walking every peer's allowed IPs is the costly part.
+        Runs on attach, after each UAPI set and on the tick.  Sessions are not
+        compared here: they reach C only from the core's events (`_apply_events`).
+        Routes are compared only when asked: walking every peer's allowed IPs is
+        the costly part.
         """
         core = self.core
         if core.mtu != self._mtu:  # the device follows the link MTU
             self.c.set_mtu(core.mtu)
             self._mtu = core.mtu
-        for key in [k for k in self._ids if k not in core.peers]:
-            self._sync_peer(key)
-        for key in core.peers:
-            self._sync_peer(key)
+        # gone, or removed and added again (a new peer with the same key: its slot
+        # and slots copy start empty, as the device reconciles right after a UAPI
+        # set, before the new peer can have a session)
+        for key in [k for k, pid in self._ids.items() if core.peers.get(k) is not self._peer[pid]]:
+            self._remove_peer(key)
+        for key, peer in core.peers.items():
+            pid = self._ensure_peer(key)
+            if pid is None:
+                continue
+            if peer.endpoint != self._endpoints.get(pid):
+                self._set_endpoint(pid, peer.endpoint)
+            else:
+                self._set_source(pid, peer.endpoint)
         self._push_pending()
         if not routes:
             return
@@ -358,69 +412,120 @@ class FastDataPath:
             self._routes = table
 
     def _apply_events(self, out: Any) -> None:
-        """The core's events name the peers whose sessions changed (KeypairInstalled,
-        KeypairRetired, KeypairExpired, HandshakeCompleted on confirmation): C gets
-        those peers' sessions, endpoints and pending indices now."""
-        keys: set[bytes] = set()
+        """The core's events, in order, move keypairs between each peer's slots (our
+        copy in `_slots`); C then gets the touched peers' (current, previous) and
+        the indices of sessions only the core runs.  A roamed endpoint reaches C
+        at once."""
+        touched: set[bytes] = set()
         for ev in out.events:
-            key = getattr(ev, "peer_key", None)
-            if isinstance(key, bytes):
-                keys.add(key)
-        if not keys:
-            return
-        for key in keys:
-            self._sync_peer(key)
-        self._push_pending()
+            if isinstance(ev, EndpointChanged):
+                pid = self._ids.get(ev.peer_key)
+                if pid is not None:
+                    self._set_endpoint(pid, ev.endpoint, force=True)
+                continue
+            slots = self._slots.get(ev.peer_key)
+            if isinstance(ev, KeypairInstalled):
+                slots = self._slots.setdefault(ev.peer_key, _Slots())
+                if ev.confirmed:
+                    slots.current, slots.next = ev.keypair, None
+                else:
+                    slots.next = ev.keypair
+                slots.previous = ev.previous
+            elif isinstance(ev, KeypairConfirmed) and slots is not None:
+                slots.current, slots.previous, slots.next = ev.keypair, ev.previous, None
+            elif isinstance(ev, KeypairRetired) and slots is not None:
+                slots.retire(ev.local_index)
+            elif isinstance(ev, KeypairExpired) and slots is not None:
+                for kp in (slots.current, slots.next):
+                    m = self._installed.get(id(kp))
+                    if kp is not None and kp.local_index == ev.local_index and m is not None:
+                        m.c_kp.expire()  # the core's counter setter did too: idempotent
+            else:
+                continue
+            touched.add(ev.peer_key)
+        for key in touched:
+            self._push_sessions(key)
+        if touched:
+            self._push_pending()
 
-    def _sync_peer(self, key: bytes) -> None:
-        peer = self.core.peers.get(key)
+    def _push_sessions(self, key: bytes) -> None:
+        """C runs the peer's confirmed keypairs; the core keeps the rest (pending)."""
+        slots = self._slots.get(key)
+        if slots is not None and slots.empty():
+            del self._slots[key]
+            slots = None
         pid = self._ids.get(key)
-        if peer is None:
-            if pid is not None:  # removed from the core
-                del self._ids[key]
-                self.c.remove_peer(pid)
-                self._forget_keypairs(pid)
-                self._endpoints.pop(pid, None)
-                self._sources.pop(pid, None)
-                self._stats.pop(pid, None)
-                self._free.append(pid)
-            self._pending_of.pop(key, None)
-            return
         if pid is None:
-            if not self._free and self._next_id >= self.c.max_peers:
-                # the device refuses more peers than this at UAPI time
-                self._own_drops["too_many_peers"] += 1
-                return
-            pid = self._free.pop() if self._free else self._take_id()
-            self._ids[key] = pid
-            self.c.add_peer(pid)
-            self._stats[pid] = (0, 0, 0.0, 0.0, 0.0, 0.0)
-            self._endpoints[pid] = None
-        if peer.endpoint != self._endpoints.get(pid):
-            try:
-                self.c.set_endpoint(pid, peer.endpoint)
-            except (OSError, ValueError, OverflowError):
-                # e.g. its zone's interface is gone: C has no endpoint for it
-                self.c.set_endpoint(pid, None)
-                self._own_drops["endpoint_unusable"] += 1
-            self._endpoints[pid] = peer.endpoint
-            self._sources.pop(pid, None)
-        # the core may have heard from this peer first (handshake, first data):
-        # C must answer from the same local address the Python path would use
-        local = self.py.sources.get(peer.endpoint) if peer.endpoint else None
-        if local is not None and local != self._sources.get(pid):
-            self.c.set_source(pid, local)
-            self._sources[pid] = local
-        self._mirror_keypairs(pid, peer)
+            pid = self._ensure_peer(key)  # (which pushes the sessions itself)
+            if pid is None:
+                # no C slot for it: the core keeps all its sessions
+                pending = frozenset(kp.local_index for kp in slots.all()) if slots else None
+                self._set_pending_of(key, pending)
+            return
+        self._set_source(pid, self._endpoints.get(pid))
+        self._mirror_keypairs(pid, (slots.current, slots.previous) if slots else (None, None))
         # data for sessions only the core runs (a responder's before its first
         # packet) must reach it; data on any other index C does not know is dropped
-        pending = frozenset(
-            kp.local_index for kp in peer.keypairs.all() if id(kp) not in self._installed
-        )
+        nxt = slots.next if slots else None
+        self._set_pending_of(key, frozenset((nxt.local_index,)) if nxt is not None else None)
+
+    def _set_pending_of(self, key: bytes, pending: frozenset[int] | None) -> None:
         if pending:
             self._pending_of[key] = pending
         else:
             self._pending_of.pop(key, None)
+
+    def _ensure_peer(self, key: bytes) -> int | None:
+        """The peer's C slot, made (with its sessions) if the core has the peer."""
+        pid = self._ids.get(key)
+        peer = self.core.peers.get(key)
+        if pid is not None or peer is None:
+            return pid
+        if not self._free and self._next_id >= self.c.max_peers:
+            # the device refuses more peers than this at UAPI time
+            self._own_drops["too_many_peers"] += 1
+            return None
+        pid = self._free.pop() if self._free else self._take_id()
+        self._ids[key] = pid
+        self._peer[pid] = peer
+        self.c.add_peer(pid)
+        self._stats[pid] = (0, 0, 0.0, 0.0, 0.0, 0.0)
+        self._endpoints[pid] = None
+        self._set_endpoint(pid, peer.endpoint)
+        if key in self._slots:
+            self._push_sessions(key)
+        return pid
+
+    def _remove_peer(self, key: bytes) -> None:
+        pid = self._ids.pop(key)
+        self.c.remove_peer(pid)
+        self._forget_keypairs(pid)
+        for table in (self._endpoints, self._sources, self._stats, self._peer):
+            table.pop(pid, None)
+        self._free.append(pid)
+        self._slots.pop(key, None)
+        self._pending_of.pop(key, None)
+
+    def _set_endpoint(self, pid: int, endpoint: Address | None, force: bool = False) -> None:
+        # forced for a roam the core saw: C may have roamed elsewhere since our push
+        if force or endpoint != self._endpoints.get(pid):
+            try:
+                self.c.set_endpoint(pid, endpoint)
+            except (OSError, ValueError, OverflowError):
+                # e.g. its zone's interface is gone: C has no endpoint for it
+                self.c.set_endpoint(pid, None)
+                self._own_drops["endpoint_unusable"] += 1
+            self._endpoints[pid] = endpoint
+            self._sources.pop(pid, None)  # C forgot it with the old endpoint
+        self._set_source(pid, endpoint)
+
+    def _set_source(self, pid: int, endpoint: Address | None) -> None:
+        # the core may have heard from this peer first (handshake, first data):
+        # C must answer from the same local address the Python path would use
+        local = self.py.sources.get(endpoint) if endpoint else None
+        if local is not None and local != self._sources.get(pid):
+            self.c.set_source(pid, local)
+            self._sources[pid] = local
 
     def _push_pending(self) -> None:
         pending = frozenset().union(*self._pending_of.values())
@@ -435,8 +540,7 @@ class FastDataPath:
         self._next_id += 1
         return pid
 
-    def _mirror_keypairs(self, pid: int, peer: Any) -> None:
-        want = (peer.keypairs.current, peer.keypairs.previous)
+    def _mirror_keypairs(self, pid: int, want: tuple[Any, Any]) -> None:
         have = self._keypairs.get(pid, (None, None))
         if want[0] is not have[0] or want[1] is not have[1]:
             mirrors = [self._mirror(kp) if kp is not None else None for kp in want]
@@ -449,17 +553,14 @@ class FastDataPath:
     def _mirror(self, kp: Any) -> _Installed:
         m = self._installed.get(id(kp))
         if m is None or m.core_kp is not kp:
-            m = _Installed(kp)
+            m = _Installed(kp, self.c)
             self._installed[id(kp)] = m
-            self._by_local[kp.local_index] = m
         return m
 
     def _drop_mirror(self, kp: Any) -> None:
-        m = self._installed.pop(id(kp), None)
-        if m is None:
-            return
-        if self._by_local.get(kp.local_index) is m:
-            del self._by_local[kp.local_index]
+        m = self._installed.get(id(kp))
+        if m is not None and m.core_kp is kp:
+            del self._installed[id(kp)]
 
     def _forget_keypairs(self, pid: int) -> None:
         for kp in self._keypairs.pop(pid, (None, None)):

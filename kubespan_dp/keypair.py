@@ -11,6 +11,9 @@ A peer holds up to three keypairs (wireguard-go keypair.go / noise-protocol.go):
 
 Installing or promoting a keypair retires others; the caller removes retired
 keypairs from the index table and reports them as ``KeypairRetired``.
+
+The events at the end are the whole seam to a fast path: each says which keypair
+went where, so a fast path keeps its copy of the slots without reading a peer's.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from . import crypto
+from .netutil import Address
 from .replay import ReplayWindow
 from .timers import REJECT_AFTER_MESSAGES
 
@@ -34,12 +38,22 @@ class CounterOwner(Protocol):
     def expire(self) -> None: ...
 
 
+class ReceiveWindow(Protocol):
+    """A keypair's replay window: the core's own `ReplayWindow`, or a fast path's."""
+
+    def check(self, counter: int) -> bool: ...
+
+    def update(self, counter: int) -> bool: ...
+
+
 @dataclass(eq=False)
 class Keypair:
-    """One session.  Its send counter has exactly one owner: the keypair itself, or,
-    once a fast path took the session over (`hand_counter_to`), that fast path.
-    Every nonce is taken with `take_counter()`, atomically at the owner, so the core
-    and the fast path can both seal on a session without ever reusing a nonce."""
+    """One session.  Its send counter and its receive window each have exactly one
+    owner: the keypair itself, or, once a fast path took the session over
+    (`hand_counter_to`, `hand_window_to`), that fast path.  Every nonce is taken with
+    `take_counter()`, every received counter checked and recorded through `window`,
+    atomically at the owner, so the core and the fast path can both seal and open on
+    a session without ever reusing a nonce or accepting a counter twice."""
 
     send_key: bytes = field(repr=False)
     receive_key: bytes = field(repr=False)
@@ -47,11 +61,13 @@ class Keypair:
     remote_index: int
     is_initiator: bool
     created: float
+    # the core's own window: the one in use until a fast path takes it over
     replay: ReplayWindow = field(default_factory=ReplayWindow, repr=False)
     send: crypto.AEAD = field(init=False, repr=False)
     receive: crypto.AEAD = field(init=False, repr=False)
     _counter: int = field(default=0, init=False, repr=False)
     _owner: CounterOwner | None = field(default=None, init=False, repr=False)
+    _window: ReceiveWindow | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.send = crypto.AEAD(self.send_key)
@@ -95,6 +111,22 @@ class Keypair:
     def counter_owner(self) -> CounterOwner | None:
         return self._owner
 
+    @property
+    def window(self) -> ReceiveWindow:
+        """Where received counters are checked and recorded: the owner's window."""
+        return self._window if self._window is not None else self.replay
+
+    def hand_window_to(self, owner: ReceiveWindow) -> None:
+        """From now on `owner`'s window alone decides; it must already hold every
+        counter ours accepted (`replay` is not consulted again)."""
+        if self._window is not None and self._window is not owner:
+            raise ValueError("the receive window already has another owner")
+        self._window = owner
+
+    @property
+    def window_owner(self) -> ReceiveWindow | None:
+        return self._window
+
 
 @dataclass
 class Keypairs:
@@ -137,34 +169,67 @@ class Keypairs:
         return [k for k in (self.current, self.previous, self.next) if k is not None]
 
 
-# --- events (for a fast path that keeps its own copy of the keys) -------------
+# --- events: the seam to a fast path ----------------------------------------
+#
+# In the order the core emits them, they describe every change of a peer's three
+# slots (see `Keypairs`): applied one after the other to a copy of (current,
+# previous, next), they leave it equal to the peer's.  The keypair itself travels
+# with them, so a fast path can take its send counter and receive window over.
 
 
 @dataclass(frozen=True)
 class KeypairInstalled:
-    peer_key: bytes
-    local_index: int
-    remote_index: int
-    send_key: bytes = field(repr=False)
-    receive_key: bytes = field(repr=False)
-    is_initiator: bool
-    created: float
+    """A fresh session.  `confirmed` (we initiated): it is now `current`; else (we
+    responded) it waits as `next` until the peer's first packet on it
+    (`KeypairConfirmed`).  `previous`: the receive-only keypair after this change."""
 
-    @classmethod
-    def of(cls, peer_key: bytes, kp: Keypair) -> KeypairInstalled:
-        return cls(
-            peer_key,
-            kp.local_index,
-            kp.remote_index,
-            kp.send_key,
-            kp.receive_key,
-            kp.is_initiator,
-            kp.created,
-        )
+    peer_key: bytes
+    keypair: Keypair = field(repr=False)
+    confirmed: bool
+    previous: Keypair | None = field(repr=False)
+
+    @property
+    def local_index(self) -> int:
+        return self.keypair.local_index
+
+    @property
+    def remote_index(self) -> int:
+        return self.keypair.remote_index
+
+    @property
+    def send_key(self) -> bytes:
+        return self.keypair.send_key
+
+    @property
+    def receive_key(self) -> bytes:
+        return self.keypair.receive_key
+
+    @property
+    def is_initiator(self) -> bool:
+        return self.keypair.is_initiator
+
+    @property
+    def created(self) -> float:
+        return self.keypair.created
+
+
+@dataclass(frozen=True)
+class KeypairConfirmed:
+    """The peer used its `next` keypair: it is `current` now, `previous` the old one."""
+
+    peer_key: bytes
+    keypair: Keypair = field(repr=False)
+    previous: Keypair | None = field(repr=False)
+
+    @property
+    def local_index(self) -> int:
+        return self.keypair.local_index
 
 
 @dataclass(frozen=True)
 class KeypairRetired:
+    """Gone from every slot (and from the index table): neither send nor receive."""
+
     peer_key: bytes
     local_index: int
 
@@ -175,6 +240,15 @@ class KeypairExpired:
 
     peer_key: bytes
     local_index: int
+
+
+@dataclass(frozen=True)
+class EndpointChanged:
+    """The core learned the peer's address from an authenticated message (roaming).
+    Configured endpoints (`set_peer`) are not announced: the caller made them."""
+
+    peer_key: bytes
+    endpoint: Address
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,10 @@ class ReplayWindow:
         """The greatest counter accepted so far (0 when none was)."""
         return self._last
 
+    def state(self) -> tuple[int, tuple[int, ...]]:
+        """(last, the 128 blocks): everything a copy needs (the C window's layout)."""
+        return self._last, tuple(self._ring)
+
     def check(self, counter: int) -> bool:
         """Whether ``update(counter)`` would accept; changes nothing.
 

@@ -6,10 +6,12 @@ all. `format_get` renders the device state as a `get=1` reply. Error numbers fol
 wireguard-go: a bad key or value is -EINVAL, a line without `=` is -EPROTO, a
 listen port that cannot be bound is -EADDRINUSE.
 
-Semantics of a peer section are those of applying its lines in order: a later
-`replace_allowed_ips` discards the allowed IPs listed before it, `remove` or
-`update_only` anywhere in the section decide for the whole section, and a repeated
-key keeps its last value.
+Semantics of a peer section are those of applying its lines in order: the
+`allowed_ip=PREFIX`, `allowed_ip=-PREFIX` and `replace_allowed_ips` lines are kept
+as one ordered list of changes and applied in that order, as wireguard-go applies
+them (an addition takes the prefix from whichever peer had it; a removal drops it
+only from this peer), `remove` or `update_only` anywhere in the section decide for
+the whole section, and a repeated key keeps its last value.
 """
 
 from __future__ import annotations
@@ -63,10 +65,14 @@ class PeerUpdate:
     endpoint: Address | _Unset = UNSET
     persistent_keepalive: int | _Unset = UNSET
     replace_allowed_ips: bool = False
-    allowed_ips: list[IPNetwork] = field(default_factory=list)
-    # `allowed_ip=-PREFIX`: removed before the additions are made (a later line about
-    # the same prefix wins, so the result is that of applying the lines in order)
-    remove_allowed_ips: list[IPNetwork] = field(default_factory=list)
+    # the section's allowed-IP lines in order (see `core.AllowedIPChange`):
+    # (PREFIX, True) adds, (PREFIX, False) removes, (None, False) removes them all
+    allowed_ip_changes: list[tuple[IPNetwork | None, bool]] = field(default_factory=list)
+
+    @property
+    def allowed_ips(self) -> list[IPNetwork]:
+        """The prefixes the section adds, in order."""
+        return [net for net, add in self.allowed_ip_changes if add and net is not None]
 
 
 @dataclass
@@ -169,21 +175,18 @@ def _peer_line(peer: PeerUpdate, key: str, value: str) -> None:
     elif key == "persistent_keepalive_interval":
         peer.persistent_keepalive = _number(value, 0xFFFF, key)
     elif key == "replace_allowed_ips":
-        peer.replace_allowed_ips = _flag(value, key)
-        peer.allowed_ips.clear()
-        peer.remove_allowed_ips.clear()
+        if _flag(value, key):
+            # at this point in the section, as wireguard-go: what earlier lines
+            # took from other peers stays taken
+            peer.replace_allowed_ips = True
+            peer.allowed_ip_changes.append((None, False))
     elif key == "allowed_ip":
         remove = value.startswith("-")
         try:
             net = parse_prefix(value[1:] if remove else value)
         except ValueError as e:
             raise UapiError(EINVAL, f"allowed_ip {value[:50]!r}: {e}") from None
-        if remove:
-            peer.allowed_ips[:] = [n for n in peer.allowed_ips if n != net]
-            peer.remove_allowed_ips.append(net)
-        else:
-            peer.remove_allowed_ips[:] = [n for n in peer.remove_allowed_ips if n != net]
-            peer.allowed_ips.append(net)
+        peer.allowed_ip_changes.append((net, not remove))
     elif key == "protocol_version":
         if value != "1":
             raise UapiError(EINVAL, f"unsupported protocol_version {value[:10]!r}")

@@ -15,7 +15,9 @@ import glob, shutil, sys, zipfile
 out = sys.argv[1]
 skip = shutil.ignore_patterns("*.so", "__pycache__", "*.c")
 for tree in ("kubespan_dp", "control", "tests"):
-    shutil.copytree(tree, f"{out}/{tree}", ignore=skip)
+    # (the tests' own C sources, e.g. faults.c, come along: only built C stays behind)
+    ignore = skip if tree == "kubespan_dp" else shutil.ignore_patterns("__pycache__")
+    shutil.copytree(tree, f"{out}/{tree}", ignore=ignore)
 shutil.copy("pyproject.toml", out)
 (wheel,) = glob.glob(f"{out}/wheel/*.whl")
 with zipfile.ZipFile(wheel) as z:

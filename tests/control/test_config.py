@@ -12,16 +12,30 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from control.config import ConfigError, DiscoverySettings, MachineConfig, load_config
+from control.config import (
+    KUBESPAN_NEEDS_DISCOVERY,
+    ConfigError,
+    DiscoveryService,
+    DiscoverySettings,
+    MachineConfig,
+    load_config,
+)
 
 TALOS = Path(__file__).resolve().parents[1] / "data" / "talos"
 SECRET = "BVpg0EsnQ5vfvHvMN5Yc2+qyzbvJpLNokgdNqmYRxEU="
-NEEDS_DISCOVERY = "KubeSpan requires cluster discovery to be enabled (with the service registry)"
+NEEDS_DISCOVERY = KUBESPAN_NEEDS_DISCOVERY
+NEEDS_ID = (
+    "cluster discovery requires a cluster id (.cluster.id or a DiscoveryIdentityConfig document)"
+)
+NEEDS_SECRET = (
+    "cluster discovery requires a cluster secret "
+    "(.cluster.secret or a DiscoveryIdentityConfig document)"
+)
 
 
 def sample(name: str) -> Path:
     """A Talos sample from tests/data/talos (see its README for where each comes from)."""
-    for folder in (TALOS, TALOS / "network", TALOS / "cluster"):
+    for folder in (TALOS, TALOS / "network", TALOS / "cluster", TALOS / "v1.14"):
         if (folder / name).is_file():
             return folder / name
     raise AssertionError(f"Talos sample config missing: {name} (expected in {TALOS})")
@@ -103,9 +117,9 @@ def test_kubespan_document_conflicts_with_v1alpha1_section() -> None:
 
 def test_kubespan_document_alone_lacks_cluster_identity_and_discovery() -> None:
     assert problems(sample("kubespanconfig.yaml")) == [
-        ("cluster.id", "cluster discovery service requires .cluster.id"),
-        ("cluster.secret", "cluster discovery service requires .cluster.secret"),
-        ("cluster.discovery.enabled", NEEDS_DISCOVERY),
+        ("cluster.id", NEEDS_ID),
+        ("cluster.secret", NEEDS_SECRET),
+        ("DiscoveryServiceConfig", NEEDS_DISCOVERY),
     ]
 
 
@@ -138,6 +152,271 @@ def test_guide_spelling_of_endpoints_kind_is_accepted() -> None:
     )
     cfg = load_config(base() + doc)
     assert cfg.kubespan.extra_announced_endpoints == (("2001:db8::1", 51820),)
+
+
+# --- Talos 1.14+: discovery and identity documents ---------------------------------------
+
+TALOS_DEFAULT_SERVICE = DiscoveryService(
+    "default", "https://discovery.talos.dev/", "discovery.talos.dev:443", False
+)
+IDENTITY_DOC = sample("discoveryidentityconfig.yaml")
+KUBESPAN_ON = "---\napiVersion: v1alpha1\nkind: KubeSpanConfig\nenabled: true\n"
+
+
+def doc(kind: str, **fields: object) -> str:
+    return "---\n" + yaml.safe_dump({"apiVersion": "v1alpha1", "kind": kind, **fields})
+
+
+def test_talosctl_1_14_worker_config_with_kubespan_loads() -> None:
+    """What `talosctl gen config` writes since 1.14 (no cluster.id/secret/discovery, documents
+    instead), plus the KubeSpanConfig document `--with-kubespan` adds."""
+    cfg = load_config(sample("base-worker.yaml"), sample("kubespanconfig.yaml"))
+    assert cfg.cluster_id == "0raF93qnkMvF-FZNuvyGozXNdLiT2FOWSlyBaW4PR-w="
+    assert cfg.cluster_secret == "pofHbABZq7VXuObsdLdy/bHmz6hlMHZ3p8+6WKrv1ic="
+    assert len(cfg.secret_bytes) == 32
+    assert cfg.kubespan.enabled and cfg.discovery.service_active
+    assert cfg.discovery_services == (TALOS_DEFAULT_SERVICE,)
+    # the single-service view the agent used so far: the first service
+    assert cfg.discovery_target() == ("discovery.talos.dev:443", False)
+    assert cfg.discovery_endpoint == "https://discovery.talos.dev/"
+    # the Kubernetes documents: what shapes the published node data
+    assert cfg.node.machine_type == "worker" and not cfg.node.control_plane
+    assert cfg.node.pod_subnets == (ip_network("10.244.0.0/16"),)
+    assert cfg.node.service_subnets == (ip_network("10.96.0.0/12"),)
+    assert cfg.kubernetes_networks == (ip_network("10.244.0.0/16"), ip_network("10.96.0.0/12"))
+    # without KubeSpanConfig the same file is a valid config with KubeSpan off
+    assert not load_config(sample("base-worker.yaml")).kubespan.enabled
+
+
+def test_talosctl_1_14_control_plane_configs() -> None:
+    base = load_config(sample("base-controlplane.yaml"), KUBESPAN_ON)
+    assert base.node.machine_type == "controlplane" and base.node.control_plane
+    assert base.node.api_server_port == 6443  # KubeAPIServerConfig without apiPort
+    assert base.discovery_services == (TALOS_DEFAULT_SERVICE,)
+    overrides = load_config(sample("overrides-controlplane.yaml"), KUBESPAN_ON)
+    assert overrides.node.api_server_port == 5443
+
+
+def test_several_discovery_services_in_document_order() -> None:
+    cfg = load_config(IDENTITY_DOC, sample("discoveryserviceconfig-multiple.yaml"), KUBESPAN_ON)
+    assert cfg.cluster_id == "MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTIzNDU2Nzg5MDE="
+    assert cfg.discovery_services == (
+        DiscoveryService(
+            "primary", "https://discovery.talos.dev/", "discovery.talos.dev:443", False
+        ),
+        # Talos accepts a path here (it dials host:port only)
+        DiscoveryService(
+            "secondary",
+            "https://discovery-secondary.talos.dev/path",
+            "discovery-secondary.talos.dev:443",
+            False,
+        ),
+        # grpc:// is TLS too: only http:// is plaintext (Talos's NormalizeEndpoint)
+        DiscoveryService(
+            "grpc-endpoint",
+            "grpc://discovery-grpc.talos.dev:6443",
+            "discovery-grpc.talos.dev:6443",
+            False,
+        ),
+    )
+    assert cfg.discovery_target() == ("discovery.talos.dev:443", False)
+
+
+@pytest.mark.parametrize(
+    "endpoint, target, insecure",
+    [
+        ("http://10.0.0.1", "10.0.0.1:80", True),
+        ("http://10.0.0.1:3000/", "10.0.0.1:3000", True),
+        ("https://d.example", "d.example:443", False),
+        ("grpc://d.example", "d.example:443", False),
+        ("http://[fd00::1]:3000", "[fd00::1]:3000", True),
+        ("https://[2001:db8::1]/", "[2001:db8::1]:443", False),
+    ],
+)
+def test_discovery_service_endpoint_normalised_as_talos(
+    endpoint: str, target: str, insecure: bool
+) -> None:
+    cfg = load_config(
+        IDENTITY_DOC, doc("DiscoveryServiceConfig", name="s", endpoint=endpoint), KUBESPAN_ON
+    )
+    assert cfg.discovery_services == (DiscoveryService("s", endpoint, target, insecure),)
+
+
+def test_our_discovery_endpoint_replaces_every_service() -> None:
+    ours = doc("KubeSpanPyConfig", discoveryEndpoint="http://10.0.0.9:3000")
+    cfg = load_config(
+        IDENTITY_DOC, sample("discoveryserviceconfig-multiple.yaml"), KUBESPAN_ON, ours
+    )
+    assert cfg.discovery_services == (
+        DiscoveryService("discoveryEndpoint", "http://10.0.0.9:3000", "10.0.0.9:3000", True),
+    )
+    assert cfg.discovery_target() == ("10.0.0.9:3000", True)
+
+
+def test_legacy_discovery_is_one_service_named_legacy() -> None:
+    cfg = load_config(sample("worker.yaml"))
+    assert cfg.discovery_services == (
+        DiscoveryService(
+            "legacy", "https://discovery.talos.dev/", "discovery.talos.dev:443", False
+        ),
+    )
+    off = load_config(base(kubespan="enabled: false", discovery="enabled: false"))
+    assert off.discovery_services == () and not off.discovery.service_active
+
+
+def test_documents_conflict_with_their_v1alpha1_forms() -> None:
+    """As Talos: any .cluster.discovery block conflicts with a DiscoveryServiceConfig, and
+    .cluster.id/.cluster.secret with a DiscoveryIdentityConfig."""
+    assert problems(sample("worker.yaml"), sample("discoveryserviceconfig-multiple.yaml")) == [
+        (
+            f"DiscoveryServiceConfig/{name}",
+            "discovery service is already configured in .cluster.discovery of the v1alpha1 config",
+        )
+        for name in ("primary", "secondary", "grpc-endpoint")
+    ]
+    empty_block = "version: v1alpha1\ncluster: {discovery: {}}\n"  # mere presence conflicts
+    got = problems(empty_block, IDENTITY_DOC, sample("discoveryserviceconfig.yaml"))
+    assert [p for p, _ in got] == ["DiscoveryServiceConfig/primary"]
+    assert problems(sample("worker.yaml"), IDENTITY_DOC) == [
+        (
+            "DiscoveryIdentityConfig",
+            "cluster identity is already configured in .cluster.id/.cluster.secret "
+            "of the v1alpha1 config",
+        )
+    ]
+
+
+def test_bad_discovery_documents() -> None:
+    got = problems(
+        doc("DiscoveryServiceConfig", name="a", endpoint="ftp://d.example/"),
+        doc("DiscoveryServiceConfig", name="b", endpoint="https:///nohost"),
+        doc("DiscoveryServiceConfig", name="c"),
+        doc("DiscoveryServiceConfig", endpoint="https://d.example/"),
+        doc("DiscoveryServiceConfig", name="e", endpoint="//d.example:443"),
+        doc("DiscoveryServiceConfig", name="f", endpoint="https://d.example:99999/"),
+        doc("DiscoveryServiceConfig", name="a", endpoint="https://d.example/"),
+        doc("DiscoveryServiceConfig", name="g", endpoint="https://d.example/", extra=1),
+        doc("DiscoveryIdentityConfig", clusterSecret="c2hvcnQ="),
+        KUBESPAN_ON,
+    )
+    assert got[:5] == [
+        (
+            "DiscoveryServiceConfig/a.endpoint",
+            "discovery service endpoint is invalid: "
+            "endpoint scheme must be http://, https:// or grpc://",
+        ),
+        (
+            "DiscoveryServiceConfig/b.endpoint",
+            "discovery service endpoint is invalid: endpoint host is required",
+        ),
+        ("DiscoveryServiceConfig/c.endpoint", "endpoint is required"),
+        ("DiscoveryServiceConfig.name", "name is required"),
+        (
+            "DiscoveryServiceConfig/e.endpoint",
+            "discovery service endpoint is invalid: endpoint scheme is required",
+        ),
+    ]
+    assert got[5][0] == "DiscoveryServiceConfig/f.endpoint" and "port" in got[5][1].lower()
+    assert got[6:] == [
+        ("DiscoveryServiceConfig/a", "duplicate DiscoveryServiceConfig/a document"),
+        ("DiscoveryServiceConfig/g.extra", "unknown key"),
+        ("DiscoveryIdentityConfig.clusterID", "clusterID is required"),
+        (
+            "DiscoveryIdentityConfig.clusterSecret",
+            "cluster secret must be base64 of 32 bytes: decodes to 5 bytes",
+        ),
+    ]
+
+
+def test_identity_document_alone_and_duplicated() -> None:
+    cfg = load_config(IDENTITY_DOC)
+    assert cfg.cluster_id == "MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTIzNDU2Nzg5MDE="
+    assert not cfg.discovery.service_active and not cfg.kubespan.enabled
+    assert problems(IDENTITY_DOC, IDENTITY_DOC) == [
+        ("DiscoveryIdentityConfig", "duplicate DiscoveryIdentityConfig document")
+    ]
+    # KubeSpan with an identity but no service
+    assert problems(IDENTITY_DOC, KUBESPAN_ON) == [("DiscoveryServiceConfig", NEEDS_DISCOVERY)]
+
+
+def test_readme_talos_example_loads() -> None:
+    """The README's current-style Talos config, with its local.yaml, is what it says."""
+    readme = (TALOS.parents[2] / "README.md").read_text()
+    block = readme.split("# worker.yaml, from talosctl (abridged)\n", 1)[1].split("```", 1)[0]
+    local = "apiVersion: v1alpha1\nkind: KubeSpanPyConfig\npodCIDRs: [10.244.7.0/24]\n"
+    assert f"printf '{local.replace(chr(10), chr(92) + 'n')}' > local.yaml" in readme
+    cfg = load_config(block, local)
+    assert cfg.kubespan.enabled and cfg.discovery_services == (TALOS_DEFAULT_SERVICE,)
+    assert cfg.cluster_id == "0raF93qnkMvF-FZNuvyGozXNdLiT2FOWSlyBaW4PR-w="
+    assert cfg.kubernetes_networks == tuple(
+        ip_network(n) for n in ("10.244.0.0/16", "10.96.0.0/12", "10.244.7.0/24")
+    )
+
+
+# --- node data: machine type, API server port, Kubernetes networks, sort order --------------
+
+
+def test_node_settings_from_v1alpha1() -> None:
+    machine = (
+        "machine:\n  type: controlplane\n  features: {nodeAddressSortAlgorithm: v2}\n"
+        "  kubelet: {registerWithFQDN: true}\n"
+    )
+    cluster = (
+        "cluster:\n  controlPlane: {localAPIServerPort: 7443}\n"
+        "  network: {podSubnets: [10.32.0.0/12, 'fd00:10::/56'], serviceSubnets: []}\n"
+    )
+    text = base().replace("machine:\n", machine, 1).replace("cluster:\n", cluster, 1)
+    node = load_config(text).node
+    assert (node.machine_type, node.api_server_port, node.register_with_fqdn) == (
+        "controlplane",
+        7443,
+        True,
+    )
+    assert node.address_sort == "v2" and node.control_plane
+    assert node.pod_subnets == (ip_network("10.32.0.0/12"), ip_network("fd00:10::/56"))
+    assert node.service_subnets == (ip_network("10.96.0.0/12"),)  # Talos's default
+    # no cluster.network: no Kubernetes networks; machine.type "join" is a worker
+    plain = load_config(base().replace("machine:\n", "machine:\n  type: join\n", 1))
+    assert plain.node.machine_type == "worker" and plain.kubernetes_networks == ()
+    assert plain.node.api_server_port == 6443 and plain.node.address_sort == "v1"
+
+
+def test_kubernetes_documents_win_and_pod_cidrs_count_as_kubernetes_networks() -> None:
+    text = base().replace(
+        "cluster:\n", "cluster:\n  network: {podSubnets: [10.1.0.0/16]}\n", 1
+    ) + "".join(
+        (
+            doc("KubeNetworkConfig", podSubnets=["10.2.0.0/16"], serviceSubnets=["10.3.0.0/16"]),
+            doc("KubeAPIServerConfig", apiPort=8443, image="x"),
+            doc("KubeNodeConfig", registerWithFQDN=True, nodeIP={}),
+            doc("KubeSpanPyConfig", podCIDRs=["10.2.7.0/24", "10.9.0.0/24"]),
+        )
+    )
+    cfg = load_config(text)
+    assert cfg.node.api_server_port == 8443 and cfg.node.register_with_fqdn
+    assert cfg.kubernetes_networks == tuple(
+        ip_network(n) for n in ("10.2.0.0/16", "10.3.0.0/16", "10.2.7.0/24", "10.9.0.0/24")
+    )
+
+
+def test_bad_node_settings() -> None:
+    text = base().replace(
+        "machine:\n",
+        "machine:\n  type: master\n  features: {nodeAddressSortAlgorithm: v3}\n",
+        1,
+    ) + doc("KubeNetworkConfig", podSubnets=["10.0.0.0"], serviceSubnets="x")
+    assert problems(text) == [
+        ("machine.type", "unknown machine type 'master'"),
+        (
+            "machine.features.nodeAddressSortAlgorithm",
+            "invalid node address sort algorithm: 'v3' (expected v1 or v2)",
+        ),
+        (
+            "KubeNetworkConfig.podSubnets[0]",
+            "subnet is not valid: '10.0.0.0' (missing /prefix-length)",
+        ),
+        ("KubeNetworkConfig.serviceSubnets", "expected a list, got string"),
+    ]
 
 
 # --- our document and the full field set ------------------------------------------------------
@@ -323,7 +602,7 @@ def test_wrong_types() -> None:
             ),
             ("cluster.secret", "expected a string, got integer"),
             ("cluster.discovery.registries.service", "expected a mapping, got list"),
-            ("cluster.secret", "cluster discovery service requires .cluster.secret"),
+            ("cluster.secret", NEEDS_SECRET),
         ]
     )
 
@@ -354,7 +633,8 @@ def test_our_document_values() -> None:
         ),
         (
             "KubeSpanPyConfig.discoveryEndpoint",
-            "cluster discovery service registry endpoint is invalid: 'ftp://x/' (expected http(s)://host[:port])",
+            "cluster discovery service registry endpoint is invalid: 'ftp://x/' "
+            "(expected http://, https:// or grpc://host[:port])",
         ),
     ]
 
@@ -451,7 +731,18 @@ def test_fuzzed_configs_raise_only_config_error(kubespan, discovery, ours, secre
             "kind": "KubeSpanEndpointsConfig",
             "extraAnnouncedEndpoints": ours,
         },
+        {
+            "apiVersion": "v1alpha1",
+            "kind": "DiscoveryServiceConfig",
+            "name": ours,
+            "endpoint": secret,
+        },
+        {"apiVersion": "v1alpha1", "kind": "DiscoveryIdentityConfig", "clusterSecret": secret},
+        {"apiVersion": "v1alpha1", "kind": "KubeNetworkConfig", "podSubnets": discovery},
+        {"apiVersion": "v1alpha1", "kind": "KubeAPIServerConfig", "apiPort": secret},
     ]
+    docs[0]["machine"].update(type=secret, features=kubespan, kubelet=ours)
+    docs[0]["cluster"].update(network=discovery, controlPlane=ours)
     try:
         load_config(yaml.safe_dump_all(docs))
     except ConfigError as exc:

@@ -267,15 +267,19 @@ def test_dead_node_goes_down_bypass_or_no_leak_and_comes_back(cluster: LabCluste
 # -- endpoint cycling ----------------------------------------------------------------------
 
 
+UNREACHABLE = "172.31.255.9"  # in no lab network, and below the underlay's 192.0.2.0/24
+
+
 def test_agent_cycles_to_a_working_endpoint(cluster: LabCluster) -> None:
     first = cluster.add_node()
     cluster.start_agent(first)
 
     def unreachable_address_first(host: Host) -> None:
-        # A link created before eth0 carries an address nobody can route to: it is the
-        # first endpoint this node announces.
+        # An extra link carries an address nobody can route to; node addresses go out
+        # sorted by address (Talos's default order), so it is the first endpoint this
+        # node announces, ahead of the underlay's 192.0.2.x.
         host.run("ip", "link", "add", "aux0", "type", "veth", "peer", "name", "aux1")
-        host.run("ip", "addr", "add", "203.0.113.9/32", "dev", "aux0")
+        host.run("ip", "addr", "add", f"{UNREACHABLE}/32", "dev", "aux0")
         host.run("ip", "link", "set", "aux0", "up")
         host.run("ip", "link", "set", "aux1", "up")
 
@@ -300,8 +304,8 @@ def test_agent_cycles_to_a_working_endpoint(cluster: LabCluster) -> None:
         for d in cluster.get(first, "kubespanpeerspecs")
         if d["spec"]["label"] == host.name
     )
-    assert spec["endpoints"][0] == "203.0.113.9:51820", spec
-    assert status["lastUsedEndpoint"] != "203.0.113.9:51820"
+    assert spec["endpoints"][0] == f"{UNREACHABLE}:51820", spec
+    assert status["lastUsedEndpoint"] != f"{UNREACHABLE}:51820"
     assert status["lastUsedEndpoint"] in spec["endpoints"][1:]
     assert ping(first.host, kubespan_address(cluster, second))
 

@@ -157,7 +157,7 @@ def test_uapi_refuses_keys_with_whitespace_and_unknown_zones() -> None:
     assert ok.peers[0].endpoint == ("fe80::1%lo", 51820)
 
 
-def test_allowed_ip_lines_apply_in_order() -> None:
+def test_allowed_ip_lines_kept_in_order() -> None:
     req = parse_set(
         [
             f"public_key={'22' * 32}",
@@ -168,8 +168,12 @@ def test_allowed_ip_lines_apply_in_order() -> None:
         ]
     )
     (p,) = req.peers
-    assert p.allowed_ips == [ip_network("10.9.0.0/16")]
-    assert p.remove_allowed_ips == [ip_network("10.0.0.0/8")]
+    assert p.allowed_ip_changes == [
+        (ip_network("10.0.0.0/8"), True),
+        (ip_network("10.0.0.0/8"), False),
+        (ip_network("10.9.0.0/16"), False),
+        (ip_network("10.9.0.0/16"), True),
+    ]
 
 
 # ------------------------------------------------------------------ the C path's callbacks

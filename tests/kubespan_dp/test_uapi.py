@@ -1,15 +1,24 @@
-"""The UAPI protocol parser and serializer, without a daemon."""
+"""The UAPI protocol parser and serializer, without a daemon; how a request's
+allowed-IP lines apply, on a device and on wireguard-go."""
 
 from __future__ import annotations
 
 import ipaddress
+import os
+import socket
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from kubespan_dp import uapi
+from kubespan_dp.device import Device
+from kubespan_dp.fastloop import FastDataPath
+from kubespan_dp.peer import Peer
 from kubespan_dp.uapi import UNSET, UapiError, parse_set
+from tests import netns
+from tests.kubespan_dp.wgpair import ipv4_packet
 
 K1 = "11" * 32
 K2 = "22" * 32
@@ -48,7 +57,7 @@ def test_full_request() -> None:
     assert u.update_only and u.endpoint == ("1.2.3.4", 5)
 
 
-def test_zero_keys_mean_none_and_late_replace_discards_earlier_ips() -> None:
+def test_zero_keys_mean_none_and_a_late_replace_stays_in_line_order() -> None:
     req = parse_set(
         [
             f"private_key={'0' * 64}",
@@ -61,7 +70,12 @@ def test_zero_keys_mean_none_and_late_replace_discards_earlier_ips() -> None:
     )
     assert req.private_key is None
     assert req.peers[0].preshared_key is None
-    assert req.peers[0].allowed_ips == [ipaddress.ip_network("10.1.0.0/16")]
+    # kept in order: what the earlier line took from another peer stays taken
+    assert req.peers[0].allowed_ip_changes == [
+        (ipaddress.ip_network("10.0.0.0/8"), True),
+        (None, False),
+        (ipaddress.ip_network("10.1.0.0/16"), True),
+    ]
 
 
 def test_host_bits_are_masked() -> None:
@@ -154,3 +168,112 @@ def test_format_get() -> None:
         "persistent_keepalive_interval=25",
         "allowed_ip=10.0.0.0/8",
     ]
+
+
+# ------------------------------------------------------------------ allowed IPs in order
+
+K3 = "33" * 32
+A, B = "10.0.0.0/8", "10.1.0.0/16"
+
+# (lines of one set request after K3 owns A and K2 exists, what each peer then has),
+# the results wireguard-go gives (device/uapi.go applies each line as it comes:
+# an addition takes the prefix from its owner, a removal only drops it if this
+# peer has it, replace_allowed_ips drops this peer's at that point)
+ORDER_CASES = [
+    ([f"public_key={K2}", f"allowed_ip={A}", f"allowed_ip=-{A}"], {K2: set(), K3: set()}),
+    ([f"public_key={K2}", f"allowed_ip=-{A}", f"allowed_ip={A}"], {K2: {A}, K3: set()}),
+    ([f"public_key={K3}", f"allowed_ip=-{A}", f"allowed_ip={A}"], {K2: set(), K3: {A}}),
+    ([f"public_key={K3}", f"allowed_ip={A}", f"allowed_ip=-{A}"], {K2: set(), K3: set()}),
+    (
+        [f"public_key={K2}", f"allowed_ip={A}", "replace_allowed_ips=true", f"allowed_ip={B}"],
+        {K2: {B}, K3: set()},
+    ),
+    (
+        [f"public_key={K2}", f"allowed_ip={A}", f"public_key={K3}", f"allowed_ip=-{A}"],
+        {K2: {A}, K3: set()},
+    ),
+    (
+        [f"public_key={K2}", f"allowed_ip={A}", f"public_key={K3}", f"allowed_ip={A}"],
+        {K2: set(), K3: {A}},
+    ),
+]
+SETUP = [f"public_key={K3}", f"allowed_ip={A}", f"public_key={K2}"]
+
+
+class _Tun:
+    def __init__(self, fd: int) -> None:
+        self.name, self.fd = f"kso{os.getpid() % 10000}", fd
+
+    def exists(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture(params=["python", "c"])
+def device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Device]:
+    """A device on a pipe instead of a TUN device: UAPI sets only."""
+    monkeypatch.setenv("KUBESPAN_WG_FASTPATH", "1" if request.param == "c" else "0")
+    r, w = os.pipe()
+    uapi_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    d = Device(_Tun(w), uapi_sock, None)  # type: ignore[arg-type]
+    yield d
+    for s in (d.sock4, d.sock6):
+        if s is not None:
+            s.close()
+    uapi_sock.close()
+    os.close(r)
+    os.close(w)
+
+
+def _owners(get_reply: str) -> dict[str, set[str]]:
+    """Each peer's allowed IPs (hex public key -> prefixes) from a get=1 reply."""
+    out: dict[str, set[str]] = {}
+    key = None
+    for line in get_reply.splitlines():
+        k, _, v = line.partition("=")
+        if k == "public_key":
+            key = v
+            out[key] = set()
+        elif k == "allowed_ip" and key is not None:
+            out[key].add(v)
+    return out
+
+
+@pytest.mark.parametrize("lines,want", ORDER_CASES)
+def test_allowed_ip_lines_apply_in_order(
+    device: Device, lines: list[str], want: dict[str, set[str]]
+) -> None:
+    device.uapi_set(parse_set(SETUP))
+    device.uapi_set(parse_set(lines))
+    assert _owners(device.uapi_get()) == want
+    # and packets to A go where the core says (in C too: the route reached it now)
+    owner = device.core.allowed_ips.lookup(bytes([10, 2, 3, 4]))
+    holder = {k for k, nets in want.items() if A in nets}
+    assert holder == ({owner.public_key.hex()} if isinstance(owner, Peer) else set())
+    if isinstance(device.path, FastDataPath):
+        pid = device.path.c.route(ipv4_packet("192.168.0.1", "10.2.3.4"))
+        assert pid == (device.path._ids[bytes.fromhex(holder.pop())] if holder else -1)
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("kind", ["kubespan-wg", "wireguard-go"])
+def test_allowed_ip_order_as_wireguard_go(lab: netns.Lab, kind: str) -> None:
+    """The same requests to wireguard-go itself and to our daemon: the same result.
+    The wireguard-go installed here (0.0.2023…) predates `allowed_ip=-PREFIX`
+    (wireguard-go 256bcbd, 2025): it gets only the cases without removals."""
+    ns = lab.netns("kuo")
+    cases = [
+        (lines, want)
+        for lines, want in ORDER_CASES
+        if kind != "wireguard-go" or not any(x.startswith("allowed_ip=-") for x in lines)
+    ]
+    assert len(cases) >= 2
+    for lines, want in cases:
+        d = lab.daemon(ns, kind)
+        for body in (SETUP, lines):
+            reply = netns.uapi_request(d.ifname, "set=1\n" + "".join(x + "\n" for x in body) + "\n")
+            assert reply == "errno=0\n\n", (kind, body, reply)
+        assert _owners(netns.uapi_request(d.ifname, "get=1\n\n")) == want, (kind, lines)
+        d.stop()

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import base64
 import os
-from ipaddress import IPv6Address
 
 import pytest
 
-from control.affiliate import Affiliate, KubeSpanInfo
+from control.affiliate import Affiliate
 from control.discovery.cipher import AffiliateCipher, CipherError, secret_key
 from control.discovery.client import Backoff
 from control.discovery.codec import (
@@ -74,15 +73,11 @@ def test_codec_round_trip_and_rejections():
     assert decode_affiliate(encode_affiliate(a), list(endpoints_of(a))) == a
     bare = Affiliate(node_id="plain")
     assert decode_affiliate(encode_affiliate(bare)) == bare  # no KubeSpan, no control plane
-    for blob in (b"\xff\xff", b"", b"\x12\x03abc" + b"\x0a\x01n"):  # garbage, no id, 3-byte IP
+    for blob in (b"\xff\xff", b""):  # garbage, no id
         with pytest.raises(CodecError):
             decode_affiliate(blob)
-    v4_kubespan = Affiliate(node_id="x", kubespan=KubeSpanInfo("k", IPv6Address("fd00::1")))
-    blob = encode_affiliate(v4_kubespan).replace(
-        IPv6Address("fd00::1").packed, b""
-    )  # address now empty
-    with pytest.raises(CodecError):
-        decode_affiliate(blob)
+    # a bad entry costs only that entry (more in test_codec.py)
+    assert decode_affiliate(b"\x12\x03abc" + b"\x0a\x01n") == Affiliate(node_id="n")
     with pytest.raises(CodecError):
         decode_endpoint(b"\x0a\x04\x0a\x00\x00\x01")  # port 0
     with pytest.raises(ValueError):
