@@ -34,7 +34,6 @@ SRC = ("10.0.0.2", 51820)
 class FakeTun:
     name: str
     fd: int
-    offload_flags: int = 0
 
     def exists(self) -> bool:
         return True
