@@ -56,8 +56,10 @@ cdef enum:
     CREW_SEAL = 1
     CREW_OPEN = 2
     CREW_CHUNK = 4              # items a thread claims at a time (~3 us of cipher)
-    CREW_MIN_BYTES = 16384      # a smaller job runs on the loop thread alone: waking a
-                                # helper would cost more than it saves (and latency)
+    # A smaller job runs on the loop thread alone: one TSO super-packet (~67 KB
+    # sealed) or less means no backlog, and a helper's wakeup would cost more CPU
+    # than it saves; more than that waiting is where a second CPU pays off.
+    CREW_MIN_BYTES = 98304
 
 
 cdef struct crew_item_t:
