@@ -41,10 +41,15 @@ class Lab(netlab.Lab):
         super().__init__("ks")
 
     def daemon(
-        self, ns: Netns, kind: str, ifname: str | None = None, env: dict[str, str] | None = None
+        self,
+        ns: Netns,
+        kind: str,
+        ifname: str | None = None,
+        env: dict[str, str] | None = None,
+        args: tuple[str, ...] = (),
     ) -> Daemon:
         ifname = ifname or unique_name("wg", 8)
-        d = start_daemon(ns, ifname, kind, env)
+        d = start_daemon(ns, ifname, kind, env, args)
         self.defer(d.finish)
         return d
 
@@ -137,12 +142,19 @@ WGGO_KINDS = {"wireguard-go": "modern", "wireguard-go-old": "old"}
 WGGO_IDS = {"wireguard-go": "wggo-modern", "wireguard-go-old": "wggo-old"}
 
 
-def start_daemon(ns: Netns, ifname: str, kind: str, env: dict[str, str] | None = None) -> Daemon:
-    """Start `kubespan-wg` or a wireguard-go (WGGO_KINDS) in the foreground inside `ns`."""
+def start_daemon(
+    ns: Netns,
+    ifname: str,
+    kind: str,
+    env: dict[str, str] | None = None,
+    args: tuple[str, ...] = (),
+) -> Daemon:
+    """Start `kubespan-wg` or a wireguard-go (WGGO_KINDS) in the foreground inside `ns`
+    (`args`: more options before the interface name)."""
     if kind in WGGO_KINDS:
-        argv = [str(wggo.binary(WGGO_KINDS[kind])), "-f", ifname]
+        argv = [str(wggo.binary(WGGO_KINDS[kind])), "-f", *args, ifname]
     elif kind == "kubespan-wg":
-        argv = [str(VENV_BIN / "kubespan-wg"), "-f", ifname]
+        argv = [str(VENV_BIN / "kubespan-wg"), "-f", *args, ifname]
     else:
         raise ValueError(kind)
     LEDGER.sockets.add(uapi_path(ifname))

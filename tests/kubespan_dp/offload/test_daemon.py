@@ -103,3 +103,17 @@ def test_first_packet_through_the_core_arrives(lab: netns.Lab) -> None:
     assert tso_on(b.ns, b.ifname)
     r = a.ns.run("ping", "-c", "1", "-W", "10", INNER4[1], check=False)
     assert r.returncode == 0, r.stdout
+
+
+@pytest.mark.parametrize("how", ["flag", "env", "pure-python"])
+def test_plain_tun_when_asked(lab: netns.Lab, how: str) -> None:
+    """--no-offload, KUBESPAN_WG_TUN_OFFLOAD=0 and the pure-Python path (which reads
+    the TUN itself) open a plain TUN; the default opens it with offloads."""
+    ns = lab.netns("kopl")
+    env = {"KUBESPAN_WG_TUN_OFFLOAD": "0"} if how == "env" else {}
+    if how == "pure-python":
+        env["KUBESPAN_WG_FASTPATH"] = "0"
+    plain = lab.daemon(ns, OURS, env=env, args=("--no-offload",) if how == "flag" else ())
+    default = lab.daemon(ns, OURS)
+    assert not tso_on(ns, plain.ifname)
+    assert tso_on(ns, default.ifname)
