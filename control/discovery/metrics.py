@@ -11,7 +11,7 @@ import collections
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from control.discovery.state import State
+from control.discovery.store import Store
 
 
 class RequestCounters:
@@ -23,9 +23,10 @@ class RequestCounters:
         self.handled[(method, code)] += 1
 
 
-def families(state: State, requests: RequestCounters) -> list[Metric]:
-    """Read at scrape time, on the loop that owns ``state``."""
-    s = state.stats()
+async def families(store: Store, requests: RequestCounters) -> list[Metric]:
+    """Read at scrape time, on the loop that owns ``store``."""
+    s = await store.stats()
+    gc_runs, gc_clusters, gc_affiliates = store.gc_totals()
     requests_total = CounterMetricFamily(
         "discovery_server_requests_total",
         "gRPC requests handled, by method and status code.",
@@ -55,17 +56,17 @@ def families(state: State, requests: RequestCounters) -> list[Metric]:
             value=s.subscriptions,
         ),
         CounterMetricFamily(
-            "discovery_state_gc_runs_total", "The number of GC runs.", value=state.gc_runs
+            "discovery_state_gc_runs_total", "The number of GC runs.", value=gc_runs
         ),
         CounterMetricFamily(
             "discovery_state_gc_clusters_total",
             "The total number of GC'ed clusters.",
-            value=state.gc_clusters,
+            value=gc_clusters,
         ),
         CounterMetricFamily(
             "discovery_state_gc_affiliates_total",
             "The total number of GC'ed affiliates.",
-            value=state.gc_affiliates,
+            value=gc_affiliates,
         ),
         requests_total,
     ]

@@ -1,4 +1,10 @@
-"""Fixtures for the discovery tests: an in-process service on loopback, secrets, affiliates."""
+"""Fixtures for the discovery tests: an in-process service on loopback, secrets, affiliates.
+
+``server`` and ``make_server`` are parametrized over the two stores: every test that uses
+them runs once on the in-memory state and once on a private valkey-server (one per test
+session, on a unix socket, emptied before each test). ``make_memory_server`` is for the
+tests of what only the in-memory store has (snapshot files, a restart that loses state).
+"""
 
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ from control.affiliate import Address, Affiliate, KubeSpanInfo
 from control.discovery.proto import cluster_pb2 as pb
 from control.discovery.proto import cluster_pb2_grpc as pbg
 from tests.control.discovery.threaded import ThreadedServer
+from tests.control.discovery.valkeyproc import ValkeyProcess
 
 T = TypeVar("T")
 
@@ -64,12 +71,29 @@ def make_affiliate(name: str, n: int = 1, endpoints: tuple = ()) -> Affiliate:
     )
 
 
-@pytest.fixture
-def make_server() -> Iterator[Callable[..., ThreadedServer]]:
-    """Start services on 127.0.0.1 in background threads; all stopped at teardown."""
+@pytest.fixture(scope="session")
+def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyProcess]:
+    server = ValkeyProcess(tmp_path_factory.mktemp("valkey"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["memory", "valkey"])
+def store_url(request: pytest.FixtureRequest) -> str | None:
+    """None for the in-memory store, else the URL of an empty Valkey."""
+    if request.param == "memory":
+        return None
+    server: ValkeyProcess = request.getfixturevalue("valkey")
+    server.flush()
+    return server.url
+
+
+def _server_factory(store: str | None) -> Iterator[Callable[..., ThreadedServer]]:
     started: list[ThreadedServer] = []
 
     def factory(port: int = 0, **options: Any) -> ThreadedServer:
+        options.setdefault("store", store)
         server = ThreadedServer(**options)
         server.start("127.0.0.1", port)
         started.append(server)
@@ -78,6 +102,18 @@ def make_server() -> Iterator[Callable[..., ThreadedServer]]:
     yield factory
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def make_server(store_url: str | None) -> Iterator[Callable[..., ThreadedServer]]:
+    """Start services on 127.0.0.1 in background threads; all stopped at teardown."""
+    yield from _server_factory(store_url)
+
+
+@pytest.fixture
+def make_memory_server() -> Iterator[Callable[..., ThreadedServer]]:
+    """``make_server`` with the in-memory store only."""
+    yield from _server_factory(None)
 
 
 @pytest.fixture

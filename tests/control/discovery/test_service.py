@@ -138,11 +138,11 @@ def test_affiliate_expires_after_ttl_and_watchers_see_it_deleted(server):
 
 
 def test_restart_from_snapshot_clients_see_same_affiliates_without_reregistering(
-    make_server, tmp_path
+    make_memory_server, tmp_path
 ):
     path = tmp_path / "state.binpb"
     s = new_secret()
-    first = make_server(snapshot_path=str(path), snapshot_interval=3600)
+    first = make_memory_server(snapshot_path=str(path), snapshot_interval=3600)
 
     async def publish() -> dict:
         cs = [client(first, "snap", s, n) for n in "ab"]
@@ -159,7 +159,7 @@ def test_restart_from_snapshot_clients_see_same_affiliates_without_reregistering
     before = run(publish())
     first.stop()
     assert path.exists() and not (tmp_path / "state.binpb.tmp").exists()
-    second = make_server(snapshot_path=str(path))
+    second = make_memory_server(snapshot_path=str(path))
 
     async def observe() -> None:
         async with Raw(second) as raw:
@@ -172,9 +172,9 @@ def test_restart_from_snapshot_clients_see_same_affiliates_without_reregistering
     run(observe())
 
 
-def test_snapshot_written_periodically(make_server, tmp_path):
+def test_snapshot_written_periodically(make_memory_server, tmp_path):
     path = tmp_path / "periodic.binpb"
-    server = make_server(snapshot_path=str(path), snapshot_interval=0.2)
+    server = make_memory_server(snapshot_path=str(path), snapshot_interval=0.2)
 
     async def main() -> None:
         async with Raw(server) as raw:
@@ -188,12 +188,12 @@ def test_snapshot_written_periodically(make_server, tmp_path):
     run(main())
 
 
-def test_corrupt_snapshot_is_kept_aside_and_service_starts_empty(make_server, tmp_path):
+def test_corrupt_snapshot_is_kept_aside_and_service_starts_empty(make_memory_server, tmp_path):
     path = tmp_path / "bad.binpb"
     path.write_bytes(b"\xff\xff\xff garbage")
-    server = make_server(snapshot_path=str(path))
+    server = make_memory_server(snapshot_path=str(path))
     assert (tmp_path / "bad.binpb.corrupt").read_bytes() == b"\xff\xff\xff garbage"
-    assert server.call(lambda: server.state.stats().affiliates) == 0
+    assert server.run(server.store.stats).affiliates == 0
 
 
 def test_wrong_secret_learns_nothing(server):
@@ -256,9 +256,10 @@ def test_malformed_affiliates_from_others_are_skipped(server):
     run(main())
 
 
-def test_client_follows_redirect(make_server):
+def test_client_follows_redirect(make_server, make_memory_server):
     real = make_server()
-    front = make_server(redirect_endpoint=f"127.0.0.1:{real.port}")
+    # Its own state (replicas on one Valkey share theirs): it must stay empty.
+    front = make_memory_server(redirect_endpoint=f"127.0.0.1:{real.port}")
 
     async def main() -> None:
         s = new_secret()
@@ -312,13 +313,13 @@ def test_client_retries_until_service_appears_and_republishes_after_restart(make
     run(main())
 
 
-def test_affiliates_survive_a_stateless_service_restart_for_the_grace_period(make_server):
+def test_affiliates_survive_a_stateless_service_restart_for_the_grace_period(make_memory_server):
     """A restarted service without its state must not make peers vanish at once."""
     port = _free_port()
     s = new_secret()
 
     async def main() -> None:
-        first = await asyncio.to_thread(make_server, port)
+        first = await asyncio.to_thread(make_memory_server, port)
         watcher = DiscoveryClient(
             f"127.0.0.1:{port}", "g", s, "w", insecure=True, reconnect_grace=1.5, backoff=fast()
         )
@@ -331,7 +332,7 @@ def test_affiliates_survive_a_stateless_service_restart_for_the_grace_period(mak
             await gone.close(leave=False)  # it will not register again
             version = watcher.version
             await asyncio.to_thread(first.stop)
-            await asyncio.to_thread(make_server, port)  # empty state, same port
+            await asyncio.to_thread(make_memory_server, port)  # empty state, same port
             for _ in range(200):  # every snapshot bumps the version: wait for the new session's
                 if watcher.version > version:
                     break

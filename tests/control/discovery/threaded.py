@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from control.discovery.server import DiscoveryServer
@@ -68,5 +68,15 @@ class ThreadedServer(DiscoveryServer):
 
         async def run() -> T:
             return fn()
+
+        return asyncio.run_coroutine_threadsafe(run(), self._own_loop).result(timeout=30)
+
+    def run(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """Await ``fn()`` on the service's loop (from another thread), e.g. a store call."""
+        if self._own_loop is None or self._own_thread is None:
+            raise RuntimeError("the service is not running")
+
+        async def run() -> T:
+            return await fn()
 
         return asyncio.run_coroutine_threadsafe(run(), self._own_loop).result(timeout=30)
