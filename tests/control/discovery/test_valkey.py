@@ -11,6 +11,7 @@ import asyncio
 import collections
 import socket
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 import pytest
@@ -25,7 +26,7 @@ from .conftest import Raw, eventually, run
 
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
-FAST = {"rate": 1e6, "burst": 10**6}
+FAST: dict[str, Any] = {"rate": 1e6, "burst": 10**6}
 
 
 @pytest.fixture
@@ -34,7 +35,7 @@ def replicas(valkey: ValkeyProcess) -> Iterator[Callable[..., ThreadedServer]]:
     valkey.flush()
     started: list[ThreadedServer] = []
 
-    def factory(**options: object) -> ThreadedServer:
+    def factory(**options: Any) -> ThreadedServer:
         server = ThreadedServer(store=valkey.url, **FAST | options)
         server.start("127.0.0.1", 0)
         started.append(server)
@@ -125,10 +126,11 @@ def test_watchers_on_every_replica_see_each_change_once_and_in_order(replicas):
             final = {aid: data for aid, (data, _) in (await raws[1].list("o")).items()}
             assert final == {f"w{w}": b"%d" % versions for w in range(1, writers)}
             for seen, table, _task in watches:
-                await eventually(
-                    lambda t=table: {k: v for k, v in t.items() if k != "<snapshot>"} == final,
-                    "a watcher reached the final state",
-                )
+
+                def reached(t: dict[str, bytes] = table) -> bool:
+                    return {k: v for k, v in t.items() if k != "<snapshot>"} == final
+
+                await eventually(reached, "a watcher reached the final state")
                 for aid, values in seen.items():
                     # From its snapshot on, a watcher sees every version after it, once each.
                     nums = [int(v) for v in values if v != b"<deleted>"]
