@@ -42,6 +42,7 @@ class ServerOptions:
     gc_interval: float = 60.0
     # None: state in this process; redis://HOST:PORT/DB, rediss://, unix://PATH: Valkey.
     store: str | None = None
+    store_cluster: bool = False  # ``store`` is a node of a Valkey Cluster
     snapshot_path: str | None = None  # None: no persistence (in-memory store only)
     snapshot_interval: float = 600.0
     tls_cert_file: str | None = None  # both set: TLS; else plain h2c
@@ -303,7 +304,9 @@ class DiscoveryServer:
                 raise ValueError("snapshots are for the in-memory store; Valkey persists itself")
             from control.discovery.valkey import ValkeyStore  # redis only when asked for
 
-            self.store = ValkeyStore(opts.store, opts.limits, gc_interval=opts.gc_interval)
+            self.store = ValkeyStore(
+                opts.store, opts.limits, cluster=opts.store_cluster, gc_interval=opts.gc_interval
+            )
         else:
             self.store = MemoryStore(self.state, clock)
         self.limiter = IPRateLimiter(opts.rate, opts.burst)

@@ -52,6 +52,11 @@ def build_parser(prog: str = "kubespan discovery-service") -> argparse.ArgumentP
         help="keep the state in Valkey/Redis (redis://HOST:PORT/DB, rediss://..., "
         "unix://PATH?db=N), shared with other replicas; default: in this process",
     )
+    p.add_argument(
+        "--store-cluster",
+        action="store_true",
+        help="the --store URL names one node of a Valkey Cluster (redis:// or rediss://)",
+    )
     p.add_argument("--snapshot-path", metavar="FILE", help="persist state here; restored at start")
     p.add_argument("--snapshot-interval", type=float, default=600.0, metavar="SECONDS")
     p.add_argument("--gc-interval", type=float, default=60.0, metavar="SECONDS")
@@ -82,6 +87,7 @@ async def _serve(ns: argparse.Namespace) -> None:
         trust_x_real_ip=ns.trust_x_real_ip,
         gc_interval=ns.gc_interval,
         store=ns.store,
+        store_cluster=ns.store_cluster,
         snapshot_path=ns.snapshot_path,
         snapshot_interval=ns.snapshot_interval,
         tls_cert_file=ns.tls_cert,
@@ -111,6 +117,9 @@ def main(argv: list[str] | None = None, prog: str = "kubespan discovery-service"
     )
     if bool(ns.tls_cert) != bool(ns.tls_key):
         print("error: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    if ns.store_cluster and not ns.store:
+        print("error: --store-cluster needs --store", file=sys.stderr)
         return 2
     if ns.store and ns.snapshot_path:
         print(

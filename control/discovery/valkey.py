@@ -216,6 +216,14 @@ local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
 return {removed, first[2]}
 """
 
+# The clusters GC must visit now (on the index key alone: Valkey's clock, any shard).
+# ARGV: most to return. Returns {now, cluster ids}.
+_DUE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return {now, redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, ARGV[1])}
+"""
+
 # The state of a cluster and the position of its last change, at one instant.
 _SNAPSHOT = """
 local head = redis.call('HMGET', KEYS[4], 'n', 'id')
@@ -406,11 +414,14 @@ async def _guard(what: str) -> AsyncIterator[None]:
 
 
 class ValkeyStore(Store):
+    """``cluster``: ``url`` names one node of a Valkey Cluster (the client finds the rest)."""
+
     def __init__(
         self,
         url: str,
         limits: Limits | None = None,
         *,
+        cluster: bool = False,
         gc_interval: float = 60.0,
         socket_timeout: float = 5.0,
     ) -> None:
@@ -418,18 +429,24 @@ class ValkeyStore(Store):
         self.url = url
         self.gc_interval = gc_interval
         # A few quick retries ride over a reconnect; then the caller hears UNAVAILABLE.
-        self.redis: aioredis.Redis = aioredis.from_url(
-            url,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=min(2.0, socket_timeout),
-            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
-            health_check_interval=30,
-        )
+        options: dict[str, Any] = {
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": min(2.0, socket_timeout),
+            "retry": Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
+            "health_check_interval": 30,
+        }
+        self.redis: aioredis.Redis | aioredis.RedisCluster
+        if cluster:
+            # Each watched cluster's feed holds a connection to its shard while it waits.
+            self.redis = aioredis.RedisCluster.from_url(url, max_connections=65536, **options)
+        else:
+            self.redis = aioredis.from_url(url, **options)
         self.replica_id = os.urandom(8).hex()
         self._update = self.redis.register_script(_LUA_COMMON + _UPDATE)
         self._delete = self.redis.register_script(_LUA_COMMON + _DELETE)
         self._gc = self.redis.register_script(_LUA_COMMON + _GC)
         self._snapshot = self.redis.register_script(_SNAPSHOT)
+        self._due = self.redis.register_script(_DUE)
         self._index = PREFIX + "clusters"
         self._lease = PREFIX + "gc-lease"
         self._feeds: dict[str, _Feed] = {}
@@ -447,8 +464,11 @@ class ValkeyStore(Store):
             log.info("discovery state in %s", self.url)
 
     async def close(self) -> None:
-        for feed in list(self._feeds.values()):
+        feeds = list(self._feeds.values())
+        for feed in feeds:
             feed.stop()
+        # Ended before the connections close under them.
+        await asyncio.gather(*(f.task for f in feeds), return_exceptions=True)
         await self.redis.aclose()
 
     # -- operations -------------------------------------------------------------------
@@ -540,9 +560,7 @@ class ValkeyStore(Store):
                 self._lease, self.replica_id, nx=True, px=max(1, interval_ms * 9 // 10)
             ):
                 return 0, 0
-            sec, usec = await self.redis.time()
-            now = sec * 1000 + usec // 1000
-            due = await self.redis.zrangebyscore(self._index, "-inf", now, start=0, num=10_000)
+            now, due = await self._due(keys=[self._index], args=[10_000])
             for cluster_id in _strings(due):
                 keys = cluster_keys(cluster_id)
                 # Put off first: should this replica die mid-visit, the cluster comes back

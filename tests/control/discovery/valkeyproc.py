@@ -1,9 +1,12 @@
-"""A private valkey-server for tests: on a unix socket, or on 127.0.0.1:PORT."""
+"""Private valkey-servers for tests: one on a unix socket or on 127.0.0.1:PORT, or a
+three-node Valkey Cluster on 127.0.0.1."""
 
 from __future__ import annotations
 
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -15,7 +18,9 @@ class ValkeyProcess:
     """``port=0``: unix socket only (no TCP listener at all). ``persist``: append-only
     file in ``workdir``, so a restart (even after SIGKILL) comes back with the data."""
 
-    def __init__(self, workdir: Path, port: int = 0, persist: bool = False) -> None:
+    def __init__(
+        self, workdir: Path, port: int = 0, persist: bool = False, extra: tuple[str, ...] = ()
+    ) -> None:
         binary = shutil.which("valkey-server")
         if binary is None:
             raise RuntimeError("valkey-server is not installed (scripts/bootstrap.sh does it)")
@@ -23,6 +28,7 @@ class ValkeyProcess:
         self.workdir = workdir
         self.port = port
         self.persist = persist
+        self.extra = extra
         self.socket = workdir / "valkey.sock"
         self.logfile = workdir / "valkey.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -49,6 +55,7 @@ class ValkeyProcess:
             "--appendfsync", "always",
             "--daemonize", "no",
             "--logfile", str(self.logfile),
+            *self.extra,
         ]  # fmt: skip
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
@@ -86,3 +93,74 @@ class ValkeyProcess:
             return self.logfile.read_text()[-2000:]
         except OSError:
             return "(no log)"
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free too."""
+    while True:
+        port = random.randrange(20000, 30000)
+        try:
+            for p in (port, port + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
+
+
+class ValkeyCluster:
+    """Three masters, no replicas, the 16384 slots split between them."""
+
+    def __init__(self, workdir: Path, nodes: int = 3) -> None:
+        self.nodes = []
+        for i in range(nodes):
+            d = workdir / f"node{i}"
+            d.mkdir()
+            self.nodes.append(
+                ValkeyProcess(
+                    d,
+                    port=_cluster_port(),
+                    extra=(
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        str(d / "nodes.conf"),
+                    ),
+                )
+            )
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    def start(self, timeout: float = 60.0) -> None:
+        for node in self.nodes:
+            node.start()
+        cli = shutil.which("valkey-cli")
+        if cli is None:
+            raise RuntimeError("valkey-cli is not installed (valkey-tools, with valkey-server)")
+        subprocess.run(
+            [cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
+             "--cluster-replicas", "0", "--cluster-yes"],
+            check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while not all(self._ok(n) for n in self.nodes):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the Valkey Cluster never reached cluster_state:ok")
+            time.sleep(0.05)
+
+    @staticmethod
+    def _ok(node: ValkeyProcess) -> bool:
+        with node.client() as c:
+            info = c.execute_command("CLUSTER", "INFO")
+        text = info.decode() if isinstance(info, bytes) else str(info)
+        return "cluster_state:ok" in text
+
+    def flush(self) -> None:
+        for node in self.nodes:
+            node.flush()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
