@@ -336,7 +336,10 @@ class _Feed:
         self.subs: set[_Subscription] = set()
         self.ready = asyncio.Event()  # the start position is known (or the feed failed)
         self.failed = False
+        self.stopping = False
         self.task = asyncio.create_task(self._run(), name=f"valkey-feed-{cluster_id[:32]}")
+        store._tasks.add(self.task)
+        self.task.add_done_callback(store._tasks.discard)
 
     def remove(self, sub: _Subscription) -> None:
         self.subs.discard(sub)
@@ -345,9 +348,12 @@ class _Feed:
             self.stop()
 
     def stop(self) -> None:
+        """No more watchers: the feed ends after its current read (at most XREAD_BLOCK_MS).
+
+        Not cancelled: a command cancelled mid-flight costs the client its connection."""
         if self.store._feeds.get(self.cluster_id) is self:
             del self.store._feeds[self.cluster_id]
-        self.task.cancel()
+        self.stopping = True
 
     def _fail(self, lost: bool) -> None:
         self.failed = True
@@ -365,7 +371,7 @@ class _Feed:
             last_n = int(n_raw or 0)
             last_id = last_id or b"0-0"
             self.ready.set()
-            while True:
+            while not self.stopping:
                 reply = await r.xread({log_key: last_id}, count=512, block=XREAD_BLOCK_MS)
                 for _key, entries in _stream_entries(reply):
                     for entry_id, fields in entries:
@@ -450,6 +456,7 @@ class ValkeyStore(Store):
         self._index = PREFIX + "clusters"
         self._lease = PREFIX + "gc-lease"
         self._feeds: dict[str, _Feed] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         self._subscriptions = 0
         self._gc_runs = self._gc_clusters = self._gc_affiliates = 0
 
@@ -464,11 +471,12 @@ class ValkeyStore(Store):
             log.info("discovery state in %s", self.url)
 
     async def close(self) -> None:
-        feeds = list(self._feeds.values())
-        for feed in feeds:
-            feed.stop()
-        # Ended before the connections close under them.
-        await asyncio.gather(*(f.task for f in feeds), return_exceptions=True)
+        # Every feed ended (stopping ones too) before the connections close under them.
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._feeds.clear()
         await self.redis.aclose()
 
     # -- operations -------------------------------------------------------------------

@@ -40,6 +40,11 @@ class ThreadedServer(DiscoveryServer):
                 return
             started.set()
             loop.run_forever()
+            # As asyncio.run does: nothing left pending for the garbage collector to finalize.
+            leftovers = asyncio.all_tasks(loop)
+            for task in leftovers:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
 
