@@ -415,8 +415,8 @@ class DiscoveryServer:
         while True:
             await asyncio.sleep(self.options.gc_interval)
             try:
-                clusters, affiliates = await self.store.gc()
                 self.limiter.gc(self.clock())
+                clusters, affiliates = await self.store.gc()
                 if clusters or affiliates:
                     log.info("gc removed %d clusters, %d affiliates", clusters, affiliates)
             except StoreUnavailable as exc:
