@@ -61,6 +61,9 @@ LOG_RETENTION_MS = 60_000
 # place; a log recreated later restarts its numbering, which watchers detect as a gap.
 EMPTY_KEEP_MS = 3_600_000
 XREAD_BLOCK_MS = 2_000  # below the socket timeout, so a blocked read is never a timeout
+# Store operations in flight per replica: a burst of requests queues here instead of
+# opening a connection each. Feeds are not counted: each holds its own connection.
+OPS_MAX = 64
 PENDING_MAX = 4096  # changes a new watcher may receive before its snapshot is read
 
 # Shared by the scripts. A record is big-endian: f64 expiry (ms), u32 data length, data,
@@ -410,15 +413,6 @@ def _stream_entries(reply: Any) -> list[tuple[Any, list[tuple[bytes, dict[bytes,
     return [(k, v) for k, v in reply]
 
 
-@contextlib.asynccontextmanager
-async def _guard(what: str) -> AsyncIterator[None]:
-    """Store failures become StoreUnavailable (the server answers UNAVAILABLE)."""
-    try:
-        yield
-    except (RedisError, OSError) as exc:
-        raise StoreUnavailable(f"store unavailable ({what}): {exc}") from exc
-
-
 class ValkeyStore(Store):
     """``cluster``: ``url`` names one node of a Valkey Cluster (the client finds the rest)."""
 
@@ -440,13 +434,15 @@ class ValkeyStore(Store):
             "socket_connect_timeout": min(2.0, socket_timeout),
             "retry": Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
             "health_check_interval": 30,
+            # OPS_MAX for operations, plus one per watched cluster (its feed's read).
+            "max_connections": 65536,
         }
         self.redis: aioredis.Redis | aioredis.RedisCluster
         if cluster:
-            # Each watched cluster's feed holds a connection to its shard while it waits.
-            self.redis = aioredis.RedisCluster.from_url(url, max_connections=65536, **options)
+            self.redis = aioredis.RedisCluster.from_url(url, **options)
         else:
             self.redis = aioredis.from_url(url, **options)
+        self._ops = asyncio.Semaphore(OPS_MAX)
         self.replica_id = os.urandom(8).hex()
         self._update = self.redis.register_script(_LUA_COMMON + _UPDATE)
         self._delete = self.redis.register_script(_LUA_COMMON + _DELETE)
@@ -459,6 +455,15 @@ class ValkeyStore(Store):
         self._tasks: set[asyncio.Task[None]] = set()
         self._subscriptions = 0
         self._gc_runs = self._gc_clusters = self._gc_affiliates = 0
+
+    @contextlib.asynccontextmanager
+    async def _op(self, what: str) -> AsyncIterator[None]:
+        """One operation: a slot among OPS_MAX, and failures as StoreUnavailable."""
+        async with self._ops:
+            try:
+                yield
+            except (RedisError, OSError) as exc:
+                raise StoreUnavailable(f"store unavailable ({what}): {exc}") from exc
 
     async def start(self) -> None:
         try:
@@ -491,7 +496,7 @@ class ValkeyStore(Store):
     ) -> None:
         lim = self.limits
         check_update(lim, cluster_id, affiliate_id, data, endpoints, ttl)
-        async with _guard("update"):
+        async with self._op("update"):
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.zscore(self._index, cluster_id)
                 pipe.zcard(self._index)
@@ -522,12 +527,12 @@ class ValkeyStore(Store):
     async def delete(self, cluster_id: str, affiliate_id: str) -> None:
         self.check_cluster_id(cluster_id)
         check_affiliate_id(self.limits, affiliate_id)
-        async with _guard("delete"):
+        async with self._op("delete"):
             await self._delete(keys=cluster_keys(cluster_id), args=[affiliate_id])
 
     async def list(self, cluster_id: str) -> list[AffiliateView]:
         self.check_cluster_id(cluster_id)
-        async with _guard("list"):
+        async with self._op("list"):
             records = await self._records(cluster_id)
         return [_view(aid, rec) for aid, rec in records.items()]
 
@@ -548,7 +553,7 @@ class ValkeyStore(Store):
             await feed.ready.wait()
             if feed.failed:
                 raise StoreUnavailable("store unavailable (watch)")
-            async with _guard("watch"):
+            async with self._op("watch"):
                 n, _last_id, flat = await self._snapshot(keys=cluster_keys(cluster_id))
         except BaseException:
             sub.close()
@@ -562,7 +567,7 @@ class ValkeyStore(Store):
         """One pass over the clusters due, by whichever replica holds the lease."""
         interval_ms = max(1, int(self.gc_interval * 1000))
         removed_clusters = removed_affiliates = 0
-        async with _guard("gc"):
+        async with self._op("gc"):
             # Held for most of an interval: one replica per pass, another if it dies.
             if not await self.redis.set(
                 self._lease, self.replica_id, nx=True, px=max(1, interval_ms * 9 // 10)
@@ -597,7 +602,7 @@ class ValkeyStore(Store):
 
     async def stats(self) -> Stats:
         affiliates = endpoints = 0
-        async with _guard("stats"):
+        async with self._op("stats"):
             clusters = _strings(await self.redis.zrange(self._index, 0, -1))
             for i in range(0, len(clusters), 1000):
                 async with self.redis.pipeline(transaction=False) as pipe:
@@ -612,7 +617,7 @@ class ValkeyStore(Store):
 
     async def dump(self) -> object:
         out: dict[str, dict[bytes, bytes]] = {}
-        async with _guard("dump"):
+        async with self._op("dump"):
             for cluster_id in _strings(await self.redis.zrange(self._index, 0, -1)):
                 records = await self._records(cluster_id)
                 if records:

@@ -19,7 +19,7 @@ from cryptography.x509.oid import NameOID
 from control.affiliate import Affiliate
 from control.discovery.cipher import AffiliateCipher, secret_key
 from control.discovery.client import Backoff, DiscoveryClient
-from control.discovery.codec import encode_affiliate, encode_endpoint
+from control.discovery.codec import decode_affiliate, encode_affiliate, encode_endpoint
 from tests.promtext import key, samples
 
 from .conftest import Raw, endpoints_of, eventually, make_affiliate, new_secret, run, target
@@ -103,6 +103,33 @@ def test_updates_and_deletions_arrive_through_watch(server):
             await b.close(leave=True)
             await c.wait_for(lambda t: set(t) == {"a"}, 20)
             assert {"a", "b"} in seen and seen[-1] == {"a"}
+
+    run(main())
+
+
+def test_a_change_made_while_a_publish_is_in_flight_is_published(make_server):
+    # Two tokens: Hello and Watch pass, the first publish waits 0.5 s for its token.
+    server = make_server(rate=2.0, burst=2)
+
+    async def main() -> None:
+        s = new_secret()
+        a = client(server, "fl", s, "a")
+        a.set_local(make_affiliate("a", 1))
+        cipher = AffiliateCipher(secret_key(s))
+
+        def stored_hostname() -> str | None:
+            views = server.run(lambda: server.store.list("fl"))
+            return decode_affiliate(cipher.open_data(views[0].data)).hostname if views else None
+
+        async with running(a):
+            await eventually(lambda: server.run(server.store.stats).subscriptions == 1, "watch")
+            a.set_local(replace(make_affiliate("a", 1), hostname="changed-in-flight"))
+            for _ in range(400):
+                if await asyncio.to_thread(stored_hostname) == "changed-in-flight":
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the change made during the first publish never arrived")
 
     run(main())
 
