@@ -11,7 +11,7 @@ import collections
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from control.discovery.state import State
+from control.discovery.store import Store, StoreUnavailable
 
 
 class RequestCounters:
@@ -23,9 +23,11 @@ class RequestCounters:
         self.handled[(method, code)] += 1
 
 
-def families(state: State, requests: RequestCounters) -> list[Metric]:
-    """Read at scrape time, on the loop that owns ``state``."""
-    s = state.stats()
+async def families(store: Store, requests: RequestCounters) -> list[Metric]:
+    """Read at scrape time, on the loop that owns ``store``.
+
+    With the store unreachable the state gauges are left out (not reported as zero)."""
+    gc_runs, gc_clusters, gc_affiliates = store.gc_totals()
     requests_total = CounterMetricFamily(
         "discovery_server_requests_total",
         "gRPC requests handled, by method and status code.",
@@ -33,6 +35,26 @@ def families(state: State, requests: RequestCounters) -> list[Metric]:
     )
     for (method, code), n in sorted(requests.handled.items()):
         requests_total.add_metric([method, code], n)
+    counters: list[Metric] = [
+        CounterMetricFamily(
+            "discovery_state_gc_runs_total", "The number of GC runs.", value=gc_runs
+        ),
+        CounterMetricFamily(
+            "discovery_state_gc_clusters_total",
+            "The total number of GC'ed clusters.",
+            value=gc_clusters,
+        ),
+        CounterMetricFamily(
+            "discovery_state_gc_affiliates_total",
+            "The total number of GC'ed affiliates.",
+            value=gc_affiliates,
+        ),
+        requests_total,
+    ]
+    try:
+        s = await store.stats()
+    except StoreUnavailable:
+        return counters
     return [
         GaugeMetricFamily(
             "discovery_state_clusters",
@@ -54,18 +76,5 @@ def families(state: State, requests: RequestCounters) -> list[Metric]:
             "The current number of subscriptions in the state.",
             value=s.subscriptions,
         ),
-        CounterMetricFamily(
-            "discovery_state_gc_runs_total", "The number of GC runs.", value=state.gc_runs
-        ),
-        CounterMetricFamily(
-            "discovery_state_gc_clusters_total",
-            "The total number of GC'ed clusters.",
-            value=state.gc_clusters,
-        ),
-        CounterMetricFamily(
-            "discovery_state_gc_affiliates_total",
-            "The total number of GC'ed affiliates.",
-            value=state.gc_affiliates,
-        ),
-        requests_total,
+        *counters,
     ]

@@ -1,7 +1,8 @@
 """`kubespan discovery-service`: run the discovery service until SIGINT/SIGTERM.
 
 On a signal the service stops accepting calls, ends watches, and writes its snapshot
-(when --snapshot-path is set) before exiting.
+(when --snapshot-path is set) before exiting. With --store redis://... the state lives in
+Valkey instead, and any number of these processes serve it (see README.md).
 """
 
 from __future__ import annotations
@@ -45,6 +46,17 @@ def build_parser(prog: str = "kubespan discovery-service") -> argparse.ArgumentP
         metavar="ENDPOINT",
         help="tell every client (in Hello) to use this endpoint instead",
     )
+    p.add_argument(
+        "--store",
+        metavar="URL",
+        help="keep the state in Valkey/Redis (redis://HOST:PORT/DB, rediss://..., "
+        "unix://PATH?db=N), shared with other replicas; default: in this process",
+    )
+    p.add_argument(
+        "--store-cluster",
+        action="store_true",
+        help="the --store URL names one node of a Valkey Cluster (redis:// or rediss://)",
+    )
     p.add_argument("--snapshot-path", metavar="FILE", help="persist state here; restored at start")
     p.add_argument("--snapshot-interval", type=float, default=600.0, metavar="SECONDS")
     p.add_argument("--gc-interval", type=float, default=60.0, metavar="SECONDS")
@@ -74,6 +86,8 @@ async def _serve(ns: argparse.Namespace) -> None:
         disable_client_ip=ns.disable_client_ip,
         trust_x_real_ip=ns.trust_x_real_ip,
         gc_interval=ns.gc_interval,
+        store=ns.store,
+        store_cluster=ns.store_cluster,
         snapshot_path=ns.snapshot_path,
         snapshot_interval=ns.snapshot_interval,
         tls_cert_file=ns.tls_cert,
@@ -103,6 +117,18 @@ def main(argv: list[str] | None = None, prog: str = "kubespan discovery-service"
     )
     if bool(ns.tls_cert) != bool(ns.tls_key):
         print("error: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    if ns.store_cluster and not ns.store:
+        print("error: --store-cluster needs --store", file=sys.stderr)
+        return 2
+    if ns.store and ns.snapshot_path:
+        print(
+            "error: --snapshot-path is for the in-memory store; Valkey persists itself",
+            file=sys.stderr,
+        )
+        return 2
+    if ns.store and ns.store.split("://", 1)[0] not in ("redis", "rediss", "unix"):
+        print("error: --store takes a redis://, rediss:// or unix:// URL", file=sys.stderr)
         return 2
     try:
         asyncio.run(_serve(ns))
