@@ -20,11 +20,11 @@ from urllib.parse import unquote
 
 import grpc
 
-from control.discovery import metrics
+from control.discovery import fanout, metrics
 from control.discovery.proto import cluster_pb2 as pb
 from control.discovery.proto import cluster_pb2_grpc as pbg
 from control.discovery.ratelimit import IPRateLimiter
-from control.discovery.state import AffiliateView, LimitError, Limits, Notification, State
+from control.discovery.state import AffiliateView, LimitError, Limits, State
 from control.promhttp import MetricsServer
 from kubespan_dp.netutil import format_endpoint
 
@@ -49,6 +49,9 @@ class ServerOptions:
     rate_max_wait: float = 10.0  # longest a rate-limited request is held back
     limits: Limits = field(default_factory=Limits)
     max_message_bytes: int = 64 * 1024  # far above any valid request
+    max_pending_calls: int = 16384  # received, not yet handled (see start_async)
+    # All watch streams together send about this many change messages a second (fanout.py).
+    watch_messages_per_second: float = 4000.0
     shutdown_grace: float = 1.0
 
 
@@ -71,12 +74,6 @@ def peer_ip(peer: str) -> str | None:
 
 def _to_pb(view: AffiliateView) -> pb.Affiliate:
     return pb.Affiliate(id=view.id, data=view.data, endpoints=list(view.endpoints))
-
-
-def _watch_reply(note: Notification) -> pb.WatchResponse:
-    if note.affiliate is None:
-        return pb.WatchResponse(affiliates=[pb.Affiliate(id=note.affiliate_id)], deleted=True)
-    return pb.WatchResponse(affiliates=[_to_pb(note.affiliate)])
 
 
 def write_atomic(path: Path, blob: bytes) -> None:
@@ -207,7 +204,7 @@ class _ClusterService(pbg.ClusterServicer):
 
     async def Watch(
         self, request: pb.WatchRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.WatchResponse]:
+    ) -> AsyncIterator[bytes]:
         code = grpc.StatusCode.OK
         wake = asyncio.Event()
         sub = None
@@ -219,10 +216,14 @@ class _ClusterService(pbg.ClusterServicer):
             except LimitError as err:
                 raise _Abort(_limit_status(err), str(err)) from None
             self._o._watch_wakers.add(wake.set)
-            yield pb.WatchResponse(affiliates=[_to_pb(v) for v in snapshot])
+            yield self._o.encoder.snapshot(snapshot)
+            pace = fanout.Pace(self._o.options.watch_messages_per_second, self._o._watch_count)
             while not self._o._stopping:
-                while sub.queue:
-                    yield _watch_reply(sub.queue.popleft())
+                if sub.queue:
+                    await pace.wait()  # let changes gather, within the service-wide budget
+                # Everything queued since our last message, batched (fanout.py).
+                for reply in self._o.encoder.changes(sub.queue):
+                    yield reply
                 if sub.overflowed:
                     raise _Abort(grpc.StatusCode.ABORTED, "subscription canceled: lost update")
                 wake.clear()
@@ -263,7 +264,7 @@ def _handlers(service: _ClusterService) -> grpc.GenericRpcHandler:
             "Watch": grpc.unary_stream_rpc_method_handler(
                 service.Watch,
                 request_deserializer=_lenient(pb.WatchRequest),
-                response_serializer=pb.WatchResponse.SerializeToString,
+                response_serializer=fanout.encode_watch_reply,
             ),
         },
     )
@@ -286,6 +287,7 @@ class DiscoveryServer:
         self.clock = clock
         self.state = State(opts.limits)
         self.limiter = IPRateLimiter(opts.rate, opts.burst)
+        self.encoder = fanout.WatchEncoder()
         self.requests = metrics.RequestCounters()
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -294,6 +296,9 @@ class DiscoveryServer:
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
         self._watch_wakers: set[Callable[[], None]] = set()
+
+    def _watch_count(self) -> int:
+        return len(self._watch_wakers)
 
     # -- request admission ------------------------------------------------------------
 
@@ -335,6 +340,11 @@ class DiscoveryServer:
                 # Talos clients ping every max(10 s, TTL/10); do not punish that.
                 ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
                 ("grpc.keepalive_permit_without_calls", 1),
+                # Calls that arrived but no handler has taken yet. Past the soft limit gRPC
+                # starts cancelling new calls at random (1,000 by default: a restart's herd
+                # of one 1,024-node cluster sends 3,072 at once).
+                ("grpc.server.max_pending_requests", o.max_pending_calls),
+                ("grpc.server.max_pending_requests_hard_limit", 2 * o.max_pending_calls),
             ]
         )
         server.add_generic_rpc_handlers((_handlers(_ClusterService(self)),))

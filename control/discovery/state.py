@@ -41,7 +41,9 @@ class Limits:
     # Ours, so that many clusters or watchers cannot grow memory without bound.
     clusters_max: int = 100_000
     subscriptions_max: int = 100_000
-    watch_buffer: int = 32
+    # Changes queued for one watcher. The server sends them batched (fanout.py), so a
+    # watcher may fall a whole cluster behind (a restart's herd) before it is cut off.
+    watch_buffer: int = 1024
 
 
 class LimitError(Exception):
@@ -76,9 +78,15 @@ class _Affiliate:
     expiration: float = 0.0
     data: bytes = b""
     endpoints: list[_Endpoint] = field(default_factory=list)
+    # The last view, shared by every snapshot and notification until data or endpoints
+    # change (whoever changes them clears it), so a watcher's snapshot costs no copies.
+    cached_view: AffiliateView | None = field(default=None, repr=False, compare=False)
 
     def view(self) -> AffiliateView:
-        return AffiliateView(self.id, self.data, tuple(e.data for e in self.endpoints))
+        if self.cached_view is None:
+            endpoints = tuple(e.data for e in self.endpoints)
+            self.cached_view = AffiliateView(self.id, self.data, endpoints)
+        return self.cached_view
 
 
 @dataclass(frozen=True)
@@ -231,6 +239,7 @@ class State:
             changed = True
         affiliate.expiration = max(affiliate.expiration, expiration)
         if changed:
+            affiliate.cached_view = None
             cluster.notify(Notification(affiliate_id, affiliate.view()))
 
     def delete(self, cluster_id: str, affiliate_id: str) -> None:
@@ -277,6 +286,7 @@ class State:
                 kept = [e for e in aff.endpoints if e.expiration > now]
                 if len(kept) != len(aff.endpoints):
                     aff.endpoints = kept
+                    aff.cached_view = None
                     cluster.notify(Notification(aid, aff.view()))
             if not cluster.affiliates and not cluster.subscriptions:
                 del self._clusters[cid]
