@@ -13,17 +13,17 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from ipaddress import IPv6Address, ip_address
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import unquote
 
 import grpc
 
 from control.discovery import fanout, metrics
 from control.discovery.proto import cluster_pb2 as pb
 from control.discovery.proto import cluster_pb2_grpc as pbg
-from control.discovery.ratelimit import IPRateLimiter
+from control.discovery.proxyaddr import ProxyTrust
+from control.discovery.ratelimit import ClientLimiter
 from control.discovery.state import AffiliateView, LimitError, Limits, State
 from control.promhttp import MetricsServer
 from kubespan_dp.netutil import format_endpoint
@@ -36,7 +36,8 @@ T = TypeVar("T")
 class ServerOptions:
     redirect_endpoint: str = ""  # when set, Hello tells clients to go there
     disable_client_ip: bool = False
-    trust_x_real_ip: bool = False  # behind a proxy that sets X-Real-IP
+    # Networks of proxies whose X-Real-IP / X-Forwarded-For name the client (proxyaddr.py).
+    trusted_proxies: list[str] = field(default_factory=list)
     gc_interval: float = 60.0
     snapshot_path: str | None = None  # None: no persistence
     snapshot_interval: float = 600.0
@@ -44,32 +45,20 @@ class ServerOptions:
     tls_key_file: str | None = None
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None  # None: no metrics endpoint; 0: any free port
-    rate: float = 15.0  # per client IP, requests per second
+    rate: float = 15.0  # per client connection, requests per second (ratelimit.py)
     burst: int = 60
+    ip_rate: float = 256.0  # per client address, all its connections together
+    ip_burst: int = 4096
     rate_max_wait: float = 10.0  # longest a rate-limited request is held back
     limits: Limits = field(default_factory=Limits)
     max_message_bytes: int = 64 * 1024  # far above any valid request
+    # HTTP/2 streams one connection may have open at once (a Talos node uses two: its
+    # watch and one call; a proxy multiplexing clients opens more connections past it).
+    max_streams_per_connection: int = 128
     max_pending_calls: int = 16384  # received, not yet handled (see start_async)
     # All watch streams together send about this many change messages a second (fanout.py).
     watch_messages_per_second: float = 4000.0
     shutdown_grace: float = 1.0
-
-
-def peer_ip(peer: str) -> str | None:
-    """The IP in a gRPC peer string ('ipv4:1.2.3.4:5', 'ipv6:[::1]:5'); None for unix sockets."""
-    peer = unquote(peer)
-    for prefix in ("ipv4:", "ipv6:"):
-        if peer.startswith(prefix):
-            host = peer[len(prefix) :].rsplit(":", 1)[0].strip("[]")
-            try:
-                addr = ip_address(host.split("%", 1)[0])
-            except ValueError:
-                return None
-            # A v4 client of a dual-stack listener shows up v4-mapped; report it as v4.
-            if isinstance(addr, IPv6Address) and addr.ipv4_mapped is not None:
-                addr = addr.ipv4_mapped
-            return str(addr)
-    return None
 
 
 def _to_pb(view: AffiliateView) -> pb.Affiliate:
@@ -286,7 +275,8 @@ class DiscoveryServer:
         self.options = opts
         self.clock = clock
         self.state = State(opts.limits)
-        self.limiter = IPRateLimiter(opts.rate, opts.burst)
+        self.proxies = ProxyTrust(opts.trusted_proxies)
+        self.limiter = ClientLimiter(opts.rate, opts.burst, opts.ip_rate, opts.ip_burst)
         self.encoder = fanout.WatchEncoder()
         self.requests = metrics.RequestCounters()
         self.port: int | None = None
@@ -303,26 +293,23 @@ class DiscoveryServer:
     # -- request admission ------------------------------------------------------------
 
     def _client_ip(self, context: grpc.aio.ServicerContext) -> str | None:
-        if self.options.trust_x_real_ip:
-            for key, value in context.invocation_metadata() or ():
-                if key.lower() == "x-real-ip":
-                    try:
-                        return str(ip_address(value.strip()))
-                    except ValueError:
-                        break
-        return peer_ip(context.peer())
+        return self.proxies.client(context.peer(), context.invocation_metadata()).ip
 
     async def _admit(self, context: grpc.aio.ServicerContext) -> None:
-        ip = self._client_ip(context)
-        if ip is None:
-            return
+        peer = context.peer()
+        client = self.proxies.client(peer, context.invocation_metadata())
+        if client.ip is None:
+            return  # a unix socket: only local processes can reach it
+        # A proxy's connection carries many clients: key on the one it names too.
+        connection = f"{client.ip} via {peer}" if client.forwarded else peer
+        address = None if client.via_trusted_proxy and not client.forwarded else client.ip
         remaining = context.time_remaining()
         budget = (
             self.options.rate_max_wait
             if remaining is None
             else min(remaining, self.options.rate_max_wait)
         )
-        wait = self.limiter.reserve(ip, self.clock(), budget)
+        wait = self.limiter.reserve(connection, address, self.clock(), budget)
         if wait is None:
             raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "rate limit exceeds request timeout")
         if wait > 0:
@@ -340,6 +327,7 @@ class DiscoveryServer:
                 # Talos clients ping every max(10 s, TTL/10); do not punish that.
                 ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
                 ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.max_concurrent_streams", o.max_streams_per_connection),
                 # Calls that arrived but no handler has taken yet. Past the soft limit gRPC
                 # starts cancelling new calls at random (1,000 by default: a restart's herd
                 # of one 1,024-node cluster sends 3,072 at once).

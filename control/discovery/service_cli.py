@@ -11,6 +11,7 @@ import asyncio
 import logging
 import signal
 import sys
+from ipaddress import ip_network
 
 from control.discovery.server import DiscoveryServer, ServerOptions
 
@@ -20,6 +21,13 @@ def _host_port(text: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _network(text: str) -> str:
+    try:
+        return str(ip_network(text, strict=False))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an address or CIDR, got {text!r}") from None
 
 
 def build_parser(prog: str = "kubespan discovery-service") -> argparse.ArgumentParser:
@@ -55,15 +63,29 @@ def build_parser(prog: str = "kubespan discovery-service") -> argparse.ArgumentP
         help="serve Prometheus metrics at http://HOST:PORT/metrics (off by default)",
     )
     p.add_argument(
-        "--trust-x-real-ip",
-        action="store_true",
-        help="take the client address from the X-Real-IP header (behind a proxy)",
+        "--trusted-proxy",
+        action="append",
+        default=[],
+        type=_network,
+        metavar="CIDR",
+        help="take the client address from X-Real-IP / X-Forwarded-For on calls from "
+        "this network (a proxy in front of the service); repeatable",
     )
     p.add_argument(
         "--disable-client-ip", action="store_true", help="do not echo client addresses in Hello"
     )
-    p.add_argument("--rate", type=float, default=15.0, help="requests per second per client IP")
-    p.add_argument("--burst", type=int, default=60, help="burst size per client IP")
+    p.add_argument(
+        "--rate", type=float, default=15.0, help="requests per second per client connection"
+    )
+    p.add_argument("--burst", type=int, default=60, help="burst size per client connection")
+    p.add_argument(
+        "--ip-rate",
+        type=float,
+        default=256.0,
+        help="requests per second per client address, all its connections together "
+        "(a whole cluster behind one NAT)",
+    )
+    p.add_argument("--ip-burst", type=int, default=4096, help="burst size per client address")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -72,7 +94,7 @@ async def _serve(ns: argparse.Namespace) -> None:
     opts = ServerOptions(
         redirect_endpoint=ns.redirect_endpoint,
         disable_client_ip=ns.disable_client_ip,
-        trust_x_real_ip=ns.trust_x_real_ip,
+        trusted_proxies=ns.trusted_proxy,
         gc_interval=ns.gc_interval,
         snapshot_path=ns.snapshot_path,
         snapshot_interval=ns.snapshot_interval,
@@ -82,6 +104,8 @@ async def _serve(ns: argparse.Namespace) -> None:
         metrics_port=ns.metrics[1] if ns.metrics else None,
         rate=ns.rate,
         burst=ns.burst,
+        ip_rate=ns.ip_rate,
+        ip_burst=ns.ip_burst,
     )
     server = DiscoveryServer(opts)
     port = await server.start_async(*ns.listen)
