@@ -11,13 +11,13 @@ trusted, the leftmost is the client.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from typing import Any
 from urllib.parse import unquote
 
-Metadata = Sequence[tuple[str, Any]]
+Metadata = Iterable[tuple[str, Any]]
 
 
 def peer_ip(peer: str) -> str | None:

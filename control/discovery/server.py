@@ -52,9 +52,11 @@ class ServerOptions:
     rate_max_wait: float = 10.0  # longest a rate-limited request is held back
     limits: Limits = field(default_factory=Limits)
     max_message_bytes: int = 64 * 1024  # far above any valid request
-    # HTTP/2 streams one connection may have open at once (a Talos node uses two: its
-    # watch and one call; a proxy multiplexing clients opens more connections past it).
-    max_streams_per_connection: int = 128
+    # HTTP/2 streams one connection may have open at once. A Talos node uses two (its
+    # watch and one call); a proxy multiplexing clients opens more connections past it.
+    # Streams a client opens before it has our settings are refused (UNAVAILABLE) past
+    # the cap, so it stays well above what one client sends at once.
+    max_streams_per_connection: int = 1024
     max_pending_calls: int = 16384  # received, not yet handled (see start_async)
     # All watch streams together send about this many change messages a second (fanout.py).
     watch_messages_per_second: float = 4000.0

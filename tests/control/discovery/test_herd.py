@@ -4,6 +4,7 @@ the batched fan-out, with real clients (one gRPC connection each) against a real
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -12,8 +13,14 @@ from control.discovery.proto import cluster_pb2 as pb
 from control.discovery.proto import cluster_pb2_grpc as pbg
 
 from .conftest import Raw, run, target
+from .services import Factory, service_factory
 
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+@pytest.fixture
+def make_service() -> Iterator[Factory]:
+    yield from service_factory()
 
 
 async def _node(addr: str, cluster: str, aid: str, n: int, done: asyncio.Event, seen: dict) -> None:
@@ -45,8 +52,8 @@ async def _node(addr: str, cluster: str, aid: str, n: int, done: asyncio.Event, 
         await done.wait()  # stay connected until everyone has converged
 
 
-def test_herd_of_256_behind_one_address_converges_with_default_limits(make_server):
-    server = make_server()  # the default rate limits; every client is 127.0.0.1
+def test_herd_of_256_behind_one_address_converges_with_default_limits(make_service):
+    server = make_service()  # the default rate limits; every client is 127.0.0.1
     n = 256
 
     async def main() -> None:
@@ -71,8 +78,8 @@ def test_herd_of_256_behind_one_address_converges_with_default_limits(make_serve
     assert codes[("Hello", "OK")] == codes[("AffiliateUpdate", "OK")] == n
 
 
-def test_one_abusive_connection_is_throttled_at_the_reference_pace(make_server):
-    server = make_server()  # 15 requests/s, burst 60 per connection
+def test_one_abusive_connection_is_throttled_at_the_reference_pace(make_service):
+    server = make_service()  # 15 requests/s, burst 60 per connection
 
     async def main() -> None:
         async with Raw(server) as raw:
@@ -91,8 +98,8 @@ def test_one_abusive_connection_is_throttled_at_the_reference_pace(make_server):
     run(main())
 
 
-def test_many_connections_from_one_address_share_its_budget(make_server):
-    server = make_server(ip_rate=0.5, ip_burst=8)
+def test_many_connections_from_one_address_share_its_budget(make_service):
+    server = make_service(ip_rate=0.5, ip_burst=8)
 
     async def main() -> None:
         channels = [

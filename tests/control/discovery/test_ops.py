@@ -3,15 +3,23 @@ stream caps, flags, snapshots. Real service, real gRPC clients."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import grpc
 import pytest
 
 from control.discovery.proto import cluster_pb2 as pb
 from control.discovery.proxyaddr import ProxyTrust, parse_ip
 
-from .conftest import Raw, run, target
+from .conftest import Raw, run
+from .services import Factory, service_factory
 
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+@pytest.fixture
+def make_service() -> Iterator[Factory]:
+    yield from service_factory()
 
 
 def _ip(raw: bytes) -> str:
@@ -25,8 +33,8 @@ async def _hello_ip(raw: Raw, metadata: tuple = (), timeout: float = 5) -> str:
     return _ip(resp.client_ip)
 
 
-def test_client_address_from_trusted_proxy_headers(make_server):
-    server = make_server(trusted_proxies=["127.0.0.0/8"])
+def test_client_address_from_trusted_proxy_headers(make_service):
+    server = make_service(trusted_proxies=["127.0.0.0/8"])
 
     async def main() -> None:
         async with Raw(server) as raw:
@@ -44,8 +52,8 @@ def test_client_address_from_trusted_proxy_headers(make_server):
     run(main())
 
 
-def test_headers_from_an_untrusted_peer_are_ignored(make_server):
-    server = make_server(trusted_proxies=["10.0.0.0/8"])
+def test_headers_from_an_untrusted_peer_are_ignored(make_service):
+    server = make_service(trusted_proxies=["10.0.0.0/8"])
 
     async def main() -> None:
         async with Raw(server) as raw:
@@ -55,8 +63,8 @@ def test_headers_from_an_untrusted_peer_are_ignored(make_server):
     run(main())
 
 
-def test_rate_limit_keys_on_the_real_client(make_server):
-    server = make_server(trusted_proxies=["127.0.0.0/8"], ip_rate=0.1, ip_burst=3)
+def test_rate_limit_keys_on_the_real_client(make_service):
+    server = make_service(trusted_proxies=["127.0.0.0/8"], ip_rate=0.1, ip_burst=3)
 
     async def main() -> None:
         async with Raw(server) as raw:  # one proxy connection carrying two clients
@@ -94,8 +102,8 @@ def test_forwarded_for_parsing():
     assert parse_ip("::ffff:192.0.2.1") == "192.0.2.1"
 
 
-def test_concurrent_streams_per_connection_are_capped(make_server):
-    server = make_server(max_streams_per_connection=4)
+def test_concurrent_streams_per_connection_are_capped(make_service):
+    server = make_service(max_streams_per_connection=4)
 
     async def main() -> None:
         async with Raw(server) as raw:
