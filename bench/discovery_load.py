@@ -136,7 +136,7 @@ async def with_service(
     extra: list[str], body: Callable[[str, int], Awaitable[None]], timeout: float
 ) -> None:
     argv = [sys.executable, "-m", "control.discovery", "--listen", "127.0.0.1:0"]
-    argv += ["--log-level", "warning", *extra]
+    argv += ["--log-level", "warning", "--no-snapshot", *extra]
     server = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert server.stdout is not None
     try:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import builtins
 import collections
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
@@ -140,6 +140,23 @@ class _Cluster:
     def notify(self, note: Notification) -> None:
         for sub in list(self.subscriptions):
             sub.push(note)
+
+
+# (cluster id, [(affiliate id, data, TTL s, [(endpoint, TTL s)])]): a snapshot's cluster.
+ClusterRecord = tuple[str, list[tuple[str, bytes, int, list[tuple[bytes, int]]]]]
+
+
+def encode_cluster_record(record: ClusterRecord) -> bytes:
+    """One cluster as StateSnapshot bytes; a snapshot is the concatenation of its clusters."""
+    snap = spb.StateSnapshot()
+    cluster_id, affiliates = record
+    cs = snap.clusters.add(id=cluster_id)
+    for aid, data, ttl, endpoints in affiliates:
+        a = cs.affiliates.add(id=aid, data=data)
+        a.ttl.seconds = ttl
+        for ep, ep_ttl in endpoints:
+            a.endpoints.add(data=ep).ttl.seconds = ep_ttl
+    return snap.SerializeToString()
 
 
 @dataclass
@@ -308,18 +325,30 @@ class State:
 
     def export_snapshot(self, now: float) -> bytes:
         """Serialized StateSnapshot; lifetimes are stored as remaining TTLs (whole seconds)."""
-        snap = spb.StateSnapshot()
-        for cluster in self._clusters.values():
+        return b"".join(map(encode_cluster_record, self.export_records(now)))
+
+    def export_records(self, now: float) -> Iterator[ClusterRecord]:
+        """Plain copies of each cluster with affiliates, one cluster at a time.
+
+        The caller may pause between clusters (the state may change meanwhile; every
+        cluster is copied whole) and encode them anywhere: the copies share nothing
+        mutable with the state.
+        """
+        for cluster in list(self._clusters.values()):
             if not cluster.affiliates:
                 continue
-            cs = snap.clusters.add(id=cluster.id)
-            for aff in cluster.affiliates.values():
-                a = cs.affiliates.add(id=aff.id, data=aff.data)
-                a.ttl.seconds = max(0, int(aff.expiration - now))
-                for ep in aff.endpoints:
-                    e = a.endpoints.add(data=ep.data)
-                    e.ttl.seconds = max(0, int(ep.expiration - now))
-        return snap.SerializeToString()
+            yield (
+                cluster.id,
+                [
+                    (
+                        aff.id,
+                        aff.data,
+                        max(0, int(aff.expiration - now)),
+                        [(ep.data, max(0, int(ep.expiration - now))) for ep in aff.endpoints],
+                    )
+                    for aff in cluster.affiliates.values()
+                ],
+            )
 
     def import_snapshot(self, blob: bytes, now: float, wall_now: float) -> int:
         """Load a snapshot into an empty state; entries that break a limit are skipped.

@@ -22,7 +22,7 @@ from control.discovery.codec import (
 )
 from control.discovery.proto import generate
 from control.discovery.ratelimit import TokenBuckets
-from control.discovery.server import write_atomic
+from control.discovery.snapshotfile import write_atomic
 from control.discovery.state import LimitError, Limits, State
 from control.discovery.target import parse_discovery_endpoint as parse_endpoint
 
