@@ -3,16 +3,34 @@ stream caps, flags, snapshots. Real service, real gRPC clients."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TypeVar
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from control.discovery.health import CLUSTER_SERVICE
 from control.discovery.proto import cluster_pb2 as pb
+from control.discovery.proto import cluster_pb2_grpc as pbg
 from control.discovery.proxyaddr import ProxyTrust, parse_ip
+from control.discovery.state import State
+from tests.control.discovery.threaded import ThreadedServer
+from tests.promtext import key, samples
 
-from .conftest import Raw, run
+from .conftest import Raw, run, target
 from .services import Factory, service_factory
+from .test_service import _self_signed
+
+T = TypeVar("T")
 
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -122,3 +140,230 @@ def test_concurrent_streams_per_connection_are_capped(make_service):
                 call.cancel()
 
     run(main())
+
+
+def _on_loop(server: ThreadedServer, coro_fn: Callable[[], Awaitable[T]]) -> T:
+    """Run a coroutine on the service's own loop (from the test's thread)."""
+    assert server._own_loop is not None
+    return asyncio.run_coroutine_threadsafe(coro_fn(), server._own_loop).result(timeout=60)
+
+
+def test_health_serving_hook_and_shutdown(make_service):
+    server = make_service()
+    serving = health_pb2.HealthCheckResponse.SERVING
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+
+    async def check(stub: health_pb2_grpc.HealthStub, service: str) -> int:
+        req = health_pb2.HealthCheckRequest(service=service)
+        return (await stub.Check(req, timeout=5)).status
+
+    async def main() -> None:
+        async with grpc.aio.insecure_channel(target(server)) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            assert await check(stub, "") == serving
+            assert await check(stub, CLUSTER_SERVICE) == serving
+            await asyncio.to_thread(_on_loop, server, lambda: server.set_serving(False))
+            assert await check(stub, "") == not_serving
+            assert await check(stub, CLUSTER_SERVICE) == not_serving
+            await asyncio.to_thread(_on_loop, server, lambda: server.set_serving(True))
+            assert await check(stub, CLUSTER_SERVICE) == serving
+            # A load balancer watching health sees NOT_SERVING as the service stops.
+            watch = stub.Watch(health_pb2.HealthCheckRequest(service=CLUSTER_SERVICE))
+            assert (await watch.read()).status == serving
+            stopping = asyncio.create_task(asyncio.to_thread(server.stop))
+            assert (await watch.read()).status == not_serving
+            await stopping
+
+    run(main())
+
+
+def test_metrics_latency_by_code_and_hello_by_client_version(make_service):
+    server = make_service(metrics_port=0)
+
+    async def main() -> str:
+        async with Raw(server) as raw:
+            for version in ("v1.9.3", "v1.9.5", "kubespan-py/0.1.0", ""):
+                await raw.stub.Hello(
+                    pb.HelloRequest(cluster_id="m", client_version=version), timeout=5
+                )
+            await raw.update("m", "a")
+            with pytest.raises(grpc.aio.AioRpcError):
+                await raw.update("m", "", data=b"x")  # empty affiliate ID: INVALID_ARGUMENT
+        url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+        return await asyncio.to_thread(
+            lambda: urllib.request.urlopen(url, timeout=10).read().decode()
+        )
+
+    got = samples(run(main()))
+    hello = "discovery_server_hello_requests_total"
+    assert got[key(hello, client_version="v1.9")] == 2
+    assert got[key(hello, client_version="kubespan-py/v0.1")] == 1
+    assert got[key(hello, client_version="unknown")] == 1
+    duration = "discovery_server_request_duration_seconds"
+    assert got[key(duration + "_count", method="Hello", code="OK")] == 4
+    assert got[key(duration + "_bucket", method="Hello", code="OK", le="+Inf")] == 4
+    assert got[key(duration + "_count", method="AffiliateUpdate", code="INVALID_ARGUMENT")] == 1
+    assert 0 < got[key(duration + "_sum", method="AffiliateUpdate", code="OK")] < 10
+    assert got[key("discovery_state_affiliates")] == 1
+    assert got[key("discovery_server_requests_total", method="Hello", code="OK")] == 4
+
+
+def test_tls_certificate_is_reloaded_when_its_files_change(make_service, tmp_path):
+    for name in "abc":
+        (tmp_path / name).mkdir()
+    a_cert, a_key, a_pem = _self_signed(tmp_path / "a")
+    _, b_key, b_pem = _self_signed(tmp_path / "b")
+    _, c_key, _ = _self_signed(tmp_path / "c")
+    live = tmp_path / "live"
+    live.mkdir()
+    shutil.copy(a_cert, live / "tls.crt")
+    shutil.copy(a_key, live / "tls.key")
+    server = make_service(tls_cert_file=str(live / "tls.crt"), tls_key_file=str(live / "tls.key"))
+
+    async def hello(root_pem: bytes) -> None:
+        creds = grpc.ssl_channel_credentials(root_certificates=root_pem)
+        # A fresh channel: a new connection, so a new handshake with what the service has now.
+        async with grpc.aio.secure_channel(
+            f"localhost:{server.port}", creds, options=[("grpc.use_local_subchannel_pool", 1)]
+        ) as ch:
+            await pbg.ClusterStub(ch).Hello(pb.HelloRequest(cluster_id="t"), timeout=5)
+
+    def install(cert: str, key_file: str) -> None:
+        for src, name in ((cert, "tls.crt"), (key_file, "tls.key")):
+            shutil.copy(src, live / (name + ".new"))
+            os.replace(live / (name + ".new"), live / name)
+
+    async def main() -> None:
+        await hello(a_pem)
+        install(str(tmp_path / "b" / "tls.crt"), b_key)
+        await hello(b_pem)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await hello(a_pem)  # the old certificate is gone
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        # Half a renewal (B's certificate, C's key) is not loaded: B stays.
+        shutil.copy(c_key, live / "tls.key.new")
+        os.replace(live / "tls.key.new", live / "tls.key")
+        await hello(b_pem)
+
+    run(main())
+    assert server.tls is not None and server.tls.reloads == 1
+
+
+def test_snapshot_is_written_without_holding_the_loop(make_service, tmp_path):
+    path = tmp_path / "state.binpb"
+    server = make_service(snapshot_path=str(path))
+
+    def fill() -> None:
+        now = server.clock()
+        for c in range(20):
+            for i in range(1000):
+                server.state.update(f"c{c}", f"n{i}", b"d" * 300, [bytes([i % 256]) * 16], 600, now)
+
+    server.call(fill)
+
+    async def save_counting_turns() -> int:
+        turns = 0
+        done = False
+
+        async def tick() -> None:
+            nonlocal turns
+            while not done:
+                turns += 1
+                await asyncio.sleep(0)
+
+        ticker = asyncio.create_task(tick())
+        await asyncio.sleep(0)
+        await server.save_snapshot()
+        done = True
+        await ticker
+        return turns
+
+    # 20,000 affiliates in slices of 2,000, each encoded and written in a thread: the loop
+    # keeps turning meanwhile (one blocking export would give it one turn at most).
+    assert _on_loop(server, save_counting_turns) >= 10
+    restored = State()
+    assert restored.import_snapshot(path.read_bytes(), 0.0, 0.0) == 20_000
+    assert restored.stats().endpoints == 20_000
+    assert not (tmp_path / "state.binpb.tmp").exists()
+
+
+class _Process:
+    """`python -m control.discovery ARGS` on a free port; stdout's first line names it."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "control.discovery", "--listen", "127.0.0.1:0", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert "discovery service on" in line, line + self.proc.stderr.read()
+        self.target = f"127.0.0.1:{line.rsplit(':', 1)[1].strip()}"
+
+    def stop(self) -> str:
+        """SIGTERM; returns stderr once it has exited (0)."""
+        self.proc.send_signal(signal.SIGTERM)
+        _, err = self.proc.communicate(timeout=30)
+        assert self.proc.returncode == 0, err
+        return err
+
+
+def test_service_command_flags_state_dir_and_request_log(tmp_path):
+    state_dir = tmp_path / "state"
+    first = _Process(
+        "--state-dir",
+        str(state_dir),
+        "--log-requests",
+        "--limit-affiliates-per-cluster",
+        "2",
+        "--shutdown-grace",
+        "0.5",
+    )
+
+    async def use(addr: str) -> None:
+        async with grpc.aio.insecure_channel(addr) as ch:
+            stub = pbg.ClusterStub(ch)
+            await stub.Hello(pb.HelloRequest(cluster_id="cli", client_version="v1.9.0"), timeout=5)
+            for aid in ("a", "b"):
+                req = pb.AffiliateUpdateRequest(cluster_id="cli", affiliate_id=aid)
+                req.affiliate_data = b"d"
+                req.ttl.seconds = 600
+                await stub.AffiliateUpdate(req, timeout=5)
+            req.affiliate_id = "c"
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.AffiliateUpdate(req, timeout=5)
+            assert info.value.code() == EXHAUSTED  # --limit-affiliates-per-cluster 2
+            health = health_pb2_grpc.HealthStub(ch)
+            got = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            assert got.status == health_pb2.HealthCheckResponse.SERVING
+
+    try:
+        run(use(first.target))
+    finally:
+        err = first.stop()
+    lines = [json.loads(ln.split(": ", 1)[1]) for ln in err.splitlines() if "requests:" in ln]
+    assert [(x["method"], x["code"]) for x in lines] == [
+        ("Hello", "OK"),
+        ("AffiliateUpdate", "OK"),
+        ("AffiliateUpdate", "OK"),
+        ("AffiliateUpdate", "RESOURCE_EXHAUSTED"),
+    ]
+    assert lines[0]["client"] == "127.0.0.1" and lines[0]["client_version"] == "v1.9.0"
+    assert lines[1]["affiliate"] == "a" and len(lines[1]["cluster"]) == 8
+    # The snapshot went to the state directory on SIGTERM; systemd's $STATE_DIRECTORY
+    # names the same place for the next start, which restores it.
+    assert (state_dir / "discovery.binpb").exists()
+    second = _Process(env={"STATE_DIRECTORY": str(state_dir)})
+
+    async def listed(addr: str) -> set[str]:
+        async with grpc.aio.insecure_channel(addr) as ch:
+            resp = await pbg.ClusterStub(ch).List(pb.ListRequest(cluster_id="cli"), timeout=5)
+            return {a.id for a in resp.affiliates}
+
+    try:
+        assert run(listed(second.target)) == {"a", "b"}
+    finally:
+        second.stop()
