@@ -11,8 +11,8 @@ import signal
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Awaitable, Callable, Iterator
-from typing import TypeVar
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any, TypeVar
 
 import grpc
 import pytest
@@ -142,7 +142,7 @@ def test_concurrent_streams_per_connection_are_capped(make_service):
     run(main())
 
 
-def _on_loop(server: ThreadedServer, coro_fn: Callable[[], Awaitable[T]]) -> T:
+def _on_loop(server: ThreadedServer, coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """Run a coroutine on the service's own loop (from the test's thread)."""
     assert server._own_loop is not None
     return asyncio.run_coroutine_threadsafe(coro_fn(), server._own_loop).result(timeout=60)
@@ -153,13 +153,13 @@ def test_health_serving_hook_and_shutdown(make_service):
     serving = health_pb2.HealthCheckResponse.SERVING
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
 
-    async def check(stub: health_pb2_grpc.HealthStub, service: str) -> int:
+    async def check(stub: Any, service: str) -> int:
         req = health_pb2.HealthCheckRequest(service=service)
         return (await stub.Check(req, timeout=5)).status
 
     async def main() -> None:
         async with grpc.aio.insecure_channel(target(server)) as ch:
-            stub = health_pb2_grpc.HealthStub(ch)
+            stub: Any = health_pb2_grpc.HealthStub(ch)  # its type stub lacks the methods
             assert await check(stub, "") == serving
             assert await check(stub, CLUSTER_SERVICE) == serving
             await asyncio.to_thread(_on_loop, server, lambda: server.set_serving(False))
@@ -298,7 +298,7 @@ class _Process:
             text=True,
             env={**os.environ, **(env or {})},
         )
-        assert self.proc.stdout is not None
+        assert self.proc.stdout is not None and self.proc.stderr is not None
         line = self.proc.stdout.readline()
         assert "discovery service on" in line, line + self.proc.stderr.read()
         self.target = f"127.0.0.1:{line.rsplit(':', 1)[1].strip()}"
@@ -336,7 +336,7 @@ def test_service_command_flags_state_dir_and_request_log(tmp_path):
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await stub.AffiliateUpdate(req, timeout=5)
             assert info.value.code() == EXHAUSTED  # --limit-affiliates-per-cluster 2
-            health = health_pb2_grpc.HealthStub(ch)
+            health: Any = health_pb2_grpc.HealthStub(ch)  # its type stub lacks the methods
             got = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
             assert got.status == health_pb2.HealthCheckResponse.SERVING
 
