@@ -331,11 +331,13 @@ class HerdNode:
             stub = self.node.stub()
             self.stats.sessions += 1
             try:
+                sent = time.monotonic()
                 await stub.Hello(
                     pb.HelloRequest(cluster_id=self.node.cluster, client_version="bench"),
                     timeout=10,
                     metadata=md,
                 )
+                self.stats.hello_latency.append(time.monotonic() - sent)
             except grpc.aio.AioRpcError as err:
                 self.fail("Hello", err)
                 await self.node.close()  # Talos drops the connection after a failed Hello
@@ -378,6 +380,7 @@ class HerdStats:
     def __init__(self) -> None:
         self.failures: collections.Counter[tuple[str, str]] = collections.Counter()
         self.sessions = 0
+        self.hello_latency: list[float] = []
         self.messages = 0
         self.converged = 0
         self.all_converged = asyncio.Event()
@@ -417,6 +420,11 @@ async def herd(args: argparse.Namespace, target: str, pid: int) -> None:
             f"  converged: 50% at {pct(times, 0.5):.1f} s, 90% at {pct(times, 0.9):.1f} s, "
             f"99% at {pct(times, 0.99):.1f} s"
         )
+    hl = stats.hello_latency
+    print(
+        f"  Hello latency: p50 {1000 * pct(hl, 0.5):.0f} ms, p99 {1000 * pct(hl, 0.99):.0f} ms, "
+        f"max {1000 * max(hl, default=float('nan')):.0f} ms"
+    )
     failed = sum(stats.failures.values())
     detail = ", ".join(f"{m} {c}: {k}" for (m, c), k in sorted(stats.failures.items()))
     print(f"  failed RPCs: {failed}" + (f" ({detail})" if detail else ""))
