@@ -120,3 +120,38 @@ def test_many_connections_from_one_address_share_its_budget(make_service):
                 await ch.close()
 
     run(main())
+
+
+def test_watchers_get_changes_batched_not_one_message_each(make_service):
+    # A budget of 40 messages/s for 20 watchers: each sends at most ~2 a second.
+    server = make_service(rate=1e6, burst=10**6, watch_messages_per_second=40)
+    n_watchers, n_updates = 20, 400
+
+    async def main() -> None:
+        async with Raw(server) as raw:
+            calls = [raw.stub.Watch(pb.WatchRequest(cluster_id="b")) for _ in range(n_watchers)]
+            for call in calls:
+                assert list((await call.read()).affiliates) == []  # the (empty) snapshot
+
+            async def read_all(call) -> tuple[int, dict[str, bytes]]:
+                messages, seen = 0, {}
+                while len(seen) < 100 or any(v != b"last" for v in seen.values()):
+                    reply = await call.read()
+                    messages += 1
+                    for aff in reply.affiliates:
+                        seen[aff.id] = aff.data
+                return messages, seen
+
+            readers = [asyncio.create_task(read_all(c)) for c in calls]
+            # 400 updates of 100 affiliates, the last one of each marked.
+            for i in range(n_updates):
+                data = b"last" if i >= n_updates - 100 else str(i).encode()
+                await raw.update("b", f"n{i % 100}", data=data)
+            results = await asyncio.gather(*readers)
+            for messages, seen in results:
+                assert len(seen) == 100 and set(seen.values()) == {b"last"}
+                assert messages <= 40, f"{messages} messages for {n_updates} changes"
+            for call in calls:
+                call.cancel()
+
+    run(main(), timeout=120)
