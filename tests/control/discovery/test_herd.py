@@ -134,7 +134,7 @@ def test_watchers_get_changes_batched_not_one_message_each(make_service):
                 assert list((await call.read()).affiliates) == []  # the (empty) snapshot
 
             async def read_all(call) -> tuple[int, dict[str, bytes]]:
-                messages, seen = 0, {}
+                messages, seen = 0, dict[str, bytes]()
                 while len(seen) < 100 or any(v != b"last" for v in seen.values()):
                     reply = await call.read()
                     messages += 1
