@@ -2,17 +2,26 @@
 
 On start it loads the machine config and the node's identity, brings up the
 WireGuard link (kernel module or our userspace daemon, whichever the mode picks),
-publishes the local affiliate to the discovery service and watches the others. Every
-discovery change, and every 30 s, it reconciles:
+publishes the local affiliate to every configured discovery service and watches the
+others (merged over the services). Every discovery change, and every 30 s, it
+reconciles:
 
     affiliates -> peer specs -> (WireGuard's view) -> peer states, endpoint choice
-               -> WireGuard peers (a diff) -> routed prefixes -> nftables + rules
-               -> harvested endpoints back to discovery -> records, metrics
+               -> routed prefixes -> nftables + rules -> WireGuard peers (a diff)
+               -> records, metrics
+
+and then, whether or not that succeeded, announces the node (local affiliate plus
+harvested endpoints) to discovery: a node whose nftables or backend fails is still
+known to its peers.
 
 Netlink (pyroute2) does not run on uvloop, so this loop is plain asyncio and every
-backend or routing call runs in a worker thread. On stop, or when KubeSpan is
-disabled in a reloaded config (SIGHUP), every rule, route, link and process the agent
-made is removed.
+backend or routing call runs in a worker thread. On stop every rule, route, link and
+process the agent made is removed, but the node stays registered with discovery (it
+expires by its TTL, 30 min, if it never comes back): a restart does not make its peers
+drop it. `kubespan leave` removes the registration. SIGHUP applies a new config in
+place where it can (MTU, listen port, filters, discovery services, ...); a new cluster,
+link name, WireGuard mode or state directory rebuilds everything; disabling KubeSpan
+removes everything and withdraws the node from discovery.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ from control.affiliate import Affiliate
 from control.backends.base import BackendError, PeerConfig, WireGuardBackend
 from control.backends.select import select_backend
 from control.config import POD_CIDRS_HELP, ConfigError, MachineConfig, load_config
-from control.discovery.client import DiscoveryClient
+from control.discovery.pool import DiscoveryPool, ServiceTarget
 from control.endpoints import local_affiliate, system_addresses, system_hostname
 from control.identity import (
     IdentityError,
@@ -77,7 +86,7 @@ class Agent:
         self.backend_reason = ""
         self.identity: KubeSpanIdentity | None = None
         self.node_id = ""
-        self.client: DiscoveryClient | None = None
+        self.discovery: DiscoveryPool | None = None
         self.tracker = PeerTracker()
         self.specs: list[PeerSpec] = []
         self._kick = asyncio.Event()
@@ -141,6 +150,8 @@ class Agent:
                 except Exception:  # a bug or bad data from a peer must not kill the node's mesh
                     log.exception("reconcile failed unexpectedly, retrying")
                 self.reconciles.record(time.monotonic() - started)
+            if self.backend is not None:  # announce even when the reconcile failed
+                await self.announce()
             try:
                 await asyncio.wait_for(self._kick.wait(), self.options.reconcile_interval)
             except TimeoutError:
@@ -182,27 +193,37 @@ class Agent:
             await asyncio.to_thread(backend.down)
             self.backend = None
             raise
-        endpoint, insecure = cfg.discovery_target()
-        self.client = DiscoveryClient(
-            endpoint,
-            cfg.cluster_id,
-            cfg.cluster_secret,
-            self.node_id,
-            insecure=insecure,
-            on_change=lambda _affiliates: self._kick.set(),
+        self.discovery = DiscoveryPool(
+            cfg.cluster_id, cfg.cluster_secret, self.node_id, on_change=self._kick.set
         )
-        self.client.start()
+        await self.discovery.configure(service_targets(cfg))
         self.store.put(records.identity_record(self.identity))
 
-    async def _teardown(self) -> None:
-        """Withdraw from discovery, remove routing, link and daemon; leaves nothing behind."""
-        if self.client is not None:
-            await self.client.close(leave=True)
-            self.client = None
-        await asyncio.to_thread(routing.remove)
+    async def _teardown(self, leave: bool = False) -> None:
+        """Remove link, daemon and routing; leaves nothing behind on this machine.
+
+        The node stays registered with discovery (peers keep it across a restart; it
+        expires by its TTL otherwise) unless ``leave`` withdraws it."""
+        if self.discovery is not None:
+            left = await self.discovery.close(leave=leave)
+            self.discovery = None
+            for name, error in left.items():
+                if error is None:
+                    log.info("node %s withdrawn from discovery service %s", self.node_id, name)
+                else:
+                    log.warning("could not withdraw from discovery service %s: %s", name, error)
+        # The link goes before the routing: once it is gone nothing from a peer can be
+        # decrypted here and answered in clear because the marks were removed first.
         if self.backend is not None:
-            await asyncio.to_thread(self.backend.down)
+            try:
+                await asyncio.to_thread(self.backend.down)
+            except BackendError as exc:
+                log.error("could not remove the WireGuard link: %s", exc)
             self.backend = None
+        try:
+            await asyncio.to_thread(routing.remove)
+        except routing.RoutingError as exc:
+            log.error("could not remove the KubeSpan routing: %s", exc)
         self.tracker = PeerTracker()
         self.specs = []
         for kind in records.KINDS:
@@ -216,31 +237,49 @@ class Agent:
         except (ConfigError, OSError) as exc:
             log.error("config reload rejected, keeping the running config: %s", exc)
             return
-        structural = (
-            new.cluster_id,
-            new.cluster_secret,
-            new.local,
-            new.kubespan.mtu,
-            new.discovery,
-        ) != (
-            self.config.cluster_id,
-            self.config.cluster_secret,
-            self.config.local,
-            self.config.kubespan.mtu,
-            self.config.discovery,
-        )
-        if self.backend is not None and (not new.kubespan.enabled or structural):
-            await self._teardown()
-        self.config = new
+        old, self.config = self.config, new
+        if self.backend is not None:
+            if not new.kubespan.enabled or needs_rebuild(old, new):
+                # Another cluster or identity, or KubeSpan off: peers must not keep
+                # routing to a node that is no longer theirs.
+                await self._teardown(leave=not new.kubespan.enabled or left_cluster(old, new))
+            else:
+                await self._apply_in_place(old, new)
         log.info("config reloaded (KubeSpan %s)", "enabled" if new.kubespan.enabled else "disabled")
+
+    async def _apply_in_place(self, old: MachineConfig, new: MachineConfig) -> None:
+        """Apply what changed without touching the link's peers or sessions (as Talos):
+        MTU and listen port on the device, discovery services by starting and stopping
+        clients; everything else (filters, networks, flags) takes effect in the next
+        reconcile and announcement."""
+        assert self.backend is not None and self.identity is not None
+        device = (new.kubespan.mtu, new.local.listen_port)
+        if device != (old.kubespan.mtu, old.local.listen_port):
+            try:
+                await asyncio.to_thread(
+                    self.backend.up,
+                    self.link,
+                    self.identity.private_key,
+                    new.local.listen_port,
+                    routing.WIREGUARD_MARK,
+                    new.kubespan.mtu,
+                )
+            except (BackendError, ValueError) as exc:
+                log.error("cannot change the link in place (%s): rebuilding it", exc)
+                await self._teardown()
+                return
+            log.info("link %s: MTU %d, listen port %d applied in place", self.link, *device)
+        services = service_targets(new)
+        if self.discovery is not None and services != service_targets(old):
+            await self.discovery.configure(services)
 
     # -- reconcile --------------------------------------------------------------------
 
     async def reconcile(self) -> None:
-        assert self.backend is not None and self.client is not None and self.identity is not None
+        assert self.backend is not None and self.identity is not None
         cfg = self.config
         now = time.time()
-        affiliates = {aid: a for aid, a in self.client.affiliates.items() if aid != self.node_id}
+        affiliates = self._peer_affiliates()
         self.specs = build_peer_specs(affiliates.values(), self.node_id)
         wg_states = await asyncio.to_thread(self.backend.peer_states)
         psk = cfg.secret_bytes
@@ -252,21 +291,35 @@ class Agent:
                 PeerConfig(key, psk, endpoint, PERSISTENT_KEEPALIVE, tuple(spec.allowed_ips))
             )
         self.tracker.forget_except({s.public_key for s in self.specs})
-        await asyncio.to_thread(self.backend.apply_peers, configs)
         routed = routing.routed_prefixes(
             {s.public_key: s.allowed_ips for s in self.specs},
             self.tracker.states(),
             cfg.kubespan.allow_down_peer_bypass,
         )
+        # Routing before peers: a peer's packets are only decrypted here once our
+        # answers are steered back into the tunnel, never answered in clear (at start,
+        # after a restart). If the routing fails, the peers wait for it.
         await asyncio.to_thread(routing.apply, routed, self.link, cfg.kubespan.mtu)
-        await self._publish_local(affiliates)
+        await asyncio.to_thread(self.backend.apply_peers, configs)
         self._update_records(affiliates)
         await self._publish_records()
 
+    def _peer_affiliates(self) -> dict[str, Affiliate]:
+        assert self.discovery is not None
+        return {aid: a for aid, a in self.discovery.affiliates.items() if aid != self.node_id}
+
+    async def announce(self) -> None:
+        """Publish the local affiliate (and harvested endpoints); independent of reconcile."""
+        try:
+            await self._publish_local(self._peer_affiliates())
+        except Exception:  # the next round tries again
+            log.exception("announcing this node to discovery failed")
+
     async def _publish_local(self, affiliates: dict[str, Affiliate]) -> None:
-        assert self.client is not None
+        assert self.discovery is not None
         addresses = await asyncio.to_thread(system_addresses, None, (self.link,))
-        public_ips = [self.client.public_ip] if self.client.public_ip is not None else []
+        public_ip = self.discovery.public_ip
+        public_ips = [public_ip] if public_ip is not None else []
         local = local_affiliate(
             node_id=self.node_id,
             hostname=self.hostname,
@@ -279,7 +332,7 @@ class Agent:
         if self.config.kubespan.harvest_extra_endpoints:
             for affiliate_id, endpoint in self.tracker.harvest(affiliates).values():
                 harvested.setdefault(affiliate_id, []).append(endpoint)
-        self.client.set_local(local, harvested)
+        self.discovery.set_local(local, harvested)
 
     # -- reporting --------------------------------------------------------------------
 
@@ -303,6 +356,33 @@ class Agent:
             await self.api_store.set(kind.aliases[0], docs)
 
 
+def service_targets(config: MachineConfig) -> list[ServiceTarget]:
+    """The configured discovery services as the clients connect to them."""
+    return [ServiceTarget(s.name, s.target, s.insecure) for s in config.discovery_services]
+
+
+def needs_rebuild(old: MachineConfig, new: MachineConfig) -> bool:
+    """Changes that need a new link, identity or discovery session (not in place)."""
+    return (
+        new.cluster_id,
+        new.cluster_secret,
+        new.local.link_name,
+        new.local.wireguard_mode,
+        new.local.state_dir,
+    ) != (
+        old.cluster_id,
+        old.cluster_secret,
+        old.local.link_name,
+        old.local.wireguard_mode,
+        old.local.state_dir,
+    )
+
+
+def left_cluster(old: MachineConfig, new: MachineConfig) -> bool:
+    """The node's old registration would be stale: another cluster or identity."""
+    return (new.cluster_id, new.local.state_dir) != (old.cluster_id, old.local.state_dir)
+
+
 # -- command line ---------------------------------------------------------------------------
 
 
@@ -311,8 +391,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kubespan agent",
         description="Run the KubeSpan agent: bring up the WireGuard link, publish this node to the "
         "discovery service, keep a full mesh with every other node and route traffic "
-        "for them through it. Needs root. SIGHUP reloads the config; SIGINT/SIGTERM "
-        "stop the agent and remove everything it set up.",
+        "for them through it. Needs root. SIGHUP reloads the config (in place where it "
+        "can); SIGINT/SIGTERM stop the agent and remove everything it set up on this "
+        "machine, but the node stays registered with discovery so that its peers keep "
+        "it across a restart (`kubespan leave` withdraws it).",
         epilog=POD_CIDRS_HELP,
     )
     parser.add_argument(
@@ -356,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not config.kubespan.enabled:
         log.warning("KubeSpan is disabled in the config: removing anything a previous run left")
-    if config.kubespan.enabled and not config.discovery.service_active:
+    if config.kubespan.enabled and not config.discovery_services:
         print(
             "kubespan agent: KubeSpan needs the discovery service registry enabled", file=sys.stderr
         )

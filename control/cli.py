@@ -12,6 +12,7 @@ management and peer discovery, on kernel WireGuard or our userspace WireGuard.
 
 commands:
   agent               run the KubeSpan agent on this node (needs root)
+  leave               remove this node from the discovery services (agent stopped)
   get TYPE            show the running agent's resources: kubespanidentities,
                       kubespanpeerspecs, kubespanpeerstatuses, kubespanendpoints
   discovery-service   run a discovery service (wire-compatible with Sidero's)
@@ -33,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
         return agent_main(rest)
     if command == "get":
         return get_main(rest)
+    if command == "leave":
+        from control.leave import main as leave_main
+
+        return leave_main(rest)
     if command == "discovery-service":
         from control.discovery.service_cli import main as service_main
 

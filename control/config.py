@@ -427,8 +427,10 @@ def _read_subnets(s: _Section, key: str) -> tuple[IPNetwork, ...] | None:
 # --- the documents ----------------------------------------------------------------------
 
 
-def _read_kubespan(s: _Section) -> dict:
-    """Keys shared by machine.network.kubespan and the KubeSpanConfig document."""
+def _read_kubespan(s: _Section, zero_mtu_is_default: bool = False) -> dict:
+    """Keys shared by machine.network.kubespan and the KubeSpanConfig document.
+
+    ``zero_mtu_is_default``: in machine.network.kubespan, Talos reads mtu 0 as 1420."""
     out: dict[str, Any] = {}
     for key, attr in (
         ("enabled", "enabled"),
@@ -440,6 +442,8 @@ def _read_kubespan(s: _Section) -> dict:
         if value is not None:
             out[attr] = value
     mtu = s.integer("mtu")
+    if mtu == 0 and zero_mtu_is_default:
+        mtu = None
     if mtu is not None:
         out["mtu"] = mtu
         if mtu < KUBESPAN_LINK_MINIMUM_MTU:
@@ -498,7 +502,7 @@ def _read_machine(machine: _Section, state: dict) -> None:
     if network is not None and "kubespan" in network.data:
         ks = network.section("kubespan")
         if ks is not None:
-            state["kubespan"] = _read_kubespan(ks)
+            state["kubespan"] = _read_kubespan(ks, zero_mtu_is_default=True)
             ks.finish()
 
 

@@ -249,3 +249,11 @@ def load_or_create_node_id(state_dir: str | Path) -> str:
     """The node's discovery id (affiliate id), created on first use only."""
     path = Path(state_dir) / NODE_IDENTITY_FILE
     return _load_or_create(path, lambda: {"nodeId": generate_node_id()}, _parse_node_id)
+
+
+def read_node_id(state_dir: str | Path) -> str | None:
+    """The node's discovery id if it has one (never creates it)."""
+    path = Path(state_dir) / NODE_IDENTITY_FILE
+    if not path.exists():
+        return None
+    return _parse_node_id(path, _load_yaml_mapping(path))

@@ -2,7 +2,9 @@
 
 Used by the demo and the end-to-end tests. The discovery service runs in the bridge
 namespace on 192.0.2.250:3000 (plain h2c), so every node reaches it over the underlay
-and nothing leaves the lab.
+and nothing leaves the lab. With ``discovery_services=2`` a second one runs on
+192.0.2.251:3000 and the nodes' configs list both (DiscoveryServiceConfig documents,
+as Talos 1.14 writes them).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import yaml
 
 from control.netlab import Bridge, Host, Lab, add_address, stop_processes
 
-DISCOVERY_ADDRESS = "192.0.2.250"
+DISCOVERY_ADDRESSES = ("192.0.2.250", "192.0.2.251")
+DISCOVERY_ADDRESS = DISCOVERY_ADDRESSES[0]
 DISCOVERY_PORT = 3000
 
 
@@ -33,6 +36,7 @@ class NodeOptions:
     extra_endpoints: tuple[str, ...] = ()
     endpoint_filters: tuple[str, ...] | None = None
     listen_port: int = 51820
+    mtu: int | None = None  # kubespan.mtu; None: not in the config (1420)
 
 
 @dataclass
@@ -55,8 +59,9 @@ class LabCluster:
     cluster_secret: str
     reconcile_interval: float = 5.0
     default_mode: str = "userspace"
+    discovery_services: int = 1
     nodes: list[Node] = field(default_factory=list)
-    discovery: subprocess.Popen | None = None
+    discoveries: dict[int, subprocess.Popen] = field(default_factory=dict)
 
     @classmethod
     def create(
@@ -65,48 +70,76 @@ class LabCluster:
         workdir: Path,
         reconcile_interval: float = 5.0,
         default_mode: str = "userspace",
+        discovery_services: int = 1,
     ) -> LabCluster:
         import base64
 
         cluster_id = base64.urlsafe_b64encode(os.urandom(32)).decode()
         secret = base64.b64encode(os.urandom(32)).decode()
         bridge = Bridge(lab)
-        add_address(bridge.ns, "br0", f"{DISCOVERY_ADDRESS}/24")
-        return cls(lab, bridge, Path(workdir), cluster_id, secret, reconcile_interval, default_mode)
+        for address in DISCOVERY_ADDRESSES[:discovery_services]:
+            add_address(bridge.ns, "br0", f"{address}/24")
+        return cls(
+            lab,
+            bridge,
+            Path(workdir),
+            cluster_id,
+            secret,
+            reconcile_interval,
+            default_mode,
+            discovery_services,
+        )
 
-    # -- discovery service ------------------------------------------------------------
+    # -- discovery services -----------------------------------------------------------
 
-    def start_discovery(self, timeout: float = 90.0) -> None:
-        """Start the service and wait until it accepts connections (slow in an emulated VM)."""
-        log = self.workdir / "discovery.log"
+    def discovery_files(self, index: int = 0) -> tuple[Path, Path]:
+        """(log, snapshot) of service `index` (the first keeps its historical names)."""
+        tag = str(index) if index else ""
+        return self.workdir / f"discovery{tag}.log", self.workdir / f"discovery{tag}.snapshot"
+
+    def start_discovery(self, index: int = 0, timeout: float = 90.0) -> None:
+        """Start service `index` and wait until it accepts connections (slow in an
+        emulated VM)."""
+        address = DISCOVERY_ADDRESSES[index]
+        log, snapshot = self.discovery_files(index)
         argv = [
             sys.executable,
             "-m",
             "control.discovery",
             "--listen",
-            f"{DISCOVERY_ADDRESS}:{DISCOVERY_PORT}",
+            f"{address}:{DISCOVERY_PORT}",
             "--snapshot-path",
-            str(self.workdir / "discovery.snapshot"),
+            str(snapshot),
         ]
-        self.discovery = self.bridge.ns.popen(argv, log=log)
+        proc = self.discoveries[index] = self.bridge.ns.popen(argv, log=log)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            probe = self.bridge.ns.run(
-                "nc", "-z", "-w1", DISCOVERY_ADDRESS, str(DISCOVERY_PORT), check=False
-            )
+            probe = self.bridge.ns.run("nc", "-z", "-w1", address, str(DISCOVERY_PORT), check=False)
             if probe.returncode == 0:
                 return
-            if self.discovery.poll() is not None:
+            if proc.poll() is not None:
                 break
             time.sleep(0.2)
         raise RuntimeError(
             f"discovery service did not start; see {log}:\n{log.read_text()[-2000:]}"
         )
 
-    def stop_discovery(self) -> None:
-        if self.discovery is not None:
-            stop_processes([self.discovery])
-            self.discovery = None
+    def start_discoveries(self) -> None:
+        for index in range(self.discovery_services):
+            self.start_discovery(index)
+
+    def stop_discovery(self, index: int | None = None) -> None:
+        """Stop service `index` (default: every service)."""
+        for i in list(self.discoveries) if index is None else [index]:
+            proc = self.discoveries.pop(i, None)
+            if proc is not None:
+                stop_processes([proc])
+
+    def discovery_urls(self) -> list[str]:
+        return [
+            f"http://{address}:{DISCOVERY_PORT}"
+            for address in DISCOVERY_ADDRESSES[: self.discovery_services]
+        ]
 
     # -- nodes ------------------------------------------------------------------------
 
@@ -135,23 +168,25 @@ class LabCluster:
             "allowDownPeerBypass": o.allow_down_peer_bypass,
             "harvestExtraEndpoints": o.harvest_extra_endpoints,
         }
+        if o.mtu is not None:
+            kubespan["mtu"] = o.mtu
         if o.endpoint_filters is not None:
             kubespan["filters"] = {"endpoints": list(o.endpoint_filters)}
+        cluster: dict = {"id": self.cluster_id, "secret": self.cluster_secret}
+        urls = self.discovery_urls()
+        if len(urls) == 1:
+            cluster["discovery"] = {
+                "enabled": True,
+                "registries": {
+                    "kubernetes": {"disabled": True},
+                    "service": {"endpoint": urls[0]},
+                },
+            }
         docs = [
             {
                 "version": "v1alpha1",
                 "machine": {"network": {"kubespan": kubespan}},
-                "cluster": {
-                    "id": self.cluster_id,
-                    "secret": self.cluster_secret,
-                    "discovery": {
-                        "enabled": True,
-                        "registries": {
-                            "kubernetes": {"disabled": True},
-                            "service": {"endpoint": f"http://{DISCOVERY_ADDRESS}:{DISCOVERY_PORT}"},
-                        },
-                    },
-                },
+                "cluster": cluster,
             },
             {
                 "apiVersion": "v1alpha1",
@@ -162,6 +197,16 @@ class LabCluster:
                 "linkName": node.link,
             },
         ]
+        if len(urls) > 1:  # Talos 1.14: one document per service, no .cluster.discovery
+            docs += [
+                {
+                    "apiVersion": "v1alpha1",
+                    "kind": "DiscoveryServiceConfig",
+                    "name": f"lab{index}",
+                    "endpoint": url,
+                }
+                for index, url in enumerate(urls)
+            ]
         if o.extra_endpoints:
             docs.append(
                 {

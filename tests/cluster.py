@@ -12,13 +12,19 @@ from control.netlab import Lab
 
 @contextmanager
 def running_cluster(
-    workdir: Path, prefix: str, reconcile_interval: float = 5.0, default_mode: str = "userspace"
+    workdir: Path,
+    prefix: str,
+    reconcile_interval: float = 5.0,
+    default_mode: str = "userspace",
+    discovery_services: int = 1,
 ) -> Iterator[LabCluster]:
-    """A lab with the discovery service running; agents, service and namespaces go on exit."""
+    """A lab with its discovery services running; agents, services and namespaces go on exit."""
     with Lab(prefix) as lab:
-        cluster = LabCluster.create(lab, workdir, reconcile_interval, default_mode)
+        cluster = LabCluster.create(
+            lab, workdir, reconcile_interval, default_mode, discovery_services
+        )
         try:
-            cluster.start_discovery()
+            cluster.start_discoveries()
             yield cluster
         finally:
             cluster.close()

@@ -7,7 +7,8 @@ Behaves like Talos's discovery client (siderolabs/discovery-client):
 - the first Watch reply is a snapshot and replaces what we knew; later replies are
   single changes; our own affiliate is skipped; an affiliate that does not decrypt or
   decode is logged once and left out;
-- on leave, delete our affiliate.
+- closing keeps our affiliate (it expires by its TTL); deleting it is explicit
+  (``delete_local()``, or ``close(leave=True)``).
 
 asyncio API: ``start()`` / ``close()``, the current set in ``affiliates``, changes via
 ``on_change`` callback or ``async for snapshot in client.updates()``.
@@ -166,8 +167,10 @@ class DiscoveryClient:
             )
         return self._task
 
-    async def close(self, leave: bool = True) -> None:
-        """Stop; with ``leave``, delete our affiliate from the service first (best effort)."""
+    async def close(self, leave: bool = False) -> None:
+        """Stop. Our affiliate stays on the service until its TTL runs out (a restart
+        must not drop the node from its peers); with ``leave``, delete it first (best
+        effort), as Talos does only when a machine is reset."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -175,15 +178,21 @@ class DiscoveryClient:
         self.connected = False
         if leave and self._local is not None:
             try:
-                async with self._channel() as channel:
-                    await pbg.ClusterStub(channel).AffiliateDelete(
-                        pb.AffiliateDeleteRequest(
-                            cluster_id=self.cluster_id, affiliate_id=self.affiliate_id
-                        ),
-                        timeout=min(5.0, self._rpc_timeout),
-                    )
+                await self.delete_local()
             except grpc.aio.AioRpcError as err:
                 log.warning("could not delete our affiliate on leave: %s", err.code().name)
+
+    async def delete_local(self, timeout: float | None = None) -> None:
+        """Delete our affiliate from the service now (raises grpc.aio.AioRpcError).
+
+        Works without ``start()``: ``kubespan leave`` uses it with the node's id alone."""
+        async with self._channel() as channel:
+            await pbg.ClusterStub(channel).AffiliateDelete(
+                pb.AffiliateDeleteRequest(
+                    cluster_id=self.cluster_id, affiliate_id=self.affiliate_id
+                ),
+                timeout=timeout if timeout is not None else min(5.0, self._rpc_timeout),
+            )
 
     async def run(self) -> None:
         """Keep a session with the service until cancelled."""

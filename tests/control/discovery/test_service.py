@@ -37,7 +37,7 @@ def client(server, cluster: str, secret: str, name: str, **kw) -> DiscoveryClien
 
 @contextlib.asynccontextmanager
 async def running(*clients: DiscoveryClient) -> AsyncIterator[None]:
-    """Start the clients; close them (leaving the service) however the block ends."""
+    """Start the clients; close them however the block ends (registrations stay)."""
     for c in clients:
         c.start()
     try:
