@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import collections
 import re
+from dataclasses import dataclass
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
@@ -52,7 +53,47 @@ class RequestCounters:
         self.hello_versions[label] += 1
 
 
-def families(state: State, requests: RequestCounters) -> list[Metric]:
+@dataclass
+class SnapshotStats:
+    """The in-memory store's snapshot writes."""
+
+    written: int = 0
+    failed: int = 0
+    last_seconds: float = 0.0  # how long the last successful write took
+    last_bytes: int = 0
+    last_success: float = 0.0  # Unix time; 0: never
+
+    def families(self) -> list[Metric]:
+        writes = CounterMetricFamily(
+            "discovery_snapshot_writes_total",
+            "State snapshot writes, by result.",
+            labels=["result"],
+        )
+        writes.add_metric(["ok"], self.written)
+        writes.add_metric(["error"], self.failed)
+        return [
+            writes,
+            GaugeMetricFamily(
+                "discovery_snapshot_duration_seconds",
+                "How long the last successful snapshot write took.",
+                value=self.last_seconds,
+            ),
+            GaugeMetricFamily(
+                "discovery_snapshot_size_bytes",
+                "Size of the last snapshot written.",
+                value=self.last_bytes,
+            ),
+            GaugeMetricFamily(
+                "discovery_snapshot_last_success_timestamp_seconds",
+                "When the last snapshot was written (Unix time; 0: never).",
+                value=self.last_success,
+            ),
+        ]
+
+
+def families(
+    state: State, requests: RequestCounters, snapshots: SnapshotStats | None = None
+) -> list[Metric]:
     """Read at scrape time, on the loop that owns ``state``."""
     s = state.stats()
     requests_total = CounterMetricFamily(
@@ -117,4 +158,5 @@ def families(state: State, requests: RequestCounters) -> list[Metric]:
         requests_total,
         latency,
         hello,
+        *(snapshots.families() if snapshots else []),
     ]

@@ -285,6 +285,7 @@ class DiscoveryServer:
         self.limiter = ClientLimiter(opts.rate, opts.burst, opts.ip_rate, opts.ip_burst)
         self.encoder = fanout.WatchEncoder()
         self.requests = metrics.RequestCounters()
+        self.snapshots = metrics.SnapshotStats()
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
@@ -376,7 +377,7 @@ class DiscoveryServer:
         await self.health.set_serving(True)
         if o.metrics_port is not None:
             self._metrics_server = MetricsServer(
-                lambda: metrics.families(self.state, self.requests)
+                lambda: metrics.families(self.state, self.requests, self.snapshots)
             )
             self.metrics_port = await self._metrics_server.start(o.metrics_host, o.metrics_port)
         self._tasks = [asyncio.create_task(self._gc_loop())]
@@ -436,7 +437,12 @@ class DiscoveryServer:
         affiliates would hold the loop ~0.4-1.7 s if encoded in one go).
         """
         path = Path(self.options.snapshot_path or "")
-        writer = await asyncio.to_thread(AtomicWriter, path)
+        started = time.perf_counter()
+        try:
+            writer = await asyncio.to_thread(AtomicWriter, path)
+        except BaseException:
+            self.snapshots.failed += 1
+            raise
         try:
             clusters = 0
             batch: list[ClusterRecord] = []
@@ -451,8 +457,14 @@ class DiscoveryServer:
             await asyncio.to_thread(_write_records, writer, batch)
             await asyncio.to_thread(writer.commit)
         except BaseException:
+            self.snapshots.failed += 1
             await asyncio.to_thread(writer.abort)
             raise
+        stats = self.snapshots
+        stats.written += 1
+        stats.last_seconds = time.perf_counter() - started
+        stats.last_bytes = writer.size
+        stats.last_success = time.time()
         log.debug("state snapshot written to %s (%d clusters)", path, clusters + len(batch))
 
     def _restore(self) -> None:

@@ -16,10 +16,12 @@ class AtomicWriter:
         self.path = path
         self.tmp = path.with_name(path.name + ".tmp")
         self._fd: int | None = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.size = 0
 
     def write(self, chunk: bytes) -> None:
         assert self._fd is not None, "writer already closed"
         view = memoryview(chunk)
+        self.size += len(view)
         while view:
             view = view[os.write(self._fd, view) :]
 

@@ -251,7 +251,7 @@ def test_tls_certificate_is_reloaded_when_its_files_change(make_service, tmp_pat
 
 def test_snapshot_is_written_without_holding_the_loop(make_service, tmp_path):
     path = tmp_path / "state.binpb"
-    server = make_service(snapshot_path=str(path))
+    server = make_service(snapshot_path=str(path), metrics_port=0)
 
     def fill() -> None:
         now = server.clock()
@@ -285,6 +285,11 @@ def test_snapshot_is_written_without_holding_the_loop(make_service, tmp_path):
     assert restored.import_snapshot(path.read_bytes(), 0.0, 0.0) == 20_000
     assert restored.stats().endpoints == 20_000
     assert not (tmp_path / "state.binpb.tmp").exists()
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    got = samples(urllib.request.urlopen(url, timeout=10).read().decode())
+    assert got[key("discovery_snapshot_writes_total", result="ok")] == 1
+    assert got[key("discovery_snapshot_size_bytes")] == path.stat().st_size
+    assert got[key("discovery_snapshot_last_success_timestamp_seconds")] > 0
 
 
 class _Process:
