@@ -59,9 +59,13 @@ class WatchEncoder:
     state.py); an entry holds its view, so the id cannot be reused while it is cached.
     """
 
+    SNAPSHOTS = 16  # whole snapshots kept (most recent), for watchers that see the same set
+
     def __init__(self, capacity: int = 1 << 15) -> None:
         self.capacity = capacity
         self._cache: dict[int, tuple[AffiliateView, bytes]] = {}
+        # tuple of view ids -> (the views, which keep the ids valid; the message)
+        self._snapshots: dict[tuple[int, ...], tuple[list[AffiliateView], bytes]] = {}
 
     def affiliate(self, view: AffiliateView) -> bytes:
         entry = self._cache.get(id(view))
@@ -79,7 +83,18 @@ class WatchEncoder:
         return encoded
 
     def snapshot(self, views: Iterable[AffiliateView]) -> bytes:
-        return b"".join(map(self.affiliate, views))
+        """The first message of a watch; the same bytes for every watcher of an unchanged
+        cluster (after a restart, a whole cluster reconnects to a state that refreshes
+        do not change)."""
+        views = list(views)
+        key = tuple(map(id, views))
+        hit = self._snapshots.pop(key, None)
+        if hit is None:
+            hit = (views, b"".join(map(self.affiliate, views)))
+            if len(self._snapshots) >= self.SNAPSHOTS:
+                del self._snapshots[next(iter(self._snapshots))]
+        self._snapshots[key] = hit  # most recent last
+        return hit[1]
 
     def changes(self, queue: collections.deque[Notification]) -> list[bytes]:
         """Drain ``queue`` into at most a few messages: updates, then deletions."""

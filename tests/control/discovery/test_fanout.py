@@ -45,6 +45,8 @@ def test_snapshot_bytes_parse_as_one_watch_response_and_share_encodings():
     ]
     assert not parsed.deleted
     assert enc.affiliate(views[7]) is enc.affiliate(views[7])  # encoded once
+    assert enc.snapshot(list(views)) is blob  # the same set: the same message, shared
+    assert enc.snapshot(views[1:]) is not blob
     assert enc.snapshot([]) == b""  # an empty snapshot is an empty message
 
 
