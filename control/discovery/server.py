@@ -71,7 +71,7 @@ class ServerOptions:
     max_streams_per_connection: int = 1024
     max_pending_calls: int = 16384  # received, not yet handled (see start_async)
     # All watch streams together send about this many change messages a second (fanout.py).
-    watch_messages_per_second: float = 4000.0
+    watch_messages_per_second: float = 2000.0
     shutdown_grace: float = 1.0  # running calls get this long to finish on stop
     log_requests: bool = False  # one JSON line per request (requestlog.py)
 
