@@ -16,6 +16,8 @@ SLOW_DATAGRAM: int
 SLOW_PACKET: int
 DROP_REASONS: tuple[str, ...]
 
+def crypto_lanes() -> int: ...
+
 class Keypair:
     def __init__(
         self,
@@ -47,8 +49,18 @@ class Keypair:
 class PacketLoop:
     max_peers: int
     def __init__(
-        self, tun_fd: int, sock4_fd: int, sock6_fd: int, mtu: int = 1420, max_peers: int = 65536
+        self,
+        tun_fd: int,
+        sock4_fd: int,
+        sock6_fd: int,
+        mtu: int = 1420,
+        max_peers: int = 65536,
+        *,
+        vnet_hdr: bool = False,
+        uso: bool = False,
     ) -> None: ...
+    @property
+    def vnet_hdr(self) -> bool: ...
     @property
     def running(self) -> bool: ...
     def start(self) -> None: ...
@@ -88,3 +100,5 @@ class PacketLoop:
     def tx_packets(self) -> int: ...
     @property
     def rx_packets(self) -> int: ...
+    @property
+    def crypto_shared(self) -> tuple[int, int]: ...

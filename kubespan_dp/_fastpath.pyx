@@ -11,11 +11,14 @@ concern into inline-only .pxd files compiled into this module:
 - ``_wg_crypto``: ChaCha20-Poly1305 on EVP, THE seal/open of one payload;
 - ``_wg_replay``: the RFC 6479 replay window;
 - ``_wg_tables``: the allowed-IPs trie and the index tables;
-- ``_wg_keypair``: ``keypair_t`` and THE seal/open of a transport message in a slot;
+- ``_wg_keypair``: ``keypair_t`` and THE seal/open of a transport message in a slot
+  (in steps, so the cipher can run on several threads);
 - ``_wg_os``: the libc / Linux declarations (sockets, cmsg, poll, eventfd, pthread);
 - ``_wg_ring``: the bounded queue (the slow queue and the handshake queue);
 - ``_wg_loop``: ``loop_t``, the state the threads and Python share, drops, routing;
-- ``_wg_io``: batched I/O (recvmmsg + GRO, sendmmsg + GSO, sticky source, TUN writes).
+- ``_wg_io``: batched I/O (recvmmsg + GRO, sendmmsg + GSO, sticky source, TUN writes);
+- ``_wg_offload``: TUN offloads (virtio header, TSO/USO segmentation, GRO coalescing);
+- ``_wg_crew``: crypto lanes, helper threads that share a batch's cipher work.
 
 Test and benchmark helpers (``PacketBatch``, the batch seal/open, ``AEADKey``, the
 EVP baseline) live in ``kubespan_dp._batch``, built from the same .pxd files.
@@ -33,12 +36,35 @@ from kubespan_dp._wg_tables cimport *
 from kubespan_dp._wg_keypair cimport *
 from kubespan_dp._wg_os cimport *
 from kubespan_dp._wg_ring cimport *
+from kubespan_dp._wg_crew cimport *
 from kubespan_dp._wg_loop cimport *
 from kubespan_dp._wg_io cimport *
+
+import os as _os
+import socket as _socket
+import threading as _threading
 
 
 # ---------------------------------------------------------------------------
 # Small C helpers
+
+def _lanes_from_env() -> int:
+    """Crypto lanes per loop direction: the CPUs this process may run on, at most
+    CRYPTO_LANES; KUBESPAN_WG_CRYPTO_LANES=N overrides (1: the loop threads alone)."""
+    raw = _os.environ.get("KUBESPAN_WG_CRYPTO_LANES", "")
+    n = int(raw) if raw.strip().isdigit() else len(_os.sched_getaffinity(0))
+    return max(1, min(n, CRYPTO_LANES))
+
+
+# fixed at import: every Keypair gets one EVP context pair per lane the loop uses
+cdef int _LANES = _lanes_from_env()
+
+
+def crypto_lanes() -> int:
+    """Threads that run the cipher for each direction of a PacketLoop (the loop
+    thread and crypto_lanes() - 1 helpers)."""
+    return _LANES
+
 
 cdef bytes _key32(object key, str what):
     if not isinstance(key, (bytes, bytearray)) or len(key) != 32:
@@ -67,8 +93,10 @@ cdef class Keypair:
         self.kp = <keypair_t *>calloc(1, sizeof(keypair_t))
         if self.kp == NULL:
             raise MemoryError()
-        self.kp.seal_ctx = _new_ctx(<const uint8_t *>sk, 1)
-        self.kp.open_ctx = _new_ctx(<const uint8_t *>rk, 0)
+        cdef int lane
+        for lane in range(_LANES):
+            self.kp.seal_ctx[lane] = _new_ctx(<const uint8_t *>sk, 1)
+            self.kp.open_ctx[lane] = _new_ctx(<const uint8_t *>rk, 0)
         self.kp.local_index = local_index
         self.kp.remote_index = remote_index
         self.kp.is_initiator = is_initiator
@@ -76,11 +104,13 @@ cdef class Keypair:
         self.kp.send_counter = send_counter
 
     def __dealloc__(self):
+        cdef int lane
         if self.kp != NULL:
-            if self.kp.seal_ctx != NULL:
-                EVP_CIPHER_CTX_free(self.kp.seal_ctx)
-            if self.kp.open_ctx != NULL:
-                EVP_CIPHER_CTX_free(self.kp.open_ctx)
+            for lane in range(CRYPTO_LANES):
+                if self.kp.seal_ctx[lane] != NULL:
+                    EVP_CIPHER_CTX_free(self.kp.seal_ctx[lane])
+                if self.kp.open_ctx[lane] != NULL:
+                    EVP_CIPHER_CTX_free(self.kp.open_ctx[lane])
             OPENSSL_cleanse(self.kp, sizeof(keypair_t))
             free(self.kp)
 
@@ -135,14 +165,18 @@ cdef class Keypair:
 # ---------------------------------------------------------------------------
 # 2. PacketLoop: the data path between TUN and UDP, two C threads
 #
-# TX thread: poll TUN -> read a batch -> allowed-IPs lookup (destination) -> pick the
-#   peer's current keypair -> pad + seal in place -> sendmmsg to the peer's endpoint,
-#   runs of same-size datagrams to one endpoint as one UDP GSO send, from the local
-#   address the peer last wrote to (sticky source, IP_PKTINFO).
+# TX thread: poll TUN -> read a batch (with a virtio header: TSO/USO super-packets,
+#   segmented into the slots) -> allowed-IPs lookup (destination) -> pick the peer's
+#   current keypair -> counter, header, padding -> the batch's cipher in place (shared
+#   with the crypto-lane helpers) -> sendmmsg to the peer's endpoint, runs of same-size
+#   datagrams to one endpoint as one UDP GSO send, from the local address the peer
+#   last wrote to (sticky source, IP_PKTINFO).
 # RX thread: poll the UDP sockets -> recvmmsg a batch (UDP GRO on: one buffer may hold
-#   many datagrams, split here) -> receiver-index lookup -> replay pre-check -> open
-#   in place -> replay update -> roam the endpoint -> strip padding -> source must map
-#   to the same peer -> write to TUN.
+#   many datagrams, split here) -> receiver-index lookup -> replay pre-check -> the
+#   batch's cipher in place (shared with the helpers) -> in arrival order: replay
+#   update -> roam the endpoint -> strip padding -> source must map to the same peer
+#   -> write to TUN (with a virtio header: a flow's TCP segments, and UDP datagrams
+#   with USO, coalesced into super-packets first).
 #
 # Both run with the GIL released for their whole life.  Anything they cannot finish
 # (handshake and cookie messages, unknown indices, packets for a peer without a
@@ -171,48 +205,110 @@ DROP_REASONS = ("no_route", "invalid_packet", "slow_queue_full", "udp_send_faile
                 "replay", "decrypt_failed", "keypair_expired", "invalid_inner_packet",
                 "source_not_allowed", "tun_write_failed", "no_socket_for_family",
                 "too_big", "seal_failed", "udp_truncated", "invalid_size",
-                "invalid_type", "unknown_index", "handshake_queue_full")
+                "invalid_type", "unknown_index", "handshake_queue_full", "offload_invalid")
+
+
+cdef struct tx_stage_t:
+    # a TUN read with its virtio header, split into slots over one or more batches
+    uint8_t *buf                     # TUN_READ bytes
+    size_t length                    # bytes read; 0: nothing pending
+    size_t next                      # its next segment to split
+    vnet_hdr_t h
+
+
+cdef inline bint _tun_read_failed(loop_t *L, ssize_t r) noexcept nogil:
+    # EBADFD/EIO: the link is gone; tell Python and stop reading
+    if r < 0 and errno != EAGAIN and errno != EINTR:
+        L.link_gone = True
+        _signal(L.slow_fd)
+        return True
+    return False
+
+
+cdef int _read_plain(loop_t *L, io_t *io) noexcept nogil:
+    # Up to LOOP_BATCH packets from a plain TUN, one per slot (at HEADER_LEN).
+    cdef int n = 0
+    cdef ssize_t r
+    cdef uint8_t *slot
+    while n < LOOP_BATCH:
+        slot = io.buf + n * SLOT_SIZE
+        r = c_read(L.tun_fd, slot + HEADER_LEN, SLOT_SIZE - OVERHEAD - PAD_MULTIPLE)
+        if r <= 0 or _tun_read_failed(L, r):
+            break
+        if r >= SLOT_SIZE - OVERHEAD - PAD_MULTIPLE:
+            _drop(L, D_TOO_BIG, 1)     # maybe truncated: larger than a slot
+            continue
+        io.length[n] = <uint32_t>r
+        n += 1
+    return n
+
+
+cdef int _read_vnet(loop_t *L, io_t *io, tx_stage_t *st) noexcept nogil:
+    """Fill up to LOOP_BATCH slots from a TUN with a virtio header: each read (a
+    TSO/USO super-packet of up to 64 KiB, or one packet) is segmented into MTU-sized
+    IP packets (gso_split_part: sequence numbers, lengths, ids, checksums); a
+    super-packet larger than the slots left continues in the next batch."""
+    cdef int n = 0, k, total
+    cdef ssize_t r
+    while n < LOOP_BATCH:
+        if st.length == 0:
+            r = c_read(L.tun_fd, st.buf, TUN_READ)
+            if r <= 0 or _tun_read_failed(L, r):
+                break
+            if r <= VIRTIO_NET_HDR_LEN:
+                _drop(L, D_OFFLOAD, 1)
+                continue
+            vnet_parse(st.buf, &st.h)
+            st.length = <size_t>r
+            st.next = 0
+        k = gso_split_part(&st.h, st.buf + VIRTIO_NET_HDR_LEN, st.length - VIRTIO_NET_HDR_LEN,
+                           st.next, io.buf + n * SLOT_SIZE, SLOT_SIZE, HEADER_LEN,
+                           SLOT_SIZE - OVERHEAD - PAD_MULTIPLE - 1, LOOP_BATCH - n,
+                           &io.length[n], &total)
+        if k < 0:
+            _drop(L, D_TOO_BIG if k == OFL_E_TOO_BIG else D_OFFLOAD, 1)
+            st.length = 0
+            continue
+        n += k
+        st.next += k
+        if st.next >= <size_t>total:
+            st.length = 0
+    return n
 
 
 cdef void _tx_loop(loop_t *L) noexcept nogil:
     cdef io_t *io = <io_t *>calloc(1, sizeof(io_t))
+    cdef tx_stage_t st
     cdef int i, n, j, fd, run_start, nsend
-    cdef ssize_t r
     cdef uint8_t *slot
     cdef int32_t pid
     cdef peer_t *p
     cdef keypair_t *kp
     cdef double now
     cdef uint32_t sealed_len
-    cdef int st
+    cdef int st_, nitems
+    cdef size_t nbytes
     cdef int fds[LOOP_BATCH]
     if io == NULL:
         return
+    memset(&st, 0, sizeof(st))
     io.buf = <uint8_t *>malloc(LOOP_BATCH * SLOT_SIZE)
-    if io.buf == NULL:
+    if L.vnet_hdr:
+        st.buf = <uint8_t *>malloc(TUN_READ)
+    if io.buf == NULL or (L.vnet_hdr and st.buf == NULL):
+        free(io.buf)
+        free(st.buf)
         free(io)
         return
-    while not L.link_gone and _wait(L, L.tun_fd, -1) != 0:
-        n = 0
-        while n < LOOP_BATCH:
-            slot = io.buf + n * SLOT_SIZE
-            r = c_read(L.tun_fd, slot + HEADER_LEN, SLOT_SIZE - OVERHEAD - PAD_MULTIPLE)
-            if r < 0 and errno != EAGAIN and errno != EINTR:
-                # EBADFD/EIO: the link is gone; tell Python and stop reading
-                L.link_gone = True
-                _signal(L.slow_fd)
-                break
-            if r <= 0:
-                break
-            if r >= SLOT_SIZE - OVERHEAD - PAD_MULTIPLE:
-                _drop(L, D_TOO_BIG, 1)     # maybe truncated: larger than a slot
-                continue
-            io.length[n] = <uint32_t>r
-            n += 1
+    # (a super-packet still being split needs no wait)
+    while not L.link_gone and not L.stopping and (st.length or _wait(L, L.tun_fd, -1) != 0):
+        n = _read_vnet(L, io, &st) if L.vnet_hdr else _read_plain(L, io)
         if n == 0:
             continue
         now = _now()
         nsend = 0
+        nitems = 0
+        nbytes = 0
         pthread_rwlock_rdlock(&L.lock)
         for i in range(n):
             slot = io.buf + i * SLOT_SIZE
@@ -237,14 +333,30 @@ cdef void _tx_loop(loop_t *L) noexcept nogil:
                 p.next_attention = now + ATTENTION_INTERVAL
                 _slow_push(L, SK_PACKET, pid, slot + HEADER_LEN, io.length[i], NULL, 0)
                 continue
-            st = _seal_slot(kp, slot, io.length[i], L.mtu, SLOT_SIZE, &sealed_len)
-            if st == ST_EXHAUSTED:
+            # THE seal, step 1 (counter, header, padding); the cipher runs below
+            st_ = _seal_prepare(kp, slot, io.length[i], L.mtu, SLOT_SIZE, &sealed_len)
+            if st_ == ST_EXHAUSTED:
                 _slow_push(L, SK_PACKET, pid, slot + HEADER_LEN, io.length[i], NULL, 0)
                 continue
-            if st != ST_OK:
-                _drop(L, D_SEAL_FAILED if st == ST_SEAL_FAILED else D_TOO_BIG, 1)
+            if st_ != ST_OK:
+                _drop(L, D_TOO_BIG, 1)
+                continue
+            io.items[nitems].kp = kp
+            io.items[nitems].slot = slot
+            io.items[nitems].length = sealed_len
+            io.peer[nitems] = pid
+            nitems += 1
+            nbytes += sealed_len
+        # the cipher for the whole batch, on every lane
+        _crew_run(&L.crew_tx, CREW_SEAL, io.items, nitems, nbytes)
+        for j in range(nitems):
+            if io.items[j].status != ST_OK:
+                _drop(L, D_SEAL_FAILED, 1)
                 continue                       # never send a slot that was not sealed
-            io.iov[nsend].iov_base = slot
+            pid = io.peer[j]                   # (j >= nsend: not overwritten yet)
+            p = &L.peers[pid]
+            sealed_len = io.items[j].length
+            io.iov[nsend].iov_base = io.items[j].slot
             io.iov[nsend].iov_len = sealed_len
             pthread_mutex_lock(&p.ep_lock)
             memcpy(&io.addr[nsend], &p.ep, p.ep_len)
@@ -270,6 +382,9 @@ cdef void _tx_loop(loop_t *L) noexcept nogil:
         _send_all(L, io, fds, nsend)
         L.tx_packets += nsend
     OPENSSL_cleanse(io.buf, LOOP_BATCH * SLOT_SIZE)
+    if st.buf != NULL:
+        OPENSSL_cleanse(st.buf, TUN_READ)
+    free(st.buf)
     free(io.buf)
     free(io)
 
@@ -293,21 +408,21 @@ cdef inline bint _same_addr(const sockaddr_in6 *a, socklen_t alen, const sockadd
     return a.sin6_scope_id == b.sin6_scope_id
 
 
-cdef inline int _rx_one(loop_t *L, rx_t *rx, int m, uint8_t *slot, uint32_t length,
-                        double now, int nwrite) noexcept nogil:
-    """One datagram (or one GRO segment) from message m; returns the new nwrite."""
+cdef inline void _rx_check(loop_t *L, rx_t *rx, int m, uint8_t *slot, uint32_t length,
+                           double now) noexcept nogil:
+    """Receive, step 1: one datagram (or one GRO segment) from message m.  A transport
+    message for a known keypair whose counter is new joins the round's items (for
+    the cipher); anything else is queued for Python or dropped here."""
     cdef keypair_t *kp
-    cdef peer_t *p
-    cdef int64_t inner
-    cdef int32_t pid
     cdef socklen_t alen = rx.msgs[m].msg_hdr.msg_namelen
     cdef uint32_t kind, index
     cdef int want, st
+    cdef crew_item_t *it
     # C decides per datagram, as wireguard-go's socket reader: wrong sizes, unknown
     # types and unknown indices are dropped (and counted) here, never queued.
     if length < 4:
         _drop(L, D_INVALID_SIZE, 1)
-        return nwrite
+        return
     kind = _get_le32(slot)
     if kind != MSG_TRANSPORT:
         want = _handshake_size(kind)
@@ -318,10 +433,10 @@ cdef inline int _rx_one(loop_t *L, rx_t *rx, int m, uint8_t *slot, uint32_t leng
         else:
             _hs_push(L, slot, length, &rx.addr[m], alen, rx.local[m], rx.local_len[m],
                      rx.local_ifindex[m])
-        return nwrite
+        return
     if length < OVERHEAD:
         _drop(L, D_INVALID_SIZE, 1)
-        return nwrite
+        return
     index = _get_le32(slot + 4)
     kp = _index_lookup(L, index)
     if kp == NULL:
@@ -331,14 +446,40 @@ cdef inline int _rx_one(loop_t *L, rx_t *rx, int m, uint8_t *slot, uint32_t leng
                        rx.local[m], rx.local_len[m], rx.local_ifindex[m])
         else:
             _drop(L, D_UNKNOWN_INDEX, 1)
-        return nwrite
+        return
     if kp.created + REJECT_AFTER_TIME < now:
         _drop(L, D_EXPIRED, 1)
-        return nwrite
-    st = _open_slot(kp, slot, length)     # THE open (open_batch uses it too)
+        return
+    st = _open_check(kp, slot, length)    # THE open, step 1 (open_batch: _open_slot)
     if st != ST_OK:
-        _drop(L, D_REPLAY if st == ST_REPLAY else D_DECRYPT if st == ST_BAD_TAG
-              else D_INVALID_SIZE, 1)
+        _drop(L, D_REPLAY if st == ST_REPLAY else D_INVALID_SIZE, 1)
+        return
+    it = &rx.items[rx.nitems]
+    it.kp = kp
+    it.slot = slot
+    it.length = length
+    rx.item_msg[rx.nitems] = m
+    rx.nitems += 1
+    rx.item_bytes += length
+
+
+cdef inline int _rx_deliver(loop_t *L, rx_t *rx, int j, double now, int nwrite) noexcept nogil:
+    """Receive, step 3 (after the cipher, in arrival order): item j's replay window,
+    endpoint, counters and inner packet; returns the new nwrite."""
+    cdef crew_item_t *it = &rx.items[j]
+    cdef keypair_t *kp = it.kp
+    cdef uint8_t *slot = it.slot
+    cdef uint32_t length = it.length
+    cdef int m = rx.item_msg[j]
+    cdef socklen_t alen = rx.msgs[m].msg_hdr.msg_namelen
+    cdef peer_t *p
+    cdef int64_t inner
+    cdef int32_t pid
+    if it.status != ST_OK:
+        _drop(L, D_DECRYPT, 1)
+        return nwrite
+    if _open_commit(kp, slot) != ST_OK:
+        _drop(L, D_REPLAY, 1)             # a copy earlier in this batch got there first
         return nwrite
     # authenticated from here on
     p = &L.peers[kp.peer]
@@ -377,6 +518,18 @@ cdef inline int _rx_one(loop_t *L, rx_t *rx, int m, uint8_t *slot, uint32_t leng
     return nwrite + 1
 
 
+cdef inline int _rx_round(loop_t *L, rx_t *rx, double now) noexcept nogil:
+    """Steps 2 and 3 for the items collected so far: the cipher (on every lane), then
+    each in order; returns how many packets wait for the TUN write."""
+    cdef int j, nwrite = 0
+    _crew_run(&L.crew_rx, CREW_OPEN, rx.items, rx.nitems, rx.item_bytes)
+    for j in range(rx.nitems):
+        nwrite = _rx_deliver(L, rx, j, now, nwrite)
+    rx.nitems = 0
+    rx.item_bytes = 0
+    return nwrite
+
+
 cdef void _rx_loop(loop_t *L) noexcept nogil:
     cdef rx_t *rx = <rx_t *>calloc(1, sizeof(rx_t))
     cdef int i, n, n4, ready, one = 1, nwrite
@@ -385,9 +538,17 @@ cdef void _rx_loop(loop_t *L) noexcept nogil:
     if rx == NULL:
         return
     rx.buf = <uint8_t *>malloc(RX_MSGS * RX_BUF)
-    if rx.buf == NULL:
+    if L.vnet_hdr:
+        rx.gro = <gro_state_t *>malloc(sizeof(gro_state_t))
+        rx.arena = <uint8_t *>malloc(RX_ARENA)
+    if rx.buf == NULL or (L.vnet_hdr and (rx.gro == NULL or rx.arena == NULL)):
+        free(rx.buf)
+        free(rx.gro)
+        free(rx.arena)
         free(rx)
         return
+    if rx.gro != NULL:
+        gro_init(rx.gro, L.gro_seed)
     # UDP GRO: the kernel hands over runs of same-size datagrams from one sender as
     # one buffer (split again below); old kernels refuse and nothing changes.
     if L.sock4 >= 0:
@@ -403,7 +564,8 @@ cdef void _rx_loop(loop_t *L) noexcept nogil:
         if n == 0:
             continue
         now = _now()
-        nwrite = 0
+        rx.nitems = 0
+        rx.item_bytes = 0
         pthread_rwlock_rdlock(&L.lock)
         for i in range(n):
             if rx.msgs[i].msg_hdr.msg_flags & MSG_TRUNC:
@@ -415,22 +577,23 @@ cdef void _rx_loop(loop_t *L) noexcept nogil:
                 seg = 1     # an empty datagram: handled (dropped) as one segment
             off = 0
             while off < total or (total == 0 and off == 0):
-                if nwrite >= RX_SEGS:
-                    # a GRO batch of any size: write out what is ready, go on
-                    _flush_tun(L, rx, nwrite)
-                    nwrite = 0
-                nwrite = _rx_one(L, rx, i, rx.buf + i * RX_BUF + off,
-                                 seg if total - off > seg else total - off, now, nwrite)
+                if rx.nitems >= RX_SEGS:
+                    # a GRO batch of any size: open and write out what is ready, go on
+                    _flush_tun(L, rx, _rx_round(L, rx, now))
+                _rx_check(L, rx, i, rx.buf + i * RX_BUF + off,
+                          seg if total - off > seg else total - off, now)
                 off += seg
+        nwrite = _rx_round(L, rx, now)
         pthread_rwlock_unlock(&L.lock)
         _flush_tun(L, rx, nwrite)
     OPENSSL_cleanse(rx.buf, RX_MSGS * RX_BUF)
+    if rx.arena != NULL:
+        OPENSSL_cleanse(rx.arena, RX_ARENA)
+    free(rx.arena)
+    free(rx.gro)
     free(rx.buf)
     free(rx)
 
-
-import socket as _socket
-import threading as _threading
 
 
 cdef bytes _sockaddr_bytes(object endpoint):
@@ -479,7 +642,7 @@ cdef class PacketLoop:
     cdef readonly int max_peers
 
     def __cinit__(self, int tun_fd, int sock4_fd, int sock6_fd, int mtu=1420,
-                  int max_peers=65536):
+                  int max_peers=65536, *, bint vnet_hdr=False, bint uso=False):
         cdef pthread_rwlockattr_t attr
         cdef int i
         if mtu < 0 or mtu > 65535:
@@ -493,6 +656,9 @@ cdef class PacketLoop:
         if self.L == NULL:
             raise MemoryError()
         self.L.tun_fd, self.L.sock4, self.L.sock6, self.L.mtu = tun_fd, sock4_fd, sock6_fd, mtu
+        # a TUN opened with IFF_VNET_HDR and TSO (uso: USO too, Linux 6.2+)
+        self.L.vnet_hdr, self.L.uso = vnet_hdr, vnet_hdr and uso
+        self.L.gro_seed = int.from_bytes(_os.urandom(8), "little")
         self.L.stop_fd = self.L.slow_fd = -1
         self.L.root4 = self.L.root6 = -1
         self.L.peers = <peer_t *>calloc(max_peers, sizeof(peer_t))
@@ -505,6 +671,8 @@ cdef class PacketLoop:
         # Python's updates must not starve behind two busy reader threads.
         pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP)
         pthread_rwlock_init(&self.L.lock, &attr)
+        _crew_init(&self.L.crew_tx, _LANES)
+        _crew_init(&self.L.crew_rx, _LANES)
         self.L.stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
         self.L.slow_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
         if self.L.stop_fd < 0 or self.L.slow_fd < 0:
@@ -525,6 +693,8 @@ cdef class PacketLoop:
             OPENSSL_cleanse(self.L.peers, self.max_peers * sizeof(peer_t))
         _ring_free(&self.L.slow)
         _ring_free(&self.L.hs)
+        _crew_destroy(&self.L.crew_tx)
+        _crew_destroy(&self.L.crew_rx)
         pthread_rwlock_destroy(&self.L.lock)
         free(self.L.pend_keys)
         free(self.L.peers)
@@ -543,6 +713,15 @@ cdef class PacketLoop:
         with nogil:
             _rx_loop(self.L)
 
+    def _run_helper(self, bint tx, int lane):
+        with nogil:
+            _crew_helper(&self.L.crew_tx if tx else &self.L.crew_rx, lane)
+
+    @property
+    def vnet_hdr(self) -> bool:
+        """The TUN carries virtio headers: TSO/USO reads are split, writes coalesced."""
+        return self.L.vnet_hdr
+
     @property
     def running(self) -> bool:
         return bool(self._threads)
@@ -552,8 +731,16 @@ cdef class PacketLoop:
             return
         self.L.stopping = False
         self.L.link_gone = False
-        self._threads = [_threading.Thread(target=self._run_tx, name="ks-fast-tx", daemon=True),
-                         _threading.Thread(target=self._run_rx, name="ks-fast-rx", daemon=True)]
+        _crew_quit(&self.L.crew_tx, False)
+        _crew_quit(&self.L.crew_rx, False)
+        # helpers first: each lane > 0 of both directions (none with one lane)
+        self._threads = [
+            _threading.Thread(target=self._run_helper, args=(tx, lane),
+                              name=f"ks-crypto-{'tx' if tx else 'rx'}{lane}", daemon=True)
+            for tx in (True, False) for lane in range(1, _LANES)]
+        self._threads += [
+            _threading.Thread(target=self._run_tx, name="ks-fast-tx", daemon=True),
+            _threading.Thread(target=self._run_rx, name="ks-fast-rx", daemon=True)]
         for t in self._threads:
             t.start()
 
@@ -563,6 +750,10 @@ cdef class PacketLoop:
             return
         self.L.stopping = True
         _signal(self.L.stop_fd)
+        for t in self._threads[-2:]:           # the loop threads: no job is left after them
+            t.join()
+        _crew_quit(&self.L.crew_tx, True)
+        _crew_quit(&self.L.crew_rx, True)
         for t in self._threads:
             t.join()
         self._threads = []
@@ -927,3 +1118,10 @@ cdef class PacketLoop:
     @property
     def rx_packets(self) -> int:
         return self.L.rx_packets
+
+    @property
+    def crypto_shared(self) -> tuple:
+        """Packets the crypto-lane helpers sealed and opened (the loop threads' own
+        share not counted): (tx, rx)."""
+        return (KS_ATOMIC_LOAD64(&self.L.crew_tx.helped),
+                KS_ATOMIC_LOAD64(&self.L.crew_rx.helped))

@@ -35,6 +35,7 @@ from kubespan_dp._wg_offload cimport (
     gro_init,
     gro_state_t,
     gso_split,
+    gso_split_part,
     vnet_build,
     vnet_hdr_t,
     vnet_parse,
@@ -124,15 +125,17 @@ def complete_checksum(const uint8_t[::1] packet, int csum_start, int csum_offset
 
 
 def segment(const uint8_t[::1] vnet_header, const uint8_t[::1] packet, int mtu,
-            int max_segments=64) -> list:
+            int max_segments=64, int part=0) -> list:
     """Split a packet read from TUN (after its virtio header) into IP packets of at
-    most ``mtu`` bytes, through gso_split with the loop's slot layout."""
+    most ``mtu`` bytes, through gso_split with the loop's slot layout.  ``part`` > 0:
+    through gso_split_part instead, ``part`` slots a call (as the loop does when a
+    super-packet needs more slots than its batch has left), max_segments in all."""
     cdef vnet_hdr_t h
-    cdef size_t n = packet.shape[0], stride, k, i, end
+    cdef size_t n = packet.shape[0], stride, k, i, end, first = 0
     cdef uint8_t *pkt
     cdef uint8_t *slots
     cdef uint32_t *lens
-    cdef int r
+    cdef int r, total = 0, width = part if part > 0 else max_segments
     if vnet_header.shape[0] != VIRTIO_NET_HDR_LEN:
         raise ValueError("a virtio_net_hdr is 10 bytes")
     if mtu < 1 or max_segments < 1 or max_segments > 4096:
@@ -147,29 +150,43 @@ def segment(const uint8_t[::1] vnet_header, const uint8_t[::1] packet, int mtu,
         free(slots)
         free(lens)
         raise MemoryError()
+    if width > max_segments:
+        width = max_segments
     try:
         if n:
             memcpy(pkt, &packet[0], n)
-        memset(slots, _GUARD, stride * max_segments)
-        with nogil:
-            r = gso_split(&h, pkt, n, slots, stride, _SLOT_OFF, <size_t>mtu, max_segments, lens)
-        if r < 0:
-            for i in range(stride * max_segments):
-                if slots[i] != _GUARD:
-                    raise RuntimeError("gso_split wrote although it failed")
-            raise OffloadError(r)
         out = []
-        for k in range(<size_t>r):
-            if lens[k] > <uint32_t>mtu:
-                raise RuntimeError("gso_split made a segment longer than max_len")
-            out.append((<char *>slots + k * stride + _SLOT_OFF)[:lens[k]])
-        # nothing outside [slot + 16, slot + 16 + length) of the used slots
-        for k in range(<size_t>max_segments):
-            end = _SLOT_OFF + (lens[k] if k < <size_t>r else 0)
-            for i in range(stride):
-                if (i < _SLOT_OFF or i >= end) and slots[k * stride + i] != _GUARD:
-                    raise RuntimeError(f"gso_split wrote outside segment {k}")
-        return out
+        while True:
+            memset(slots, _GUARD, stride * max_segments)
+            with nogil:
+                if part > 0:
+                    r = gso_split_part(&h, pkt, n, first, slots, stride, _SLOT_OFF,
+                                       <size_t>mtu, width, lens, &total)
+                else:
+                    r = gso_split(&h, pkt, n, slots, stride, _SLOT_OFF, <size_t>mtu,
+                                  max_segments, lens)
+            if r < 0:
+                for i in range(stride * max_segments):
+                    if slots[i] != _GUARD:
+                        raise RuntimeError("gso_split wrote although it failed")
+                raise OffloadError(r)
+            if r > width:
+                raise RuntimeError("gso_split_part wrote more segments than slots")
+            for k in range(<size_t>r):
+                if lens[k] > <uint32_t>mtu:
+                    raise RuntimeError("gso_split made a segment longer than max_len")
+                out.append((<char *>slots + k * stride + _SLOT_OFF)[:lens[k]])
+            # nothing outside [slot + 16, slot + 16 + length) of the used slots
+            for k in range(<size_t>max_segments):
+                end = _SLOT_OFF + (lens[k] if k < <size_t>r else 0)
+                for i in range(stride):
+                    if (i < _SLOT_OFF or i >= end) and slots[k * stride + i] != _GUARD:
+                        raise RuntimeError(f"gso_split wrote outside segment {k}")
+            first += <size_t>r
+            if part <= 0 or first >= <size_t>total:
+                return out
+            if len(out) >= max_segments:
+                raise OffloadError(OFL_E_TOO_MANY)
     finally:
         free(pkt)
         free(slots)

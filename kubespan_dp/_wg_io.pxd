@@ -4,7 +4,9 @@ the per-thread batch buffers, sendmmsg with UDP GSO runs and a sticky source add
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
 from kubespan_dp._wg_defs cimport *
+from kubespan_dp._wg_crew cimport *
 from kubespan_dp._wg_loop cimport *
+from kubespan_dp._wg_offload cimport *
 from kubespan_dp._wg_os cimport *
 
 
@@ -19,6 +21,7 @@ cdef struct io_t:
     uint8_t src_len[LOOP_BATCH]
     uint32_t src_ifindex[LOOP_BATCH]
     int32_t peer[LOOP_BATCH]
+    crew_item_t items[LOOP_BATCH]    # prepared slots for the cipher (THE seal, step 2)
 
 
 cdef inline int _wait(loop_t *L, int fd1, int fd2) noexcept nogil:
@@ -53,7 +56,7 @@ cdef inline int _wait(loop_t *L, int fd1, int fd2) noexcept nogil:
 
 cdef inline void _send_plain(loop_t *L, int fd, mmsghdr *gso) noexcept nogil:
     # Resend one (possibly GSO) message as separate datagrams with no ancillary data.
-    cdef mmsghdr one[LOOP_BATCH]
+    cdef mmsghdr one[GSO_SEGS]
     cdef size_t k, n = gso.msg_hdr.msg_iovlen
     cdef int done = 0, r
     for k in range(n):
@@ -172,7 +175,7 @@ cdef inline void _send_all(loop_t *L, io_t *io, int *fds, int nsend) noexcept no
         seg = io.iov[i].iov_len
         total = seg
         if not L.no_gso:
-            while (j < nsend and j - i < 64 and fds[j] == fds[i]
+            while (j < nsend and j - i < GSO_SEGS and fds[j] == fds[i]
                    and io.iov[j].iov_len <= seg and total + io.iov[j].iov_len <= 65000
                    and _same_dest(io, i, j) and io.src_len[j] == io.src_len[i]
                    and memcmp(io.src[j], io.src[i], io.src_len[i]) == 0):
@@ -224,8 +227,18 @@ cdef struct rx_t:
     uint8_t local[RX_MSGS][16]       # our address the datagram was sent to
     uint8_t local_len[RX_MSGS]
     uint32_t local_ifindex[RX_MSGS]
+    crew_item_t items[RX_SEGS]       # checked messages for the cipher (THE open, step 2)
+    int32_t item_msg[RX_SEGS]        # the message each came in
+    int nitems
+    size_t item_bytes
     uint8_t *wptr[RX_SEGS]           # decrypted packets waiting for the TUN write
     uint32_t wlen[RX_SEGS]
+    # with a virtio header on the TUN (L.vnet_hdr): the coalescing scratch, the arena
+    # the super-packets are built in and the writes gro_coalesce hands back
+    gro_state_t *gro
+    uint8_t *arena                   # RX_ARENA bytes
+    uint8_t *optr[RX_SEGS]
+    uint32_t olen[RX_SEGS]
 
 
 cdef inline int _recv_batch(loop_t *L, rx_t *rx, int fd, int start) noexcept nogil:
@@ -266,9 +279,29 @@ cdef inline int _recv_batch(loop_t *L, rx_t *rx, int fd, int start) noexcept nog
     return start + r
 
 
+cdef enum:
+    # every decrypted byte the receive buffers can hold, plus a virtio header per packet:
+    # gro_coalesce never runs out of arena (it would only write segments one by one)
+    RX_ARENA = RX_MSGS * RX_BUF + RX_SEGS * 10
+
+
 cdef inline void _flush_tun(loop_t *L, rx_t *rx, int nwrite) noexcept nogil:
-    cdef int i
-    for i in range(nwrite):
-        if c_write(L.tun_fd, rx.wptr[i], rx.wlen[i]) < 0:
-            _drop(L, D_TUN_WRITE, 1)
+    """Write the decrypted packets to TUN.  With a virtio header, TCP segments of one
+    flow (and UDP datagrams, with USO) are coalesced first into super-packets: one
+    write, one trip through the kernel's stack, instead of one per packet; each
+    write is [virtio header][packet] (gro_coalesce puts a zero header in front of
+    the packets written alone, in the transport header space before them)."""
+    cdef int i, nout
+    if L.vnet_hdr:
+        nout = gro_coalesce(rx.gro, rx.wptr, rx.wlen, nwrite, L.uso, rx.arena, RX_ARENA,
+                            rx.optr, rx.olen)
+        if nout < 0:               # cannot happen: nwrite <= RX_SEGS = GRO_MAX_PACKETS
+            _drop(L, D_TUN_WRITE, nwrite)
+        for i in range(nout):
+            if c_write(L.tun_fd, rx.optr[i], rx.olen[i]) < 0:
+                _drop(L, D_TUN_WRITE, 1)
+    else:
+        for i in range(nwrite):
+            if c_write(L.tun_fd, rx.wptr[i], rx.wlen[i]) < 0:
+                _drop(L, D_TUN_WRITE, 1)
     KS_ATOMIC_ADD64(&L.rx_packets, nwrite)

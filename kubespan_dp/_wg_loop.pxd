@@ -4,6 +4,7 @@ routing and the pushes onto the slow and handshake queues (two _wg_ring rings)."
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
 from kubespan_dp._wg_defs cimport *
+from kubespan_dp._wg_crew cimport crew_t
 from kubespan_dp._wg_keypair cimport keypair_t
 from kubespan_dp._wg_os cimport *
 from kubespan_dp._wg_ring cimport *
@@ -12,8 +13,10 @@ from kubespan_dp._wg_tables cimport *
 
 # compile-time sizes (Cython 3: enums, not DEF)
 cdef enum:
-    LOOP_BATCH = 64
+    LOOP_BATCH = 128          # TX slots: two TSO super-packets of ~46 segments fit
+    GSO_SEGS = 64             # the kernel's UDP_MAX_SEGMENTS: most datagrams per GSO send
     SLOT_SIZE = 9216          # a slot holds a jumbo packet + 32 + padding
+    TUN_READ = 65536 + 16     # a TUN read with IFF_VNET_HDR: header + up to 64 KiB
     SLOW_CAP = 512
     HS_CAP = 4096             # handshake messages waiting for Python (own queue)
     CONTROL_LEN = 96
@@ -59,6 +62,7 @@ cdef enum:
     D_INVALID_TYPE
     D_UNKNOWN_INDEX
     D_HS_FULL
+    D_OFFLOAD                 # a TUN super-packet gso_split refuses
     D_COUNT
 
 
@@ -114,6 +118,9 @@ cdef struct loop_t:
     volatile bint stopping
     volatile bint link_gone          # TUN reads failed for good (link deleted)
     bint no_gso                      # UDP_SEGMENT refused once: send one by one
+    bint vnet_hdr                    # TUN reads/writes carry a virtio_net_hdr (offloads)
+    bint uso                         # ... and the kernel takes UDP super-packets (USO)
+    uint64_t gro_seed                # random key of gro_coalesce's flow hash
     pthread_rwlock_t lock
     # peers
     peer_t *peers
@@ -138,6 +145,9 @@ cdef struct loop_t:
     uint64_t drops[D_COUNT]
     uint64_t tx_packets
     uint64_t rx_packets
+    # crypto lanes: helper threads that share each batch's cipher work (_wg_crew)
+    crew_t crew_tx
+    crew_t crew_rx
 
 
 cdef inline void _drop(loop_t *L, int reason, uint64_t n) noexcept nogil:

@@ -294,9 +294,23 @@ cdef inline int gso_split(const vnet_hdr_t *h, const uint8_t *pkt, size_t length
     TCP/UDP checksums.  The header lengths come from the packet: the kernel's hdr_len
     is only a hint (skb_headlen) and is merely bounds-checked.
     """
+    cdef int total
+    return gso_split_part(h, pkt, length, 0, slot0, stride, off, max_len, max_slots, out_len,
+                          &total, True)
+
+
+cdef inline int gso_split_part(const vnet_hdr_t *h, const uint8_t *pkt, size_t length,
+                               size_t first, uint8_t *slot0, size_t stride, size_t off,
+                               size_t max_len, int max_slots, uint32_t *out_len, int *total,
+                               bint whole=False) noexcept nogil:
+    """gso_split from segment ``first`` on, as many as fit in max_slots (at least 1):
+    segment first + k goes to slot k; *total is the packet's segment count, the return
+    how many were written (or OFL_E_*).  Calls with first = 0, k, 2k, ... and the same
+    arguments make exactly gso_split's segments, so a super-packet of more segments
+    than there are slots is split across batches.  ``whole``: all or OFL_E_TOO_MANY."""
     cdef uint8_t gso = h.gso_type & ~VIRTIO_NET_HDR_GSO_ECN
     cdef uint8_t ver, proto, flags = 0, fl
-    cdef size_t iphl, l4hl, hlen, payload, mss, seg, tot, k, nseg, csum_off
+    cdef size_t iphl, l4hl, hlen, payload, mss, seg, tot, k, nseg, csum_off, last
     cdef uint32_t seq = 0
     cdef uint16_t ipid = 0, c
     cdef uint64_t acc0
@@ -320,7 +334,8 @@ cdef inline int gso_split(const vnet_hdr_t *h, const uint8_t *pkt, size_t length
         if h.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
             csum_complete(slot0 + off, length, h.csum_start, h.csum_offset)
         out_len[0] = <uint32_t>length
-        return 1
+        total[0] = 1
+        return 1 if first == 0 else OFL_E_ARGS
     if gso != VIRTIO_NET_HDR_GSO_TCPV4 and gso != VIRTIO_NET_HDR_GSO_TCPV6 \
             and gso != VIRTIO_NET_HDR_GSO_UDP_L4:
         return OFL_E_HEADER
@@ -381,16 +396,23 @@ cdef inline int gso_split(const vnet_hdr_t *h, const uint8_t *pkt, size_t length
             return OFL_E_TOO_BIG       # a datagram boundary cannot move
         mss = max_len - hlen           # TCP does not care where segments end
     nseg = (payload + mss - 1) // mss
-    if nseg > <size_t>max_slots:
-        return OFL_E_TOO_MANY
+    total[0] = <int>nseg
+    if first >= nseg:
+        return OFL_E_ARGS
+    if nseg - first > <size_t>max_slots:
+        if whole:
+            return OFL_E_TOO_MANY
+        last = first + max_slots
+    else:
+        last = nseg
     if tcp:
         seq = _ofl_be32(pkt + iphl + 4)
         flags = pkt[iphl + 13]
     if not v6:
         ipid = _ofl_be16(pkt + 4)
     acc0 = csum_pseudo(pkt, v6, proto, 0)
-    for k in range(nseg):
-        o = slot0 + k * stride + off
+    for k in range(first, last):
+        o = slot0 + (k - first) * stride + off
         seg = payload - k * mss
         if seg > mss:
             seg = mss
@@ -422,8 +444,8 @@ cdef inline int gso_split(const vnet_hdr_t *h, const uint8_t *pkt, size_t length
         _ofl_store_csum(o + iphl + csum_off,
                         csum_add(o + iphl, tot - iphl, acc0 + _ofl_ne16(<uint16_t>(tot - iphl))),
                         not tcp)
-        out_len[k] = <uint32_t>tot
-    return <int>nseg
+        out_len[k - first] = <uint32_t>tot
+    return <int>(last - first)
 
 
 # --------------------------------------------------------------------------- RX: coalescing

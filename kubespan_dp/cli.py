@@ -38,6 +38,8 @@ environment:
   LOG_LEVEL=verbose|debug|error|silent   how much to log (default: info)
   WG_PROCESS_FOREGROUND=1                same as --foreground
   KUBESPAN_WG_LOG_FILE=PATH              log here when running in the background
+  KUBESPAN_WG_FASTPATH=0                 pure-Python packet path (default: the C loop)
+  KUBESPAN_WG_TUN_OFFLOAD=0              same as --no-offload
 
 example:
   WG_QUICK_USERSPACE_IMPLEMENTATION=kubespan-wg wg-quick up ./wg0.conf
@@ -67,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--mtu", type=int, default=1420, help="initial MTU of the interface (default 1420)"
+    )
+    p.add_argument(
+        "--no-offload",
+        action="store_true",
+        help="plain TUN: no virtio header, TSO/USO or coalesced writes (the C packet loop "
+        "uses them by default where the kernel has them)",
     )
     p.add_argument("--version", action="version", version="kubespan-wg (kubespan-py) 0.1.0")
     p.add_argument("ifname", metavar="IFNAME", help="interface name (at most 15 bytes)")
@@ -138,11 +146,16 @@ def main(argv: list[str] | None = None) -> int:
     if not 68 <= args.mtu <= highest:
         log.error("MTU %d out of range (68-%d)", args.mtu, highest)
         return 2
+    from .datapath import fastpath_enabled
+
     try:
-        tun = Tun(ifname, args.mtu)
+        # the C loop segments TSO super-packets and coalesces what it writes; the
+        # pure-Python path reads a plain TUN
+        tun = Tun(ifname, args.mtu, offload=fastpath_enabled() and not args.no_offload)
     except OSError as e:
         log.error("cannot create TUN interface %s: %s", ifname, e.strerror or e)
         return 1
+    log.info("TUN offloads: %s", ", ".join(sorted(tun.offloads)) or "none")
     try:
         uapi = listen(tun.name)
         uapi_id = socket_identity(socket_path(tun.name))

@@ -59,12 +59,19 @@ def make_datapath(
     on_handshake: OnHandshake,
     on_batch: Callable[[], None],
     on_link_gone: Callable[[], None],
+    offload_flags: int = 0,
 ) -> DataPath:
-    """The C path when enabled (its extension is imported only then), else Python."""
+    """The C path when enabled (its extension is imported only then), else Python.
+    ``offload_flags``: the TUN_F_* offloads the TUN was opened with (tun.Tun; 0 for a
+    plain TUN), which only the C path can serve."""
     if fastpath_enabled():
         from .fastloop import FastDataPath
 
-        return FastDataPath(core, tun_fd, on_handshake, on_batch, on_link_gone)
+        return FastDataPath(
+            core, tun_fd, on_handshake, on_batch, on_link_gone, offload_flags=offload_flags
+        )
+    if offload_flags:
+        raise ValueError("the pure-Python path needs a TUN without offloads")
     from .pypath import PyDataPath
 
     return PyDataPath(core, tun_fd, on_handshake, on_batch, on_link_gone)

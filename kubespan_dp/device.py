@@ -77,6 +77,7 @@ class Device:
             self._on_handshake,
             self._arm_timer,
             lambda: self.stop("the link was deleted"),
+            offload_flags=getattr(tun, "offload_flags", 0),  # (stand-ins without: plain)
         )
         self.path.rebind(self.sock4, self.sock6)
         self.handshakes: deque[tuple[bytes, Address]] = deque()

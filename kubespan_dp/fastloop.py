@@ -53,6 +53,7 @@ from .keypair import (
 from .netutil import Address
 from .peer import MAX_PEERS
 from .pypath import MAX_SOURCES, PyDataPath
+from .tun import UDP_OFFLOADS
 
 SYNC_INTERVAL = 0.1  # seconds between C -> core activity syncs
 HANDSHAKE_SIZES = {1: 148, 2: 92}  # initiation, response (cookie replies need no DH)
@@ -141,14 +142,19 @@ class FastDataPath:
         on_handshake: Callable[[bytes, Address, float], None],
         on_batch: Callable[[], None],
         on_link_gone: Callable[[], None],
+        offload_flags: int = 0,
     ) -> None:
         self.core = core
         # Python-side sends and TUN writes (core output) reuse the plain path's code.
-        self.py = PyDataPath(core, tun_fd, on_handshake, on_batch, on_link_gone)
+        vnet = offload_flags != 0  # tun.Tun: offloads come with IFF_VNET_HDR
+        self.py = PyDataPath(core, tun_fd, on_handshake, on_batch, on_link_gone, vnet_hdr=vnet)
         self.on_handshake = on_handshake
         self.on_batch = on_batch
         self.on_link_gone = on_link_gone
-        self.c = fp.PacketLoop(tun_fd, -1, -1, core.mtu, max_peers=MAX_PEERS)
+        uso = offload_flags & UDP_OFFLOADS == UDP_OFFLOADS
+        self.c = fp.PacketLoop(
+            tun_fd, -1, -1, core.mtu, max_peers=MAX_PEERS, vnet_hdr=vnet, uso=uso
+        )
         self._mtu = core.mtu
         self.loop: asyncio.AbstractEventLoop | None = None
         self._tick_handle: asyncio.TimerHandle | None = None

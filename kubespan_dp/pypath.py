@@ -27,6 +27,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from .netutil import CMSG_SPACE, Address, local_from_ancillary, source_cmsg
+from .tun import VNET_HDR_LEN
 
 BATCH = 64
 MAX_DATAGRAM = 65535
@@ -46,9 +47,14 @@ class PyDataPath:
         on_handshake: Callable[[bytes, Address, float], None],
         on_batch: Callable[[], None],
         on_link_gone: Callable[[], None],
+        vnet_hdr: bool = False,
     ) -> None:
         self.core = core
         self.tun_fd = tun_fd
+        # the TUN has IFF_VNET_HDR (the C loop reads it): each write starts with a
+        # virtio_net_hdr, all zero for a plain packet.  Reading such a TUN is the C
+        # loop's job (super-packets), never this path's.
+        self._tun_prefix = bytes(VNET_HDR_LEN) if vnet_hdr else b""
         self.sock4: socket.socket | None = None
         self.sock6: socket.socket | None = None
         self.on_handshake = on_handshake
@@ -62,6 +68,8 @@ class PyDataPath:
     # ------------------------------------------------------------- wiring
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._tun_prefix:
+            raise ValueError("the pure-Python path reads a TUN without offloads only")
         self.loop = loop
         loop.add_reader(self.tun_fd, self._on_tun)
         self._watch_sockets(True)
@@ -149,9 +157,13 @@ class PyDataPath:
             self.dropped["udp_send_failed"] += 1
 
     def _write_tun(self, packets: list[bytes]) -> None:
+        prefix = self._tun_prefix
         for packet in packets:
             try:
-                os.write(self.tun_fd, packet)
+                if prefix:
+                    os.writev(self.tun_fd, (prefix, packet))
+                else:
+                    os.write(self.tun_fd, packet)
             except BlockingIOError:
                 self.dropped["tun_write_full"] += 1
             except OSError as e:

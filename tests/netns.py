@@ -41,10 +41,15 @@ class Lab(netlab.Lab):
         super().__init__("ks")
 
     def daemon(
-        self, ns: Netns, kind: str, ifname: str | None = None, env: dict[str, str] | None = None
+        self,
+        ns: Netns,
+        kind: str,
+        ifname: str | None = None,
+        env: dict[str, str] | None = None,
+        args: tuple[str, ...] = (),
     ) -> Daemon:
         ifname = ifname or unique_name("wg", 8)
-        d = start_daemon(ns, ifname, kind, env)
+        d = start_daemon(ns, ifname, kind, env, args)
         self.defer(d.finish)
         return d
 
@@ -137,12 +142,19 @@ WGGO_KINDS = {"wireguard-go": "modern", "wireguard-go-old": "old"}
 WGGO_IDS = {"wireguard-go": "wggo-modern", "wireguard-go-old": "wggo-old"}
 
 
-def start_daemon(ns: Netns, ifname: str, kind: str, env: dict[str, str] | None = None) -> Daemon:
-    """Start `kubespan-wg` or a wireguard-go (WGGO_KINDS) in the foreground inside `ns`."""
+def start_daemon(
+    ns: Netns,
+    ifname: str,
+    kind: str,
+    env: dict[str, str] | None = None,
+    args: tuple[str, ...] = (),
+) -> Daemon:
+    """Start `kubespan-wg` or a wireguard-go (WGGO_KINDS) in the foreground inside `ns`
+    (`args`: more options before the interface name)."""
     if kind in WGGO_KINDS:
-        argv = [str(wggo.binary(WGGO_KINDS[kind])), "-f", ifname]
+        argv = [str(wggo.binary(WGGO_KINDS[kind])), "-f", *args, ifname]
     elif kind == "kubespan-wg":
-        argv = [str(VENV_BIN / "kubespan-wg"), "-f", ifname]
+        argv = [str(VENV_BIN / "kubespan-wg"), "-f", *args, ifname]
     else:
         raise ValueError(kind)
     LEDGER.sockets.add(uapi_path(ifname))
@@ -247,10 +259,12 @@ def build_pair(
     psk: str | None = None,
     keepalive: int = 0,
     ports: tuple[int, int] = (51820, 51821),
+    envs: tuple[dict[str, str] | None, dict[str, str] | None] = (None, None),
 ) -> tuple[WgHost, WgHost]:
     """Two namespaces joined by a veth (v4+v6 outer addresses), each with a WireGuard
     daemon of the given kind, configured with stock `wg` as peers of each other, with
-    inner addresses INNER4/INNER6. `outer` ("4" or "6") picks the endpoint family."""
+    inner addresses INNER4/INNER6. `outer` ("4" or "6") picks the endpoint family;
+    `envs` adds environment variables to each daemon."""
     ns = [lab.netns("wa"), lab.netns("wb")]
     veths = lab.veth(ns[0], ns[1])
     for i in range(2):
@@ -258,7 +272,7 @@ def build_pair(
         add_address(ns[i], veths[i], f"{OUTER6[i]}/64")
     hosts = []
     for i, kind in enumerate((kind_a, kind_b)):
-        d = lab.daemon(ns[i], kind)
+        d = lab.daemon(ns[i], kind, env=envs[i])
         priv, pub = genkey(ns[i])
         hosts.append(WgHost(ns[i], d, priv, pub, ports[i], veths[i]))
     tmp = lab.tempdir()
@@ -307,8 +321,10 @@ def tcp_transfer(
     nbytes: int,
     port: int = 5201,
     timeout: float = 300,
+    mss: int = 0,
 ) -> tuple[str, str, float]:
-    """Send `nbytes` of random-looking data over TCP from client_ns to server_ns.
+    """Send `nbytes` of random-looking data over TCP from client_ns to server_ns
+    (`mss`: the client's TCP_MAXSEG, 0 for the route's).
 
     Returns (sha256 sent, sha256 received, seconds). The sockets live in the two
     namespaces; the work runs in threads of this process."""
@@ -343,6 +359,8 @@ def tcp_transfer(
         cli = client_ns.socket(family, socket.SOCK_STREAM)
         with cli:
             cli.settimeout(timeout)
+            if mss:
+                cli.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, mss)
             cli.connect((server_ip, port))
             left = nbytes
             i = 0

@@ -1,9 +1,10 @@
 """The standard gRPC health service (grpc.health.v1) of the discovery service.
 
 Both the whole server ("") and the Cluster service report SERVING once the service is
-up. ``set_serving(False)`` is the hook for whatever the service depends on (a shared
-store that went away, say); a shutdown turns both to NOT_SERVING for good, so a load
-balancer stops sending new clients while the running calls drain.
+up. ``set_serving(False)`` is the hook for whatever the service depends on (the server
+reports NOT_SERVING while a shared store cannot be reached); a shutdown turns both to
+NOT_SERVING for good, so a load balancer stops sending new clients while the running
+calls drain.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from control.discovery.state import State
+from control.discovery.store import Store, StoreUnavailable
 
 # Seconds; unary calls take a millisecond or so, a rate-limited one up to 10 s.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -91,11 +91,13 @@ class SnapshotStats:
         ]
 
 
-def families(
-    state: State, requests: RequestCounters, snapshots: SnapshotStats | None = None
+async def families(
+    store: Store, requests: RequestCounters, snapshots: SnapshotStats | None = None
 ) -> list[Metric]:
-    """Read at scrape time, on the loop that owns ``state``."""
-    s = state.stats()
+    """Read at scrape time, on the loop that owns ``store``.
+
+    With the store unreachable the state gauges are left out (not reported as zero)."""
+    gc_runs, gc_clusters, gc_affiliates = store.gc_totals()
     requests_total = CounterMetricFamily(
         "discovery_server_requests_total",
         "gRPC requests handled, by method and status code.",
@@ -121,6 +123,29 @@ def families(
     )
     for version, n in sorted(requests.hello_versions.items()):
         hello.add_metric([version], n)
+    counters: list[Metric] = [
+        CounterMetricFamily(
+            "discovery_state_gc_runs_total", "The number of GC runs.", value=gc_runs
+        ),
+        CounterMetricFamily(
+            "discovery_state_gc_clusters_total",
+            "The total number of GC'ed clusters.",
+            value=gc_clusters,
+        ),
+        CounterMetricFamily(
+            "discovery_state_gc_affiliates_total",
+            "The total number of GC'ed affiliates.",
+            value=gc_affiliates,
+        ),
+        requests_total,
+        latency,
+        hello,
+        *(snapshots.families() if snapshots else []),
+    ]
+    try:
+        s = await store.stats()
+    except StoreUnavailable:
+        return counters
     return [
         GaugeMetricFamily(
             "discovery_state_clusters",
@@ -142,21 +167,5 @@ def families(
             "The current number of subscriptions in the state.",
             value=s.subscriptions,
         ),
-        CounterMetricFamily(
-            "discovery_state_gc_runs_total", "The number of GC runs.", value=state.gc_runs
-        ),
-        CounterMetricFamily(
-            "discovery_state_gc_clusters_total",
-            "The total number of GC'ed clusters.",
-            value=state.gc_clusters,
-        ),
-        CounterMetricFamily(
-            "discovery_state_gc_affiliates_total",
-            "The total number of GC'ed affiliates.",
-            value=state.gc_affiliates,
-        ),
-        requests_total,
-        latency,
-        hello,
-        *(snapshots.families() if snapshots else []),
+        *counters,
     ]

@@ -1,8 +1,9 @@
-"""The discovery service: gRPC ``sidero.discovery.server.Cluster`` over a State.
+"""The discovery service: gRPC ``sidero.discovery.server.Cluster`` over a Store.
 
 Embeddable in a running asyncio loop: ``port = await server.start_async(host, port)``
-and ``await server.stop_async()``. Everything that touches the State runs on that loop,
-so no locks are needed.
+and ``await server.stop_async()``. Everything that touches the store runs on that loop,
+so no locks are needed. The store is the in-memory State (default) or Valkey shared
+by several replicas (``store="redis://..."``, see valkey.py).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from ipaddress import ip_address
 from pathlib import Path
@@ -35,6 +36,7 @@ from control.discovery.state import (
     State,
     encode_cluster_record,
 )
+from control.discovery.store import MemoryStore, Store, StoreUnavailable, Watcher
 from control.discovery.tlsreload import ReloadingCredentials
 from control.promhttp import MetricsServer
 from kubespan_dp.netutil import format_endpoint
@@ -51,7 +53,11 @@ class ServerOptions:
     # Networks of proxies whose X-Real-IP / X-Forwarded-For name the client (proxyaddr.py).
     trusted_proxies: list[str] = field(default_factory=list)
     gc_interval: float = 60.0
-    snapshot_path: str | None = None  # None: no persistence
+    # None: state in this process; redis://HOST:PORT/DB, rediss://, unix://PATH: Valkey.
+    store: str | None = None
+    store_cluster: bool = False  # ``store`` is a node of a Valkey Cluster
+    store_check_interval: float = 5.0  # health: how often a shared store is pinged
+    snapshot_path: str | None = None  # None: no persistence (in-memory store only)
     snapshot_interval: float = 600.0
     tls_cert_file: str | None = None  # both set: TLS; else plain h2c
     tls_key_file: str | None = None
@@ -123,7 +129,11 @@ class _ClusterService(pbg.ClusterServicer):
         self._o = owner
 
     async def _unary(
-        self, method: str, request: Any, context: grpc.aio.ServicerContext, fn: Callable[[], T]
+        self,
+        method: str,
+        request: Any,
+        context: grpc.aio.ServicerContext,
+        fn: Callable[[], Awaitable[T]],
     ) -> T:
         code = grpc.StatusCode.OK
         started = time.perf_counter()
@@ -131,9 +141,12 @@ class _ClusterService(pbg.ClusterServicer):
             _refuse_malformed(request)
             await self._o._admit(context)
             try:
-                return fn()
+                return await fn()
             except LimitError as err:
                 raise _Abort(_limit_status(err), str(err)) from None
+            except StoreUnavailable as err:
+                await self._o._store_health(False)
+                raise _Abort(grpc.StatusCode.UNAVAILABLE, str(err)) from None
         except _Abort as err:
             code = err.code
             await context.abort(err.code, str(err))
@@ -144,9 +157,9 @@ class _ClusterService(pbg.ClusterServicer):
     async def Hello(
         self, request: pb.HelloRequest, context: grpc.aio.ServicerContext
     ) -> pb.HelloResponse:
-        def handle() -> pb.HelloResponse:
+        async def handle() -> pb.HelloResponse:
             self._o.requests.hello(request.client_version)
-            self._o.state.check_cluster_id(request.cluster_id)
+            self._o.store.check_cluster_id(request.cluster_id)
             resp = pb.HelloResponse()
             ip = None if self._o.options.disable_client_ip else self._o._client_ip(context)
             if ip is not None:
@@ -160,16 +173,15 @@ class _ClusterService(pbg.ClusterServicer):
     async def AffiliateUpdate(
         self, request: pb.AffiliateUpdateRequest, context: grpc.aio.ServicerContext
     ) -> pb.AffiliateUpdateResponse:
-        def handle() -> pb.AffiliateUpdateResponse:
+        async def handle() -> pb.AffiliateUpdateResponse:
             ttl = request.ttl.seconds + request.ttl.nanos / 1e9
             data = request.affiliate_data if request.HasField("affiliate_data") else None
-            self._o.state.update(
+            await self._o.store.update(
                 request.cluster_id,
                 request.affiliate_id,
                 data,
                 list(request.affiliate_endpoints),
                 ttl,
-                self._o.clock(),
             )
             return pb.AffiliateUpdateResponse()
 
@@ -178,8 +190,8 @@ class _ClusterService(pbg.ClusterServicer):
     async def AffiliateDelete(
         self, request: pb.AffiliateDeleteRequest, context: grpc.aio.ServicerContext
     ) -> pb.AffiliateDeleteResponse:
-        def handle() -> pb.AffiliateDeleteResponse:
-            self._o.state.delete(request.cluster_id, request.affiliate_id)
+        async def handle() -> pb.AffiliateDeleteResponse:
+            await self._o.store.delete(request.cluster_id, request.affiliate_id)
             return pb.AffiliateDeleteResponse()
 
         return await self._unary("AffiliateDelete", request, context, handle)
@@ -187,10 +199,9 @@ class _ClusterService(pbg.ClusterServicer):
     async def List(
         self, request: pb.ListRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListResponse:
-        def handle() -> pb.ListResponse:
-            return pb.ListResponse(
-                affiliates=[_to_pb(v) for v in self._o.state.list(request.cluster_id)]
-            )
+        async def handle() -> pb.ListResponse:
+            views = await self._o.store.list(request.cluster_id)
+            return pb.ListResponse(affiliates=[_to_pb(v) for v in views])
 
         return await self._unary("List", request, context, handle)
 
@@ -200,14 +211,17 @@ class _ClusterService(pbg.ClusterServicer):
         code = grpc.StatusCode.OK
         started = time.perf_counter()
         wake = asyncio.Event()
-        sub = None
+        sub: Watcher | None = None
         try:
             _refuse_malformed(request)
             await self._o._admit(context)
             try:
-                snapshot, sub = self._o.state.subscribe(request.cluster_id, wake.set)
+                snapshot, sub = await self._o.store.subscribe(request.cluster_id, wake.set)
             except LimitError as err:
                 raise _Abort(_limit_status(err), str(err)) from None
+            except StoreUnavailable as err:
+                await self._o._store_health(False)
+                raise _Abort(grpc.StatusCode.UNAVAILABLE, str(err)) from None
             self._o._watch_wakers.add(wake.set)
             yield self._o.encoder.snapshot(snapshot)
             pace = fanout.Pace(self._o.options.watch_messages_per_second, self._o._watch_count)
@@ -219,8 +233,11 @@ class _ClusterService(pbg.ClusterServicer):
                     yield reply
                 if sub.overflowed:
                     raise _Abort(grpc.StatusCode.ABORTED, "subscription canceled: lost update")
+                if sub.unavailable:
+                    await self._o._store_health(False)
+                    raise _Abort(grpc.StatusCode.UNAVAILABLE, "store unavailable (watch)")
                 wake.clear()
-                if not sub.queue and not sub.overflowed and not self._o._stopping:
+                if not (sub.queue or sub.overflowed or sub.unavailable or self._o._stopping):
                     await wake.wait()
         except _Abort as err:
             code = err.code
@@ -278,8 +295,21 @@ class DiscoveryServer:
             setattr(opts, key, value)
         self.options = opts
         self.clock = clock
-        self.state = State(opts.limits)
+        self.state = State(opts.limits)  # the in-memory store's (unused with Valkey)
+        self.store: Store
+        if opts.store:
+            if opts.snapshot_path:
+                raise ValueError("snapshots are for the in-memory store; Valkey persists itself")
+            from control.discovery.valkey import ValkeyStore  # redis only when asked for
+
+            self.store = ValkeyStore(
+                opts.store, opts.limits, cluster=opts.store_cluster, gc_interval=opts.gc_interval
+            )
+        else:
+            self.store = MemoryStore(self.state, clock)
         self.health = Health()
+        self._serving = True  # as set_serving last asked
+        self._store_ok = True  # the store answered the last call or check
         self.tls: ReloadingCredentials | None = None
         self.proxies = ProxyTrust(opts.trusted_proxies)
         self.limiter = ClientLimiter(opts.rate, opts.burst, opts.ip_rate, opts.ip_burst)
@@ -336,13 +366,24 @@ class DiscoveryServer:
             await asyncio.sleep(wait)
 
     async def set_serving(self, serving: bool) -> None:
-        """What the health service reports (a hook for what the service depends on)."""
-        await self.health.set_serving(serving)
+        """What the health service reports (a hook for what the service depends on);
+        NOT_SERVING regardless while the store cannot be reached."""
+        self._serving = serving
+        await self.health.set_serving(self._serving and self._store_ok)
+
+    async def _store_health(self, ok: bool) -> None:
+        """A store call failed (or a check answered): health follows it on a change."""
+        if ok == self._store_ok:
+            return
+        self._store_ok = ok
+        log.warning("store %s: %s", "reachable again" if ok else "unreachable", self.options.store)
+        await self.health.set_serving(self._serving and ok)
 
     # -- lifecycle (inside a loop) ----------------------------------------------------
 
     async def start_async(self, host: str = "127.0.0.1", port: int = 0) -> int:
         self._restore()
+        await self.store.start()
         o = self.options
         server = grpc.aio.server(
             options=[
@@ -374,13 +415,17 @@ class DiscoveryServer:
             raise OSError(f"cannot listen on {address}")
         await server.start()
         self._server, self.port = server, bound
-        await self.health.set_serving(True)
+        await self.set_serving(True)
         if o.metrics_port is not None:
             self._metrics_server = MetricsServer(
-                lambda: metrics.families(self.state, self.requests, self.snapshots)
+                lambda: metrics.families(
+                    self.store, self.requests, None if o.store else self.snapshots
+                )
             )
             self.metrics_port = await self._metrics_server.start(o.metrics_host, o.metrics_port)
         self._tasks = [asyncio.create_task(self._gc_loop())]
+        if o.store:
+            self._tasks.append(asyncio.create_task(self._store_check_loop()))
         if o.snapshot_path:
             self._tasks.append(asyncio.create_task(self._snapshot_loop()))
         log.info(
@@ -404,6 +449,7 @@ class DiscoveryServer:
             await self._metrics_server.stop()
         await self._server.stop(self.options.shutdown_grace)
         self._server = None
+        await self.store.close()
         if self.options.snapshot_path:
             await self.save_snapshot()
 
@@ -413,13 +459,30 @@ class DiscoveryServer:
         while True:
             await asyncio.sleep(self.options.gc_interval)
             try:
-                now = self.clock()
-                clusters, affiliates = self.state.gc(now)
-                self.limiter.gc(now)
+                self.limiter.gc(self.clock())
+                clusters, affiliates = await self.store.gc()
                 if clusters or affiliates:
                     log.info("gc removed %d clusters, %d affiliates", clusters, affiliates)
+            except StoreUnavailable as exc:
+                log.warning("garbage collection skipped: %s", exc)
+                await self._store_health(False)
             except Exception:  # housekeeping must outlive any single failure
                 log.exception("garbage collection failed")
+
+    async def _store_check_loop(self) -> None:
+        """A shared store is checked now and then: once it answers again, health says
+        SERVING again (a load balancer that stopped sending clients brings no calls)."""
+        while True:
+            try:
+                await self.store.ping()
+                ok = True
+            except StoreUnavailable:
+                ok = False
+            except Exception:  # housekeeping must outlive any single failure
+                log.exception("store check failed")
+                ok = False
+            await self._store_health(ok)
+            await asyncio.sleep(self.options.store_check_interval)
 
     async def _snapshot_loop(self) -> None:
         while True:

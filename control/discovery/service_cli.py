@@ -5,7 +5,9 @@ running ones --shutdown-grace seconds, ends watches, and writes its snapshot bef
 
 State is snapshotted by default to ``discovery.binpb`` in the state directory
 (``--state-dir``; default: systemd's $STATE_DIRECTORY, else /var/lib/kubespan/discovery for
-root, else $XDG_STATE_HOME/kubespan/discovery) and restored from it at start.
+root, else $XDG_STATE_HOME/kubespan/discovery) and restored from it at start. With
+--store redis://... the state lives in Valkey instead (no snapshot: --no-snapshot is
+implied), and any number of these processes serve it (see README.md).
 """
 
 from __future__ import annotations
@@ -115,6 +117,17 @@ def build_parser(prog: str = "kubespan discovery-service") -> argparse.ArgumentP
     p.add_argument(
         "--no-snapshot", action="store_true", help="keep state in memory only, never on disk"
     )
+    p.add_argument(
+        "--store",
+        metavar="URL",
+        help="keep the state in Valkey/Redis (redis://HOST:PORT/DB, rediss://..., "
+        "unix://PATH?db=N), shared with other replicas; default: in this process",
+    )
+    p.add_argument(
+        "--store-cluster",
+        action="store_true",
+        help="the --store URL names one node of a Valkey Cluster (redis:// or rediss://)",
+    )
     p.add_argument("--snapshot-interval", type=float, default=600.0, metavar="SECONDS")
     p.add_argument("--gc-interval", type=float, default=60.0, metavar="SECONDS")
     p.add_argument(
@@ -190,6 +203,8 @@ async def _serve(ns: argparse.Namespace) -> None:
         disable_client_ip=ns.disable_client_ip,
         trusted_proxies=ns.trusted_proxy,
         gc_interval=ns.gc_interval,
+        store=ns.store,
+        store_cluster=ns.store_cluster,
         snapshot_path=snapshot_path(ns),
         snapshot_interval=ns.snapshot_interval,
         tls_cert_file=ns.tls_cert,
@@ -226,6 +241,18 @@ def main(argv: list[str] | None = None, prog: str = "kubespan discovery-service"
     )
     if bool(ns.tls_cert) != bool(ns.tls_key):
         print("error: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    if ns.store_cluster and not ns.store:
+        print("error: --store-cluster needs --store", file=sys.stderr)
+        return 2
+    if ns.store and ns.snapshot_path:
+        print(
+            "error: --snapshot-path is for the in-memory store; Valkey persists itself",
+            file=sys.stderr,
+        )
+        return 2
+    if ns.store and ns.store.split("://", 1)[0] not in ("redis", "rediss", "unix"):
+        print("error: --store takes a redis://, rediss:// or unix:// URL", file=sys.stderr)
         return 2
     try:
         asyncio.run(_serve(ns))

@@ -57,6 +57,41 @@ class LimitError(Exception):
         self.exhausted = exhausted
 
 
+def check_cluster_id(limits: Limits, cluster_id: str) -> None:
+    if not cluster_id:
+        raise LimitError("cluster ID can't be empty")
+    if len(cluster_id.encode()) > limits.cluster_id_max:
+        raise LimitError("cluster ID is too long")
+
+
+def check_affiliate_id(limits: Limits, affiliate_id: str) -> None:
+    if not affiliate_id:
+        raise LimitError("affiliate ID can't be empty")
+    if len(affiliate_id.encode()) > limits.affiliate_id_max:
+        raise LimitError("affiliate ID is too long")
+
+
+def check_update(
+    limits: Limits,
+    cluster_id: str,
+    affiliate_id: str,
+    data: bytes | None,
+    endpoints: list[bytes],
+    ttl: float,
+) -> None:
+    """The checks of an update that need no state (every store makes them first)."""
+    check_cluster_id(limits, cluster_id)
+    check_affiliate_id(limits, affiliate_id)
+    if data is not None and len(data) > limits.affiliate_data_max:
+        raise LimitError("affiliate data is too big")
+    if any(len(e) > limits.endpoint_max for e in endpoints):
+        raise LimitError("affiliate endpoint is too big")
+    if ttl > limits.ttl_max:
+        raise LimitError("ttl is too large")
+    if ttl < 0:
+        raise LimitError("ttl is negative")
+
+
 @dataclass(frozen=True)
 class AffiliateView:
     """An affiliate as sent to clients (a copy; safe to hand to another task)."""
@@ -111,6 +146,7 @@ class Subscription:
         self._wakeup = wakeup
         self.queue: collections.deque[Notification] = collections.deque()
         self.overflowed = False
+        self.unavailable = False  # never here; a shared store's watch can lose its store
         self.closed = False
 
     def push(self, note: Notification) -> None:
@@ -179,16 +215,10 @@ class State:
     # -- validation -------------------------------------------------------------------
 
     def check_cluster_id(self, cluster_id: str) -> None:
-        if not cluster_id:
-            raise LimitError("cluster ID can't be empty")
-        if len(cluster_id.encode()) > self.limits.cluster_id_max:
-            raise LimitError("cluster ID is too long")
+        check_cluster_id(self.limits, cluster_id)
 
     def check_affiliate_id(self, affiliate_id: str) -> None:
-        if not affiliate_id:
-            raise LimitError("affiliate ID can't be empty")
-        if len(affiliate_id.encode()) > self.limits.affiliate_id_max:
-            raise LimitError("affiliate ID is too long")
+        check_affiliate_id(self.limits, affiliate_id)
 
     def _cluster_for_write(self, cluster_id: str) -> _Cluster:
         cluster = self._clusters.get(cluster_id)
@@ -210,16 +240,7 @@ class State:
         now: float,
     ) -> None:
         lim = self.limits
-        self.check_cluster_id(cluster_id)
-        self.check_affiliate_id(affiliate_id)
-        if data is not None and len(data) > lim.affiliate_data_max:
-            raise LimitError("affiliate data is too big")
-        if any(len(e) > lim.endpoint_max for e in endpoints):
-            raise LimitError("affiliate endpoint is too big")
-        if ttl > lim.ttl_max:
-            raise LimitError("ttl is too large")
-        if ttl < 0:
-            raise LimitError("ttl is negative")
+        check_update(lim, cluster_id, affiliate_id, data, endpoints, ttl)
 
         # Every check before the first change, so a refused request leaves no trace.
         cluster = self._clusters.get(cluster_id)

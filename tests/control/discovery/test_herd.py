@@ -85,10 +85,18 @@ def test_one_abusive_connection_is_throttled_at_the_reference_pace(make_service)
         async with Raw(server) as raw:
             for _ in range(60):
                 await raw.stub.Hello(pb.HelloRequest(cluster_id="c"), timeout=5)
-            # Burst spent: the next token is 1/15 s away, beyond a 20 ms deadline.
-            with pytest.raises(grpc.aio.AioRpcError) as info:
-                await raw.stub.Hello(pb.HelloRequest(cluster_id="c"), timeout=0.02)
-            assert info.value.code() == EXHAUSTED
+            # Burst spent: the next token is 1/15 s away, beyond a 20 ms deadline. (On a
+            # loaded machine the burst may take longer than that and tokens come back: go
+            # on asking, faster than 15/s, until one is refused.)
+            codes = []
+            for _ in range(200):
+                try:
+                    await raw.stub.Hello(pb.HelloRequest(cluster_id="c"), timeout=0.02)
+                except grpc.aio.AioRpcError as err:
+                    codes.append(err.code())
+                    if err.code() == EXHAUSTED:
+                        break
+            assert EXHAUSTED in codes, codes
             # Another connection from the same address is a separate client.
             async with grpc.aio.insecure_channel(
                 target(server), options=[("grpc.use_local_subchannel_pool", 1)]

@@ -202,6 +202,30 @@ def test_too_many_segments() -> None:
         ofl.segment(hdr, pkt, 1500, max_segments=2)
 
 
+@pytest.mark.parametrize("v6", [False, True])
+@pytest.mark.parametrize("part", [1, 2, 3, 7, 200])
+def test_split_in_parts_makes_the_same_segments(v6: bool, part: int) -> None:
+    # the loop splits a super-packet across batches when its slots run out: the
+    # segments (sequence, ids, flags only on the first/last, checksums) are the same
+    hdr, pkt = tcp_super(v6, os.urandom(20000), 1000, ACK | PSH | FIN | CWR, timestamps())
+    whole = ofl.segment(hdr, pkt, 1500, max_segments=64)
+    assert len(whole) == 20
+    assert ofl.segment(hdr, pkt, 1500, max_segments=64, part=part) == whole
+    f = Flow(v6=v6, proto=UDP)
+    ihl = 40 if v6 else 20
+    udp = super_packet([f.udp(os.urandom(1200 * 9 + 5), ident=9)])
+    uhdr = vnet(F_NEEDS_CSUM, GSO_UDP_L4, ihl + 8, 1200, ihl, 6)
+    whole = ofl.segment(uhdr, udp, 1500)
+    assert len(whole) == 10
+    assert ofl.segment(uhdr, udp, 1500, part=part) == whole
+
+
+def test_split_in_parts_of_a_plain_packet() -> None:
+    hdr, pkt = tcp_super(False, os.urandom(500), 1000)
+    plain = vnet(0, GSO_NONE, 0, 0, 0, 0)
+    assert ofl.segment(plain, pkt, 1500, part=1) == ofl.segment(plain, pkt, 1500) == [pkt]
+
+
 def test_vnet_header_roundtrip() -> None:
     h = ofl.vnet_header(1, 4, 60, 1400, 40, 16)
     assert h == vnet(1, 4, 60, 1400, 40, 16)
