@@ -90,6 +90,10 @@ class Store(ABC):
         """GC runs, clusters and affiliates removed, by this process so far."""
 
     @abstractmethod
+    async def ping(self) -> None:
+        """Raise ``StoreUnavailable`` unless the backend answers now (health checks)."""
+
+    @abstractmethod
     async def dump(self) -> object:
         """Everything stored, expiry times included, comparable with ``==`` (tests, debugging)."""
 
@@ -107,6 +111,9 @@ class MemoryStore(Store):
 
     async def close(self) -> None:
         pass
+
+    async def ping(self) -> None:
+        pass  # always here
 
     def gc_totals(self) -> tuple[int, int, int]:
         return self.state.gc_runs, self.state.gc_clusters, self.state.gc_affiliates

@@ -597,6 +597,10 @@ class ValkeyStore(Store):
         self._gc_affiliates += removed_affiliates
         return removed_clusters, removed_affiliates
 
+    async def ping(self) -> None:
+        async with self._op("ping"):
+            await self.redis.ping()
+
     def gc_totals(self) -> tuple[int, int, int]:
         return self._gc_runs, self._gc_clusters, self._gc_affiliates
 

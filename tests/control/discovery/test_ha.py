@@ -87,7 +87,7 @@ class Replica:
             "--store", self.store_url,
             "--gc-interval", "5",
             # Behind TCP-mode HAProxy every client comes from the proxy's address.
-            "--rate", "1000", "--burst", "1000",
+            "--ip-rate", "10000", "--ip-burst", "20000",
         ]  # fmt: skip
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(

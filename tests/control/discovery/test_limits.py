@@ -10,7 +10,7 @@ import pytest
 
 from control.discovery.proto import cluster_pb2 as pb
 from control.discovery.proto import cluster_pb2_grpc as pbg
-from control.discovery.server import peer_ip
+from control.discovery.proxyaddr import peer_ip
 
 from .conftest import Raw, run, target
 
@@ -274,7 +274,7 @@ def test_rate_limit_per_ip(make_server):
 def test_hello_echoes_ip_and_redirect(make_server):
     server = make_server(redirect_endpoint="discovery.example:443")
     hidden = make_server(disable_client_ip=True)
-    proxied = make_server(trust_x_real_ip=True)
+    proxied = make_server(trusted_proxies=["127.0.0.0/8"])
 
     async def main() -> None:
         async with Raw(server) as raw:
