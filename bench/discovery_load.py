@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/discovery_load.py steady [--duration 10] [--watchers 1024]
     .venv/bin/python bench/discovery_load.py herd [--nodes 1024] [--one-address]
+    .venv/bin/python bench/discovery_load.py herd --valkey [--replicas 3]
 
 The service runs as its own process (``python -m control.discovery``) with its default
 rate limit, so its CPU and RSS are its own and rate limiting stays on. Every simulated
@@ -24,7 +25,10 @@ herd: ``--nodes`` clients of one cluster start at once against a freshly started
 each doing what Talos's discovery client does: wait its backoff (0.5 s +-50% the first
 time), Hello (10 s timeout), Watch, AffiliateUpdate (30 s timeout); any failure ends the
 session and it starts again after a growing backoff. Reports the time until every watcher
-holds all ``--nodes`` affiliates, and every failed RPC.
+holds all ``--nodes`` affiliates, and every failed RPC. ``--valkey`` starts a private
+valkey-server (unix socket in a temporary directory) and ``--replicas`` services on it
+(``--store unix://...``); the clients are spread over the replicas round-robin, each
+connecting straight to its replica (no load balancer in front).
 
 The load generator is one Python process, so on a small machine it, not the service, may
 be the limit; the CPU split is printed.
@@ -43,6 +47,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -56,6 +61,7 @@ sys.path.insert(0, str(REPO))
 from control.discovery.client import Backoff  # noqa: E402
 from control.discovery.proto import cluster_pb2 as pb  # noqa: E402
 from control.discovery.proto import cluster_pb2_grpc as pbg  # noqa: E402
+from tests.control.discovery.valkeyproc import ValkeyProcess  # noqa: E402
 
 BIG = "big-cluster"
 TTL = 1800
@@ -135,23 +141,43 @@ def node_address(k: int, one_address: bool) -> str | None:
 async def with_service(
     extra: list[str], body: Callable[[str, int], Awaitable[None]], timeout: float
 ) -> None:
+    async def one(targets: list[str], pids: list[int]) -> None:
+        await body(targets[0], pids[0])
+
+    await with_services(extra, 1, one, timeout)
+
+
+async def with_services(
+    extra: list[str],
+    count: int,
+    body: Callable[[list[str], list[int]], Awaitable[None]],
+    timeout: float,
+) -> None:
+    """Start ``count`` service processes (replicas when ``extra`` names a shared store)."""
     argv = [sys.executable, "-m", "control.discovery", "--listen", "127.0.0.1:0"]
     argv += ["--log-level", "warning", "--no-snapshot", *extra]
-    server = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, text=True)
-    assert server.stdout is not None
+    servers: list[subprocess.Popen[str]] = []
     try:
-        line = await asyncio.to_thread(server.stdout.readline)
-        m = re.search(r":(\d+)$", line.strip())
-        if not m:
-            raise SystemExit(f"service did not start: {line!r}")
-        await asyncio.wait_for(body(f"127.0.0.1:{m.group(1)}", server.pid), timeout)
+        targets = []
+        for _ in range(count):
+            server = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, text=True)
+            servers.append(server)
+            assert server.stdout is not None
+            line = await asyncio.to_thread(server.stdout.readline)
+            m = re.search(r":(\d+)$", line.strip())
+            if not m:
+                raise SystemExit(f"service did not start: {line!r}")
+            targets.append(f"127.0.0.1:{m.group(1)}")
+        await asyncio.wait_for(body(targets, [s.pid for s in servers]), timeout)
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.to_thread(server.wait, 20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        for server in servers:
+            server.send_signal(signal.SIGTERM)
+        for server in servers:
+            try:
+                await asyncio.to_thread(server.wait, 20)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
 
 
 def service_flags(args: argparse.Namespace) -> list[str]:
@@ -386,29 +412,48 @@ class HerdStats:
         self.all_converged = asyncio.Event()
 
 
-async def herd(args: argparse.Namespace, target: str, pid: int) -> None:
+async def herd(
+    args: argparse.Namespace, targets: list[str], pids: list[int], store_pid: int | None
+) -> None:
     stats = HerdStats()
     nodes = [
         HerdNode(
-            Node(BIG, f"node-{i}", node_address(i, args.one_address), target), args.nodes, stats
+            Node(BIG, f"node-{i}", node_address(i, args.one_address), targets[i % len(targets)]),
+            args.nodes,
+            stats,
         )
         for i in range(args.nodes)
     ]
-    cpu0, me0, t0 = proc_cpu(pid), time.process_time(), time.monotonic()
+
+    def service_cpu() -> float:
+        return sum(proc_cpu(pid) for pid in pids)
+
+    cpu0, me0, t0 = service_cpu(), time.process_time(), time.monotonic()
+    store0 = proc_cpu(store_pid) if store_pid else 0.0
     tasks = [asyncio.create_task(n.run()) for n in nodes]
     try:
         await asyncio.wait_for(stats.all_converged.wait(), args.timeout)
     except TimeoutError:
         pass
     wall = time.monotonic() - t0
+    cpu = service_cpu() - cpu0
+    store_cpu = proc_cpu(store_pid) - store0 if store_pid else 0.0
     times = sorted(n.converged_at - t0 for n in nodes if n.converged_at is not None)
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     await asyncio.gather(*(n.node.close() for n in nodes))
     where = "one address" if args.one_address else "one address each"
+    if args.valkey:
+        setup = (
+            f"{len(targets)} replicas on one valkey-server, clients spread round-robin "
+            "straight to the replicas (no load balancer)"
+        )
+    else:
+        setup = "1 process, in memory"
     print(
-        f"herd of {args.nodes} ({where}, service flags {' '.join(service_flags(args)) or '-'}): "
+        f"herd of {args.nodes} ({where}, {setup}, service flags "
+        f"{' '.join(service_flags(args)) or '-'}): "
         + (
             f"all converged in {times[-1]:.1f} s"
             if len(times) == args.nodes
@@ -428,11 +473,44 @@ async def herd(args: argparse.Namespace, target: str, pid: int) -> None:
     failed = sum(stats.failures.values())
     detail = ", ".join(f"{m} {c}: {k}" for (m, c), k in sorted(stats.failures.items()))
     print(f"  failed RPCs: {failed}" + (f" ({detail})" if detail else ""))
+    valkey = f", valkey-server {100 * store_cpu / wall:.0f}%" if store_pid else ""
+    replicas = f" ({len(pids)} replicas together)" if len(pids) > 1 else ""
     print(
         f"  sessions started {stats.sessions}, watch messages received {stats.messages}; CPU over "
-        f"{wall:.1f} s: service {100 * (proc_cpu(pid) - cpu0) / wall:.0f}%, load generator "
+        f"{wall:.1f} s: service {100 * cpu / wall:.0f}%{replicas}{valkey}, load generator "
         f"{100 * (time.process_time() - me0) / wall:.0f}% of one core"
     )
+
+
+def run_herd(args: argparse.Namespace) -> None:
+    if not args.valkey:
+        if args.replicas != 1:
+            raise SystemExit("--replicas > 1 needs --valkey (in-memory replicas share nothing)")
+        asyncio.run(
+            with_services(
+                service_flags(args),
+                1,
+                lambda targets, pids: herd(args, targets, pids, None),
+                args.timeout + 60,
+            )
+        )
+        return
+    with tempfile.TemporaryDirectory(prefix="herd-valkey-") as tmp:
+        store = ValkeyProcess(Path(tmp))
+        store.start()
+        try:
+            assert store.proc is not None
+            store_pid = store.proc.pid
+            asyncio.run(
+                with_services(
+                    [*service_flags(args), "--store", store.url],
+                    args.replicas,
+                    lambda targets, pids: herd(args, targets, pids, store_pid),
+                    args.timeout + 60,
+                )
+            )
+        finally:
+            store.stop()
 
 
 def main() -> int:
@@ -454,6 +532,12 @@ def main() -> int:
     hd = sub.add_parser("herd", parents=[common], help="all nodes of a cluster connect at once")
     hd.add_argument("--nodes", type=int, default=1024)
     hd.add_argument("--timeout", type=float, default=120.0)
+    hd.add_argument(
+        "--valkey", action="store_true", help="keep the state in a private valkey-server"
+    )
+    hd.add_argument(
+        "--replicas", type=int, default=1, help="service processes (more than 1 needs --valkey)"
+    )
     args = p.parse_args()
     if args.mode == "steady":
         asyncio.run(
@@ -464,13 +548,7 @@ def main() -> int:
             )
         )
     else:
-        asyncio.run(
-            with_service(
-                service_flags(args),
-                lambda target, pid: herd(args, target, pid),
-                args.timeout + 60,
-            )
-        )
+        run_herd(args)
     return 0
 
 
