@@ -88,7 +88,7 @@ class UserspaceBackend:
         *,
         netns: str | None = None,
         run_dir: Path = RUN_DIR,
-        start_timeout: float = 20.0,
+        start_timeout: float = 60.0,  # a slow machine (a VM under load) can need 20 s+
         env: dict[str, str] | None = None,
     ) -> None:
         """`daemon_argv` is the command before `-f LINK` (default: our kubespan-wg);
