@@ -31,7 +31,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from control.discovery.client import Backoff, DiscoveryClient
-from tests.control.discovery.valkeyproc import ValkeyProcess
+from tests.control.discovery.valkeyproc import ValkeyProcess, stop_process
 
 from .conftest import make_affiliate, new_secret, run
 
@@ -104,15 +104,8 @@ class Replica:
         return True
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, sig)
         self.proc = None
 
     def watchers(self) -> int:

@@ -14,6 +14,17 @@ from pathlib import Path
 import redis
 
 
+def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    """Signal ``proc`` (if still running) and reap it; SIGKILL after 30 s."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class ValkeyProcess:
     """``port=0``: unix socket only (no TCP listener at all). ``persist``: append-only
     file in ``workdir``, so a restart (even after SIGKILL) comes back with the data."""
@@ -73,15 +84,8 @@ class ValkeyProcess:
             time.sleep(0.02)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, sig)
         self.proc = None
 
     def flush(self) -> None:
