@@ -12,9 +12,10 @@ finished list to the HTTP thread.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import socket
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
@@ -27,7 +28,8 @@ from prometheus_client.registry import Collector
 # How long a scrape waits for the loop, and for a slow client to send its request.
 SCRAPE_TIMEOUT = 10.0
 
-Families = Callable[[], Iterable[Metric]]
+# A builder may be a coroutine function (a store read over the network, say).
+Families = Callable[[], Iterable[Metric] | Awaitable[Iterable[Metric]]]
 
 
 class LoopCollector(Collector):
@@ -43,10 +45,18 @@ class LoopCollector(Collector):
         except RuntimeError:
             on_loop = False
         if on_loop:  # waiting for ourselves would deadlock
-            return iter(list(self._build()))
+            built = self._build()
+            if inspect.isawaitable(built):
+                if inspect.iscoroutine(built):
+                    built.close()  # never to be awaited
+                raise RuntimeError("an async metrics builder cannot be collected on its loop")
+            return iter(list(built))
 
         async def build() -> list[Metric]:
-            return list(self._build())
+            built = self._build()
+            if inspect.isawaitable(built):
+                built = await built
+            return list(built)
 
         future = asyncio.run_coroutine_threadsafe(build(), self._loop)
         return iter(future.result(SCRAPE_TIMEOUT))

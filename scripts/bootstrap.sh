@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(wireguard-tools iperf3 nftables tcpdump iproute2 iputils-ping netcat-openbsd libssl-dev stress-ng
-              python3-dev gcc qemu-system-x86 busybox-static linux-image-amd64)
+              python3-dev gcc qemu-system-x86 busybox-static linux-image-amd64 haproxy)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -39,6 +39,13 @@ if ! dpkg-query -W -f='${Status} ${Version}\n' wireguard-go 2>/dev/null | grep -
     apt_update
     # pinned for this one package: `-t bookworm-backports` would upgrade others too
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wireguard-go/bookworm-backports >/dev/null
+fi
+# valkey-server 8 (the discovery service's shared store in the HA tests) is only in
+# bookworm-backports; pinned per package for the same reason as wireguard-go.
+if ! dpkg-query -W -f='${Status} ${Version}\n' valkey-server 2>/dev/null | grep -q "^install ok installed .*~bpo12"; then
+    echo "[bootstrap] installing valkey-server from bookworm-backports"
+    apt_update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends valkey-server/bookworm-backports >/dev/null
 fi
 if [ ! -x "$OLD_WGGO_DIR/usr/bin/wireguard-go" ]; then
     apt_update

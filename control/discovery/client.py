@@ -273,11 +273,13 @@ class DiscoveryClient:
             call = stub.Watch(pb.WatchRequest(cluster_id=self.cluster_id))
             reader = asyncio.create_task(self._read_watch(call))
             try:
+                # Cleared before each publish, never after: a change made while a publish
+                # is in flight sets it again and is published next.
+                self._kick.clear()
                 await self._publish(stub)
                 self.connected = True
                 self._backoff.reset()
                 while True:
-                    self._kick.clear()
                     kick = asyncio.create_task(self._kick.wait())
                     done, _ = await asyncio.wait(
                         {kick, reader}, timeout=self.ttl / 2, return_when=asyncio.FIRST_COMPLETED
@@ -286,6 +288,7 @@ class DiscoveryClient:
                     if reader in done:
                         reader.result()  # raises why the stream ended
                         raise _SessionEnded("watch stream ended")
+                    self._kick.clear()
                     await self._publish(stub)
             finally:
                 reader.cancel()

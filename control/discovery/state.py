@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import builtins
 import collections
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
@@ -41,7 +41,9 @@ class Limits:
     # Ours, so that many clusters or watchers cannot grow memory without bound.
     clusters_max: int = 100_000
     subscriptions_max: int = 100_000
-    watch_buffer: int = 32
+    # Changes queued for one watcher. The server sends them batched (fanout.py), so a
+    # watcher may fall a whole cluster behind (a restart's herd) before it is cut off.
+    watch_buffer: int = 1024
 
 
 class LimitError(Exception):
@@ -53,6 +55,41 @@ class LimitError(Exception):
     def __init__(self, message: str, exhausted: bool = False) -> None:
         super().__init__(message)
         self.exhausted = exhausted
+
+
+def check_cluster_id(limits: Limits, cluster_id: str) -> None:
+    if not cluster_id:
+        raise LimitError("cluster ID can't be empty")
+    if len(cluster_id.encode()) > limits.cluster_id_max:
+        raise LimitError("cluster ID is too long")
+
+
+def check_affiliate_id(limits: Limits, affiliate_id: str) -> None:
+    if not affiliate_id:
+        raise LimitError("affiliate ID can't be empty")
+    if len(affiliate_id.encode()) > limits.affiliate_id_max:
+        raise LimitError("affiliate ID is too long")
+
+
+def check_update(
+    limits: Limits,
+    cluster_id: str,
+    affiliate_id: str,
+    data: bytes | None,
+    endpoints: list[bytes],
+    ttl: float,
+) -> None:
+    """The checks of an update that need no state (every store makes them first)."""
+    check_cluster_id(limits, cluster_id)
+    check_affiliate_id(limits, affiliate_id)
+    if data is not None and len(data) > limits.affiliate_data_max:
+        raise LimitError("affiliate data is too big")
+    if any(len(e) > limits.endpoint_max for e in endpoints):
+        raise LimitError("affiliate endpoint is too big")
+    if ttl > limits.ttl_max:
+        raise LimitError("ttl is too large")
+    if ttl < 0:
+        raise LimitError("ttl is negative")
 
 
 @dataclass(frozen=True)
@@ -76,9 +113,15 @@ class _Affiliate:
     expiration: float = 0.0
     data: bytes = b""
     endpoints: list[_Endpoint] = field(default_factory=list)
+    # The last view, shared by every snapshot and notification until data or endpoints
+    # change (whoever changes them clears it), so a watcher's snapshot costs no copies.
+    cached_view: AffiliateView | None = field(default=None, repr=False, compare=False)
 
     def view(self) -> AffiliateView:
-        return AffiliateView(self.id, self.data, tuple(e.data for e in self.endpoints))
+        if self.cached_view is None:
+            endpoints = tuple(e.data for e in self.endpoints)
+            self.cached_view = AffiliateView(self.id, self.data, endpoints)
+        return self.cached_view
 
 
 @dataclass(frozen=True)
@@ -103,6 +146,7 @@ class Subscription:
         self._wakeup = wakeup
         self.queue: collections.deque[Notification] = collections.deque()
         self.overflowed = False
+        self.unavailable = False  # never here; a shared store's watch can lose its store
         self.closed = False
 
     def push(self, note: Notification) -> None:
@@ -134,6 +178,23 @@ class _Cluster:
             sub.push(note)
 
 
+# (cluster id, [(affiliate id, data, TTL s, [(endpoint, TTL s)])]): a snapshot's cluster.
+ClusterRecord = tuple[str, list[tuple[str, bytes, int, list[tuple[bytes, int]]]]]
+
+
+def encode_cluster_record(record: ClusterRecord) -> bytes:
+    """One cluster as StateSnapshot bytes; a snapshot is the concatenation of its clusters."""
+    snap = spb.StateSnapshot()
+    cluster_id, affiliates = record
+    cs = snap.clusters.add(id=cluster_id)
+    for aid, data, ttl, endpoints in affiliates:
+        a = cs.affiliates.add(id=aid, data=data)
+        a.ttl.seconds = ttl
+        for ep, ep_ttl in endpoints:
+            a.endpoints.add(data=ep).ttl.seconds = ep_ttl
+    return snap.SerializeToString()
+
+
 @dataclass
 class Stats:
     clusters: int
@@ -154,16 +215,10 @@ class State:
     # -- validation -------------------------------------------------------------------
 
     def check_cluster_id(self, cluster_id: str) -> None:
-        if not cluster_id:
-            raise LimitError("cluster ID can't be empty")
-        if len(cluster_id.encode()) > self.limits.cluster_id_max:
-            raise LimitError("cluster ID is too long")
+        check_cluster_id(self.limits, cluster_id)
 
     def check_affiliate_id(self, affiliate_id: str) -> None:
-        if not affiliate_id:
-            raise LimitError("affiliate ID can't be empty")
-        if len(affiliate_id.encode()) > self.limits.affiliate_id_max:
-            raise LimitError("affiliate ID is too long")
+        check_affiliate_id(self.limits, affiliate_id)
 
     def _cluster_for_write(self, cluster_id: str) -> _Cluster:
         cluster = self._clusters.get(cluster_id)
@@ -185,16 +240,7 @@ class State:
         now: float,
     ) -> None:
         lim = self.limits
-        self.check_cluster_id(cluster_id)
-        self.check_affiliate_id(affiliate_id)
-        if data is not None and len(data) > lim.affiliate_data_max:
-            raise LimitError("affiliate data is too big")
-        if any(len(e) > lim.endpoint_max for e in endpoints):
-            raise LimitError("affiliate endpoint is too big")
-        if ttl > lim.ttl_max:
-            raise LimitError("ttl is too large")
-        if ttl < 0:
-            raise LimitError("ttl is negative")
+        check_update(lim, cluster_id, affiliate_id, data, endpoints, ttl)
 
         # Every check before the first change, so a refused request leaves no trace.
         cluster = self._clusters.get(cluster_id)
@@ -231,6 +277,7 @@ class State:
             changed = True
         affiliate.expiration = max(affiliate.expiration, expiration)
         if changed:
+            affiliate.cached_view = None
             cluster.notify(Notification(affiliate_id, affiliate.view()))
 
     def delete(self, cluster_id: str, affiliate_id: str) -> None:
@@ -277,6 +324,7 @@ class State:
                 kept = [e for e in aff.endpoints if e.expiration > now]
                 if len(kept) != len(aff.endpoints):
                     aff.endpoints = kept
+                    aff.cached_view = None
                     cluster.notify(Notification(aid, aff.view()))
             if not cluster.affiliates and not cluster.subscriptions:
                 del self._clusters[cid]
@@ -298,18 +346,30 @@ class State:
 
     def export_snapshot(self, now: float) -> bytes:
         """Serialized StateSnapshot; lifetimes are stored as remaining TTLs (whole seconds)."""
-        snap = spb.StateSnapshot()
-        for cluster in self._clusters.values():
+        return b"".join(map(encode_cluster_record, self.export_records(now)))
+
+    def export_records(self, now: float) -> Iterator[ClusterRecord]:
+        """Plain copies of each cluster with affiliates, one cluster at a time.
+
+        The caller may pause between clusters (the state may change meanwhile; every
+        cluster is copied whole) and encode them anywhere: the copies share nothing
+        mutable with the state.
+        """
+        for cluster in list(self._clusters.values()):
             if not cluster.affiliates:
                 continue
-            cs = snap.clusters.add(id=cluster.id)
-            for aff in cluster.affiliates.values():
-                a = cs.affiliates.add(id=aff.id, data=aff.data)
-                a.ttl.seconds = max(0, int(aff.expiration - now))
-                for ep in aff.endpoints:
-                    e = a.endpoints.add(data=ep.data)
-                    e.ttl.seconds = max(0, int(ep.expiration - now))
-        return snap.SerializeToString()
+            yield (
+                cluster.id,
+                [
+                    (
+                        aff.id,
+                        aff.data,
+                        max(0, int(aff.expiration - now)),
+                        [(ep.data, max(0, int(ep.expiration - now))) for ep in aff.endpoints],
+                    )
+                    for aff in cluster.affiliates.values()
+                ],
+            )
 
     def import_snapshot(self, blob: bytes, now: float, wall_now: float) -> int:
         """Load a snapshot into an empty state; entries that break a limit are skipped.

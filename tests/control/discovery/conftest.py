@@ -1,4 +1,11 @@
-"""Fixtures for the discovery tests: an in-process service on loopback, secrets, affiliates."""
+"""Fixtures for the discovery tests: an in-process service on loopback, secrets, affiliates.
+
+``server`` and ``make_server`` are parametrized over the stores: every test that uses
+them runs on the in-memory state, on a private valkey-server (on a unix socket) and on a
+private three-node Valkey Cluster (one of each per test session, emptied before each
+test). ``make_memory_server`` is for the
+tests of what only the in-memory store has (snapshot files, a restart that loses state).
+"""
 
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ from control.affiliate import Address, Affiliate, KubeSpanInfo
 from control.discovery.proto import cluster_pb2 as pb
 from control.discovery.proto import cluster_pb2_grpc as pbg
 from tests.control.discovery.threaded import ThreadedServer
+from tests.control.discovery.valkeyproc import ValkeyCluster, ValkeyProcess
 
 T = TypeVar("T")
 
@@ -64,12 +72,43 @@ def make_affiliate(name: str, n: int = 1, endpoints: tuple = ()) -> Affiliate:
     )
 
 
-@pytest.fixture
-def make_server() -> Iterator[Callable[..., ThreadedServer]]:
-    """Start services on 127.0.0.1 in background threads; all stopped at teardown."""
+@pytest.fixture(scope="session")
+def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyProcess]:
+    server = ValkeyProcess(tmp_path_factory.mktemp("valkey"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def valkey_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyCluster]:
+    cluster = ValkeyCluster(tmp_path_factory.mktemp("valkey-cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(params=["memory", "valkey", "valkey-cluster"])
+def store_options(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The server options that select a store: none (in memory), or an empty Valkey."""
+    if request.param == "memory":
+        return {}
+    if request.param == "valkey":
+        server: ValkeyProcess = request.getfixturevalue("valkey")
+        server.flush()
+        return {"store": server.url}
+    cluster: ValkeyCluster = request.getfixturevalue("valkey_cluster")
+    cluster.flush()
+    return {"store": cluster.url, "store_cluster": True}
+
+
+def _server_factory(store: dict[str, Any]) -> Iterator[Callable[..., ThreadedServer]]:
     started: list[ThreadedServer] = []
 
     def factory(port: int = 0, **options: Any) -> ThreadedServer:
+        options = store | options
         server = ThreadedServer(**options)
         server.start("127.0.0.1", port)
         started.append(server)
@@ -78,6 +117,18 @@ def make_server() -> Iterator[Callable[..., ThreadedServer]]:
     yield factory
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def make_server(store_options: dict[str, Any]) -> Iterator[Callable[..., ThreadedServer]]:
+    """Start services on 127.0.0.1 in background threads; all stopped at teardown."""
+    yield from _server_factory(store_options)
+
+
+@pytest.fixture
+def make_memory_server() -> Iterator[Callable[..., ThreadedServer]]:
+    """``make_server`` with the in-memory store only."""
+    yield from _server_factory({})
 
 
 @pytest.fixture

@@ -71,8 +71,11 @@ def _fast_client(*args, **kwargs) -> DiscoveryClient:
 
 
 def test_pool_publishes_on_every_service_and_a_node_stays_while_one_is_up(
-    make_server: Callable[..., ThreadedServer],
+    make_memory_server: Callable[..., ThreadedServer],
 ) -> None:
+    # Two independent services, each with its own state (two replicas on one Valkey
+    # would be one service seen twice).
+    make_server = make_memory_server
     ports = [_free_port(), _free_port()]
     servers = [make_server(port) for port in ports]
     services = [ServiceTarget(f"s{i}", f"127.0.0.1:{p}", True) for i, p in enumerate(ports)]

@@ -19,7 +19,7 @@ from cryptography.x509.oid import NameOID
 from control.affiliate import Affiliate
 from control.discovery.cipher import AffiliateCipher, secret_key
 from control.discovery.client import Backoff, DiscoveryClient
-from control.discovery.codec import encode_affiliate, encode_endpoint
+from control.discovery.codec import decode_affiliate, encode_affiliate, encode_endpoint
 from tests.promtext import key, samples
 
 from .conftest import Raw, endpoints_of, eventually, make_affiliate, new_secret, run, target
@@ -107,6 +107,33 @@ def test_updates_and_deletions_arrive_through_watch(server):
     run(main())
 
 
+def test_a_change_made_while_a_publish_is_in_flight_is_published(make_server):
+    # Two tokens: Hello and Watch pass, the first publish waits 0.5 s for its token.
+    server = make_server(rate=2.0, burst=2)
+
+    async def main() -> None:
+        s = new_secret()
+        a = client(server, "fl", s, "a")
+        a.set_local(make_affiliate("a", 1))
+        cipher = AffiliateCipher(secret_key(s))
+
+        def stored_hostname() -> str | None:
+            views = server.run(lambda: server.store.list("fl"))
+            return decode_affiliate(cipher.open_data(views[0].data)).hostname if views else None
+
+        async with running(a):
+            await eventually(lambda: server.run(server.store.stats).subscriptions == 1, "watch")
+            a.set_local(replace(make_affiliate("a", 1), hostname="changed-in-flight"))
+            for _ in range(400):
+                if await asyncio.to_thread(stored_hostname) == "changed-in-flight":
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the change made during the first publish never arrived")
+
+    run(main())
+
+
 def test_affiliate_expires_after_ttl_and_watchers_see_it_deleted(server):
     async def main() -> None:
         s = new_secret()
@@ -138,11 +165,11 @@ def test_affiliate_expires_after_ttl_and_watchers_see_it_deleted(server):
 
 
 def test_restart_from_snapshot_clients_see_same_affiliates_without_reregistering(
-    make_server, tmp_path
+    make_memory_server, tmp_path
 ):
     path = tmp_path / "state.binpb"
     s = new_secret()
-    first = make_server(snapshot_path=str(path), snapshot_interval=3600)
+    first = make_memory_server(snapshot_path=str(path), snapshot_interval=3600)
 
     async def publish() -> dict:
         cs = [client(first, "snap", s, n) for n in "ab"]
@@ -159,7 +186,7 @@ def test_restart_from_snapshot_clients_see_same_affiliates_without_reregistering
     before = run(publish())
     first.stop()
     assert path.exists() and not (tmp_path / "state.binpb.tmp").exists()
-    second = make_server(snapshot_path=str(path))
+    second = make_memory_server(snapshot_path=str(path))
 
     async def observe() -> None:
         async with Raw(second) as raw:
@@ -172,9 +199,9 @@ def test_restart_from_snapshot_clients_see_same_affiliates_without_reregistering
     run(observe())
 
 
-def test_snapshot_written_periodically(make_server, tmp_path):
+def test_snapshot_written_periodically(make_memory_server, tmp_path):
     path = tmp_path / "periodic.binpb"
-    server = make_server(snapshot_path=str(path), snapshot_interval=0.2)
+    server = make_memory_server(snapshot_path=str(path), snapshot_interval=0.2)
 
     async def main() -> None:
         async with Raw(server) as raw:
@@ -188,12 +215,12 @@ def test_snapshot_written_periodically(make_server, tmp_path):
     run(main())
 
 
-def test_corrupt_snapshot_is_kept_aside_and_service_starts_empty(make_server, tmp_path):
+def test_corrupt_snapshot_is_kept_aside_and_service_starts_empty(make_memory_server, tmp_path):
     path = tmp_path / "bad.binpb"
     path.write_bytes(b"\xff\xff\xff garbage")
-    server = make_server(snapshot_path=str(path))
+    server = make_memory_server(snapshot_path=str(path))
     assert (tmp_path / "bad.binpb.corrupt").read_bytes() == b"\xff\xff\xff garbage"
-    assert server.call(lambda: server.state.stats().affiliates) == 0
+    assert server.run(server.store.stats).affiliates == 0
 
 
 def test_wrong_secret_learns_nothing(server):
@@ -256,9 +283,10 @@ def test_malformed_affiliates_from_others_are_skipped(server):
     run(main())
 
 
-def test_client_follows_redirect(make_server):
+def test_client_follows_redirect(make_server, make_memory_server):
     real = make_server()
-    front = make_server(redirect_endpoint=f"127.0.0.1:{real.port}")
+    # Its own state (replicas on one Valkey share theirs): it must stay empty.
+    front = make_memory_server(redirect_endpoint=f"127.0.0.1:{real.port}")
 
     async def main() -> None:
         s = new_secret()
@@ -312,13 +340,13 @@ def test_client_retries_until_service_appears_and_republishes_after_restart(make
     run(main())
 
 
-def test_affiliates_survive_a_stateless_service_restart_for_the_grace_period(make_server):
+def test_affiliates_survive_a_stateless_service_restart_for_the_grace_period(make_memory_server):
     """A restarted service without its state must not make peers vanish at once."""
     port = _free_port()
     s = new_secret()
 
     async def main() -> None:
-        first = await asyncio.to_thread(make_server, port)
+        first = await asyncio.to_thread(make_memory_server, port)
         watcher = DiscoveryClient(
             f"127.0.0.1:{port}", "g", s, "w", insecure=True, reconnect_grace=1.5, backoff=fast()
         )
@@ -331,7 +359,7 @@ def test_affiliates_survive_a_stateless_service_restart_for_the_grace_period(mak
             await gone.close(leave=False)  # it will not register again
             version = watcher.version
             await asyncio.to_thread(first.stop)
-            await asyncio.to_thread(make_server, port)  # empty state, same port
+            await asyncio.to_thread(make_memory_server, port)  # empty state, same port
             for _ in range(200):  # every snapshot bumps the version: wait for the new session's
                 if watcher.version > version:
                     break

@@ -21,8 +21,8 @@ from control.discovery.codec import (
     encode_endpoint,
 )
 from control.discovery.proto import generate
-from control.discovery.ratelimit import IPRateLimiter
-from control.discovery.server import write_atomic
+from control.discovery.ratelimit import TokenBuckets
+from control.discovery.snapshotfile import write_atomic
 from control.discovery.state import LimitError, Limits, State
 from control.discovery.target import parse_discovery_endpoint as parse_endpoint
 
@@ -152,7 +152,7 @@ def test_snapshot_round_trip_keeps_remaining_ttls():
 
 
 def test_rate_limiter_token_bucket():
-    r = IPRateLimiter(rate=15, burst=60, max_ips=2)
+    r = TokenBuckets(rate=15, burst=60, max_keys=2)
     assert all(r.reserve("a", 0.0, 0) == 0 for _ in range(60))
     assert r.reserve("a", 0.0, 0.01) is None  # empty, wait 1/15 s exceeds budget
     assert r.reserve("a", 0.0, 1.0) == pytest.approx(1 / 15)  # waits its turn

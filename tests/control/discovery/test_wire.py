@@ -9,6 +9,7 @@ layout, these tests would disagree with them.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 from ipaddress import IPv6Address, ip_address, ip_network
@@ -299,8 +300,14 @@ def test_hand_built_reference_client_interoperates_with_our_service_and_client(s
                 got = await ours.wait_for(lambda t: "talos-node" in t, 20)
                 assert got["talos-node"] == TALOS_EXPECTED
                 # And the reference side can read what our client published.
-                listed = fields(await call("List")(f_bytes(1, "wire"), timeout=10))
-                by_id = {fields(a)[1][0]: fields(a) for a in listed[1]}
+                # (our client's update may land after its watch saw talos-node: wait)
+                deadline = asyncio.get_running_loop().time() + 20
+                while True:
+                    listed = fields(await call("List")(f_bytes(1, "wire"), timeout=10))
+                    by_id = {fields(a)[1][0]: fields(a) for a in listed[1]}
+                    if b"ours" in by_id or asyncio.get_running_loop().time() > deadline:
+                        break
+                    await asyncio.sleep(0.05)
                 mine = by_id[b"ours"]
                 plain = fields(ref_open_data(mine[2][0]))
                 assert plain[1] == [b"ours"] and plain[3] == [b"ours.example"]

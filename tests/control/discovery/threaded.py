@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from control.discovery.server import DiscoveryServer
@@ -40,6 +40,11 @@ class ThreadedServer(DiscoveryServer):
                 return
             started.set()
             loop.run_forever()
+            # As asyncio.run does: nothing left pending for the garbage collector to finalize.
+            leftovers = asyncio.all_tasks(loop)
+            for task in leftovers:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
 
@@ -68,5 +73,15 @@ class ThreadedServer(DiscoveryServer):
 
         async def run() -> T:
             return fn()
+
+        return asyncio.run_coroutine_threadsafe(run(), self._own_loop).result(timeout=30)
+
+    def run(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """Await ``fn()`` on the service's loop (from another thread), e.g. a store call."""
+        if self._own_loop is None or self._own_thread is None:
+            raise RuntimeError("the service is not running")
+
+        async def run() -> T:
+            return await fn()
 
         return asyncio.run_coroutine_threadsafe(run(), self._own_loop).result(timeout=30)
