@@ -305,9 +305,10 @@ cdef inline int gso_split_part(const vnet_hdr_t *h, const uint8_t *pkt, size_t l
                                bint whole=False) noexcept nogil:
     """gso_split from segment ``first`` on, as many as fit in max_slots (at least 1):
     segment first + k goes to slot k; *total is the packet's segment count, the return
-    how many were written (or OFL_E_*).  Calls with first = 0, k, 2k, ... and the same
-    arguments make exactly gso_split's segments, so a super-packet of more segments
-    than there are slots is split across batches.  ``whole``: all or OFL_E_TOO_MANY."""
+    how many were written (or OFL_E_*).  Calls from first = 0 on, each starting where
+    the last one stopped, make exactly gso_split's segments, so a super-packet of more
+    segments than there are slots is split across batches.  ``whole``: all or
+    OFL_E_TOO_MANY."""
     cdef uint8_t gso = h.gso_type & ~VIRTIO_NET_HDR_GSO_ECN
     cdef uint8_t ver, proto, flags = 0, fl
     cdef size_t iphl, l4hl, hlen, payload, mss, seg, tot, k, nseg, csum_off, last

@@ -209,9 +209,29 @@ OUTER6 = ("fd00:77::1", "fd00:77::2")
 
 
 @dataclass
+class KernelLink:
+    """A kernel WireGuard link in place of a daemon (kind "kernel", VM tests only):
+    no process behind it; it goes away with its namespace."""
+
+    ns: Netns
+    ifname: str
+    kind: str = "kernel"
+
+    def alive(self) -> bool:
+        return True
+
+    def output(self) -> str:
+        return ""
+
+    def stop(self, timeout: float = 10) -> int:
+        self.ns.run("ip", "link", "del", self.ifname, check=False)
+        return 0
+
+
+@dataclass
 class WgHost:
     ns: Netns
-    daemon: Daemon
+    daemon: Daemon | KernelLink
     private_key: str  # base64, as `wg` wants it
     public_key: str
     port: int
@@ -262,9 +282,10 @@ def build_pair(
     envs: tuple[dict[str, str] | None, dict[str, str] | None] = (None, None),
 ) -> tuple[WgHost, WgHost]:
     """Two namespaces joined by a veth (v4+v6 outer addresses), each with a WireGuard
-    daemon of the given kind, configured with stock `wg` as peers of each other, with
-    inner addresses INNER4/INNER6. `outer` ("4" or "6") picks the endpoint family;
-    `envs` adds environment variables to each daemon."""
+    daemon of the given kind (or "kernel": a kernel WireGuard link, in the VM), configured
+    with stock `wg` as peers of each other, with inner addresses INNER4/INNER6. `outer`
+    ("4" or "6") picks the endpoint family; `envs` adds environment variables to each
+    daemon."""
     ns = [lab.netns("wa"), lab.netns("wb")]
     veths = lab.veth(ns[0], ns[1])
     for i in range(2):
@@ -272,7 +293,12 @@ def build_pair(
         add_address(ns[i], veths[i], f"{OUTER6[i]}/64")
     hosts = []
     for i, kind in enumerate((kind_a, kind_b)):
-        d = lab.daemon(ns[i], kind, env=envs[i])
+        d: Daemon | KernelLink
+        if kind == "kernel":
+            d = KernelLink(ns[i], unique_name("kwg", 8))
+            ns[i].run("ip", "link", "add", d.ifname, "type", "wireguard")
+        else:
+            d = lab.daemon(ns[i], kind, env=envs[i])
         priv, pub = genkey(ns[i])
         hosts.append(WgHost(ns[i], d, priv, pub, ports[i], veths[i]))
     tmp = lab.tempdir()
