@@ -21,6 +21,7 @@ hard size cap, so a flood of addresses or connections costs bounded memory.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 
@@ -31,7 +32,7 @@ class _Bucket:
 
 
 class TokenBuckets:
-    """One token bucket per key (an address, a connection)."""
+    """One token bucket per key (an address, a connection; any hashable)."""
 
     def __init__(self, rate: float = 15.0, burst: int = 60, max_keys: int = 65536) -> None:
         if rate <= 0 or burst < 1:
@@ -39,12 +40,12 @@ class TokenBuckets:
         self.rate = rate
         self.burst = burst
         self.max_keys = max_keys
-        self._buckets: dict[str, _Bucket] = {}
+        self._buckets: dict[Hashable, _Bucket] = {}
 
     def __len__(self) -> int:
         return len(self._buckets)
 
-    def wait(self, key: str, now: float) -> float | None:
+    def wait(self, key: Hashable, now: float) -> float | None:
         """Seconds until ``key`` has a token (nothing taken); None if the table is full."""
         bucket = self._buckets.get(key)
         if bucket is None:
@@ -57,11 +58,11 @@ class TokenBuckets:
         bucket.last = now
         return 0.0 if bucket.tokens >= 1 else (1 - bucket.tokens) / self.rate
 
-    def take(self, key: str) -> None:
+    def take(self, key: Hashable) -> None:
         """Take the token ``wait`` promised (the count may go negative: a reservation)."""
         self._buckets[key].tokens -= 1
 
-    def reserve(self, key: str, now: float, max_wait: float) -> float | None:
+    def reserve(self, key: Hashable, now: float, max_wait: float) -> float | None:
         """Seconds to wait before serving a request from ``key``, or None to refuse it."""
         wait = self.wait(key, now)
         if wait is None or wait > max_wait:
