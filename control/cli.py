@@ -16,6 +16,7 @@ commands:
   get TYPE            show the running agent's resources: kubespanidentities,
                       kubespanpeerspecs, kubespanpeerstatuses, kubespanendpoints
   discovery-service   run a discovery service (wire-compatible with Sidero's)
+  relay               forward WireGuard traffic for nodes behind NATs (a public node)
   gen config          generate a new cluster's machine config with KubeSpan enabled
   demo                build a local N-node mesh in network namespaces and show it working
 
@@ -42,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         from control.discovery.service_cli import main as service_main
 
         return service_main(rest)
+    if command == "relay":
+        from control.relay.server import main as relay_main
+
+        return relay_main(rest)
     if command == "gen":
         if not rest or rest[0] != "config":
             print("usage: kubespan gen config [OPTIONS]", file=sys.stderr)

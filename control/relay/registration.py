@@ -47,3 +47,19 @@ def decode(key: bytes, data: bytes) -> tuple[bytes, int] | None:
         return None
     _, public_key, now_ns = _BODY.unpack(body)
     return public_key, now_ns
+
+
+def register(
+    listen_port: int, relays: list[tuple[str, int]], key: bytes, public_key: bytes, now_ns: int
+) -> dict[tuple[str, int], OSError]:
+    """Send one registration to each relay from WireGuard's port; the errors by relay."""
+    from control.wgport import send_from_port  # raw sockets: only senders need them
+
+    message = encode(key, public_key, now_ns)
+    errors: dict[tuple[str, int], OSError] = {}
+    for relay in relays:
+        try:
+            send_from_port(listen_port, relay, [message])
+        except OSError as exc:
+            errors[relay] = exc
+    return errors
