@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import subprocess
 
+from control.config import load_config
 from control.relay.core import DROP_REASONS, RelayCore
 from control.relay.server import RelayServer, relay_key
-from control.config import load_config
 from tests import promtext
 from tests.netns import VENV_BIN
 
