@@ -32,6 +32,10 @@ A Talos machine config is a multi-document YAML stream. We read:
       linkName: kubespan           # WireGuard link name
       # discoveryEndpoint replaces every configured discovery service with this one
       discoveryEndpoint: http://10.0.0.1:3000
+      # relays (control.relay) this node registers with and announces as endpoints
+      relays: ["203.0.113.10:51821"]
+      runRelay: false              # true: this node runs a relay too
+      relayPort: 51821             # the UDP port it listens on (all addresses)
 
 Everything else in the stream (other sections, other kinds) is ignored. Inside the
 sections and documents we own, unknown keys and wrong types are errors; in Talos's
@@ -69,6 +73,7 @@ KUBESPAN_LINK_MTU = 1420
 KUBESPAN_LINK_MINIMUM_MTU = 1280
 DEFAULT_DISCOVERY_SERVICE_ENDPOINT = "https://discovery.talos.dev/"
 DEFAULT_STATE_DIR = "/var/lib/kubespan"
+DEFAULT_RELAY_PORT = 51821
 CLUSTER_SECRET_SIZE = 32
 MAX_CLUSTER_ID_BYTES = 256  # the discovery service rejects longer ids
 
@@ -186,6 +191,9 @@ class LocalSettings:
     state_dir: str = DEFAULT_STATE_DIR
     link_name: str = KUBESPAN_LINK_NAME
     discovery_endpoint: str | None = None
+    relays: tuple[Address, ...] = ()  # relays to register with and announce
+    run_relay: bool = False  # this node runs a relay on relay_port
+    relay_port: int = DEFAULT_RELAY_PORT
 
 
 @dataclass(frozen=True)
@@ -608,7 +616,32 @@ def _read_py_doc(s: _Section, state: dict) -> None:
     if endpoint:
         _check_service_url(s.problems, s.sub("discoveryEndpoint"), endpoint)
         out["discovery_endpoint"] = endpoint
+    _read_relay_settings(s, out)
     state["local"] = out
+
+
+def _read_relay_settings(s: _Section, out: dict[str, Any]) -> None:
+    relays = _parse_list(s, "relays", parse_endpoint, "relay address (ip:port)")
+    if relays is not None:
+        unique = tuple(dict.fromkeys(relays))
+        if len(unique) != len(relays):
+            s.error("relays", "a relay is listed twice")
+        out["relays"] = unique
+    run = s.boolean("runRelay")
+    if run is not None:
+        out["run_relay"] = run
+    port = s.integer("relayPort")
+    if port is not None:
+        if not 1 <= port <= 65535:
+            s.error("relayPort", f"relay port must be in 1-65535, got {port}")
+        elif port == out.get("listen_port", KUBESPAN_DEFAULT_PORT):
+            s.error("relayPort", f"relay port {port} is WireGuard's listen port")
+        else:
+            out["relay_port"] = port
+    elif out.get("run_relay") and out.get("listen_port") == DEFAULT_RELAY_PORT:
+        s.error(
+            "relayPort", f"the default relay port {DEFAULT_RELAY_PORT} is WireGuard's listen port"
+        )
 
 
 def _read_discovery_service_doc(s: _Section, state: dict) -> None:

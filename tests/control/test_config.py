@@ -749,3 +749,50 @@ def test_fuzzed_configs_raise_only_config_error(kubespan, discovery, ours, secre
         assert exc.problems and all(
             isinstance(p, str) and isinstance(m, str) for p, m in exc.problems
         )
+
+
+def test_relay_settings() -> None:
+    cfg = load_config(
+        base()
+        + doc(
+            "KubeSpanPyConfig",
+            relays=["203.0.113.10:51821", "[2001:db8::1]:4000"],
+            runRelay=True,
+            relayPort=3478,
+        )
+    )
+    assert cfg.local.relays == (("203.0.113.10", 51821), ("2001:db8::1", 4000))
+    assert cfg.local.run_relay and cfg.local.relay_port == 3478
+    default = load_config(base()).local
+    assert (default.relays, default.run_relay, default.relay_port) == ((), False, 51821)
+
+
+def test_relay_settings_errors() -> None:
+    bad = doc(
+        "KubeSpanPyConfig",
+        relays=["relay.example.com:51821", "203.0.113.10", "1.2.3.4:5", "1.2.3.4:5"],
+        runRelay="yes",
+        relayPort=51820,
+    )
+    assert problems(base() + bad) == [
+        (
+            "KubeSpanPyConfig.relays[0]",
+            "relay address (ip:port) is not valid: 'relay.example.com:51821' "
+            "('relay.example.com' is not an IP address)",
+        ),
+        (
+            "KubeSpanPyConfig.relays[1]",
+            "relay address (ip:port) is not valid: '203.0.113.10' "
+            "(expected ip:port (IPv6 as [ip]:port))",
+        ),
+        ("KubeSpanPyConfig.relays", "a relay is listed twice"),
+        ("KubeSpanPyConfig.runRelay", "expected a boolean, got string"),
+        ("KubeSpanPyConfig.relayPort", "relay port 51820 is WireGuard's listen port"),
+    ]
+    clash = doc("KubeSpanPyConfig", listenPort=51821, runRelay=True)
+    assert problems(base() + clash) == [
+        ("KubeSpanPyConfig.relayPort", "the default relay port 51821 is WireGuard's listen port")
+    ]
+    assert problems(base() + doc("KubeSpanPyConfig", relayPort=0)) == [
+        ("KubeSpanPyConfig.relayPort", "relay port must be in 1-65535, got 0")
+    ]
