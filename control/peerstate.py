@@ -18,6 +18,15 @@ A verdict of "down" for a peer we never gave an endpoint is reported as "unknown
 there is nothing to blame. A down peer (or one without an endpoint yet) moves to the
 next candidate endpoint, round robin.
 
+Relays (control.relay): candidates that are relay addresses come last, so the direct
+endpoints are tried first. While a peer is up through a relay, a direct endpoint is
+tried every DIRECT_RETRY_INTERVAL, for DIRECT_PROBE_TIME only (about one handshake
+attempt); the agent sends something through the tunnel then, so the peer answers at
+once. The probe works when a handshake completes or traffic comes back from the
+direct endpoint itself (WireGuard would have roamed back to the relay had the peer
+still been sending there); otherwise the relay is restored as if nothing happened,
+without waiting for the peer to be declared down.
+
 Everything here is pure: `now` is passed in, as wall-clock seconds on the same clock
 as WireGuard's last-handshake time (`PeerState.last_handshake`). None means "never".
 """
@@ -33,6 +42,8 @@ from kubespan_dp.netutil import Address
 
 PEER_DOWN_INTERVAL = float(180 + 5 + 90)  # REJECT_AFTER_TIME + REKEY_TIMEOUT + REKEY_ATTEMPT_TIME
 ENDPOINT_CONNECTION_TIMEOUT = 15.0
+DIRECT_RETRY_INTERVAL = 120.0  # while relayed, try a direct endpoint this often
+DIRECT_PROBE_TIME = 5.0  # REKEY_TIMEOUT: one handshake attempt
 RECONCILE_INTERVAL = 30.0  # the agent also reconciles on every event
 
 
@@ -109,6 +120,16 @@ class PeerStatus:
     tx_bytes: int = 0
     last_used_endpoint: Address | None = None  # the endpoint we last configured
     last_endpoint_change: float | None = None
+    relays: frozenset[Address] = frozenset()  # endpoints that are relays
+    # While a direct endpoint is probed: the relay to go back to, when we had switched
+    # to it, and the bytes received before the probe.
+    probe_fallback: tuple[Address, float | None, int] | None = None
+    last_direct_probe: float | None = None
+    last_probed: Address | None = None
+
+    @property
+    def relayed(self) -> bool:
+        return self.endpoint is not None and self.endpoint in self.relays
 
     def update_from_wireguard(self, wg: PeerState | None) -> None:
         """Copy WireGuard's view of the peer (None: the device does not have it yet)."""
@@ -144,6 +165,24 @@ class PeerStatus:
         whether we switched to a new candidate). When WireGuard reports an endpoint
         other than the one we set, the peer roamed and we leave it alone.
         """
+        candidates = [c for c in candidates if c not in self.relays] + [
+            c for c in candidates if c in self.relays
+        ]
+        if self.probe_fallback is not None:
+            return self._probe_step(now)
+        if self._should_probe_direct(candidates, now):
+            direct = [c for c in candidates if c not in self.relays]
+            assert self.last_used_endpoint is not None
+            self.probe_fallback = (
+                self.last_used_endpoint,
+                self.last_endpoint_change,
+                self.rx_bytes,
+            )
+            self.last_direct_probe = now
+            target = pick_next_endpoint(direct, self.last_probed, None) or direct[0]
+            self.last_probed = target
+            self.update_endpoint(target, now)
+            return target, True
         changed = False
         if self.should_change_endpoint():
             new = pick_next_endpoint(candidates, self.last_used_endpoint, self.endpoint)
@@ -154,6 +193,42 @@ class PeerStatus:
             self.endpoint = self.last_used_endpoint
             return self.last_used_endpoint, changed
         return None, changed
+
+    def _should_probe_direct(self, candidates: Sequence[Address], now: float) -> bool:
+        return (
+            self.state is PeerStateName.UP
+            and self.relayed
+            and self.endpoint == self.last_used_endpoint
+            and any(c not in self.relays for c in candidates)
+            and (
+                self.last_direct_probe is None
+                or now - self.last_direct_probe >= DIRECT_RETRY_INTERVAL
+            )
+        )
+
+    @property
+    def probing(self) -> bool:
+        return self.probe_fallback is not None
+
+    def _probe_step(self, now: float) -> tuple[Address | None, bool]:
+        """A direct endpoint is being tried: keep it if it works, else restore the relay."""
+        assert self.probe_fallback is not None and self.last_used_endpoint is not None
+        relay, relay_since, rx_before = self.probe_fallback
+        handshake = _after(self.last_handshake, self.last_endpoint_change)
+        answered = self.endpoint == self.last_used_endpoint and self.rx_bytes > rx_before
+        if handshake or answered:
+            self.probe_fallback = None
+            if not handshake:  # the relayed session goes on, on the direct path
+                self.last_endpoint_change = relay_since
+            self.state = PeerStateName.UP
+            return self.last_used_endpoint, False
+        if _since(now, self.last_endpoint_change) < DIRECT_PROBE_TIME:
+            return self.last_used_endpoint, False
+        self.probe_fallback = None
+        self.endpoint = self.last_used_endpoint = relay
+        self.last_endpoint_change = relay_since
+        self.state = calculate_state(now, self.last_handshake, relay_since, True)
+        return relay, True
 
 
 @dataclass(frozen=True)
@@ -174,8 +249,8 @@ def harvest_endpoints(
     """
     out: dict[str, HarvestedEndpoint] = {}
     for key, status in statuses.items():
-        if status.state is not PeerStateName.UP or status.endpoint is None:
-            continue
+        if status.state is not PeerStateName.UP or status.endpoint is None or status.relayed:
+            continue  # (a relay's address is no endpoint of the peer's own)
         affiliate_id = affiliate_by_key.get(key)
         if affiliate_id is None:
             continue

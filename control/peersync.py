@@ -14,11 +14,13 @@ class PeerTracker:
     def __init__(self) -> None:
         self._statuses: dict[str, PeerStatus] = {}  # by public key (base64)
         self.endpoint_changes: dict[str, int] = {}
+        self.relays: frozenset[Address] = frozenset()  # relay addresses (config)
 
     def observe(self, spec: PeerSpec, wg: PeerState | None, now: float) -> Address | None:
         """Update one peer from WireGuard; return the endpoint to set (None: keep WireGuard's)."""
         status = self._statuses.setdefault(spec.public_key, PeerStatus(label=spec.label))
         status.label = spec.label
+        status.relays = self.relays
         status.update_from_wireguard(wg)
         status.calculate_state(now)
         endpoint, changed = status.reconcile_endpoint(list(spec.endpoints), now)
@@ -31,6 +33,10 @@ class PeerTracker:
     def forget_except(self, keys: set[str]) -> None:
         for key in prune_statuses(self._statuses, keys):
             self.endpoint_changes.pop(key, None)
+
+    def probing(self) -> list[str]:
+        """Peers whose direct endpoint is being tried (see control.peerstate)."""
+        return [key for key, status in self._statuses.items() if status.probing]
 
     def states(self) -> dict[str, PeerStateName]:
         return {key: status.state for key, status in self._statuses.items()}
@@ -60,6 +66,7 @@ class PeerTracker:
                 last_handshake=s.last_handshake,
                 last_used_endpoint=s.last_used_endpoint,
                 last_endpoint_change=s.last_endpoint_change,
+                relayed=s.relayed,
             )
             for key, s in self.rows()
         ]

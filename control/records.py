@@ -54,6 +54,7 @@ PEER_STATUS = Kind(
         ("STATE", "state"),
         ("RX", "receiveBytes"),
         ("TX", "transmitBytes"),
+        ("PATH", "path"),  # ours, after Talos's columns: direct or through a relay
     ),
     ("kubespanpeerstatuses", "kubespanpeerstatus"),
 )
@@ -144,7 +145,9 @@ def peer_status_record(
     last_handshake: datetime | float | None = None,
     last_used_endpoint: Address | None = None,
     last_endpoint_change: datetime | float | None = None,
+    relayed: bool = False,
 ) -> Record:
+    """`relayed`: the endpoint is a relay's (control.relay), so the path is "relayed"."""
     if state not in ("unknown", "up", "down"):
         raise ValueError(f"peer state must be unknown, up or down, not {state!r}")
     return Record(
@@ -159,6 +162,7 @@ def peer_status_record(
             "lastHandshakeTime": format_time(last_handshake),
             "lastUsedEndpoint": format_endpoint(last_used_endpoint),
             "lastEndpointChange": format_time(last_endpoint_change),
+            "path": "" if endpoint is None else "relayed" if relayed else "direct",
         },
     )
 

@@ -4,4 +4,5 @@ from __future__ import annotations
 
 # Every resource's table starts with these; its own print columns follow.
 COMMON_COLUMNS = ["NODE", "NAMESPACE", "TYPE", "ID", "VERSION"]
-PEER_STATUS_HEADER = [*COMMON_COLUMNS, "LABEL", "ENDPOINT", "STATE", "RX", "TX"]
+# Talos's peer status columns, then ours: PATH (direct or relayed, control.relay).
+PEER_STATUS_HEADER = [*COMMON_COLUMNS, "LABEL", "ENDPOINT", "STATE", "RX", "TX", "PATH"]

@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from control.backends.base import PeerState
 from control.peerspec import PeerSpec
 from control.peerstate import (
+    DIRECT_PROBE_TIME,
+    DIRECT_RETRY_INTERVAL,
     ENDPOINT_CONNECTION_TIMEOUT,
     PEER_DOWN_INTERVAL,
     PeerStatus,
@@ -185,3 +187,69 @@ def test_prune_statuses_and_the_tracker_use_one_rule() -> None:
     assert tracker.endpoint_changes == {"k1": 1, "k2": 1}
     tracker.forget_except({"k2"})
     assert list(tracker.states()) == ["k2"] and tracker.endpoint_changes == {"k2": 1}
+
+
+R = ("198.51.100.9", 51821)  # a relay
+
+
+def relayed_status(t: float) -> PeerStatus:
+    """A peer whose direct endpoints A, B failed and that is up through relay R at t."""
+    st_ = PeerStatus(relays=frozenset({R}))
+    st_.calculate_state(t - 40)
+    assert st_.reconcile_endpoint([R, A, B], t - 40) == (A, True)  # direct ones first
+    st_.update_from_wireguard(PeerState(b"k" * 32, A, None, 0, 148))
+    st_.calculate_state(t - 24)
+    assert st_.reconcile_endpoint([R, A, B], t - 24) == (B, True)
+    st_.update_from_wireguard(PeerState(b"k" * 32, B, None, 0, 148))
+    st_.calculate_state(t - 8)
+    assert st_.reconcile_endpoint([R, A, B], t - 8) == (R, True)  # the relay last
+    st_.update_from_wireguard(PeerState(b"k" * 32, R, t - 7, 1000, 1000))
+    assert st_.calculate_state(t) is S.UP and st_.relayed
+    return st_
+
+
+def test_relayed_peer_probes_direct_and_goes_back() -> None:
+    t = NOW
+    st_ = relayed_status(t)
+    # Up through the relay: a direct endpoint is tried at once (then every 120 s).
+    assert st_.reconcile_endpoint([R, A, B], t) == (A, True)
+    assert st_.probing and not st_.relayed
+    # The peer still sends through the relay: WireGuard roamed back; we insist on A
+    # for the probe time, then restore the relay as it was (still up, not "changed").
+    st_.update_from_wireguard(PeerState(b"k" * 32, R, t - 7, 1200, 1100))
+    st_.calculate_state(t + 1)
+    assert st_.reconcile_endpoint([R, A, B], t + 1) == (A, False)
+    st_.calculate_state(t + DIRECT_PROBE_TIME)
+    assert st_.reconcile_endpoint([R, A, B], t + DIRECT_PROBE_TIME) == (R, True)
+    assert not st_.probing and st_.state is S.UP and st_.last_endpoint_change == t - 8
+    st_.update_from_wireguard(PeerState(b"k" * 32, R, t - 7, 1300, 1200))
+    assert st_.calculate_state(t + 30) is S.UP
+    assert st_.reconcile_endpoint([R, A, B], t + 30) == (R, False)
+    # The next probe, DIRECT_RETRY_INTERVAL later, tries the next direct endpoint.
+    later = t + DIRECT_RETRY_INTERVAL
+    st_.update_from_wireguard(PeerState(b"k" * 32, R, later - 5, 1400, 1300))
+    st_.calculate_state(later)
+    assert st_.reconcile_endpoint([R, A, B], later) == (B, True)
+
+
+def test_relayed_peer_probe_succeeds() -> None:
+    t = NOW
+    st_ = relayed_status(t)
+    assert st_.reconcile_endpoint([R, A, B], t) == (A, True)
+    # The peer answered from A itself (it roamed to our direct address): keep A.
+    st_.update_from_wireguard(PeerState(b"k" * 32, A, t - 7, 1500, 1100))
+    st_.calculate_state(t + 1)
+    assert st_.reconcile_endpoint([R, A, B], t + 1) == (A, False)
+    assert not st_.probing and st_.state is S.UP and not st_.relayed
+    st_.calculate_state(t + 60)
+    assert st_.reconcile_endpoint([R, A, B], t + 60) == (A, False)
+
+
+def test_relay_only_peer_never_probes_and_is_not_harvested() -> None:
+    st_ = PeerStatus(relays=frozenset({R}))
+    st_.calculate_state(NOW)
+    assert st_.reconcile_endpoint([R], NOW) == (R, True)
+    st_.update_from_wireguard(PeerState(b"k" * 32, R, NOW + 1, 10, 10))
+    assert st_.calculate_state(NOW + 200) is S.UP
+    assert st_.reconcile_endpoint([R], NOW + 200) == (R, False)
+    assert harvest_endpoints({"k": st_}, {"k": "node"}) == {}

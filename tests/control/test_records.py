@@ -67,7 +67,7 @@ def test_status_identity_endpoint_columns(tmp_path: Path) -> None:
     )
     header, row = render([status], PEER_STATUS).splitlines()
     assert header.split() == PEER_STATUS_HEADER
-    assert row.split()[-5:] == ["worker-2", "192.168.3.6:51820", "up", "1234", "5678"]
+    assert row.split()[-6:] == ["worker-2", "192.168.3.6:51820", "up", "1234", "5678", "direct"]
     assert status.spec["lastHandshakeTime"] == "1970-01-01T00:00:00Z"
     assert status.spec["lastEndpointChange"] == "0001-01-01T00:00:00Z"
 
