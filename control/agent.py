@@ -22,6 +22,12 @@ drop it. `kubespan leave` removes the registration. SIGHUP applies a new config 
 place where it can (MTU, listen port, filters, discovery services, ...); a new cluster,
 link name, WireGuard mode or state directory rebuilds everything; disabling KubeSpan
 removes everything and withdraws the node from discovery.
+
+Relays (control.relay, KubeSpanPyConfig `relays`): the node announces each relay's
+address as one more endpoint, registers with each every 20 s from its WireGuard port,
+and reaches a peer through a relay only when the peer's direct endpoints failed (then
+it retries them in the background, see control.peerstate). With `runRelay` the node
+runs a relay itself, in this process.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -55,11 +62,16 @@ from control.metrics import ReconcileStats, agent_families
 from control.peerspec import PeerSpec, build_peer_specs
 from control.peersync import PeerTracker
 from control.promhttp import MetricsServer
+from control.relay import registration as relay_registration
+from control.relay.core import RelayCore
+from control.relay.server import RelayServer, relay_key
 
 log = logging.getLogger("control.agent")
 
 PERSISTENT_KEEPALIVE = 25
 RECONCILE_INTERVAL = 30.0
+RELAY_REGISTER_INTERVAL = 20.0  # keeps the NAT mapping toward each relay open too
+PROBE_RECONCILE_INTERVAL = 1.0  # while a direct endpoint is tried (peerstate)
 
 
 class AgentError(RuntimeError):
@@ -94,6 +106,8 @@ class Agent:
         self._reload = False
         self._api: api.ApiServer | None = None
         self._metrics_server: MetricsServer | None = None
+        self.relay: RelayServer | None = None  # this node's relay (runRelay)
+        self._register_wake = asyncio.Event()
 
     @property
     def link(self) -> str:
@@ -111,14 +125,22 @@ class Agent:
         if self.options.metrics_listen:
             host, _, port = self.options.metrics_listen.rpartition(":")
             self._metrics_server = MetricsServer(
-                lambda: agent_families(self.tracker, self.reconciles, time.time())
+                lambda: [
+                    *agent_families(self.tracker, self.reconciles, time.time()),
+                    *(self.relay.families() if self.relay else []),
+                ]
             )
             bound = await self._metrics_server.start(host.strip("[]") or "127.0.0.1", int(port))
             log.info("metrics on http://%s:%d/metrics", host or "127.0.0.1", bound)
+        await self._configure_relay(None, self.config)
+        registrar = asyncio.create_task(self._register_loop())
         try:
             await self._serve()
         finally:
+            registrar.cancel()
+            await asyncio.gather(registrar, return_exceptions=True)
             await self._teardown()
+            await self._stop_relay()
             await self._api.stop()
             if self._metrics_server:
                 await self._metrics_server.stop()
@@ -152,8 +174,11 @@ class Agent:
                 self.reconciles.record(time.monotonic() - started)
             if self.backend is not None:  # announce even when the reconcile failed
                 await self.announce()
+            interval = self.options.reconcile_interval
+            if self.tracker.probing():  # a direct probe ends within seconds
+                interval = min(interval, PROBE_RECONCILE_INTERVAL)
             try:
-                await asyncio.wait_for(self._kick.wait(), self.options.reconcile_interval)
+                await asyncio.wait_for(self._kick.wait(), interval)
             except TimeoutError:
                 pass
             self._kick.clear()
@@ -198,6 +223,7 @@ class Agent:
         )
         await self.discovery.configure(service_targets(cfg))
         self.store.put(records.identity_record(self.identity))
+        self._register_wake.set()
 
     async def _teardown(self, leave: bool = False) -> None:
         """Remove link, daemon and routing; leaves nothing behind on this machine.
@@ -238,6 +264,8 @@ class Agent:
             log.error("config reload rejected, keeping the running config: %s", exc)
             return
         old, self.config = self.config, new
+        await self._configure_relay(old, new)
+        self._register_wake.set()  # new relays: register with them now
         if self.backend is not None:
             if not new.kubespan.enabled or needs_rebuild(old, new):
                 # Another cluster or identity, or KubeSpan off: peers must not keep
@@ -284,6 +312,8 @@ class Agent:
         wg_states = await asyncio.to_thread(self.backend.peer_states)
         psk = cfg.secret_bytes
         configs: list[PeerConfig] = []
+        self.tracker.relays = frozenset(cfg.local.relays)
+        probing_before = set(self.tracker.probing())
         for spec in self.specs:
             key = decode_key(spec.public_key)
             endpoint = self.tracker.observe(spec, wg_states.get(key), now)
@@ -301,8 +331,67 @@ class Agent:
         # after a restart). If the routing fails, the peers wait for it.
         await asyncio.to_thread(routing.apply, routed, self.link, cfg.kubespan.mtu)
         await asyncio.to_thread(self.backend.apply_peers, configs)
+        new_probes = [s for s in self.specs if s.public_key in set(self.tracker.probing())]
+        await self._nudge([s for s in new_probes if s.public_key not in probing_before])
         self._update_records(affiliates)
         await self._publish_records()
+
+    # -- relays -------------------------------------------------------------------------
+
+    async def _configure_relay(self, old: MachineConfig | None, new: MachineConfig) -> None:
+        """Start, stop or move this node's relay as the config says."""
+        want = (new.local.run_relay, new.local.relay_port, new.cluster_id, new.cluster_secret)
+        if old is not None and self.relay is not None:
+            have = (old.local.run_relay, old.local.relay_port, old.cluster_id, old.cluster_secret)
+            if want == have:
+                return
+        await self._stop_relay()
+        if not new.local.run_relay:
+            return
+        relay = RelayServer(RelayCore(relay_key(new)))
+        try:
+            await relay.start("::", new.local.relay_port)
+        except OSError as exc:
+            log.error("cannot start the relay on port %d: %s", new.local.relay_port, exc)
+            return
+        self.relay = relay
+
+    async def _stop_relay(self) -> None:
+        if self.relay is not None:
+            await self.relay.stop()
+            self.relay = None
+
+    async def _register_loop(self) -> None:
+        """Register with every configured relay from WireGuard's port (control.relay)."""
+        failing: set[tuple[str, int]] = set()
+        while True:
+            relays = list(self.config.local.relays)
+            if relays and self.backend is not None and self.identity is not None:
+                errors = await asyncio.to_thread(
+                    relay_registration.register,
+                    self.config.local.listen_port,
+                    relays,
+                    relay_registration.registration_key(
+                        self.config.cluster_id, self.config.secret_bytes
+                    ),
+                    decode_key(self.identity.public_key_b64),
+                    time.time_ns(),
+                )
+                for relay, error in errors.items():
+                    if relay not in failing:
+                        log.warning("cannot register with relay %s: %s", relay, error)
+                failing = set(errors)
+            try:
+                await asyncio.wait_for(self._register_wake.wait(), RELAY_REGISTER_INTERVAL)
+            except TimeoutError:
+                pass
+            self._register_wake.clear()
+
+    async def _nudge(self, specs: list[PeerSpec]) -> None:
+        """Send an ICMPv6 echo through the tunnel to peers whose direct endpoint is being
+        tried: the peer answers at once, on the direct path if our echo came that way."""
+        if specs:
+            await asyncio.to_thread(send_echoes, [str(s.address) for s in specs])
 
     def _peer_affiliates(self) -> dict[str, Affiliate]:
         assert self.discovery is not None
@@ -354,6 +443,21 @@ class Agent:
                 for doc in docs:
                     doc["spec"]["wireguardMode"] = self.backend.mode if self.backend else ""
             await self.api_store.set(kind.aliases[0], docs)
+
+
+def send_echoes(addresses: list[str]) -> None:
+    """One ICMPv6 echo request to each address (errors ignored: it is only a nudge)."""
+    try:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+    except OSError as exc:
+        log.debug("cannot open an ICMPv6 socket: %s", exc)
+        return
+    with sock:
+        for address in addresses:
+            try:  # type 128 echo request; the kernel fills in the checksum
+                sock.sendto(b"\x80\x00\x00\x00\x4b\x53\x00\x01kubespan", (address, 0))
+            except OSError as exc:
+                log.debug("echo to %s failed: %s", address, exc)
 
 
 def service_targets(config: MachineConfig) -> list[ServiceTarget]:

@@ -245,7 +245,8 @@ def local_affiliate(
                     kubespan_address=identity.address.ip,
                     public_ips=public_ips,
                     filters=ks.endpoint_filters,
-                    extra_endpoints=ks.extra_announced_endpoints,
+                    # relays (ours) last: peers try the direct endpoints first
+                    extra_endpoints=(*ks.extra_announced_endpoints, *config.local.relays),
                     port=config.local.listen_port,
                 )
             ),

@@ -291,7 +291,7 @@ class RelayCore:
         self.forwarded_bytes += len(data)
         return to
 
-    def _drop(self, reason: str) -> None:
+    def _drop(self, reason: str) -> Address | None:  # None: typed for `return self._drop(...)`
         self.dropped[reason] += 1
         return None
 

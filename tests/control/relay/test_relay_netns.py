@@ -169,7 +169,7 @@ def relay_lab(lab: netns.Lab) -> Iterator[RelayLab]:
     capture = relay_ns.popen(
         ["tcpdump", "-i", "any", "-nn", "-l", "-tt", "-Q", "inout", "udp"], log=capture_log
     )
-    lab.defer(lambda: capture.poll() is None and capture.terminate())
+    lab.defer(capture.terminate)
     wait_until(lambda: "listening on" in capture_log.read_text(), what="tcpdump to start")
     rl = RelayLab(lab, relay_ns, evil, a, b, config, 9471, capture_log)
     rl.start_relay()
