@@ -60,6 +60,7 @@ from control.link import LinkError, set_link_address
 from control.logsetup import setup_logging
 from control.metrics import ReconcileStats, agent_families
 from control.peerspec import PeerSpec, build_peer_specs
+from control.peerstate import DIRECT_RETRY_INTERVAL
 from control.peersync import PeerTracker
 from control.promhttp import MetricsServer
 from control.relay import registration as relay_registration
@@ -84,6 +85,7 @@ class AgentOptions:
     reconcile_interval: float = RECONCILE_INTERVAL
     metrics_listen: str | None = None  # "host:port"; off by default
     hostname: str | None = None
+    direct_retry_interval: float = DIRECT_RETRY_INTERVAL
 
 
 class Agent:
@@ -313,6 +315,7 @@ class Agent:
         psk = cfg.secret_bytes
         configs: list[PeerConfig] = []
         self.tracker.relays = frozenset(cfg.local.relays)
+        self.tracker.direct_retry_interval = self.options.direct_retry_interval
         probing_before = set(self.tracker.probing())
         for spec in self.specs:
             key = decode_key(spec.public_key)
@@ -525,6 +528,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="periodic reconcile interval (default 30, as Talos)",
     )
+    parser.add_argument(
+        "--direct-retry-interval",
+        type=float,
+        default=DIRECT_RETRY_INTERVAL,
+        metavar="SECONDS",
+        help="while a peer is reached through a relay, try one of its direct endpoints "
+        f"this often (default {DIRECT_RETRY_INTERVAL:.0f})",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -547,7 +558,13 @@ def main(argv: list[str] | None = None) -> int:
             "kubespan agent: KubeSpan needs the discovery service registry enabled", file=sys.stderr
         )
         return 2
-    options = AgentOptions(args.config, args.reconcile_interval, args.metrics_listen, args.hostname)
+    options = AgentOptions(
+        args.config,
+        args.reconcile_interval,
+        args.metrics_listen,
+        args.hostname,
+        args.direct_retry_interval,
+    )
     agent = Agent(config, options)
     try:
         asyncio.run(agent.run())

@@ -37,6 +37,8 @@ class NodeOptions:
     endpoint_filters: tuple[str, ...] | None = None
     listen_port: int = 51820
     mtu: int | None = None  # kubespan.mtu; None: not in the config (1420)
+    relays: tuple[str, ...] = ()  # "ip:port" of relays to use (KubeSpanPyConfig)
+    run_relay: bool = False  # the node runs a relay on port 51821
 
 
 @dataclass
@@ -195,6 +197,8 @@ class LabCluster:
                 "wireguardMode": o.mode or self.default_mode,
                 "stateDir": str(node.state_dir),
                 "linkName": node.link,
+                **({"relays": list(o.relays)} if o.relays else {}),
+                **({"runRelay": True} if o.run_relay else {}),
             },
         ]
         if len(urls) > 1:  # Talos 1.14: one document per service, no .cluster.discovery

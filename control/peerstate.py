@@ -124,12 +124,14 @@ class PeerStatus:
     # While a direct endpoint is probed: the relay to go back to, when we had switched
     # to it, and the bytes received before the probe.
     probe_fallback: tuple[Address, float | None, int] | None = None
+    direct_retry_interval: float = DIRECT_RETRY_INTERVAL
     last_direct_probe: float | None = None
     last_probed: Address | None = None
 
     @property
     def relayed(self) -> bool:
-        return self.endpoint is not None and self.endpoint in self.relays
+        """Reached through a relay (also while a direct endpoint is only being tried)."""
+        return self.probing or (self.endpoint is not None and self.endpoint in self.relays)
 
     def update_from_wireguard(self, wg: PeerState | None) -> None:
         """Copy WireGuard's view of the peer (None: the device does not have it yet)."""
@@ -142,6 +144,9 @@ class PeerStatus:
         self.tx_bytes = wg.tx_bytes
 
     def calculate_state(self, now: float) -> PeerStateName:
+        if self.probing:  # the peer is up through the relay; only a path is being tried
+            self.state = PeerStateName.UP
+            return self.state
         self.state = calculate_state(
             now, self.last_handshake, self.last_endpoint_change, self.last_used_endpoint is not None
         )
@@ -202,7 +207,7 @@ class PeerStatus:
             and any(c not in self.relays for c in candidates)
             and (
                 self.last_direct_probe is None
-                or now - self.last_direct_probe >= DIRECT_RETRY_INTERVAL
+                or now - self.last_direct_probe >= self.direct_retry_interval
             )
         )
 
@@ -227,7 +232,7 @@ class PeerStatus:
         self.probe_fallback = None
         self.endpoint = self.last_used_endpoint = relay
         self.last_endpoint_change = relay_since
-        self.state = calculate_state(now, self.last_handshake, relay_since, True)
+        self.calculate_state(now)
         return relay, True
 
 

@@ -6,7 +6,13 @@ from control import records
 from control.affiliate import Affiliate
 from control.backends.base import PeerState
 from control.peerspec import PeerSpec
-from control.peerstate import PeerStateName, PeerStatus, harvest_endpoints, prune_statuses
+from control.peerstate import (
+    DIRECT_RETRY_INTERVAL,
+    PeerStateName,
+    PeerStatus,
+    harvest_endpoints,
+    prune_statuses,
+)
 from kubespan_dp.netutil import Address
 
 
@@ -15,12 +21,14 @@ class PeerTracker:
         self._statuses: dict[str, PeerStatus] = {}  # by public key (base64)
         self.endpoint_changes: dict[str, int] = {}
         self.relays: frozenset[Address] = frozenset()  # relay addresses (config)
+        self.direct_retry_interval = DIRECT_RETRY_INTERVAL
 
     def observe(self, spec: PeerSpec, wg: PeerState | None, now: float) -> Address | None:
         """Update one peer from WireGuard; return the endpoint to set (None: keep WireGuard's)."""
         status = self._statuses.setdefault(spec.public_key, PeerStatus(label=spec.label))
         status.label = spec.label
         status.relays = self.relays
+        status.direct_retry_interval = self.direct_retry_interval
         status.update_from_wireguard(wg)
         status.calculate_state(now)
         endpoint, changed = status.reconcile_endpoint(list(spec.endpoints), now)

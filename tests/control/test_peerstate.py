@@ -213,7 +213,8 @@ def test_relayed_peer_probes_direct_and_goes_back() -> None:
     st_ = relayed_status(t)
     # Up through the relay: a direct endpoint is tried at once (then every 120 s).
     assert st_.reconcile_endpoint([R, A, B], t) == (A, True)
-    assert st_.probing and not st_.relayed
+    assert st_.probing and st_.relayed  # until the probe works
+    assert st_.calculate_state(t + 1) is S.UP  # the relayed session still is
     # The peer still sends through the relay: WireGuard roamed back; we insist on A
     # for the probe time, then restore the relay as it was (still up, not "changed").
     st_.update_from_wireguard(PeerState(b"k" * 32, R, t - 7, 1200, 1100))
