@@ -66,6 +66,7 @@ from control.promhttp import MetricsServer
 from control.relay import registration as relay_registration
 from control.relay.core import RelayCore
 from control.relay.server import RelayServer, relay_key
+from kubespan_dp.netutil import format_endpoint
 
 log = logging.getLogger("control.agent")
 
@@ -334,8 +335,10 @@ class Agent:
         # after a restart). If the routing fails, the peers wait for it.
         await asyncio.to_thread(routing.apply, routed, self.link, cfg.kubespan.mtu)
         await asyncio.to_thread(self.backend.apply_peers, configs)
-        new_probes = [s for s in self.specs if s.public_key in set(self.tracker.probing())]
-        await self._nudge([s for s in new_probes if s.public_key not in probing_before])
+        probing = set(self.tracker.probing())
+        self._log_probes(probing_before, probing)
+        nudges = set(self.tracker.take_nudges())
+        await self._nudge([s for s in self.specs if s.public_key in nudges])
         self._update_records(affiliates)
         await self._publish_records()
 
@@ -389,6 +392,27 @@ class Agent:
             except TimeoutError:
                 pass
             self._register_wake.clear()
+
+    def _log_probes(self, before: set[str], after: set[str]) -> None:
+        rows = dict(self.tracker.rows())
+        for key in sorted(before ^ after):
+            status = rows.get(key)
+            if status is None:
+                continue
+            used = status.last_used_endpoint
+            endpoint = format_endpoint(used) if used is not None else "-"
+            if key in after:
+                log.info("peer %s: trying direct endpoint %s (relayed)", status.label, endpoint)
+            elif status.relayed:
+                log.info("peer %s: no answer directly, back to relay %s", status.label, endpoint)
+            else:
+                log.info(
+                    "peer %s: direct endpoint %s works (WireGuard: %s, rx %d)",
+                    status.label,
+                    endpoint,
+                    status.endpoint,
+                    status.rx_bytes,
+                )
 
     async def _nudge(self, specs: list[PeerSpec]) -> None:
         """Send an ICMPv6 echo through the tunnel to peers whose direct endpoint is being

@@ -20,12 +20,13 @@ next candidate endpoint, round robin.
 
 Relays (control.relay): candidates that are relay addresses come last, so the direct
 endpoints are tried first. While a peer is up through a relay, a direct endpoint is
-tried every DIRECT_RETRY_INTERVAL, for DIRECT_PROBE_TIME only (about one handshake
-attempt); the agent sends something through the tunnel then, so the peer answers at
-once. The probe works when a handshake completes or traffic comes back from the
-direct endpoint itself (WireGuard would have roamed back to the relay had the peer
-still been sending there); otherwise the relay is restored as if nothing happened,
-without waiting for the peer to be declared down.
+tried every DIRECT_RETRY_INTERVAL, for DIRECT_PROBE_TIME only: once WireGuard has the
+direct endpoint (the next reconcile) the agent sends an echo through the tunnel, so
+the peer answers at once. The probe works when a handshake completes or traffic comes
+back with WireGuard still on the direct endpoint (had the peer's packets come through
+the relay, WireGuard would have roamed back to it); otherwise the relay is restored as
+if nothing happened, without waiting for the peer to be declared down. The peer stays
+"up" and "relayed" during a probe; traffic toward it may be lost for those seconds.
 
 Everything here is pure: `now` is passed in, as wall-clock seconds on the same clock
 as WireGuard's last-handshake time (`PeerState.last_handshake`). None means "never".
@@ -43,7 +44,7 @@ from kubespan_dp.netutil import Address
 PEER_DOWN_INTERVAL = float(180 + 5 + 90)  # REJECT_AFTER_TIME + REKEY_TIMEOUT + REKEY_ATTEMPT_TIME
 ENDPOINT_CONNECTION_TIMEOUT = 15.0
 DIRECT_RETRY_INTERVAL = 120.0  # while relayed, try a direct endpoint this often
-DIRECT_PROBE_TIME = 5.0  # REKEY_TIMEOUT: one handshake attempt
+DIRECT_PROBE_TIME = 3.0  # a nudge through the tunnel is answered in one round trip
 RECONCILE_INTERVAL = 30.0  # the agent also reconciles on every event
 
 
@@ -121,9 +122,12 @@ class PeerStatus:
     last_used_endpoint: Address | None = None  # the endpoint we last configured
     last_endpoint_change: float | None = None
     relays: frozenset[Address] = frozenset()  # endpoints that are relays
-    # While a direct endpoint is probed: the relay to go back to, when we had switched
-    # to it, and the bytes received before the probe.
-    probe_fallback: tuple[Address, float | None, int] | None = None
+    # While a direct endpoint is probed: the relay to go back to and when we had
+    # switched to it; the bytes received when WireGuard surely had the direct endpoint
+    # (the reconcile after the switch), and whether to nudge the peer now.
+    probe_fallback: tuple[Address, float | None] | None = None
+    probe_rx: int | None = None
+    nudge: bool = False
     direct_retry_interval: float = DIRECT_RETRY_INTERVAL
     last_direct_probe: float | None = None
     last_probed: Address | None = None
@@ -178,11 +182,8 @@ class PeerStatus:
         if self._should_probe_direct(candidates, now):
             direct = [c for c in candidates if c not in self.relays]
             assert self.last_used_endpoint is not None
-            self.probe_fallback = (
-                self.last_used_endpoint,
-                self.last_endpoint_change,
-                self.rx_bytes,
-            )
+            self.probe_fallback = (self.last_used_endpoint, self.last_endpoint_change)
+            self.probe_rx = None
             self.last_direct_probe = now
             target = pick_next_endpoint(direct, self.last_probed, None) or direct[0]
             self.last_probed = target
@@ -218,10 +219,15 @@ class PeerStatus:
     def _probe_step(self, now: float) -> tuple[Address | None, bool]:
         """A direct endpoint is being tried: keep it if it works, else restore the relay."""
         assert self.probe_fallback is not None and self.last_used_endpoint is not None
-        relay, relay_since, rx_before = self.probe_fallback
+        relay, relay_since = self.probe_fallback
+        direct = self.endpoint == self.last_used_endpoint  # not roamed back to the relay
+        if self.probe_rx is None:
+            # Bytes counted so far may have come through the relay before WireGuard had
+            # the direct endpoint; from now on, more bytes and no roam = a direct answer.
+            self.probe_rx, self.nudge = self.rx_bytes, True
+            return self.last_used_endpoint, False
         handshake = _after(self.last_handshake, self.last_endpoint_change)
-        answered = self.endpoint == self.last_used_endpoint and self.rx_bytes > rx_before
-        if handshake or answered:
+        if direct and (handshake or self.rx_bytes > self.probe_rx):
             self.probe_fallback = None
             if not handshake:  # the relayed session goes on, on the direct path
                 self.last_endpoint_change = relay_since

@@ -42,6 +42,13 @@ class PeerTracker:
         for key in prune_statuses(self._statuses, keys):
             self.endpoint_changes.pop(key, None)
 
+    def take_nudges(self) -> list[str]:
+        """Peers to send something through the tunnel now (a direct probe is on)."""
+        due = [key for key, status in self._statuses.items() if status.nudge]
+        for key in due:
+            self._statuses[key].nudge = False
+        return due
+
     def probing(self) -> list[str]:
         """Peers whose direct endpoint is being tried (see control.peerstate)."""
         return [key for key, status in self._statuses.items() if status.probing]

@@ -237,10 +237,16 @@ def test_relayed_peer_probe_succeeds() -> None:
     t = NOW
     st_ = relayed_status(t)
     assert st_.reconcile_endpoint([R, A, B], t) == (A, True)
-    # The peer answered from A itself (it roamed to our direct address): keep A.
-    st_.update_from_wireguard(PeerState(b"k" * 32, A, t - 7, 1500, 1100))
+    # Bytes counted before WireGuard had A prove nothing: the next step takes the
+    # count and asks for a nudge through the tunnel.
+    st_.update_from_wireguard(PeerState(b"k" * 32, A, t - 7, 1200, 1100))
     st_.calculate_state(t + 1)
     assert st_.reconcile_endpoint([R, A, B], t + 1) == (A, False)
+    assert st_.probing and st_.nudge
+    # The peer answered from A itself (it roamed to our direct address): keep A.
+    st_.update_from_wireguard(PeerState(b"k" * 32, A, t - 7, 1500, 1100))
+    st_.calculate_state(t + 2)
+    assert st_.reconcile_endpoint([R, A, B], t + 2) == (A, False)
     assert not st_.probing and st_.state is S.UP and not st_.relayed
     st_.calculate_state(t + 60)
     assert st_.reconcile_endpoint([R, A, B], t + 60) == (A, False)

@@ -62,7 +62,11 @@ def test_blocked_pair_goes_through_the_relay_then_direct(cluster: LabCluster) ->
         return str(status["path"]) if status["state"] == "up" else ""
 
     assert path(a, b) == path(b, a) == "relayed"
-    assert statuses(cluster, a)[b.host.name]["endpoint"] == RELAY
+    wait_until(  # (not while one of the probes every 10 s is on)
+        lambda: statuses(cluster, a)[b.host.name]["endpoint"] == RELAY,
+        timeout=30,
+        what="the relay as node2's endpoint for node3",
+    )
     assert path(a, public) == path(public, b) == "direct"
     table = cluster.get_table(a, "kubespanpeerstatuses")
     assert "PATH" in table.splitlines()[0] and "relayed" in table
