@@ -324,8 +324,7 @@ class Agent:
         peer not up when this node's own endpoints changed: the peers are probing our
         new endpoint right now, so we probe theirs."""
         assert self.discovery is not None
-        own = self.discovery.affiliates.get(self.node_id)
-        own_endpoints = frozenset(own.kubespan.endpoints if own and own.kubespan else ())
+        own_endpoints = frozenset(self.discovery.own_endpoints)
         own_new = sorted(own_endpoints - self._own_endpoints)
         self._own_endpoints = own_endpoints
         states = self.tracker.states()

@@ -43,7 +43,7 @@ class _Window:
     opened: float
     until: float
     next_punch: float
-    slot: int = -1  # index of the endpoint to try last reported by poll()
+    slot: int | None = -1  # the endpoint to try as poll() last saw it (-1: not yet)
 
 
 class Puncher:
@@ -95,9 +95,9 @@ class Puncher:
         turned = False
         for key, window in list(self._windows.items()):
             slot = self._slot(window, now)
-            if slot != window.slot:
-                window.slot = slot if slot is not None else -1
-                turned = turned or slot is not None
+            if slot != window.slot:  # a turn, or the end of the turns: reconcile
+                window.slot = slot
+                turned = True
             if now >= window.until:
                 del self._windows[key]
                 continue
@@ -112,9 +112,8 @@ class Puncher:
         times: list[float] = []
         for window in self._windows.values():
             times += [window.next_punch, window.until]
-            turn = window.opened + (window.slot + 1) * self.dwell
-            if window.slot >= 0 and window.slot + 1 < len(window.endpoints) and turn < window.until:
-                times.append(turn)
+            if window.slot is not None and window.slot >= 0:
+                times.append(min(window.opened + (window.slot + 1) * self.dwell, window.until))
         return min(times, default=None)
 
     def active(self) -> list[str]:

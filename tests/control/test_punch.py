@@ -48,7 +48,8 @@ def test_each_new_endpoint_gets_its_turn_in_wireguard() -> None:
     assert puncher.endpoint_to_try("B", T0 + 9.9) == PUBLIC
     assert puncher.endpoint_to_try("B", T0 + 10.0) is None  # the usual cycle again
     turns = [t - T0 for t, _, turned in run_clock(puncher, T0 + 60) if turned]
-    assert turns == [0.0, 5.0]  # the agent reconciles at each turn, and only then
+    # The agent reconciles at each turn and at the end (the usual cycle again), only then.
+    assert turns == [0.0, 5.0, 10.0]
 
 
 def test_the_window_stretches_so_every_endpoint_gets_a_turn() -> None:
@@ -57,7 +58,8 @@ def test_the_window_stretches_so_every_endpoint_gets_a_turn() -> None:
     puncher.observe("B", [PRIVATE, PUBLIC, third], T0)
     assert puncher.endpoint_to_try("B", T0 + 12) == third
     events = run_clock(puncher, T0 + 60)
-    assert max(t for t, _, _ in events) - T0 == 14.5
+    assert max(t for t, targets, _ in events if targets) - T0 == 14.5
+    assert [t - T0 for t, _, turned in events if turned] == [0.0, 5.0, 10.0, 15.0]
 
 
 def test_only_new_endpoints_open_a_window() -> None:
@@ -125,3 +127,11 @@ def test_tracker_switches_to_the_endpoint_to_try_unless_the_peer_is_up() -> None
     wg = PeerState(b"B", endpoint=PUBLIC, last_handshake=T0 + 3, rx_bytes=1, tx_bytes=1)
     assert tracker.observe(s, wg, T0 + 4, try_endpoint=PRIVATE) == PUBLIC
     assert tracker.states()["B"] == "up" and tracker.endpoint_changes["B"] == 2
+
+
+def test_a_single_endpoint_turns_once_then_waits_out_the_window() -> None:
+    puncher = Puncher(interval=0.5, window=10.0, dwell=5.0)
+    puncher.observe("B", [PUBLIC], T0)
+    events = run_clock(puncher, T0 + 60)
+    assert [t - T0 for t, _, turned in events if turned] == [0.0, 5.0]
+    assert len([t for t, targets, _ in events if targets]) == 20
