@@ -16,9 +16,11 @@ the next GC pass).
 
 Every rule runs inside a Lua script, atomically on Valkey and with Valkey's clock
 (``TIME``), so replicas need no clock agreement and two racing updates cannot both take
-the 1,024th slot. A Watch reads the snapshot and the sequence number of the last change
-in one script; each replica follows a cluster's log with one XREAD loop shared by its
-watchers there, and a watcher takes the changes numbered after its snapshot. A gap in
+the 1,024th slot. Each replica keeps a copy of every cluster it has watchers of: read
+once (the affiliates and the number of the last change, in one script), then kept
+current by one XREAD loop on the cluster's log, which also feeds those watchers. A Watch
+takes its snapshot from that copy once it holds every change numbered up to the last one
+in Valkey when the Watch came, and the changes after it from the same loop. A gap in
 the numbers (the stream trimmed under a stalled reader, or recreated) ends the watches
 with ABORTED, as a queue overflow does, so no client ever silently misses a change.
 """
@@ -64,7 +66,6 @@ XREAD_BLOCK_MS = 2_000  # below the socket timeout, so a blocked read is never a
 # Store operations in flight per replica: a burst of requests queues here instead of
 # opening a connection each. Feeds are not counted: each holds its own connection.
 OPS_MAX = 64
-PENDING_MAX = 4096  # changes a new watcher may receive before its snapshot is read
 
 # Shared by the scripts. A record is big-endian: f64 expiry (ms), u32 data length, data,
 # then per endpoint: u8 length, endpoint, f64 expiry (ms).
@@ -286,26 +287,11 @@ class _Subscription:
         self.overflowed = False
         self.unavailable = False
         self.closed = False
-        self._after: int | None = None  # the snapshot's sequence number, once known
-        self._pending: list[tuple[int, Notification]] = []
+        self.started = False  # has its snapshot: changes before that are in it
 
-    def start_after(self, n: int) -> None:
-        """The snapshot covers changes up to ``n``: queue only the ones after it."""
-        self._after = n
-        pending, self._pending = self._pending, []
-        for seq, note in pending:
-            self.push(seq, note)
-
-    def push(self, seq: int, note: Notification) -> None:
-        if self.closed:
+    def push(self, note: Notification) -> None:
+        if self.closed or not self.started:
             return
-        if self._after is None:
-            self._pending.append((seq, note))
-            if len(self._pending) > PENDING_MAX:
-                self.fail(lost=True)
-            return
-        if seq <= self._after:
-            return  # already in the snapshot
         if len(self.queue) >= self._buffer:
             self.fail(lost=True)
             return
@@ -330,14 +316,23 @@ class _Subscription:
 
 
 class _Feed:
-    """Reads one cluster's change log for every watcher of it on this replica."""
+    """One cluster on this replica: a copy of its affiliates, kept current by following
+    its change log, and the watchers of it here.
+
+    Loaded with one read when the first watcher comes, so the watchers of a replica share
+    that read and the same views (each encoded once for all of them, fanout.py) instead
+    of each reading the whole cluster from Valkey.
+    """
 
     def __init__(self, store: ValkeyStore, cluster_id: str) -> None:
         self.store = store
         self.cluster_id = cluster_id
         self.keys = cluster_keys(cluster_id)
         self.subs: set[_Subscription] = set()
-        self.ready = asyncio.Event()  # the start position is known (or the feed failed)
+        self.affiliates: dict[str, AffiliateView] = {}  # as of change number last_n
+        self.last_n = 0
+        self.ready = asyncio.Event()  # loaded (or the feed failed)
+        self.moved = asyncio.Event()  # set (and replaced) whenever last_n moves
         self.failed = False
         self.stopping = False
         self.task = asyncio.create_task(self._run(), name=f"valkey-feed-{cluster_id[:32]}")
@@ -361,39 +356,53 @@ class _Feed:
     def _fail(self, lost: bool) -> None:
         self.failed = True
         self.ready.set()
+        self.moved.set()
         if self.store._feeds.get(self.cluster_id) is self:
             del self.store._feeds[self.cluster_id]
         for sub in list(self.subs):
             sub.fail(lost)
 
+    async def caught_up(self, n: int) -> None:
+        """Returns once every change up to number ``n`` is applied here."""
+        while self.last_n < n and not self.failed:
+            await self.moved.wait()
+        if self.failed:
+            raise StoreUnavailable("store unavailable (watch)")
+
     async def _run(self) -> None:
         r = self.store.redis
-        log_key, head_key = self.keys[2], self.keys[3]
+        log_key = self.keys[2]
         try:
-            n_raw, last_id = await r.hmget(head_key, ["n", "id"])
-            last_n = int(n_raw or 0)
-            last_id = last_id or b"0-0"
+            n_raw, last_id, flat = await self.store._snapshot(keys=self.keys)
+            self.last_n = int(n_raw)
+            self.affiliates = {view.id: view for view in (_view(a, r) for a, r in _pairs(flat))}
             self.ready.set()
             while not self.stopping:
                 reply = await r.xread({log_key: last_id}, count=512, block=XREAD_BLOCK_MS)
                 for _key, entries in _stream_entries(reply):
                     for entry_id, fields in entries:
                         n = int(fields[b"n"])
-                        if n != last_n + 1:
+                        if n != self.last_n + 1:
                             log.warning(
                                 "cluster %r: change %d follows %d; ending its watches",
                                 self.cluster_id,
                                 n,
-                                last_n,
+                                self.last_n,
                             )
                             self._fail(lost=True)
                             return
-                        last_n, last_id = n, entry_id
+                        self.last_n, last_id = n, entry_id
                         aid = fields[b"a"].decode()
                         rec = fields[b"r"]
                         note = Notification(aid, _view(aid, rec) if rec else None)
+                        if note.affiliate is None:
+                            self.affiliates.pop(aid, None)
+                        else:
+                            self.affiliates[aid] = note.affiliate
                         for sub in list(self.subs):
-                            sub.push(n, note)
+                            sub.push(note)
+                moved, self.moved = self.moved, asyncio.Event()
+                moved.set()
         except asyncio.CancelledError:
             raise
         except (RedisError, OSError) as exc:
@@ -542,24 +551,35 @@ class ValkeyStore(Store):
         self.check_cluster_id(cluster_id)
         if self._subscriptions >= self.limits.subscriptions_max:
             raise LimitError("too many watchers", exhausted=True)
-        feed = self._feeds.get(cluster_id)
-        if feed is None:
-            feed = self._feeds[cluster_id] = _Feed(self, cluster_id)
-        # Joined before the snapshot is read: every change after it reaches this watcher.
-        sub = _Subscription(feed, self.limits.watch_buffer, wakeup)
-        feed.subs.add(sub)
-        self._subscriptions += 1
-        try:
-            await feed.ready.wait()
-            if feed.failed:
-                raise StoreUnavailable("store unavailable (watch)")
-            async with self._op("watch"):
-                n, _last_id, flat = await self._snapshot(keys=cluster_keys(cluster_id))
-        except BaseException:
-            sub.close()
-            raise
-        sub.start_after(int(n))
-        return [_view(aid, rec) for aid, rec in _pairs(flat)], sub
+        for _attempt in range(2):
+            feed = self._feeds.get(cluster_id)
+            if feed is None:
+                feed = self._feeds[cluster_id] = _Feed(self, cluster_id)
+            # Counted as the feed's watcher from now on, so that it stays while we wait.
+            sub = _Subscription(feed, self.limits.watch_buffer, wakeup)
+            feed.subs.add(sub)
+            self._subscriptions += 1
+            try:
+                await feed.ready.wait()
+                # The number of the last change now: the snapshot holds at least that much
+                # (a change written through another replica just before is in it).
+                applied = feed.last_n
+                async with self._op("watch"):
+                    n = int(await self.redis.hget(feed.keys[3], "n") or 0)
+                if n < applied:
+                    # The log restarted its numbering (see EMPTY_KEEP_MS): the feed is
+                    # stale; end its watches and load the cluster afresh.
+                    feed._fail(lost=True)
+                    sub.close()
+                    continue
+                await feed.caught_up(n)
+            except BaseException:
+                sub.close()
+                raise
+            # No await from here: the snapshot and the start of the changes are one instant.
+            sub.started = True
+            return list(feed.affiliates.values()), sub
+        raise StoreUnavailable("store unavailable (watch): the change log keeps restarting")
 
     # -- housekeeping -----------------------------------------------------------------
 
