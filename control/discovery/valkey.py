@@ -10,9 +10,10 @@ touches one cluster's keys only:
   sequence number, dense), ``a`` (affiliate id), ``r`` (the new record; empty: deleted);
 - ``{c}:head`` hash: ``n`` and ``id`` of the last change, ``eps`` (endpoint count).
 
-Two keys span clusters, each used only by single-key commands: ``clusters`` (sorted set,
-cluster id -> the earliest time GC must visit it) and ``gc-lease`` (the replica that runs
-the next GC pass).
+Three keys span clusters, each used only by single-key commands: ``clusters`` (sorted
+set, cluster id -> the earliest time GC must visit it), ``gc-lease`` (the replica that runs
+the next GC pass) and ``watchers`` (hash, replica -> its watch count, so that the replicas
+together keep to one budget of watch messages, fanout.Pace).
 
 Every rule runs inside a Lua script, atomically on Valkey and with Valkey's clock
 (``TIME``), so replicas need no clock agreement and two racing updates cannot both take
@@ -66,6 +67,7 @@ XREAD_BLOCK_MS = 2_000  # below the socket timeout, so a blocked read is never a
 # Store operations in flight per replica: a burst of requests queues here instead of
 # opening a connection each. Feeds are not counted: each holds its own connection.
 OPS_MAX = 64
+WATCHERS_EVERY = 1.0  # seconds between the replicas' exchanges of their watch counts
 
 # Shared by the scripts. A record is big-endian: f64 expiry (ms), u32 data length, data,
 # then per endpoint: u8 length, endpoint, f64 expiry (ms).
@@ -232,6 +234,28 @@ return {now, redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, ARGV[
 _SNAPSHOT = """
 local head = redis.call('HMGET', KEYS[4], 'n', 'id')
 return {head[1] or '0', head[2] or '0-0', redis.call('HGETALL', KEYS[1])}
+"""
+
+# Each replica's watch count, for the others (KEYS[1]: hash, replica id -> "count expiry").
+# ARGV: this replica's id, its count, how long the entry counts (ms). Returns the sum of
+# the other replicas' counts; drops entries of replicas that stopped reporting.
+_WATCHERS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. string.format('%.0f', now + ARGV[3]))
+local others = 0
+local flat = redis.call('HGETALL', KEYS[1])
+for i = 1, #flat, 2 do
+  if flat[i] ~= ARGV[1] then
+    local count, expiry = string.match(flat[i + 1], '(%d+) (%d+)')
+    if tonumber(expiry) < now then
+      redis.call('HDEL', KEYS[1], flat[i])
+    else
+      others = others + tonumber(count)
+    end
+  end
+end
+return others
 """
 
 
@@ -458,8 +482,11 @@ class ValkeyStore(Store):
         self._gc = self.redis.register_script(_LUA_COMMON + _GC)
         self._snapshot = self.redis.register_script(_SNAPSHOT)
         self._due = self.redis.register_script(_DUE)
+        self._watchers = self.redis.register_script(_WATCHERS)
         self._index = PREFIX + "clusters"
         self._lease = PREFIX + "gc-lease"
+        self._watchers_key = PREFIX + "watchers"
+        self._other_watchers = 0
         self._feeds: dict[str, _Feed] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._subscriptions = 0
@@ -483,6 +510,9 @@ class ValkeyStore(Store):
             )
         else:
             log.info("discovery state in %s", self.url)
+        task = asyncio.create_task(self._exchange_watchers(), name="valkey-watchers")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
         # Every feed ended (stopping ones too) before the connections close under them.
@@ -491,7 +521,27 @@ class ValkeyStore(Store):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._feeds.clear()
+        with contextlib.suppress(RedisError, OSError):
+            await self.redis.hdel(self._watchers_key, self.replica_id)
         await self.redis.aclose()
+
+    def other_watchers(self) -> int:
+        return self._other_watchers
+
+    async def _exchange_watchers(self) -> None:
+        """Tell the other replicas how many watches this one has, and hear theirs."""
+        keep_ms = int(3 * WATCHERS_EVERY * 1000)
+        while True:
+            try:
+                self._other_watchers = int(
+                    await self._watchers(
+                        keys=[self._watchers_key],
+                        args=[self.replica_id, self._subscriptions, keep_ms],
+                    )
+                )
+            except (RedisError, OSError):
+                pass  # the store check reports it; watches fail by themselves
+            await asyncio.sleep(WATCHERS_EVERY)
 
     # -- operations -------------------------------------------------------------------
 
