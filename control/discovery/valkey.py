@@ -313,13 +313,13 @@ class _Subscription:
         self.closed = False
         self.started = False  # has its snapshot: changes before that are in it
 
-    def push(self, note: Notification) -> None:
+    def push(self, notes: list[Notification]) -> None:
         if self.closed or not self.started:
             return
-        if len(self.queue) >= self._buffer:
+        if len(self.queue) + len(notes) > self._buffer:
             self.fail(lost=True)
             return
-        self.queue.append(note)
+        self.queue.extend(notes)
         self._wakeup()
 
     def fail(self, lost: bool) -> None:
@@ -403,6 +403,7 @@ class _Feed:
             self.ready.set()
             while not self.stopping:
                 reply = await r.xread({log_key: last_id}, count=512, block=XREAD_BLOCK_MS)
+                notes = []
                 for _key, entries in _stream_entries(reply):
                     for entry_id, fields in entries:
                         n = int(fields[b"n"])
@@ -423,8 +424,10 @@ class _Feed:
                             self.affiliates.pop(aid, None)
                         else:
                             self.affiliates[aid] = note.affiliate
-                        for sub in list(self.subs):
-                            sub.push(note)
+                        notes.append(note)
+                if notes:  # handed over per read, not per change: one wake-up each
+                    for sub in list(self.subs):
+                        sub.push(notes)
                 moved, self.moved = self.moved, asyncio.Event()
                 moved.set()
         except asyncio.CancelledError:
