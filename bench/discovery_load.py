@@ -372,6 +372,7 @@ class HerdNode:
             reader = asyncio.create_task(self.read(call))
             try:
                 await stub.AffiliateUpdate(self.node.update_request(0), timeout=30, metadata=md)
+                self.stats.updated_at.append(time.monotonic())
                 backoff.reset()
             except grpc.aio.AioRpcError as err:
                 self.fail("AffiliateUpdate", err)
@@ -389,6 +390,7 @@ class HerdNode:
             if first:
                 self.known = set()
                 first = False
+                self.stats.snapshot_at.append(time.monotonic())
             self.stats.messages += 1
             for aff in resp.affiliates:
                 if resp.deleted:
@@ -407,6 +409,8 @@ class HerdStats:
         self.failures: collections.Counter[tuple[str, str]] = collections.Counter()
         self.sessions = 0
         self.hello_latency: list[float] = []
+        self.snapshot_at: list[float] = []  # when each watch's first message came
+        self.updated_at: list[float] = []  # when each AffiliateUpdate returned
         self.messages = 0
         self.converged = 0
         self.all_converged = asyncio.Event()
@@ -464,6 +468,12 @@ async def herd(
         print(
             f"  converged: 50% at {pct(times, 0.5):.1f} s, 90% at {pct(times, 0.9):.1f} s, "
             f"99% at {pct(times, 0.99):.1f} s"
+        )
+    for what, when in (("watch snapshots", stats.snapshot_at), ("updates", stats.updated_at)):
+        at = [t - t0 for t in when]
+        print(
+            f"  {what}: 50% at {pct(at, 0.5):.1f} s, 99% at {pct(at, 0.99):.1f} s, "
+            f"last at {max(at, default=float('nan')):.1f} s"
         )
     hl = stats.hello_latency
     print(

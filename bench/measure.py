@@ -14,6 +14,21 @@ from control.netlab import Netns, stop_processes, wait_until
 IPERF_PORT = 5201
 
 
+def cpu_times() -> tuple[float, float]:
+    """(busy, total) jiffies of all CPUs so far, from /proc/stat (idle and iowait are
+    not busy)."""
+    with open("/proc/stat") as f:
+        fields = [float(x) for x in f.readline().split()[1:]]
+    total = sum(fields[:8])  # guest time is already inside user/nice
+    return total - fields[3] - fields[4], total
+
+
+def busy_fraction(before: tuple[float, float], after: tuple[float, float]) -> float:
+    """Share of all CPUs that were busy between two cpu_times() samples."""
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total if total > 0 else 0.0
+
+
 @dataclass
 class IperfResult:
     value: float  # bits/s (tcp) or received packets/s (udp)

@@ -13,7 +13,12 @@ METRICS: dict[str, tuple[str, str, float, bool]] = {
     "udp64": ("UDP 64 B payload", "kpps", 1e-3, True),
     "ping": ("ping RTT idle", "ms", 1.0, False),
     "cpu_per_gb": ("CPU per GB (TCP 1)", "s/GB", 1.0, False),
+    "busy_tcp1": ("machine busy (TCP 1)", "%", 100.0, False),
+    "busy_tcp4": ("machine busy (TCP 4)", "%", 100.0, False),
 }
+# Context, not a result: how much of all CPUs the machine used during the TCP runs
+# (near 100% means the CPUs, not the code path, bound the throughput). Not charted.
+CONTEXT_METRICS = {"busy_tcp1", "busy_tcp4"}
 BASE = "b"
 
 
@@ -45,7 +50,7 @@ def table(results: dict) -> str:
                 if v is None:
                     cell = "n/a"
                 else:
-                    r = rat.get(k, {}).get(m)
+                    r = None if m in CONTEXT_METRICS else rat.get(k, {}).get(m)
                     cell = f"{v * scale:.3g}" + (f" ({r:.2f}x)" if r is not None else "")
             row += f" {cell:>31}"
         lines.append(row)
@@ -81,7 +86,7 @@ def chart(results: dict, path: Path) -> bool:
         return False
     rat = results["ratios_to_b"]
     keys = [k for k, sc in results["scenarios"].items() if sc["status"] == "ok"]
-    metrics = list(METRICS)
+    metrics = [m for m in METRICS if m not in CONTEXT_METRICS]
     width = 0.8 / max(1, len(keys))
     fig, ax = plt.subplots(figsize=(10, 4.5))
     for i, k in enumerate(keys):

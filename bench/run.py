@@ -81,9 +81,10 @@ def run_scenario(key: str, repeats: int, duration: float, logdir: Path) -> dict:
         server = measure.IperfServer(ns_b, target)
         for rep in range(1, repeats + 1):
             tag = f"{key}) {label} [{rep}/{repeats}]"
-            cpu0 = sum(e.cpu() for e in eps)
+            cpu0, busy0 = sum(e.cpu() for e in eps), measure.cpu_times()
             r = measure.tcp(ns_a, target, duration, 1)
             cpu = sum(e.cpu() for e in eps) - cpu0
+            samples["busy_tcp1"].append(measure.busy_fraction(busy0, measure.cpu_times()))
             samples["tcp1"].append(r.value)
             if eps:
                 samples["cpu_per_gb"].append(cpu / (r.bytes / 1e9))
@@ -91,7 +92,9 @@ def run_scenario(key: str, repeats: int, duration: float, logdir: Path) -> dict:
                 f"{tag} TCP 1 stream {r.value / 1e9:.2f} Gbit/s"
                 + (f", {cpu / (r.bytes / 1e9):.2f} CPU s/GB" if eps else "")
             )
+            busy0 = measure.cpu_times()
             r = measure.tcp(ns_a, target, duration, 4)
+            samples["busy_tcp4"].append(measure.busy_fraction(busy0, measure.cpu_times()))
             samples["tcp4"].append(r.value)
             progress(f"{tag} TCP 4 streams {r.value / 1e9:.2f} Gbit/s")
             r = measure.udp_pps(ns_a, target, duration, UDP_FULL_PAYLOAD)

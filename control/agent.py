@@ -41,7 +41,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from control import api, records, routing
+from control import api, punch, records, routing
 from control.affiliate import Affiliate
 from control.backends.base import BackendError, PeerConfig, WireGuardBackend
 from control.backends.select import select_backend
@@ -60,13 +60,13 @@ from control.link import LinkError, set_link_address
 from control.logsetup import setup_logging
 from control.metrics import ReconcileStats, agent_families
 from control.peerspec import PeerSpec, build_peer_specs
-from control.peerstate import DIRECT_RETRY_INTERVAL
+from control.peerstate import DIRECT_RETRY_INTERVAL, PeerStateName
 from control.peersync import PeerTracker
 from control.promhttp import MetricsServer
 from control.relay import registration as relay_registration
 from control.relay.core import RelayCore
 from control.relay.server import RelayServer, relay_key
-from kubespan_dp.netutil import format_endpoint
+from kubespan_dp.netutil import Address, format_endpoint
 
 log = logging.getLogger("control.agent")
 
@@ -103,8 +103,11 @@ class Agent:
         self.node_id = ""
         self.discovery: DiscoveryPool | None = None
         self.tracker = PeerTracker()
+        self.puncher = punch.Puncher()
+        self._own_endpoints: frozenset[Address] = frozenset()
         self.specs: list[PeerSpec] = []
         self._kick = asyncio.Event()
+        self._punch_wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._reload = False
         self._api: api.ApiServer | None = None
@@ -137,11 +140,13 @@ class Agent:
             log.info("metrics on http://%s:%d/metrics", host or "127.0.0.1", bound)
         await self._configure_relay(None, self.config)
         registrar = asyncio.create_task(self._register_loop())
+        puncher = asyncio.create_task(self._punch_loop())
         try:
             await self._serve()
         finally:
-            registrar.cancel()
-            await asyncio.gather(registrar, return_exceptions=True)
+            for task in (registrar, puncher):
+                task.cancel()
+            await asyncio.gather(registrar, puncher, return_exceptions=True)
             await self._teardown()
             await self._stop_relay()
             await self._api.stop()
@@ -254,6 +259,8 @@ class Agent:
         except routing.RoutingError as exc:
             log.error("could not remove the KubeSpan routing: %s", exc)
         self.tracker = PeerTracker()
+        self.puncher = punch.Puncher()
+        self._own_endpoints = frozenset()
         self.specs = []
         for kind in records.KINDS:
             self.store.replace_kind(kind, [])
@@ -318,13 +325,16 @@ class Agent:
         self.tracker.relays = frozenset(cfg.local.relays)
         self.tracker.direct_retry_interval = self.options.direct_retry_interval
         probing_before = set(self.tracker.probing())
+        self._open_punch_windows(time.monotonic())
         for spec in self.specs:
             key = decode_key(spec.public_key)
-            endpoint = self.tracker.observe(spec, wg_states.get(key), now)
+            try_endpoint = self.puncher.endpoint_to_try(spec.public_key, time.monotonic())
+            endpoint = self.tracker.observe(spec, wg_states.get(key), now, try_endpoint)
             configs.append(
                 PeerConfig(key, psk, endpoint, PERSISTENT_KEEPALIVE, tuple(spec.allowed_ips))
             )
         self.tracker.forget_except({s.public_key for s in self.specs})
+        self.puncher.forget_except({s.public_key for s in self.specs})
         routed = routing.routed_prefixes(
             {s.public_key: s.allowed_ips for s in self.specs},
             self.tracker.states(),
@@ -419,6 +429,57 @@ class Agent:
         tried: the peer answers at once, on the direct path if our echo came that way."""
         if specs:
             await asyncio.to_thread(send_echoes, [str(s.address) for s in specs])
+
+    # -- hole punching ---------------------------------------------------------------
+
+    def _open_punch_windows(self, now: float) -> None:
+        """Open punch windows (control.punch) for peers with new endpoints, and for every
+        peer not up when this node's own endpoints changed: the peers are probing our
+        new endpoint right now, so we probe theirs."""
+        assert self.discovery is not None
+        own_endpoints = frozenset(self.discovery.own_endpoints)
+        own_new = sorted(own_endpoints - self._own_endpoints)
+        self._own_endpoints = own_endpoints
+        states = self.tracker.states()
+        opened = []
+        relays = self.tracker.relays
+        for spec in self.specs:
+            # A relay needs no punching (and its address is no endpoint of the peer's own).
+            direct = tuple(e for e in spec.endpoints if e not in relays)
+            if self.puncher.observe(spec.public_key, direct, now):
+                opened.append(spec)
+            elif own_new and states.get(spec.public_key) is not PeerStateName.UP:
+                self.puncher.open(spec.public_key, direct, now)
+                opened.append(spec)
+        if own_new:
+            log.info("own endpoints %s new in discovery", ", ".join(map(format_endpoint, own_new)))
+        for spec in opened:
+            log.info(
+                "punching towards %s at %s",
+                spec.label,
+                ", ".join(map(format_endpoint, spec.endpoints)),
+            )
+        if opened:
+            self._punch_wake.set()
+
+    async def _punch_loop(self) -> None:
+        """Send the punches that are due and reconcile when a peer's turn to try the next
+        endpoint comes; sleeps while no window is open."""
+        while True:
+            targets, turned = self.puncher.poll(time.monotonic())
+            if turned:
+                self._kick.set()
+            if targets and self.backend is not None:
+                port = self.config.local.listen_port
+                for endpoint, error in await asyncio.to_thread(punch.send_punches, port, targets):
+                    log.debug("punch to %s failed: %s", format_endpoint(endpoint), error)
+            deadline = self.puncher.next_deadline()
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                await asyncio.wait_for(self._punch_wake.wait(), timeout)
+            except TimeoutError:
+                pass
+            self._punch_wake.clear()
 
     def _peer_affiliates(self) -> dict[str, Affiliate]:
         assert self.discovery is not None

@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from control.netlab import Bridge, Host, Lab, add_address, stop_processes
+from control.netlab.natlab import NatSite, add_nat_site
 
 DISCOVERY_ADDRESSES = ("192.0.2.250", "192.0.2.251")
 DISCOVERY_ADDRESS = DISCOVERY_ADDRESSES[0]
@@ -162,6 +163,14 @@ class LabCluster:
         self.write_config(node)
         self.nodes.append(node)
         return node
+
+    def add_nat_node(
+        self, name: str, nat_mode: str, options: NodeOptions | None = None
+    ) -> tuple[Node, NatSite]:
+        """A node `node-NAME` behind a NAT router `nat-NAME` of mode `nat_mode` (see
+        control.netlab.natlab); the router's public leg is on the bridge."""
+        site = add_nat_site(self.bridge, name, nat_mode)
+        return self.add_node(options, host=site.node), site
 
     def write_config(self, node: Node, enabled: bool = True) -> None:
         o = node.options

@@ -23,15 +23,29 @@ class PeerTracker:
         self.relays: frozenset[Address] = frozenset()  # relay addresses (config)
         self.direct_retry_interval = DIRECT_RETRY_INTERVAL
 
-    def observe(self, spec: PeerSpec, wg: PeerState | None, now: float) -> Address | None:
-        """Update one peer from WireGuard; return the endpoint to set (None: keep WireGuard's)."""
+    def observe(
+        self,
+        spec: PeerSpec,
+        wg: PeerState | None,
+        now: float,
+        try_endpoint: Address | None = None,
+    ) -> Address | None:
+        """Update one peer from WireGuard; return the endpoint to set (None: keep WireGuard's).
+
+        `try_endpoint` (hole punching) is switched to at once unless the peer is up."""
         status = self._statuses.setdefault(spec.public_key, PeerStatus(label=spec.label))
         status.label = spec.label
         status.relays = self.relays
         status.direct_retry_interval = self.direct_retry_interval
         status.update_from_wireguard(wg)
         status.calculate_state(now)
+        forced = False
+        if try_endpoint is not None and try_endpoint != status.last_used_endpoint:
+            forced = status.state is not PeerStateName.UP
+            if forced:
+                status.update_endpoint(try_endpoint, now)
         endpoint, changed = status.reconcile_endpoint(list(spec.endpoints), now)
+        changed = changed or forced
         if changed:
             self.endpoint_changes[spec.public_key] = (
                 self.endpoint_changes.get(spec.public_key, 0) + 1

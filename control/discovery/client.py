@@ -5,7 +5,8 @@ Behaves like Talos's discovery client (siderolabs/discovery-client):
 - publish again every TTL/2 and at once when the local data changes;
 - on any failure drop the session and retry after an exponential backoff with jitter;
 - the first Watch reply is a snapshot and replaces what we knew; later replies are
-  single changes; our own affiliate is skipped; an affiliate that does not decrypt or
+  single changes; our own affiliate is skipped (only its endpoints are kept, in
+  ``own_endpoints``: peers harvest ours there); an affiliate that does not decrypt or
   decode is logged once and left out;
 - closing keeps our affiliate (it expires by its TTL); deleting it is explicit
   (``delete_local()``, or ``close(leave=True)``).
@@ -116,6 +117,8 @@ class DiscoveryClient:
 
         self.public_ip: IPAddress | None = None
         self.affiliates: dict[str, Affiliate] = {}
+        # Our own endpoints as the service has them: ours plus what peers harvested.
+        self.own_endpoints: tuple[Address, ...] = ()
         self.connected = False  # a watch is open and our data is published
         self.failed_sessions = 0  # sessions that ended in an error (for tests and status)
         self.version = 0  # bumps on every change of ``affiliates``
@@ -325,17 +328,18 @@ class DiscoveryClient:
 
     def _open(self, raw: pb.Affiliate) -> Affiliate:
         plain = decode_affiliate(self._cipher.open_data(raw.data))
+        if plain.kubespan is not None:
+            plain = replace(plain, kubespan=replace(plain.kubespan, endpoints=self._endpoints(raw)))
+        return plain
+
+    def _endpoints(self, raw: pb.Affiliate) -> tuple[Address, ...]:
         endpoints: list[Address] = []
         for sealed in raw.endpoints:
             try:
                 endpoints.append(decode_endpoint(self._cipher.open_endpoint(sealed)))
             except (CipherError, CodecError) as err:
                 self._warn(raw.id, f"endpoint skipped: {err}")
-        if plain.kubespan is not None:
-            plain = replace(
-                plain, kubespan=replace(plain.kubespan, endpoints=tuple(dict.fromkeys(endpoints)))
-            )
-        return plain
+        return tuple(dict.fromkeys(endpoints))
 
     def _warn(self, affiliate_id: str, message: str) -> None:
         # Once per affiliate: a cluster of strangers must not flood the log.
@@ -359,8 +363,10 @@ class DiscoveryClient:
             if self._carried:
                 asyncio.get_running_loop().call_later(self.reconnect_grace, self._schedule_prune)
         self._had_snapshot = self._had_snapshot or snapshot
+        own = self.own_endpoints
         for raw in reply.affiliates:
             if raw.id == self.affiliate_id:
+                own = () if reply.deleted else self._endpoints(raw)
                 continue
             self._carried.pop(raw.id, None)  # heard of again (or deleted): no longer carried over
             if reply.deleted or not raw.data:
@@ -371,7 +377,9 @@ class DiscoveryClient:
             except (CipherError, CodecError) as err:
                 table.pop(raw.id, None)
                 self._warn(raw.id, f"left out: {err}")
-        await self._replace(table, force=snapshot)
+        own_changed = own != self.own_endpoints
+        self.own_endpoints = own
+        await self._replace(table, force=snapshot or own_changed)
 
     def _schedule_prune(self) -> None:
         asyncio.ensure_future(self._prune_carried())

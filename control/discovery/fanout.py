@@ -12,6 +12,9 @@ send every change alone. So each watcher spaces its change messages (``Pace``) s
 open watches together send about ``messages_per_second``: with few watchers a change goes
 out at once, with 1,024 busy ones each sends a few messages a second, each carrying all
 that changed meanwhile, and the loop keeps time for everything else (Hello first).
+Replicas on a shared store count each other's watches too (store.other_watchers): the
+budget is the service's, so a client's messages are spaced alike however the watches are
+spread over replicas.
 
 Each affiliate state is encoded to wire bytes once; every snapshot and change message that
 carries it joins the same bytes (``WatchResponse.affiliates`` is field 1, repeated: a

@@ -157,6 +157,14 @@ class DiscoveryPool:
         return merge_affiliates(client.affiliates for _, client in self.clients.values())
 
     @property
+    def own_endpoints(self) -> tuple[Address, ...]:
+        """Our endpoints as the services have them (ours and those peers harvested)."""
+        merged: dict[Address, None] = {}
+        for _, client in self.clients.values():
+            merged.update(dict.fromkeys(client.own_endpoints))
+        return tuple(merged)
+
+    @property
     def public_ip(self) -> IPAddress | None:
         """The first public IP a service reported (they all see the same one)."""
         for _, client in self.clients.values():

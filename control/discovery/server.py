@@ -76,7 +76,8 @@ class ServerOptions:
     # the cap, so it stays well above what one client sends at once.
     max_streams_per_connection: int = 1024
     max_pending_calls: int = 16384  # received, not yet handled (see start_async)
-    # All watch streams together send about this many change messages a second (fanout.py).
+    # All watch streams together (every replica's, on a shared store) send about this many
+    # change messages a second (fanout.py).
     watch_messages_per_second: float = 2000.0
     shutdown_grace: float = 1.0  # running calls get this long to finish on stop
     log_requests: bool = False  # one JSON line per request (requestlog.py)
@@ -338,7 +339,8 @@ class DiscoveryServer:
             log_request(method, code.name, seconds, self._client_ip(context), request)
 
     def _watch_count(self) -> int:
-        return len(self._watch_wakers)
+        # Replicas of a shared store count each other's too: the budget is the service's.
+        return len(self._watch_wakers) + self.store.other_watchers()
 
     # -- request admission ------------------------------------------------------------
 

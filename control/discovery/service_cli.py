@@ -181,8 +181,8 @@ def build_parser(prog: str = "kubespan discovery-service") -> argparse.ArgumentP
         type=float,
         default=ServerOptions.watch_messages_per_second,
         metavar="N",
-        help="all watches together send about this many change messages a second "
-        "(changes batch up meanwhile)",
+        help="all watches together (every replica's, on a shared store) send about this "
+        "many change messages a second (changes batch up meanwhile)",
     )
     limits = p.add_argument_group("limits")
     for f in dataclasses.fields(Limits):

@@ -89,6 +89,13 @@ class Store(ABC):
     def gc_totals(self) -> tuple[int, int, int]:
         """GC runs, clusters and affiliates removed, by this process so far."""
 
+    def other_watchers(self) -> int:
+        """Watches open on the other replicas of a shared store, as last heard (0: alone).
+
+        The server spaces watch messages by every replica's watches together (fanout.Pace).
+        """
+        return 0
+
     @abstractmethod
     async def ping(self) -> None:
         """Raise ``StoreUnavailable`` unless the backend answers now (health checks)."""

@@ -10,15 +10,18 @@ touches one cluster's keys only:
   sequence number, dense), ``a`` (affiliate id), ``r`` (the new record; empty: deleted);
 - ``{c}:head`` hash: ``n`` and ``id`` of the last change, ``eps`` (endpoint count).
 
-Two keys span clusters, each used only by single-key commands: ``clusters`` (sorted set,
-cluster id -> the earliest time GC must visit it) and ``gc-lease`` (the replica that runs
-the next GC pass).
+Three keys span clusters, each used only by single-key commands: ``clusters`` (sorted
+set, cluster id -> the earliest time GC must visit it), ``gc-lease`` (the replica that runs
+the next GC pass) and ``watchers`` (hash, replica -> its watch count, so that the replicas
+together keep to one budget of watch messages, fanout.Pace).
 
 Every rule runs inside a Lua script, atomically on Valkey and with Valkey's clock
 (``TIME``), so replicas need no clock agreement and two racing updates cannot both take
-the 1,024th slot. A Watch reads the snapshot and the sequence number of the last change
-in one script; each replica follows a cluster's log with one XREAD loop shared by its
-watchers there, and a watcher takes the changes numbered after its snapshot. A gap in
+the 1,024th slot. Each replica keeps a copy of every cluster it has watchers of: read
+once (the affiliates and the number of the last change, in one script), then kept
+current by one XREAD loop on the cluster's log, which also feeds those watchers. A Watch
+takes its snapshot from that copy once it holds every change numbered up to the last one
+in Valkey when the Watch came, and the changes after it from the same loop. A gap in
 the numbers (the stream trimmed under a stalled reader, or recreated) ends the watches
 with ABORTED, as a queue overflow does, so no client ever silently misses a change.
 """
@@ -64,7 +67,7 @@ XREAD_BLOCK_MS = 2_000  # below the socket timeout, so a blocked read is never a
 # Store operations in flight per replica: a burst of requests queues here instead of
 # opening a connection each. Feeds are not counted: each holds its own connection.
 OPS_MAX = 64
-PENDING_MAX = 4096  # changes a new watcher may receive before its snapshot is read
+WATCHERS_EVERY = 1.0  # seconds between the replicas' exchanges of their watch counts
 
 # Shared by the scripts. A record is big-endian: f64 expiry (ms), u32 data length, data,
 # then per endpoint: u8 length, endpoint, f64 expiry (ms).
@@ -233,6 +236,28 @@ local head = redis.call('HMGET', KEYS[4], 'n', 'id')
 return {head[1] or '0', head[2] or '0-0', redis.call('HGETALL', KEYS[1])}
 """
 
+# Each replica's watch count, for the others (KEYS[1]: hash, replica id -> "count expiry").
+# ARGV: this replica's id, its count, how long the entry counts (ms). Returns the sum of
+# the other replicas' counts; drops entries of replicas that stopped reporting.
+_WATCHERS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. string.format('%.0f', now + ARGV[3]))
+local others = 0
+local flat = redis.call('HGETALL', KEYS[1])
+for i = 1, #flat, 2 do
+  if flat[i] ~= ARGV[1] then
+    local count, expiry = string.match(flat[i + 1], '(%d+) (%d+)')
+    if tonumber(expiry) < now then
+      redis.call('HDEL', KEYS[1], flat[i])
+    else
+      others = others + tonumber(count)
+    end
+  end
+end
+return others
+"""
+
 
 def _tag(cluster_id: str) -> str:
     # Braces would end the hash tag early; escaping them (and %) keeps keys distinct.
@@ -286,30 +311,15 @@ class _Subscription:
         self.overflowed = False
         self.unavailable = False
         self.closed = False
-        self._after: int | None = None  # the snapshot's sequence number, once known
-        self._pending: list[tuple[int, Notification]] = []
+        self.started = False  # has its snapshot: changes before that are in it
 
-    def start_after(self, n: int) -> None:
-        """The snapshot covers changes up to ``n``: queue only the ones after it."""
-        self._after = n
-        pending, self._pending = self._pending, []
-        for seq, note in pending:
-            self.push(seq, note)
-
-    def push(self, seq: int, note: Notification) -> None:
-        if self.closed:
+    def push(self, notes: list[Notification]) -> None:
+        if self.closed or not self.started:
             return
-        if self._after is None:
-            self._pending.append((seq, note))
-            if len(self._pending) > PENDING_MAX:
-                self.fail(lost=True)
-            return
-        if seq <= self._after:
-            return  # already in the snapshot
-        if len(self.queue) >= self._buffer:
+        if len(self.queue) + len(notes) > self._buffer:
             self.fail(lost=True)
             return
-        self.queue.append(note)
+        self.queue.extend(notes)
         self._wakeup()
 
     def fail(self, lost: bool) -> None:
@@ -330,14 +340,23 @@ class _Subscription:
 
 
 class _Feed:
-    """Reads one cluster's change log for every watcher of it on this replica."""
+    """One cluster on this replica: a copy of its affiliates, kept current by following
+    its change log, and the watchers of it here.
+
+    Loaded with one read when the first watcher comes, so the watchers of a replica share
+    that read and the same views (each encoded once for all of them, fanout.py) instead
+    of each reading the whole cluster from Valkey.
+    """
 
     def __init__(self, store: ValkeyStore, cluster_id: str) -> None:
         self.store = store
         self.cluster_id = cluster_id
         self.keys = cluster_keys(cluster_id)
         self.subs: set[_Subscription] = set()
-        self.ready = asyncio.Event()  # the start position is known (or the feed failed)
+        self.affiliates: dict[str, AffiliateView] = {}  # as of change number last_n
+        self.last_n = 0
+        self.ready = asyncio.Event()  # loaded (or the feed failed)
+        self.moved = asyncio.Event()  # set (and replaced) whenever last_n moves
         self.failed = False
         self.stopping = False
         self.task = asyncio.create_task(self._run(), name=f"valkey-feed-{cluster_id[:32]}")
@@ -361,39 +380,56 @@ class _Feed:
     def _fail(self, lost: bool) -> None:
         self.failed = True
         self.ready.set()
+        self.moved.set()
         if self.store._feeds.get(self.cluster_id) is self:
             del self.store._feeds[self.cluster_id]
         for sub in list(self.subs):
             sub.fail(lost)
 
+    async def caught_up(self, n: int) -> None:
+        """Returns once every change up to number ``n`` is applied here."""
+        while self.last_n < n and not self.failed:
+            await self.moved.wait()
+        if self.failed:
+            raise StoreUnavailable("store unavailable (watch)")
+
     async def _run(self) -> None:
         r = self.store.redis
-        log_key, head_key = self.keys[2], self.keys[3]
+        log_key = self.keys[2]
         try:
-            n_raw, last_id = await r.hmget(head_key, ["n", "id"])
-            last_n = int(n_raw or 0)
-            last_id = last_id or b"0-0"
+            n_raw, last_id, flat = await self.store._snapshot(keys=self.keys)
+            self.last_n = int(n_raw)
+            self.affiliates = {view.id: view for view in (_view(a, r) for a, r in _pairs(flat))}
             self.ready.set()
             while not self.stopping:
                 reply = await r.xread({log_key: last_id}, count=512, block=XREAD_BLOCK_MS)
+                notes = []
                 for _key, entries in _stream_entries(reply):
                     for entry_id, fields in entries:
                         n = int(fields[b"n"])
-                        if n != last_n + 1:
+                        if n != self.last_n + 1:
                             log.warning(
                                 "cluster %r: change %d follows %d; ending its watches",
                                 self.cluster_id,
                                 n,
-                                last_n,
+                                self.last_n,
                             )
                             self._fail(lost=True)
                             return
-                        last_n, last_id = n, entry_id
+                        self.last_n, last_id = n, entry_id
                         aid = fields[b"a"].decode()
                         rec = fields[b"r"]
                         note = Notification(aid, _view(aid, rec) if rec else None)
-                        for sub in list(self.subs):
-                            sub.push(n, note)
+                        if note.affiliate is None:
+                            self.affiliates.pop(aid, None)
+                        else:
+                            self.affiliates[aid] = note.affiliate
+                        notes.append(note)
+                if notes:  # handed over per read, not per change: one wake-up each
+                    for sub in list(self.subs):
+                        sub.push(notes)
+                moved, self.moved = self.moved, asyncio.Event()
+                moved.set()
         except asyncio.CancelledError:
             raise
         except (RedisError, OSError) as exc:
@@ -449,8 +485,11 @@ class ValkeyStore(Store):
         self._gc = self.redis.register_script(_LUA_COMMON + _GC)
         self._snapshot = self.redis.register_script(_SNAPSHOT)
         self._due = self.redis.register_script(_DUE)
+        self._watchers = self.redis.register_script(_WATCHERS)
         self._index = PREFIX + "clusters"
         self._lease = PREFIX + "gc-lease"
+        self._watchers_key = PREFIX + "watchers"
+        self._other_watchers = 0
         self._feeds: dict[str, _Feed] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._subscriptions = 0
@@ -474,6 +513,9 @@ class ValkeyStore(Store):
             )
         else:
             log.info("discovery state in %s", self.url)
+        task = asyncio.create_task(self._exchange_watchers(), name="valkey-watchers")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
         # Every feed ended (stopping ones too) before the connections close under them.
@@ -482,7 +524,27 @@ class ValkeyStore(Store):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._feeds.clear()
+        with contextlib.suppress(RedisError, OSError):
+            await self.redis.hdel(self._watchers_key, self.replica_id)
         await self.redis.aclose()
+
+    def other_watchers(self) -> int:
+        return self._other_watchers
+
+    async def _exchange_watchers(self) -> None:
+        """Tell the other replicas how many watches this one has, and hear theirs."""
+        keep_ms = int(3 * WATCHERS_EVERY * 1000)
+        while True:
+            try:
+                self._other_watchers = int(
+                    await self._watchers(
+                        keys=[self._watchers_key],
+                        args=[self.replica_id, self._subscriptions, keep_ms],
+                    )
+                )
+            except (RedisError, OSError):
+                pass  # the store check reports it; watches fail by themselves
+            await asyncio.sleep(WATCHERS_EVERY)
 
     # -- operations -------------------------------------------------------------------
 
@@ -542,24 +604,35 @@ class ValkeyStore(Store):
         self.check_cluster_id(cluster_id)
         if self._subscriptions >= self.limits.subscriptions_max:
             raise LimitError("too many watchers", exhausted=True)
-        feed = self._feeds.get(cluster_id)
-        if feed is None:
-            feed = self._feeds[cluster_id] = _Feed(self, cluster_id)
-        # Joined before the snapshot is read: every change after it reaches this watcher.
-        sub = _Subscription(feed, self.limits.watch_buffer, wakeup)
-        feed.subs.add(sub)
-        self._subscriptions += 1
-        try:
-            await feed.ready.wait()
-            if feed.failed:
-                raise StoreUnavailable("store unavailable (watch)")
-            async with self._op("watch"):
-                n, _last_id, flat = await self._snapshot(keys=cluster_keys(cluster_id))
-        except BaseException:
-            sub.close()
-            raise
-        sub.start_after(int(n))
-        return [_view(aid, rec) for aid, rec in _pairs(flat)], sub
+        for _attempt in range(2):
+            feed = self._feeds.get(cluster_id)
+            if feed is None:
+                feed = self._feeds[cluster_id] = _Feed(self, cluster_id)
+            # Counted as the feed's watcher from now on, so that it stays while we wait.
+            sub = _Subscription(feed, self.limits.watch_buffer, wakeup)
+            feed.subs.add(sub)
+            self._subscriptions += 1
+            try:
+                await feed.ready.wait()
+                # The number of the last change now: the snapshot holds at least that much
+                # (a change written through another replica just before is in it).
+                applied = feed.last_n
+                async with self._op("watch"):
+                    n = int(await self.redis.hget(feed.keys[3], "n") or 0)
+                if n < applied:
+                    # The log restarted its numbering (see EMPTY_KEEP_MS): the feed is
+                    # stale; end its watches and load the cluster afresh.
+                    feed._fail(lost=True)
+                    sub.close()
+                    continue
+                await feed.caught_up(n)
+            except BaseException:
+                sub.close()
+                raise
+            # No await from here: the snapshot and the start of the changes are one instant.
+            sub.started = True
+            return list(feed.affiliates.values()), sub
+        raise StoreUnavailable("store unavailable (watch): the change log keeps restarting")
 
     # -- housekeeping -----------------------------------------------------------------
 

@@ -207,6 +207,35 @@ def test_expiry_is_collected_once_for_watchers_on_every_replica(replicas):
     run(main())
 
 
+def test_replicas_pace_watch_messages_by_every_replicas_watches(replicas, valkey):
+    a, b = replicas(), replicas()
+    watchers = PREFIX + "watchers"
+
+    async def main() -> None:
+        async with Raw(a) as ra:
+            calls = [ra.stub.Watch(pb.WatchRequest(cluster_id="p")) for _ in range(5)]
+            for call in calls:
+                await call.read()
+            # b's watch messages are spaced as if a's five watches were its own (fanout.Pace).
+            await eventually(lambda: b.call(b._watch_count) == 5, "b counts a's watches")
+            assert a.call(a._watch_count) == 5
+            # A replica that stopped reporting (killed) stops counting; a live one counts.
+            with valkey.client() as c:
+                c.hset(watchers, mapping={"gone": "7 1000", "live": "3 99999999999999"})
+            await eventually(lambda: b.call(b._watch_count) == 8, "b counts a live replica")
+            with valkey.client() as c:
+                assert not c.hexists(watchers, "gone")
+                c.hdel(watchers, "live")
+            for call in calls:
+                call.cancel()
+            await eventually(lambda: b.call(b._watch_count) == 0, "a's watches ended")
+        a.stop()  # a stopped replica takes its entry away
+        with valkey.client() as c:
+            assert set(c.hkeys(watchers)) == {b.store.replica_id.encode()}
+
+    run(main())
+
+
 def test_keys_of_a_cluster_share_one_hash_slot(replicas, valkey):
     server = replicas()
     odd = ["plain", "with{brace", "with}brace", "{tag}", "%7B", "é"]
