@@ -206,10 +206,9 @@ class PeerStatus:
             and self.relayed
             and self.endpoint == self.last_used_endpoint
             and any(c not in self.relays for c in candidates)
-            and (
-                self.last_direct_probe is None
-                or now - self.last_direct_probe >= self.direct_retry_interval
-            )
+            # the interval counts from the last probe, or from the switch to the relay
+            and _since(now, self.last_direct_probe or self.last_endpoint_change)
+            >= self.direct_retry_interval
         )
 
     @property

@@ -12,7 +12,6 @@ from control.backends.base import PeerState
 from control.peerspec import PeerSpec
 from control.peerstate import (
     DIRECT_PROBE_TIME,
-    DIRECT_RETRY_INTERVAL,
     ENDPOINT_CONNECTION_TIMEOUT,
     PEER_DOWN_INTERVAL,
     PeerStatus,
@@ -190,11 +189,12 @@ def test_prune_statuses_and_the_tracker_use_one_rule() -> None:
 
 
 R = ("198.51.100.9", 51821)  # a relay
+RETRY = 8.0  # direct retry interval: the first probe comes 8 s after the switch to R
 
 
 def relayed_status(t: float) -> PeerStatus:
     """A peer whose direct endpoints A, B failed and that is up through relay R at t."""
-    st_ = PeerStatus(relays=frozenset({R}))
+    st_ = PeerStatus(relays=frozenset({R}), direct_retry_interval=RETRY)
     st_.calculate_state(t - 40)
     assert st_.reconcile_endpoint([R, A, B], t - 40) == (A, True)  # direct ones first
     st_.update_from_wireguard(PeerState(b"k" * 32, A, None, 0, 148))
@@ -211,7 +211,10 @@ def relayed_status(t: float) -> PeerStatus:
 def test_relayed_peer_probes_direct_and_goes_back() -> None:
     t = NOW
     st_ = relayed_status(t)
-    # Up through the relay: a direct endpoint is tried at once (then every 120 s).
+    # Up through the relay: a direct endpoint is tried after the retry interval.
+    st_.calculate_state(t - 1)
+    assert st_.reconcile_endpoint([R, A, B], t - 1) == (R, False)
+    st_.calculate_state(t)
     assert st_.reconcile_endpoint([R, A, B], t) == (A, True)
     assert st_.probing and st_.relayed  # until the probe works
     assert st_.calculate_state(t + 1) is S.UP  # the relayed session still is
@@ -224,10 +227,10 @@ def test_relayed_peer_probes_direct_and_goes_back() -> None:
     assert st_.reconcile_endpoint([R, A, B], t + DIRECT_PROBE_TIME) == (R, True)
     assert not st_.probing and st_.state is S.UP and st_.last_endpoint_change == t - 8
     st_.update_from_wireguard(PeerState(b"k" * 32, R, t - 7, 1300, 1200))
-    assert st_.calculate_state(t + 30) is S.UP
-    assert st_.reconcile_endpoint([R, A, B], t + 30) == (R, False)
-    # The next probe, DIRECT_RETRY_INTERVAL later, tries the next direct endpoint.
-    later = t + DIRECT_RETRY_INTERVAL
+    assert st_.calculate_state(t + 5) is S.UP
+    assert st_.reconcile_endpoint([R, A, B], t + 5) == (R, False)
+    # The next probe, the retry interval later, tries the next direct endpoint.
+    later = t + RETRY
     st_.update_from_wireguard(PeerState(b"k" * 32, R, later - 5, 1400, 1300))
     st_.calculate_state(later)
     assert st_.reconcile_endpoint([R, A, B], later) == (B, True)

@@ -7,6 +7,7 @@ interval, so a prompt connection is the punching's doing, not a fast test loop's
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -150,3 +151,57 @@ def test_symmetric_nats_break_nothing(cluster: LabCluster) -> None:
         ping(node, kubespan_address(cluster, public))
     ping(public, kubespan_address(cluster, a))
     assert counter.packets() == 0  # nothing relays A <-> B (yet)
+
+
+def pings(node: Node, address: str) -> bool:
+    out = node.host.run("ping", "-c", "3", "-i", "0.2", "-W", "2", address, check=False)
+    return out.returncode == 0 and " 0% packet loss" in out.stdout
+
+
+def test_symmetric_nats_connect_through_the_relay(cluster: LabCluster) -> None:
+    """Issue 16 test 2: the public node runs the relay, every node lists it; A and B
+    (both behind symmetric NATs) connect through it, ping and iperf3 work."""
+    public_host = cluster.bridge.add_host("public")
+    relay = f"{public_host.address4}:51821"
+    options = NodeOptions(harvest_extra_endpoints=True, relays=(relay,))
+    public = cluster.add_node(
+        NodeOptions(harvest_extra_endpoints=True, relays=(relay,), run_relay=True),
+        host=public_host,
+    )
+    a, _ = cluster.add_nat_node("a", "symmetric", options)
+    b, _ = cluster.add_nat_node("b", "symmetric", options)
+    cluster.start_agent(public)
+    wait_until(lambda: cluster.get(public, "kubespanidentities"), 60, "the public node's agent")
+    cluster.start_agent(a)
+    cluster.start_agent(b)
+
+    def relayed(node: Node, label: str) -> bool:
+        status = peer(cluster, node, label)
+        return status["state"] == "up" and status["path"] == "relayed"
+
+    wait_until(
+        lambda: relayed(a, "node-b") and relayed(b, "node-a"),
+        240,  # each direct candidate gets its 15 s first, at a 30 s reconcile interval
+        "A and B up through the relay",
+    )
+    for node in (a, b):
+        assert peer(cluster, node, "public")["path"] == "direct"
+    b_address = kubespan_address(cluster, b)
+    # (wait_until: a ping may meet one of the 3 s direct probes, every 2 minutes)
+    wait_until(lambda: pings(a, b_address), 30, "A pinging B")
+    wait_until(lambda: pings(b, kubespan_address(cluster, a)), 30, "B pinging A")
+
+    server = b.host.spawn("iperf3", "-s", "-1", "-B", b_address, "-p", "5299")
+    try:
+        wait_until(
+            lambda: b.host.run("ss", "-Htln", "sport = :5299").stdout.strip(),
+            10,
+            "iperf3 server",
+            interval=0.1,
+        )
+        out = a.host.run("iperf3", "-c", b_address, "-p", "5299", "-t", "5", "-J", timeout=60)
+    finally:
+        server.wait(timeout=30)
+    received = json.loads(out.stdout)["end"]["sum_received"]
+    print(f"\nA -> B through the relay: {received['bits_per_second'] / 1e6:.0f} Mbit/s (iperf3)")
+    assert received["bytes"] > 0
