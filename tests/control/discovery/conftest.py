@@ -22,6 +22,7 @@ import pytest
 from control.affiliate import Address, Affiliate, KubeSpanInfo
 from control.discovery.proto import cluster_pb2 as pb
 from control.discovery.proto import cluster_pb2_grpc as pbg
+from tests.control.discovery.services import service_factory
 from tests.control.discovery.threaded import ThreadedServer
 from tests.control.discovery.valkeyproc import ValkeyCluster, ValkeyProcess
 
@@ -104,31 +105,16 @@ def store_options(request: pytest.FixtureRequest) -> dict[str, Any]:
     return {"store": cluster.url, "store_cluster": True}
 
 
-def _server_factory(store: dict[str, Any]) -> Iterator[Callable[..., ThreadedServer]]:
-    started: list[ThreadedServer] = []
-
-    def factory(port: int = 0, **options: Any) -> ThreadedServer:
-        options = store | options
-        server = ThreadedServer(**options)
-        server.start("127.0.0.1", port)
-        started.append(server)
-        return server
-
-    yield factory
-    for server in started:
-        server.stop()
-
-
 @pytest.fixture
 def make_server(store_options: dict[str, Any]) -> Iterator[Callable[..., ThreadedServer]]:
     """Start services on 127.0.0.1 in background threads; all stopped at teardown."""
-    yield from _server_factory(store_options)
+    yield from service_factory(store_options)
 
 
 @pytest.fixture
 def make_memory_server() -> Iterator[Callable[..., ThreadedServer]]:
     """``make_server`` with the in-memory store only."""
-    yield from _server_factory({})
+    yield from service_factory()
 
 
 @pytest.fixture
