@@ -447,17 +447,15 @@ class Agent:
             # A relay needs no punching (and its address is no endpoint of the peer's own).
             direct = tuple(e for e in spec.endpoints if e not in relays)
             if self.puncher.observe(spec.public_key, direct, now):
-                opened.append(spec)
+                opened.append((spec, direct))
             elif own_new and states.get(spec.public_key) is not PeerStateName.UP:
                 self.puncher.open(spec.public_key, direct, now)
-                opened.append(spec)
+                opened.append((spec, direct))
         if own_new:
             log.info("own endpoints %s new in discovery", ", ".join(map(format_endpoint, own_new)))
-        for spec in opened:
+        for spec, direct in opened:
             log.info(
-                "punching towards %s at %s",
-                spec.label,
-                ", ".join(map(format_endpoint, spec.endpoints)),
+                "punching towards %s at %s", spec.label, ", ".join(map(format_endpoint, direct))
             )
         if opened:
             self._punch_wake.set()
@@ -471,7 +469,8 @@ class Agent:
                 self._kick.set()
             if targets and self.backend is not None:
                 port = self.config.local.listen_port
-                for endpoint, error in await asyncio.to_thread(punch.send_punches, port, targets):
+                failed = await asyncio.to_thread(punch.send_punches, port, targets)
+                for endpoint, error in failed.items():
                     log.debug("punch to %s failed: %s", format_endpoint(endpoint), error)
             deadline = self.puncher.next_deadline()
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())

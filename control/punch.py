@@ -133,15 +133,9 @@ class Puncher:
         return slot if slot < len(window.endpoints) else None
 
 
-def send_punches(listen_port: int, endpoints: Iterable[Address]) -> list[tuple[Address, str]]:
-    """Send one punch from WireGuard's port to each endpoint; the (endpoint, error) pairs
-    that failed (an unreachable private address of a peer elsewhere is normal)."""
+def send_punches(listen_port: int, endpoints: Iterable[Address]) -> dict[Address, Exception]:
+    """Send one punch from WireGuard's port to each endpoint; the errors by endpoint
+    (an unreachable private address of a peer elsewhere is normal)."""
     from control import wgport  # raw sockets: only the agent, never the unit tests
 
-    failed = []
-    for endpoint in endpoints:
-        try:
-            wgport.send_from_port(listen_port, endpoint, [PUNCH_PAYLOAD])
-        except (OSError, ValueError) as exc:
-            failed.append((endpoint, str(exc)))
-    return failed
+    return wgport.send_to_each(listen_port, endpoints, PUNCH_PAYLOAD)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
+from collections.abc import Iterable
 
 from control.routing import WIREGUARD_MARK
 
@@ -59,3 +60,18 @@ def send_from_port(
         for payload in payloads:
             # The port field of a raw socket's address is ignored; ours is in the header.
             sock.sendto(udp_datagram(src_port, port, payload), (str(address), 0))
+
+
+def send_to_each(
+    src_port: int, destinations: Iterable[tuple[str, int]], payload: bytes
+) -> dict[tuple[str, int], Exception]:
+    """Sends `payload` from `src_port` to each destination; the errors by destination
+    (one that cannot be reached, say a peer's private address elsewhere, does not stop
+    the others)."""
+    errors: dict[tuple[str, int], Exception] = {}
+    for destination in destinations:
+        try:
+            send_from_port(src_port, destination, [payload])
+        except (OSError, ValueError) as exc:
+            errors[destination] = exc
+    return errors

@@ -51,15 +51,8 @@ def decode(key: bytes, data: bytes) -> tuple[bytes, int] | None:
 
 def register(
     listen_port: int, relays: list[tuple[str, int]], key: bytes, public_key: bytes, now_ns: int
-) -> dict[tuple[str, int], OSError]:
+) -> dict[tuple[str, int], Exception]:
     """Send one registration to each relay from WireGuard's port; the errors by relay."""
-    from control.wgport import send_from_port  # raw sockets: only senders need them
+    from control import wgport  # raw sockets: only senders need them
 
-    message = encode(key, public_key, now_ns)
-    errors: dict[tuple[str, int], OSError] = {}
-    for relay in relays:
-        try:
-            send_from_port(listen_port, relay, [message])
-        except OSError as exc:
-            errors[relay] = exc
-    return errors
+    return wgport.send_to_each(listen_port, relays, encode(key, public_key, now_ns))

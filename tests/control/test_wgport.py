@@ -68,3 +68,27 @@ def test_reply_to_punched_mapping_reaches_owner(lab: netns.Lab, family: int) -> 
     finally:
         owner.close()
         listener.close()
+
+
+@pytest.mark.netns
+def test_send_to_each_reports_failures_and_goes_on(lab: netns.Lab) -> None:
+    """An unroutable destination is an error of its own; the next one still gets sent."""
+    node, far = lab.netns("node"), lab.netns("far")
+    n_dev, f_dev = lab.veth(node, far)
+    add_address(node, n_dev, "10.3.0.1/24")
+    add_address(far, f_dev, "10.3.0.2/24")
+    listener = far.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    listener.bind(("10.3.0.2", 9999))
+    listener.settimeout(10)
+    try:
+        with node.entered():
+            errors = wgport.send_to_each(
+                40124, [("10.99.0.1", 9), ("10.3.0.2", 0), ("10.3.0.2", 9999)], b"x"
+            )
+        assert set(errors) == {("10.99.0.1", 9), ("10.3.0.2", 0)}
+        assert isinstance(errors[("10.99.0.1", 9)], OSError)  # no route
+        assert isinstance(errors[("10.3.0.2", 0)], ValueError)  # port 0
+        data, source = listener.recvfrom(100)
+        assert (data, source) == (b"x", ("10.3.0.1", 40124))
+    finally:
+        listener.close()
