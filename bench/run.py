@@ -9,9 +9,10 @@ the anchor; "wggo-old" is bookworm's 0.0.20220316 (scripts/bootstrap.sh installs
 both; the versions measured are printed, and recorded in the JSON).  For each: iperf3
 TCP 1 and 4 streams, UDP packets/s with 1420-byte IP packets and with 64-byte payloads,
 idle ping RTT, and CPU seconds of the WireGuard processes per GB moved (during the TCP
-1-stream runs).  Each figure is the median of ``--repeats`` runs; the table shows
-ratios to (b).  JSON and a PNG chart go to bench/results/.  Every address used lives
-inside the namespaces this run creates.
+1-stream runs).  The scenarios take turns: each round sets up and measures every
+one of them once, in fresh namespaces.  Each figure is the median of ``--repeats``
+rounds; the table shows ratios to (b).  JSON and a PNG chart go to bench/results/.
+Every address used lives inside the namespaces this run creates.
 """
 
 from __future__ import annotations
@@ -50,16 +51,18 @@ SCENARIOS = {
     "e": ("wggo-old <-> wggo-old", "wireguard-go-old", "wireguard-go-old"),
 }
 DEFAULT = "a,b,c,d"
+Samples = dict[str, list[float]]
 
 
 def progress(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def run_scenario(key: str, repeats: int, duration: float, logdir: Path) -> dict:
+def measure_once(key: str, tag: str, duration: float, logdir: Path, samples: Samples) -> None:
+    """Set scenario KEY up in fresh namespaces, take every measurement once into
+    `samples`, tear it down."""
     label, impl_a, impl_b = SCENARIOS[key]
     lab = Lab("ksb")
-    samples: dict[str, list[float]] = {m: [] for m in report.METRICS}
     try:
         ns_a, ns_b = lab.netns("a"), lab.netns("b")
         va, vb = lab.veth(ns_a, ns_b)
@@ -79,46 +82,70 @@ def run_scenario(key: str, repeats: int, duration: float, logdir: Path) -> dict:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"no ping through {label} within 30 s")
         server = measure.IperfServer(ns_b, target)
-        for rep in range(1, repeats + 1):
-            tag = f"{key}) {label} [{rep}/{repeats}]"
-            cpu0, busy0 = sum(e.cpu() for e in eps), measure.cpu_times()
-            r = measure.tcp(ns_a, target, duration, 1)
-            cpu = sum(e.cpu() for e in eps) - cpu0
-            samples["busy_tcp1"].append(measure.busy_fraction(busy0, measure.cpu_times()))
-            samples["tcp1"].append(r.value)
-            if eps:
-                samples["cpu_per_gb"].append(cpu / (r.bytes / 1e9))
-            progress(
-                f"{tag} TCP 1 stream {r.value / 1e9:.2f} Gbit/s"
-                + (f", {cpu / (r.bytes / 1e9):.2f} CPU s/GB" if eps else "")
-            )
-            busy0 = measure.cpu_times()
-            r = measure.tcp(ns_a, target, duration, 4)
-            samples["busy_tcp4"].append(measure.busy_fraction(busy0, measure.cpu_times()))
-            samples["tcp4"].append(r.value)
-            progress(f"{tag} TCP 4 streams {r.value / 1e9:.2f} Gbit/s")
-            r = measure.udp_pps(ns_a, target, duration, UDP_FULL_PAYLOAD)
-            samples["udp1420"].append(r.value)
-            progress(f"{tag} UDP 1420 B packets {r.value / 1e3:.1f} kpps")
-            r = measure.udp_pps(ns_a, target, duration, 64)
-            samples["udp64"].append(r.value)
-            progress(f"{tag} UDP 64 B payload {r.value / 1e3:.1f} kpps")
-            rtt = measure.ping_rtt_ms(ns_a, target)
-            samples["ping"].append(rtt)
-            progress(f"{tag} ping {rtt:.3f} ms")
+        cpu0, busy0 = sum(e.cpu() for e in eps), measure.cpu_times()
+        r = measure.tcp(ns_a, target, duration, 1)
+        cpu = sum(e.cpu() for e in eps) - cpu0
+        samples["busy_tcp1"].append(measure.busy_fraction(busy0, measure.cpu_times()))
+        samples["tcp1"].append(r.value)
+        if eps:
+            samples["cpu_per_gb"].append(cpu / (r.bytes / 1e9))
+        progress(
+            f"{tag} TCP 1 stream {r.value / 1e9:.2f} Gbit/s"
+            + (f", {cpu / (r.bytes / 1e9):.2f} CPU s/GB" if eps else "")
+        )
+        busy0 = measure.cpu_times()
+        r = measure.tcp(ns_a, target, duration, 4)
+        samples["busy_tcp4"].append(measure.busy_fraction(busy0, measure.cpu_times()))
+        samples["tcp4"].append(r.value)
+        progress(f"{tag} TCP 4 streams {r.value / 1e9:.2f} Gbit/s")
+        r = measure.udp_pps(ns_a, target, duration, UDP_FULL_PAYLOAD)
+        samples["udp1420"].append(r.value)
+        progress(f"{tag} UDP 1420 B packets {r.value / 1e3:.1f} kpps")
+        r = measure.udp_pps(ns_a, target, duration, 64)
+        samples["udp64"].append(r.value)
+        progress(f"{tag} UDP 64 B payload {r.value / 1e3:.1f} kpps")
+        rtt = measure.ping_rtt_ms(ns_a, target)
+        samples["ping"].append(rtt)
+        progress(f"{tag} ping {rtt:.3f} ms")
         server.close()
-        metrics = {
-            m: {"median": statistics.median(v), "samples": v} for m, v in samples.items() if v
-        }
-        return {"label": label, "status": "ok", "metrics": metrics}
-    except Unavailable as e:
-        progress(f"{key}) {label}: unavailable: {e}")
-        return {"label": label, "status": "unavailable", "reason": str(e)}
-    except Exception as e:  # noqa: BLE001 - one broken scenario must not sink the run
-        progress(f"{key}) {label}: failed: {e}")
-        return {"label": label, "status": "failed", "reason": f"{type(e).__name__}: {e}"}
     finally:
         lab.close()
+
+
+def run_scenarios(keys: list[str], repeats: int, duration: float, logdir: Path) -> dict:
+    """Every scenario once per round, `repeats` rounds: a slow patch of the machine
+    (another process, thermal, the host of this VM) lands on all of them alike instead
+    of on whichever scenario ran at the time."""
+    samples: dict[str, Samples] = {k: {m: [] for m in report.METRICS} for k in keys}
+    outcome: dict[str, dict] = {}
+    for rep in range(1, repeats + 1):
+        for key in keys:
+            if key in outcome:  # unavailable or failed: not tried again
+                continue
+            label = SCENARIOS[key][0]
+            try:
+                measure_once(
+                    key, f"{key}) {label} [{rep}/{repeats}]", duration, logdir, samples[key]
+                )
+            except Unavailable as e:
+                progress(f"{key}) {label}: unavailable: {e}")
+                outcome[key] = {"label": label, "status": "unavailable", "reason": str(e)}
+            except Exception as e:  # noqa: BLE001 - one broken scenario must not sink the run
+                progress(f"{key}) {label}: failed: {e}")
+                outcome[key] = {
+                    "label": label,
+                    "status": "failed",
+                    "reason": f"{type(e).__name__}: {e}",
+                }
+    for key in keys:
+        if key not in outcome:
+            metrics = {
+                m: {"median": statistics.median(v), "samples": v}
+                for m, v in samples[key].items()
+                if v
+            }
+            outcome[key] = {"label": SCENARIOS[key][0], "status": "ok", "metrics": metrics}
+    return {k: outcome[k] for k in keys}
 
 
 def wireguard_go_builds(keys: list[str]) -> dict[str, dict[str, str]]:
@@ -175,9 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         "wireguard_go": builds,
         "scenarios": scenarios,
     }
-    for k in keys:
-        progress(f"{k}) {SCENARIOS[k][0]}: starting")
-        scenarios[k] = run_scenario(k, args.repeats, args.duration, logdir)
+    progress(f"{args.repeats} rounds of: " + ", ".join(f"{k}) {SCENARIOS[k][0]}" for k in keys))
+    scenarios.update(run_scenarios(keys, args.repeats, args.duration, logdir))
     results["ratios_to_b"] = report.ratios(results)
     print(report.table(results))
     jpath = args.out / f"bench-{stamp}.json"
