@@ -39,7 +39,7 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from control import api, punch, records, routing
 from control.affiliate import Affiliate
@@ -55,7 +55,7 @@ from control.identity import (
     load_or_create_kubespan_identity,
     load_or_create_node_id,
 )
-from control.keys import decode_key
+from control.keys import decode_key, encode_key
 from control.link import LinkError, set_link_address
 from control.logsetup import setup_logging
 from control.metrics import ReconcileStats, agent_families
@@ -326,6 +326,7 @@ class Agent:
         self.tracker.direct_retry_interval = self.options.direct_retry_interval
         probing_before = set(self.tracker.probing())
         self._open_punch_windows(time.monotonic())
+        self.tracker.begin_round()
         for spec in self.specs:
             key = decode_key(spec.public_key)
             try_endpoint = self.puncher.endpoint_to_try(spec.public_key, time.monotonic())
@@ -345,6 +346,7 @@ class Agent:
         # after a restart). If the routing fails, the peers wait for it.
         await asyncio.to_thread(routing.apply, routed, self.link, cfg.kubespan.mtu)
         await asyncio.to_thread(self.backend.apply_peers, configs)
+        await self._undo_raced_turns(configs)
         probing = set(self.tracker.probing())
         self._log_probes(probing_before, probing)
         nudges = set(self.tracker.take_nudges())
@@ -431,6 +433,30 @@ class Agent:
             await asyncio.to_thread(send_echoes, [str(s.address) for s in specs])
 
     # -- hole punching ---------------------------------------------------------------
+
+    async def _undo_raced_turns(self, configs: list[PeerConfig]) -> None:
+        """Put back the endpoints of punch turns that a handshake beat (see
+        PeerTracker.undo_raced_turns); reads WireGuard again only after a turn."""
+        assert self.backend is not None
+        if not self.tracker.has_turns():
+            return
+        wg_states = await asyncio.to_thread(self.backend.peer_states)
+        restored = self.tracker.undo_raced_turns(
+            {encode_key(k): state for k, state in wg_states.items()}
+        )
+        if not restored:
+            return
+        labels = {s.public_key: s.label for s in self.specs}
+        for key, endpoint in restored.items():
+            log.info(
+                "handshake with %s during a punch turn: back to %s",
+                labels.get(key, key),
+                format_endpoint(endpoint),
+            )
+        fixed = [
+            replace(c, endpoint=restored.get(encode_key(c.public_key), c.endpoint)) for c in configs
+        ]
+        await asyncio.to_thread(self.backend.apply_peers, fixed)
 
     def _open_punch_windows(self, now: float) -> None:
         """Open punch windows (control.punch) for peers with new endpoints, and for every

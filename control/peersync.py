@@ -22,6 +22,9 @@ class PeerTracker:
         self.endpoint_changes: dict[str, int] = {}
         self.relays: frozenset[Address] = frozenset()  # relay addresses (config)
         self.direct_retry_interval = DIRECT_RETRY_INTERVAL
+        # Punch turns of the current reconcile: WireGuard's handshake and endpoint as read
+        # before the turn (see undo_raced_turns).
+        self._turns: dict[str, tuple[float | None, Address | None]] = {}
 
     def observe(
         self,
@@ -43,6 +46,7 @@ class PeerTracker:
         if try_endpoint is not None and try_endpoint != status.last_used_endpoint:
             forced = status.state is not PeerStateName.UP
             if forced:
+                self._turns[spec.public_key] = (status.last_handshake, status.endpoint)
                 status.update_endpoint(try_endpoint, now)
         endpoint, changed = status.reconcile_endpoint(list(spec.endpoints), now)
         changed = changed or forced
@@ -51,6 +55,35 @@ class PeerTracker:
                 self.endpoint_changes.get(spec.public_key, 0) + 1
             )
         return endpoint
+
+    def begin_round(self) -> None:
+        """A reconcile starts: turns of one that failed before its end are stale."""
+        self._turns.clear()
+
+    def has_turns(self) -> bool:
+        return bool(self._turns)
+
+    def undo_raced_turns(self, states: dict[str, PeerState]) -> dict[str, Address]:
+        """Punch turns that raced a handshake, and the endpoints to put back.
+
+        A turn is decided on WireGuard's state as read at the start of a reconcile and
+        set at its end. A handshake completed in between means WireGuard had a working
+        endpoint, which the turn then overwrote (one completed after the set is fine:
+        WireGuard roams to where it came from). Both ends turn in step, so this is common:
+        the peer would look up while our packets went to an endpoint that cannot reach
+        it, until it sent something. `states`: WireGuard's view after the set, by key.
+        The endpoint before the turn goes back; the change time stays, so the handshake
+        counts as after it (up)."""
+        turns, self._turns = self._turns, {}
+        restored: dict[str, Address] = {}
+        for key, (handshake, endpoint) in turns.items():
+            wg, status = states.get(key), self._statuses.get(key)
+            if wg is None or status is None or endpoint is None:
+                continue
+            if wg.last_handshake is not None and wg.last_handshake != handshake:
+                status.endpoint = status.last_used_endpoint = endpoint
+                restored[key] = endpoint
+        return restored
 
     def forget_except(self, keys: set[str]) -> None:
         for key in prune_statuses(self._statuses, keys):
