@@ -345,8 +345,8 @@ class Agent:
         # answers are steered back into the tunnel, never answered in clear (at start,
         # after a restart). If the routing fails, the peers wait for it.
         await asyncio.to_thread(routing.apply, routed, self.link, cfg.kubespan.mtu)
+        configs = await self._cancel_raced_turns(configs)
         await asyncio.to_thread(self.backend.apply_peers, configs)
-        await self._undo_raced_turns(configs)
         probing = set(self.tracker.probing())
         self._log_probes(probing_before, probing)
         nudges = set(self.tracker.take_nudges())
@@ -434,29 +434,25 @@ class Agent:
 
     # -- hole punching ---------------------------------------------------------------
 
-    async def _undo_raced_turns(self, configs: list[PeerConfig]) -> None:
-        """Put back the endpoints of punch turns that a handshake beat (see
-        PeerTracker.undo_raced_turns); reads WireGuard again only after a turn."""
+    async def _cancel_raced_turns(self, configs: list[PeerConfig]) -> list[PeerConfig]:
+        """Leave WireGuard's endpoint to peers whose punch turn a handshake beat (see
+        PeerTracker.cancel_raced_turns); reads WireGuard again only when some peer turns."""
         assert self.backend is not None
         if not self.tracker.has_turns():
-            return
+            return configs
         wg_states = await asyncio.to_thread(self.backend.peer_states)
-        restored = self.tracker.undo_raced_turns(
+        cancelled = self.tracker.cancel_raced_turns(
             {encode_key(k): state for k, state in wg_states.items()}
         )
-        if not restored:
-            return
-        labels = {s.public_key: s.label for s in self.specs}
-        for key, endpoint in restored.items():
-            log.info(
-                "handshake with %s during a punch turn: back to %s",
-                labels.get(key, key),
-                format_endpoint(endpoint),
-            )
-        fixed = [
-            replace(c, endpoint=restored.get(encode_key(c.public_key), c.endpoint)) for c in configs
+        if not cancelled:
+            return configs
+        for spec in self.specs:
+            if spec.public_key in cancelled:
+                log.info("handshake with %s during a punch turn: turn cancelled", spec.label)
+        return [
+            replace(c, endpoint=None) if encode_key(c.public_key) in cancelled else c
+            for c in configs
         ]
-        await asyncio.to_thread(self.backend.apply_peers, fixed)
 
     def _open_punch_windows(self, now: float) -> None:
         """Open punch windows (control.punch) for peers with new endpoints, and for every

@@ -23,7 +23,7 @@ class PeerTracker:
         self.relays: frozenset[Address] = frozenset()  # relay addresses (config)
         self.direct_retry_interval = DIRECT_RETRY_INTERVAL
         # Punch turns of the current reconcile: WireGuard's handshake and endpoint as read
-        # before the turn (see undo_raced_turns).
+        # before the turn (see cancel_raced_turns).
         self._turns: dict[str, tuple[float | None, Address | None]] = {}
 
     def observe(
@@ -63,27 +63,26 @@ class PeerTracker:
     def has_turns(self) -> bool:
         return bool(self._turns)
 
-    def undo_raced_turns(self, states: dict[str, PeerState]) -> dict[str, Address]:
-        """Punch turns that raced a handshake, and the endpoints to put back.
+    def cancel_raced_turns(self, states: dict[str, PeerState]) -> set[str]:
+        """Punch turns that a handshake beat: the peers whose turn must not be set.
 
         A turn is decided on WireGuard's state as read at the start of a reconcile and
-        set at its end. A handshake completed in between means WireGuard had a working
-        endpoint, which the turn then overwrote (one completed after the set is fine:
-        WireGuard roams to where it came from). Both ends turn in step, so this is common:
-        the peer would look up while our packets went to an endpoint that cannot reach
-        it, until it sent something. `states`: WireGuard's view after the set, by key.
-        The endpoint before the turn goes back; the change time stays, so the handshake
-        counts as after it (up)."""
+        set at its end, after the routing. A handshake completed in between means
+        WireGuard has a working endpoint, which the turn would overwrite: the peer would
+        look up while our packets went where they cannot arrive, until it sent
+        something. Both ends turn in step, so this is common. `states`: WireGuard's
+        view read again just before the set, by key. A cancelled turn keeps WireGuard's
+        endpoint, and its change time, so the handshake counts as after it (up)."""
         turns, self._turns = self._turns, {}
-        restored: dict[str, Address] = {}
-        for key, (handshake, endpoint) in turns.items():
+        cancelled: set[str] = set()
+        for key, (handshake, _) in turns.items():
             wg, status = states.get(key), self._statuses.get(key)
-            if wg is None or status is None or endpoint is None:
+            if wg is None or status is None or wg.endpoint is None:
                 continue
             if wg.last_handshake is not None and wg.last_handshake != handshake:
-                status.endpoint = status.last_used_endpoint = endpoint
-                restored[key] = endpoint
-        return restored
+                status.endpoint = status.last_used_endpoint = wg.endpoint
+                cancelled.add(key)
+        return cancelled
 
     def forget_except(self, keys: set[str]) -> None:
         for key in prune_statuses(self._statuses, keys):

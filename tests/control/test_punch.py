@@ -129,9 +129,9 @@ def test_tracker_switches_to_the_endpoint_to_try_unless_the_peer_is_up() -> None
     assert tracker.states()["B"] == "up" and tracker.endpoint_changes["B"] == 2
 
 
-def test_a_turn_that_a_handshake_beat_is_undone() -> None:
-    """The handshake completes between reading WireGuard and setting the turn's
-    endpoint: the endpoint WireGuard had goes back and the peer counts as up."""
+def test_a_turn_that_a_handshake_beat_is_cancelled() -> None:
+    """A handshake completes between reading WireGuard and setting the turn's endpoint:
+    the turn is not set, WireGuard keeps its endpoint and the peer counts as up."""
     tracker = PeerTracker()
     s = spec(PUBLIC, PRIVATE)
     assert tracker.observe(s, None, T0) == PUBLIC
@@ -139,12 +139,11 @@ def test_a_turn_that_a_handshake_beat_is_undone() -> None:
     read = PeerState(b"B", endpoint=PUBLIC, last_handshake=None, rx_bytes=0, tx_bytes=0)
     assert tracker.observe(s, read, T0 + 5, try_endpoint=PRIVATE) == PRIVATE
     assert tracker.has_turns()
-    after = PeerState(b"B", endpoint=PRIVATE, last_handshake=T0 + 5.1, rx_bytes=1, tx_bytes=1)
-    assert tracker.undo_raced_turns({"B": after}) == {"B": PUBLIC}
-    assert not tracker.has_turns() and tracker.undo_raced_turns({"B": after}) == {}
-    # WireGuard back on PUBLIC: up, and the endpoint stays (the next turn is not forced).
-    now = PeerState(b"B", endpoint=PUBLIC, last_handshake=T0 + 5.1, rx_bytes=2, tx_bytes=2)
-    assert tracker.observe(s, now, T0 + 6, try_endpoint=PRIVATE) == PUBLIC
+    fresh = PeerState(b"B", endpoint=HARVESTED, last_handshake=T0 + 5.1, rx_bytes=1, tx_bytes=1)
+    assert tracker.cancel_raced_turns({"B": fresh}) == {"B"}
+    assert not tracker.has_turns() and tracker.cancel_raced_turns({"B": fresh}) == set()
+    # WireGuard stays where the handshake came from: up, and the next turn is not forced.
+    assert tracker.observe(s, fresh, T0 + 6, try_endpoint=PRIVATE) == HARVESTED
     assert tracker.states()["B"] == "up"
 
 
@@ -155,11 +154,11 @@ def test_a_turn_without_a_handshake_stays() -> None:
     tracker.begin_round()
     read = PeerState(b"B", endpoint=PUBLIC, last_handshake=T0 - 400, rx_bytes=0, tx_bytes=0)
     assert tracker.observe(s, read, T0 + 5, try_endpoint=PRIVATE) == PRIVATE
-    same = PeerState(b"B", endpoint=PRIVATE, last_handshake=T0 - 400, rx_bytes=0, tx_bytes=0)
-    assert tracker.undo_raced_turns({"B": same}) == {}
-    assert tracker.observe(s, same, T0 + 6) == PRIVATE
+    assert tracker.cancel_raced_turns({"B": read}) == set()
+    turned = PeerState(b"B", endpoint=PRIVATE, last_handshake=T0 - 400, rx_bytes=0, tx_bytes=0)
+    assert tracker.observe(s, turned, T0 + 6) == PRIVATE
     # A reconcile that failed before its end leaves no turn behind for the next one.
-    tracker.observe(s, same, T0 + 30, try_endpoint=PUBLIC)
+    tracker.observe(s, turned, T0 + 30, try_endpoint=PUBLIC)
     tracker.begin_round()
     assert not tracker.has_turns()
 
