@@ -22,9 +22,9 @@ class PeerTracker:
         self.endpoint_changes: dict[str, int] = {}
         self.relays: frozenset[Address] = frozenset()  # relay addresses (config)
         self.direct_retry_interval = DIRECT_RETRY_INTERVAL
-        # Punch turns of the current reconcile: WireGuard's handshake and endpoint as read
-        # before the turn (see cancel_raced_turns).
-        self._turns: dict[str, tuple[float | None, Address | None]] = {}
+        # Punch turns of the current reconcile: WireGuard's last handshake as read before
+        # the turn (see cancel_raced_turns).
+        self._turns: dict[str, float | None] = {}
 
     def observe(
         self,
@@ -46,7 +46,7 @@ class PeerTracker:
         if try_endpoint is not None and try_endpoint != status.last_used_endpoint:
             forced = status.state is not PeerStateName.UP
             if forced:
-                self._turns[spec.public_key] = (status.last_handshake, status.endpoint)
+                self._turns[spec.public_key] = status.last_handshake
                 status.update_endpoint(try_endpoint, now)
         endpoint, changed = status.reconcile_endpoint(list(spec.endpoints), now)
         changed = changed or forced
@@ -75,7 +75,7 @@ class PeerTracker:
         endpoint, and its change time, so the handshake counts as after it (up)."""
         turns, self._turns = self._turns, {}
         cancelled: set[str] = set()
-        for key, (handshake, _) in turns.items():
+        for key, handshake in turns.items():
             wg, status = states.get(key), self._statuses.get(key)
             if wg is None or status is None or wg.endpoint is None:
                 continue
