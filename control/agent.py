@@ -43,7 +43,7 @@ from dataclasses import dataclass, replace
 
 from control import api, punch, records, routing
 from control.affiliate import Affiliate
-from control.backends.base import BackendError, PeerConfig, WireGuardBackend
+from control.backends.base import BackendError, PeerConfig, PeerState, WireGuardBackend
 from control.backends.select import select_backend
 from control.config import POD_CIDRS_HELP, ConfigError, MachineConfig, load_config
 from control.discovery.pool import DiscoveryPool, ServiceTarget
@@ -330,7 +330,9 @@ class Agent:
         for spec in self.specs:
             key = decode_key(spec.public_key)
             try_endpoint = self.puncher.endpoint_to_try(spec.public_key, time.monotonic())
-            endpoint = self.tracker.observe(spec, wg_states.get(key), now, try_endpoint)
+            wg = wg_states.get(key)
+            endpoint = self.tracker.observe(spec, wg, now, try_endpoint)
+            _log_endpoint_change(spec, wg, endpoint, try_endpoint)
             configs.append(
                 PeerConfig(key, psk, endpoint, PERSISTENT_KEEPALIVE, tuple(spec.allowed_ips))
             )
@@ -567,6 +569,22 @@ def send_echoes(addresses: list[str]) -> None:
                 sock.sendto(b"\x80\x00\x00\x00\x4b\x53\x00\x01kubespan", (address, 0))
             except OSError as exc:
                 log.debug("echo to %s failed: %s", address, exc)
+
+
+def _log_endpoint_change(
+    spec: PeerSpec, wg: PeerState | None, endpoint: Address | None, tried: Address | None
+) -> None:
+    """Say when the agent points WireGuard at another endpoint for a peer, and why."""
+    had = wg.endpoint if wg is not None else None
+    if endpoint is None or endpoint == had:
+        return
+    log.info(
+        "peer %s: endpoint %s -> %s%s",
+        spec.label,
+        format_endpoint(had) if had is not None else "none",
+        format_endpoint(endpoint),
+        " (punch turn)" if endpoint == tried else "",
+    )
 
 
 def service_targets(config: MachineConfig) -> list[ServiceTarget]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -245,6 +246,8 @@ class LabCluster:
             str(self.reconcile_interval),
             *extra_args,
         ]
+        if os.environ.get("KUBESPAN_LAB_DEBUG"):  # agent and daemon log at debug level
+            argv.append("--verbose")
         node.agent = node.host.spawn(*argv, log_path=str(node.log_path))
 
     def stop_agent(self, node: Node, kill: bool = False) -> None:
@@ -330,6 +333,31 @@ class LabCluster:
                 )
             time.sleep(1)
 
+    def wireguard_report(self, nodes: list[Node] | None = None) -> str:
+        """What every running node's WireGuard, routing and agent say now: printed by a
+        test when traffic that should flow does not."""
+        nodes = nodes if nodes is not None else [n for n in self.nodes if n.agent is not None]
+        parts: list[str] = []
+        for node in nodes:
+            run = node.host.run
+            parts.append(f"=== {node.host.name} ({self.get_mode(node)})")
+            parts.append(run("wg", "show", node.link, "dump", check=False).stdout.strip())
+            parts.append(_uapi_stats(node.link))
+            parts.append(run("ip", "rule", "show", check=False).stdout.strip())
+            parts.append(run("ip", "-6", "rule", "show", check=False).stdout.strip())
+            for family in ("-4", "-6"):
+                routes = run("ip", family, "route", "show", "table", "all", check=False).stdout
+                parts.append("\n".join(r for r in routes.splitlines() if node.link in r))
+            log = self.agent_log(node).splitlines()
+            parts.append("\n".join(log[-40:]))
+        return "\n".join(parts)
+
+    def get_mode(self, node: Node) -> str:
+        try:
+            return str(self.get(node, "kubespanidentities")[0]["spec"]["wireguardMode"])
+        except (RuntimeError, IndexError, KeyError):
+            return "?"
+
     def close(self) -> None:
         for node in self.nodes:
             self.stop_agent(node)
@@ -347,3 +375,24 @@ def _json_stream(text: str) -> list[dict]:
         while pos < len(text) and text[pos].isspace():
             pos += 1
     return docs
+
+
+def _uapi_stats(link: str) -> str:
+    """The userspace daemon's drop counters (our UAPI extension); empty for the kernel."""
+    path = Path("/var/run/wireguard") / f"{link}.sock"
+    if not path.exists():
+        return ""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(str(path))
+            s.sendall(b"stats=1\n\n")
+            reply = b""
+            while not reply.endswith(b"\n\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
+    except OSError as exc:
+        return f"stats: {exc}"
+    return " ".join(reply.decode(errors="replace").split())

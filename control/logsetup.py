@@ -33,3 +33,6 @@ def setup_logging(json_lines: bool = False, level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # Libraries' own debug output (pyroute2 dumps every netlink message) would bury ours.
+    for noisy in ("pyroute2", "asyncio", "grpc", "hpack"):
+        logging.getLogger(noisy).setLevel(max(level, logging.INFO))

@@ -5,7 +5,8 @@ The same for every WireGuard backend. Packets to a routed peer prefix get the ma
 routes point at the KubeSpan link. WireGuard's own encrypted packets carry 0x20 and
 are let through untouched, so they leave by the normal routes instead of looping back
 into the tunnel. On the output path the chain is of type "route": changing the mark
-there makes the kernel redo the route lookup. TCP SYNs towards the tunnel have their
+there makes the kernel redo the route lookup. IPv6 neighbour discovery is never marked:
+it belongs to the underlay link it was sent on. TCP SYNs towards the tunnel have their
 MSS clamped to fit the link MTU (MTU - 52 for IPv4, MTU - 72 for IPv6, leaving room
 for IP + TCP headers and 12 bytes of TCP options), as Talos does.
 
@@ -34,6 +35,13 @@ from control.ula import ULA_KUBESPAN, is_ula
 from kubespan_dp.netutil import IPNetwork, check_ifname
 
 NFT_TABLE = "kubespan"  # table inet kubespan
+# IPv6 neighbour discovery is about the link it is sent on, never for the tunnel: a
+# node's underlay addresses are routed peer prefixes, and an answer to a peer's
+# neighbour solicitation steered into KubeSpan would leave the peer unable to resolve
+# us on the underlay, so WireGuard's own packets to an IPv6 endpoint would go nowhere.
+NEIGHBOUR_DISCOVERY = (
+    "nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, nd-redirect"
+)
 SET_V4 = "kubespan_targets_ipv4"
 SET_V6 = "kubespan_targets_ipv6"
 CHAIN_PREROUTING = "kubespan_prerouting"
@@ -148,6 +156,7 @@ def build_ruleset(prefixes: Iterable[object], mtu: int) -> str:
         "\t\ttype route hook output priority filter; policy accept;",
         f"\t\t{own}",
         '\t\toifname "lo" accept',
+        f"\t\ticmpv6 type {{ {NEIGHBOUR_DISCOVERY} }} accept",
         f"\t\tip daddr @{SET_V4} {syn} tcp option maxseg size > {mss4} "
         f"tcp option maxseg size set {mss4}",
         f"\t\tip daddr @{SET_V4} {set_mark}",

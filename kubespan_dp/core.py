@@ -28,8 +28,10 @@ the device calls ``on_timer`` promptly.
 
 from __future__ import annotations
 
+import base64
 import collections
 import enum
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -84,6 +86,14 @@ KEEPALIVE_SIZE = messages.KEEPALIVE_SIZE
 _MAX_CONTENT = messages.MAX_MESSAGE_SIZE - messages.TRANSPORT_MIN_SIZE
 # Float slack when comparing "at least REKEY_TIMEOUT since" on computed deadlines.
 _EPS = 1e-9
+
+log = logging.getLogger("kubespan_dp.core")
+
+
+def short_key(key: bytes) -> str:
+    """A public key abbreviated for logs, as wireguard-go prints peers."""
+    text = base64.b64encode(key).decode()
+    return f"{text[:4]}…{text[-5:-1]}"
 
 
 class _Unchanged(enum.Enum):
@@ -401,6 +411,12 @@ class WireGuardCore:
         peer.timers.on_any_authenticated_packet_sent()
         self._transmit(peer, [packet])
         peer.timers.on_handshake_initiated(now)
+        log.debug(
+            "peer %s: handshake initiation sent (index %d%s)",
+            short_key(peer.public_key),
+            new_index,
+            ", retry" if is_retry else "",
+        )
 
     def _new_index(self, peer: Peer, value: Handshake | Keypair) -> int:
         return self.index_table.new_index((peer, value))
@@ -424,6 +440,11 @@ class WireGuardCore:
         peer.timers.on_any_authenticated_packet_traversal(now, peer.persistent_keepalive)
         peer.timers.on_any_authenticated_packet_sent()
         self._transmit(peer, [packet])
+        log.debug(
+            "peer %s: initiation answered, session %d waits for its first data",
+            short_key(peer.public_key),
+            new_index,
+        )
 
     def _forget_handshake_index(self, index: int, hs: Handshake) -> None:
         entry = self.index_table.get(index)
@@ -450,6 +471,9 @@ class WireGuardCore:
     def _roam(self, peer: Peer, source: Address) -> None:
         """An authenticated message came from `source`: answer there from now on."""
         if peer.endpoint != source:
+            log.debug(
+                "peer %s: endpoint %s -> %s", short_key(peer.public_key), peer.endpoint, source
+            )
             peer.endpoint = source
             self._out.events.append(EndpointChanged(peer.public_key, source))
 
@@ -571,6 +595,7 @@ class WireGuardCore:
         peer, hs = self.index_table.get(msg.receiver) or (None, None)
         if peer is None or not isinstance(hs, Handshake) or self.private_key is None:
             self.dropped["unknown_index"] += 1
+            log.debug("response for unknown index %d from %s dropped", msg.receiver, source)
             return
         try:
             consumed = noise.consume_response(msg, hs, self.private_key)
@@ -585,6 +610,9 @@ class WireGuardCore:
         self._begin_symmetric_session(peer, now)
         peer.timers.on_session_derived(now)
         self._handshake_complete(peer, now)
+        log.debug(
+            "peer %s: response received, session %d", short_key(peer.public_key), msg.receiver
+        )
         self._send_keepalive(peer, now)
 
     def _receive_transport(
@@ -617,6 +645,7 @@ class WireGuardCore:
             for old in retired:
                 self._retire(peer, old)
             self._out.events.append(KeypairConfirmed(peer.public_key, kp, peer.keypairs.previous))
+            log.debug("peer %s: session %d confirmed", short_key(peer.public_key), kp.local_index)
             self._roam(peer, source)
             self._handshake_complete(peer, now)
             self._send_staged(peer, now)

@@ -10,7 +10,6 @@ noticing when the link or the UAPI socket is removed so the daemon can stop.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import socket
 import time
@@ -18,7 +17,7 @@ from collections import Counter, deque
 from typing import Any
 
 from . import netutil
-from .core import WireGuardCore
+from .core import WireGuardCore, short_key
 from .datapath import DataPath, make_datapath
 from .netutil import Address
 from .peer import MAX_PEERS
@@ -43,12 +42,6 @@ UNDER_LOAD_QUEUE = HANDSHAKE_QUEUE // 8
 UNDER_LOAD_AFTER = 1.0  # stay "under load" this long after the backlog clears
 HANDSHAKE_BUDGET = 32  # handshakes per loop turn, so data keeps flowing
 WATCH_INTERVAL = 0.5  # how often to check that link and socket still exist
-
-
-def short_key(key: bytes) -> str:
-    """A public key abbreviated for logs, as wireguard-go prints peers."""
-    text = base64.b64encode(key).decode()
-    return f"{text[:4]}…{text[-5:-1]}"
 
 
 class Device:

@@ -41,6 +41,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _fastpath as fp
+from .core import short_key
 from .datapath import fastpath_enabled
 from .keypair import (
     EndpointChanged,
@@ -468,6 +469,13 @@ class FastDataPath:
         # packet) must reach it; data on any other index C does not know is dropped
         nxt = slots.next if slots else None
         self._set_pending_of(key, frozenset((nxt.local_index,)) if nxt is not None else None)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "peer %s: fast path runs sessions %s, the core's pending one %s",
+                short_key(key),
+                [kp.local_index if kp else None for kp in self._keypairs.get(pid, (None, None))],
+                nxt.local_index if nxt is not None else None,
+            )
 
     def _set_pending_of(self, key: bytes, pending: frozenset[int] | None) -> None:
         if pending:

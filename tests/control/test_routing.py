@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
+import time
 from ipaddress import ip_address
 from ipaddress import ip_network as N
 
@@ -265,7 +266,7 @@ def test_update_is_atomic_and_bad_input_changes_nothing(host: netlab.Netns) -> N
     finally:
         stop.set()
         t.join()
-    full = {frozenset(set_a) | {"rules=9"}, frozenset(set_b) | {"rules=9"}}
+    full = {frozenset(set_a) | {"rules=10"}, frozenset(set_b) | {"rules=10"}}
     assert seen and set(seen) <= full, set(seen) - full
     # bad input: ValueError, and the installed state is untouched
     before = routing.snapshot(netns=host.name)
@@ -304,3 +305,34 @@ def test_remove_leaves_nothing(host: netlab.Netns) -> None:
     assert _went_via(host, "192.0.2.9") == "uplink"
     routing.remove(netns=host.name)  # idempotent
     assert routing.snapshot(netns=host.name).empty
+
+
+@pytest.mark.netns
+def test_neighbour_discovery_stays_on_the_underlay(lab: nx.Lab) -> None:
+    """A peer's IPv6 underlay address is a routed prefix, yet our answer to its neighbour
+    solicitation must leave by the link it came on: steered into KubeSpan, the peer could
+    never resolve us, and WireGuard's own packets to our IPv6 endpoint would go nowhere."""
+    node, peer = lab.netns("nd"), lab.netns("ndpeer")
+    node_dev, peer_dev = lab.veth(node, peer)
+    netlab.add_address(node, node_dev, "2001:db8:77::1/64")
+    netlab.add_address(peer, peer_dev, "2001:db8:77::2/64")
+    node.run("ip", "link", "add", "kubespan", "type", "veth", "peer", "name", "kspeer")
+    for dev in ("kubespan", "kspeer"):
+        node.run("ip", "link", "set", dev, "arp", "off", "up")
+    routing.apply([N("2001:db8:77::2/128")], "kubespan", 1420, netns=node.name)
+    # (ordinary traffic to the peer is steered, as it should be)
+    assert (
+        "dev kubespan"
+        in node.run("ip", "-6", "route", "get", "2001:db8:77::2", "mark", "0x40").stdout
+    )
+
+    def resolved() -> bool:
+        peer.run("ping", "-c", "1", "-W", "1", "2001:db8:77::1", check=False)  # solicits
+        state = peer.run("ip", "-6", "neigh", "show", "2001:db8:77::1", "dev", peer_dev).stdout
+        return any(s in state for s in ("REACHABLE", "STALE", "DELAY", "PROBE"))
+
+    deadline = time.monotonic() + 10
+    while not resolved():
+        assert time.monotonic() < deadline, "the peer never resolved the node's address"
+    kubespan_tx = int(node.run("cat", "/sys/class/net/kubespan/statistics/tx_packets").stdout)
+    assert kubespan_tx > 0  # the echo replies went into the tunnel (the peer is routed)

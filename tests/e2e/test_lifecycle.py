@@ -26,7 +26,14 @@ from control import routing
 from control.labcluster import DISCOVERY_ADDRESSES, DISCOVERY_PORT, LabCluster, Node, NodeOptions
 from control.netlab import Host
 from tests.cluster import running_cluster
-from tests.e2e.test_mesh import kubespan_address, ping, start_nodes, statuses, wait_until
+from tests.e2e.test_mesh import (
+    assert_ping,
+    kubespan_address,
+    ping,
+    start_nodes,
+    statuses,
+    wait_until,
+)
 
 pytestmark = pytest.mark.netns
 REPO = Path(__file__).resolve().parents[2]
@@ -172,7 +179,12 @@ def test_restart_keeps_the_node_registered_and_its_traffic_in_the_tunnel(
     ]
     try:
         # Traffic flows through the tunnel before the restart ...
-        wait_until(lambda: ping(a.host, str(b.host.address4), 1), 30, "a reaching b")
+        wait_until(
+            lambda: ping(a.host, str(b.host.address4), 1),
+            30,
+            "a reaching b",
+            report=cluster.wireguard_report,
+        )
         cluster.stop_agent(b)
         assert b.link not in b.host.run("ip", "-o", "link", "show").stdout, "b's link is gone"
         # ... b is stopped: its peers keep it (routed into the tunnel, nothing in clear) ...
@@ -345,7 +357,7 @@ def test_mesh_lives_on_while_either_of_two_discovery_services_is_down(tmp_path: 
                 assert cluster.peers_up(node) == len(nodes) - 1
             for node in nodes:
                 if node is not a:
-                    assert ping(a.host, kubespan_address(cluster, node), 2)
-            assert ping(late.host, str(a.host.address4), 2)
+                    assert_ping(cluster, a.host, kubespan_address(cluster, node), 2)
+            assert_ping(cluster, late.host, str(a.host.address4), 2)
             cluster.start_discovery(down)
         assert len(cluster.nodes) == 4

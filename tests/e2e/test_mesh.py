@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -54,7 +55,14 @@ def statuses(cluster: LabCluster, node: Node) -> dict[str, dict]:
     return {d["spec"]["label"]: d["spec"] for d in cluster.get(node, "kubespanpeerstatuses")}
 
 
-def wait_until(predicate, timeout: float, what: str, interval: float = 1.0):
+def wait_until(
+    predicate,
+    timeout: float,
+    what: str,
+    interval: float = 1.0,
+    report: Callable[[], str] | None = None,
+):
+    """Poll `predicate` until it is truthy; on timeout fail, with `report()` if given."""
     deadline = time.monotonic() + timeout
     last_error = None
     while True:
@@ -70,6 +78,7 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 1.0):
         if time.monotonic() > deadline:
             raise AssertionError(
                 f"timed out after {timeout:.0f}s waiting for {what} (last error: {last_error})"
+                + (f"\n{report()}" if report is not None else "")
             )
         time.sleep(interval)
 
@@ -107,6 +116,12 @@ def ping(host: Host, target: str, count: int = 3) -> bool:
     )
 
 
+def assert_ping(cluster: LabCluster, host: Host, target: str, count: int = 3) -> None:
+    """Ping through the tunnel; a miss fails with what every node's WireGuard says."""
+    if not ping(host, target, count):
+        raise AssertionError(f"{host.name} cannot ping {target}\n{cluster.wireguard_report()}")
+
+
 # -- full mesh ---------------------------------------------------------------------------
 
 
@@ -138,7 +153,7 @@ def test_full_mesh_and_traffic_goes_through_the_tunnel(cluster: LabCluster, coun
     capture_plain = Capture(first.host, "icmp or icmp6 and not ip6[40] >= 133")  # ND is not traffic
     capture_wg = Capture(first.host, "udp port 51820")
     for target in targets:
-        assert ping(first.host, target), f"ping {target} failed"
+        assert_ping(cluster, first.host, target)
     plain = capture_plain.stop()
     tunnelled = capture_wg.stop()
     assert plain == [], f"plaintext ICMP on the underlay: {plain}"
@@ -268,6 +283,28 @@ def test_dead_node_goes_down_bypass_or_no_leak_and_comes_back(cluster: LabCluste
 
 
 UNREACHABLE = "172.31.255.9"  # in no lab network, and below the underlay's 192.0.2.0/24
+
+
+def test_ipv6_endpoints_survive_neighbour_discovery(cluster: LabCluster) -> None:
+    """Nodes reached at IPv6 endpoints, whose IPv6 addresses are also routed through the
+    tunnel: when the underlay must resolve a neighbour again (here: caches flushed),
+    the neighbour discovery answers leave by the underlay, not into KubeSpan, and the
+    tunnel keeps carrying traffic. (Before the fix the pair stayed "up" with every
+    packet lost: the lifecycle and mesh tests' intermittent failures.)"""
+    v6_only = ("::/0",)
+    a = cluster.add_node(NodeOptions(endpoint_filters=v6_only))
+    b = cluster.add_node(NodeOptions(endpoint_filters=v6_only))
+    for node in (a, b):
+        cluster.start_agent(node)
+    cluster.wait_full_mesh(timeout=90)
+    for node, other in ((a, b), (b, a)):
+        endpoint = statuses(cluster, node)[other.host.name]["endpoint"]
+        assert endpoint == f"[{other.host.address6}]:51820", endpoint
+    for node in (a, b):
+        node.host.run("ip", "-6", "neigh", "flush", "dev", "eth0")
+    assert_ping(cluster, a.host, kubespan_address(cluster, b))
+    assert_ping(cluster, b.host, str(a.host.address4))
+    assert_ping(cluster, a.host, str(b.host.address6))
 
 
 def test_agent_cycles_to_a_working_endpoint(cluster: LabCluster) -> None:

@@ -94,8 +94,16 @@ def test_userspace_and_kernel_nodes_behind_symmetric_nats_meet_at_the_relay(
         interval=2,
     )
     # Kernel WireGuard on B sends to A through the relay's address, set over netlink.
-    assert relay in wireguard_endpoints(b), wireguard_endpoints(b)
-    assert relay in wireguard_endpoints(a), wireguard_endpoints(a)
+    # (wait_until: a read may meet one of the 3 s direct probes, every 2 minutes, which
+    # points WireGuard at the peer's direct endpoint meanwhile)
+    for node in (a, b):
+        wait_until(
+            lambda node=node: relay in wireguard_endpoints(node),
+            30,
+            f"{node.host.name}'s WireGuard on the relay",
+            interval=0.5,
+            report=lambda node=node: wireguard_endpoints(node),
+        )
 
     a_address, b_address = kubespan_address(cluster, a), kubespan_address(cluster, b)
     # (wait_until: a ping may meet one of the 3 s direct probes, every 2 minutes)
