@@ -9,6 +9,7 @@ node) from their WireGuard port, and their unmodified WireGuard talks through it
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -98,11 +99,11 @@ def test_userspace_and_kernel_nodes_behind_symmetric_nats_meet_at_the_relay(
     # points WireGuard at the peer's direct endpoint meanwhile)
     for node in (a, b):
         wait_until(
-            lambda node=node: relay in wireguard_endpoints(node),
+            partial(lambda n: relay in wireguard_endpoints(n), node),
             30,
             f"{node.host.name}'s WireGuard on the relay",
             interval=0.5,
-            report=lambda node=node: wireguard_endpoints(node),
+            report=partial(wireguard_endpoints, node),
         )
 
     a_address, b_address = kubespan_address(cluster, a), kubespan_address(cluster, b)
