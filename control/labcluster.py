@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from control.backends.uapi_client import UAPIClient, UAPIError
 from control.netlab import Bridge, Host, Lab, add_address, stop_processes
 from control.netlab.natlab import NatSite, add_nat_site
 
@@ -378,21 +378,12 @@ def _json_stream(text: str) -> list[dict]:
 
 
 def _uapi_stats(link: str) -> str:
-    """The userspace daemon's drop counters (our UAPI extension); empty for the kernel."""
+    """The userspace daemon's drop counters; empty for kernel WireGuard."""
     path = Path("/var/run/wireguard") / f"{link}.sock"
     if not path.exists():
         return ""
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(5)
-            s.connect(str(path))
-            s.sendall(b"stats=1\n\n")
-            reply = b""
-            while not reply.endswith(b"\n\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                reply += chunk
-    except OSError as exc:
+        stats = UAPIClient(path, timeout=5).stats()
+    except UAPIError as exc:
         return f"stats: {exc}"
-    return " ".join(reply.decode(errors="replace").split())
+    return " ".join(f"{k}={v}" for k, v in stats.items())

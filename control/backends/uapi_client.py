@@ -150,6 +150,10 @@ class UAPIClient:
             lines.append(f"{key}={value}")
         self._exchange(("\n".join(lines) + "\n\n").encode())
 
+    def stats(self) -> dict[str, str]:
+        """Our daemon's drop counters (its `stats=1` extension; wireguard-go has none)."""
+        return dict(self._exchange(b"stats=1\n\n"))
+
     def ping(self) -> bool:
         """Whether a daemon answers on the socket."""
         try:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from control import netlab
+from control.backends.uapi_client import UAPIClient
 from tests import netns
 from tests.netns import INNER4, INNER6, OUTER4
 
@@ -281,8 +282,9 @@ def test_garbage_datagrams_are_dropped_and_counted(lab: netns.Lab, kinds: tuple[
                 s.sendto(d, (target, a.port))
                 if i % 50 == 0:
                     time.sleep(0.005)  # do not overrun the receive buffer on purpose
-    stats = netns.uapi_request(a.ifname, "stats=1\n\n")
-    counts = {k: int(v) for k, v in (line.split("=") for line in stats.splitlines() if "=" in line)}
+    # (read with the agent's UAPI client, as `kubespan` and the test lab do)
+    stats = UAPIClient(netns.uapi_path(a.ifname)).stats()
+    counts = {k: int(v) for k, v in stats.items()}
     dropped = sum(v for k, v in counts.items() if k.startswith("dropped_"))
     assert dropped >= 2 * len(datagrams) - 10, stats
     assert a.daemon.alive()
