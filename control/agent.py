@@ -574,7 +574,8 @@ def send_echoes(addresses: list[str]) -> None:
 def _log_endpoint_change(
     spec: PeerSpec, wg: PeerState | None, endpoint: Address | None, tried: Address | None
 ) -> None:
-    """Say when the agent points WireGuard at another endpoint for a peer, and why."""
+    """Say when the agent points WireGuard at another endpoint for a peer (and whether
+    a punch turn did)."""
     had = wg.endpoint if wg is not None else None
     if endpoint is None or endpoint == had:
         return
