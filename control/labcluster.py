@@ -24,6 +24,7 @@ import yaml
 from control.backends.uapi_client import UAPIClient, UAPIError
 from control.netlab import Bridge, Host, Lab, add_address, stop_processes
 from control.netlab.natlab import NatSite, add_nat_site
+from kubespan_dp.uapisock import socket_path
 
 DISCOVERY_ADDRESSES = ("192.0.2.250", "192.0.2.251")
 DISCOVERY_ADDRESS = DISCOVERY_ADDRESSES[0]
@@ -379,7 +380,7 @@ def _json_stream(text: str) -> list[dict]:
 
 def _uapi_stats(link: str) -> str:
     """The userspace daemon's drop counters; empty for kernel WireGuard."""
-    path = Path("/var/run/wireguard") / f"{link}.sock"
+    path = socket_path(link)
     if not path.exists():
         return ""
     try:

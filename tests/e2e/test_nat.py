@@ -22,7 +22,7 @@ from control.netlab.natlab import NatSite, PacketCounter
 from control.peerstate import DIRECT_RETRY_INTERVAL, ENDPOINT_CONNECTION_TIMEOUT
 from control.punch import PUNCH_WINDOW
 from tests.cluster import running_cluster
-from tests.e2e.test_mesh import kubespan_address, statuses, wait_until
+from tests.e2e.test_mesh import assert_ping, kubespan_address, statuses, wait_until
 
 pytestmark = pytest.mark.netns
 NEVER = "0001-01-01T00:00:00Z"
@@ -111,17 +111,7 @@ def test_port_preserving_nats_connect_directly(cluster: LabCluster) -> None:
     # every WireGuard had).
     for node in (a, b):
         assert peer(cluster, node, "public")["state"] == "up"
-        address = kubespan_address(cluster, public)
-        out = node.host.run("ping", "-c", "3", "-i", "0.2", "-W", "2", address, check=False)
-        if out.returncode != 0:
-            report = [
-                f"{n.host.name} {what}: {n.host.run('wg', 'show', n.link, what).stdout.strip()}"
-                for n in (public, a, b)
-                for what in ("endpoints", "latest-handshakes")
-            ]
-            raise AssertionError(
-                f"{node.host.name} cannot ping the public node\n" + "\n".join(report)
-            )
+        assert_ping(cluster, node.host, kubespan_address(cluster, public))
 
 
 def test_symmetric_nats_break_nothing(cluster: LabCluster) -> None:
